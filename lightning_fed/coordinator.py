@@ -1,0 +1,272 @@
+"""The coordinator: the round barrier between sites, the only place an :class:`Aggregator` runs.
+
+It runs as an asynchronous Ray actor holding no CPU. Sites call it at three kinds of moment, each a barrier
+keyed by name so that every site must arrive before any leaves:
+
+- ``sync``: end of every k-th epoch; the aggregator turns the sites' updates into the next global model,
+  which is put in the object store once and handed to every site by reference;
+- ``agree``: stop/save decisions (EarlyStopping, ModelCheckpoint, max-time) agreed by every site;
+- ``merge_metrics``: after validation; federated metrics from merged metric states.
+
+A site that fails, dies, or finishes while others wait for it aborts every barrier with the reason, so no
+site ever waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+
+from lightning_fed.checkpoint import commit_round
+from lightning_fed.metrics import merge_metric_states
+from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate
+
+
+class FederationAborted(RuntimeError):
+    """Raised in every waiting site when the federation is stopped (a site failed, died or fell out of step)."""
+
+
+_PENDING = object()
+
+
+@dataclass
+class _Barrier:
+    values: dict[str, Any] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    result: Any = _PENDING
+    readers: int = 0
+
+
+def weighted_scalars(payloads: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Sample-weighted mean of every scalar all sites reported (training keys weighted by training samples)."""
+    common = set.intersection(*(set(p["scalars"]) for p in payloads.values())) if payloads else set()
+    out = {}
+    for key in sorted(common):
+        weight_key = "train_samples" if "train" in key else "num_samples"
+        weights = {s: max(int(p.get(weight_key) or 0), 0) for s, p in payloads.items()}
+        total = sum(weights.values())
+        if total == 0:
+            weights, total = {s: 1 for s in payloads}, len(payloads)
+        out[key] = sum(weights[s] * float(p["scalars"][key]) for s, p in payloads.items()) / total
+    return out
+
+
+def federated_metrics(payloads: dict[str, dict[str, Any]], stage: str) -> dict[str, Any]:
+    """``fl/<key>`` for merged scalars and merged classification metrics; ``fl/<stage>_confusion_matrix`` as a list."""
+    out: dict[str, Any] = {f"fl/{k}": v for k, v in weighted_scalars(payloads).items()}
+    states = [p["metrics"] for p in payloads.values() if p.get("metrics")]
+    if states and len(states) == len(payloads):
+        spec = states[0]["spec"]
+        for name, value in merge_metric_states(spec, [s["states"] for s in states]).items():
+            out[f"fl/{stage}_{name}"] = value
+    return out
+
+
+class Coordinator:
+    """Round barrier, aggregation, agreed decisions and checkpoint commits for one federation."""
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        sites: list[str],
+        checkpoint_dir: Optional[str] = None,
+        keep_checkpoints: int = 2,
+        barrier_timeout: Optional[float] = None,
+        resume_state: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.aggregator = aggregator
+        self.sites = list(sites)
+        self.checkpoint_dir = checkpoint_dir
+        self.keep_checkpoints = keep_checkpoints
+        self.barrier_timeout = barrier_timeout
+        self.round = 0
+        self.global_model: Optional[GlobalModel] = None
+        if resume_state is not None:
+            self._load_server_state(resume_state)
+        self._barriers: dict[tuple, _Barrier] = {}
+        self._finished: set[str] = set()
+        self._aborted: Optional[str] = None
+        self._status: dict[str, dict[str, Any]] = {s: {"status": "starting"} for s in self.sites}
+        self._history: list[dict[str, Any]] = []
+        self._pending_checkpoints: dict[int, dict[str, Any]] = {}
+        self._saved: dict[int, set[str]] = {}
+        self._round_seconds: list[float] = []
+        self._last_sync = time.monotonic()
+
+    # -- barriers --------------------------------------------------------------------------------
+    async def _gather(self, key: tuple, site: str, value: Any) -> _Barrier:
+        self._raise_if_aborted()
+        barrier = self._barriers.setdefault(key, _Barrier())
+        barrier.values[site] = value
+        if len(barrier.values) == len(self.sites):
+            barrier.done.set()
+        else:
+            self._check_stragglers()
+        try:
+            await asyncio.wait_for(barrier.done.wait(), self.barrier_timeout)
+        except asyncio.TimeoutError:
+            missing = sorted(set(self.sites) - set(barrier.values))
+            self._abort(f"sites {missing} did not reach {key[0]} {key[1]} within barrier_timeout={self.barrier_timeout}s")
+        self._raise_if_aborted()
+        return barrier
+
+    def _release(self, key: tuple, barrier: _Barrier) -> None:
+        barrier.readers += 1
+        if barrier.readers == len(self.sites):
+            self._barriers.pop(key, None)
+
+    def _check_stragglers(self) -> None:
+        for key, barrier in self._barriers.items():
+            gone = sorted(self._finished - set(barrier.values))
+            if gone and not barrier.done.is_set():
+                waiting = sorted(barrier.values)
+                self._abort(
+                    f"site(s) {gone} finished while {waiting} wait at {key[0]} {key[1]}: the sites fell out of step "
+                    "(give every site the same max_epochs/max_steps and validation schedule)"
+                )
+                return
+
+    def _abort(self, reason: str) -> None:
+        if self._aborted is None:
+            self._aborted = reason
+        for barrier in self._barriers.values():
+            barrier.done.set()
+
+    def _raise_if_aborted(self) -> None:
+        if self._aborted is not None:
+            raise FederationAborted(self._aborted)
+
+    # -- what sites call -------------------------------------------------------------------------
+    async def sync(self, site: str, round: int, update: SiteUpdate) -> list:
+        """Hand in this site's update for ``round``; returns ``[ref]`` to the new :class:`GlobalModel`."""
+        update.site = site
+        key = ("round", round)
+        barrier = await self._gather(key, site, update)
+        if barrier.result is _PENDING:
+            updates = [barrier.values[s] for s in self.sites]  # fixed site order: reproducible aggregation
+            try:
+                model = self.aggregator.aggregate(round, updates, self.global_model.weights if self.global_model else None)
+            except Exception as err:
+                self._abort(f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: {type(err).__name__}: {err}")
+                self._raise_if_aborted()
+            self.global_model, self.round = model, round
+            if self.checkpoint_dir is not None:
+                self._pending_checkpoints[round] = self._server_state()
+            barrier.result = [ray.put(model)]
+            barrier.values = {s: None for s in barrier.values}  # free the updates, keep who arrived
+            now = time.monotonic()
+            self._round_seconds.append(now - self._last_sync)
+            self._last_sync = now
+        self._release(key, barrier)
+        return barrier.result
+
+    async def agree(self, site: str, key: Any, decision: bool, all: bool) -> bool:
+        """Every site's decision combined: ``all`` sites agree (``all=True``) or ``any`` site asks."""
+        barrier = await self._gather(("decision", key), site, bool(decision))
+        result = (all and all_(barrier.values.values())) or (not all and any(barrier.values.values()))
+        self._release(("decision", key), barrier)
+        return bool(result)
+
+    async def merge_metrics(self, site: str, key: Any, payload: dict[str, Any], epoch: int) -> dict[str, Any]:
+        """Federated metrics for this validation: merged metric states and sample-weighted scalars."""
+        stage = key[0]
+        barrier = await self._gather(("metrics", key), site, payload)
+        if barrier.result is _PENDING:
+            payloads = {s: barrier.values[s] for s in self.sites}
+            fl = federated_metrics(payloads, stage)
+            self._history.append(
+                {
+                    "stage": stage,
+                    "epoch": epoch,
+                    "round": self.round,
+                    "fl": fl,
+                    "sites": {s: {**p["scalars"], **(p.get("site_values") or {})} for s, p in payloads.items()},
+                }
+            )
+            barrier.result = fl
+        self._release(("metrics", key), barrier)
+        return barrier.result
+
+    def report(self, site: str, status: dict[str, Any]) -> None:
+        self._status[site] = {**self._status.get(site, {}), **status}
+
+    def checkpoint_saved(self, site: str, round: int) -> None:
+        """A site wrote its part of ``round``'s checkpoint; when all have, the round is committed."""
+        saved = self._saved.setdefault(round, set())
+        saved.add(site)
+        if saved == set(self.sites) and round in self._pending_checkpoints:
+            state = self._pending_checkpoints.pop(round)
+            try:
+                commit_round(self.checkpoint_dir, round, self.sites, state, self.keep_checkpoints)
+            except Exception as err:
+                self._abort(f"checkpoint of round {round} could not be written: {type(err).__name__}: {err}")
+            self._saved.pop(round, None)
+            for older in [r for r in self._pending_checkpoints if r < round]:
+                self._pending_checkpoints.pop(older)
+
+    def site_finished(self, site: str, error: Optional[str] = None) -> None:
+        self._finished.add(site)
+        self._status.setdefault(site, {})["status"] = "failed" if error else "done"
+        if error:
+            self._abort(f"site {site!r} failed: {error}")
+        else:
+            self._check_stragglers()
+
+    # -- what the driver calls -------------------------------------------------------------------
+    def abort(self, reason: str) -> None:
+        self._abort(reason)
+
+    def abort_reason(self) -> Optional[str]:
+        return self._aborted
+
+    def progress(self, since: int = 0) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "sites": copy.deepcopy(self._status),
+            "history": self._history[since:],
+            "history_len": len(self._history),
+            "round_seconds": list(self._round_seconds),
+            "aborted": self._aborted,
+        }
+
+    def final_global(self) -> Optional[list]:
+        return None if self.global_model is None else [ray.put(self.global_model)]
+
+    def server_state(self) -> dict[str, Any]:
+        return self._server_state()
+
+    # -- state -----------------------------------------------------------------------------------
+    def _server_state(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "aggregator": type(self.aggregator).__name__,
+            "aggregator_name": self.aggregator.name,
+            "aggregator_state": copy.deepcopy(self.aggregator.state_dict()),
+            "global_model": self.global_model,
+            "sites": list(self.sites),
+        }
+
+    def _load_server_state(self, state: dict[str, Any]) -> None:
+        if state.get("aggregator_name") != self.aggregator.name:
+            raise ValueError(
+                f"checkpoint was written by aggregator {state.get('aggregator_name')!r}, this run uses {self.aggregator.name!r}: "
+                "resume with the same aggregator"
+            )
+        if sorted(state.get("sites", [])) != sorted(self.sites):
+            raise ValueError(f"checkpoint has sites {state.get('sites')}, this run has {self.sites}: resume with the same sites")
+        self.aggregator.load_state_dict(state["aggregator_state"])
+        self.global_model = state["global_model"]
+        self.round = int(state["round"])
+
+
+def all_(values: Any) -> bool:
+    return all(values)
+
+
+RemoteCoordinator = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)

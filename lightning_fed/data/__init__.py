@@ -1,0 +1,20 @@
+"""Sites, partitioners and dataset loaders."""
+
+from lightning_fed.data.fashion_mnist import FashionMNISTDataModule, HospitalsDataModule, load_fashion_mnist
+from lightning_fed.data.partition import IID, Dirichlet, Partitioner, SizeAndRatio, split_fractions
+from lightning_fed.data.sites import Site, SimulatedSiteData, describe_sites, simulate_sites
+
+__all__ = [
+    "IID",
+    "Dirichlet",
+    "FashionMNISTDataModule",
+    "HospitalsDataModule",
+    "Partitioner",
+    "Site",
+    "SimulatedSiteData",
+    "SizeAndRatio",
+    "describe_sites",
+    "load_fashion_mnist",
+    "simulate_sites",
+    "split_fractions",
+]

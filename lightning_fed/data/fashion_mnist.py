@@ -1,0 +1,183 @@
+"""FashionMNIST from the four official idx files, and study B's hospitals built from it."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_fed.data.download import data_root, ensure_files
+from lightning_fed.data.partition import SizeAndRatio, split_fractions
+from lightning_fed.data.sites import Site
+
+FILES = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+MIRRORS = (
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "https://ossci-datasets.s3.amazonaws.com/fashion-mnist/",
+)
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+ABNORMAL_CLASSES = (7, 8, 9)  # study B: Sneaker, Bag, Ankle boot = "abnormal"
+MEAN, STD = 0.2860, 0.3530
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist_root(data_dir: Optional[str | os.PathLike] = None, download: bool = True) -> Path:
+    return ensure_files(data_root(data_dir, "fashion_mnist"), FILES, MIRRORS, "FashionMNIST", download=download)
+
+
+def load_fashion_mnist(
+    data_dir: Optional[str | os.PathLike] = None, split: str = "train", labels_only: bool = False, download: bool = True
+) -> tuple[Optional[np.ndarray], np.ndarray]:
+    """``(images uint8 [N, 28, 28], labels int64 [N])`` of the ``"train"`` (60k) or ``"test"`` (10k) split."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    root = fashion_mnist_root(data_dir, download)
+    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    images = None if labels_only else _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+    return images, labels
+
+
+def to_tensor_dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
+    x = (torch.from_numpy(images.astype(np.float32) / 255.0) - MEAN) / STD
+    return TensorDataset(x.unsqueeze(1), torch.from_numpy(labels))
+
+
+class FashionMNISTDataModule(LightningDataModule):
+    """Plain (non-federated) FashionMNIST: the official train split for training, test split for val and test.
+
+    Use it to run an unmodified script through the simulation path, or as a centralised baseline.
+    """
+
+    def __init__(self, data_dir: Optional[str] = None, batch_size: int = 64, binary: bool = False, num_workers: int = 0) -> None:
+        super().__init__()
+        self.data_dir, self.batch_size, self.binary, self.num_workers = data_dir, batch_size, binary, num_workers
+        self.train_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
+
+    def prepare_data(self) -> None:
+        fashion_mnist_root(self.data_dir)
+
+    def setup(self, stage: str) -> None:
+        for split in ("train", "test"):
+            images, labels = load_fashion_mnist(self.data_dir, split)
+            if self.binary:
+                labels = np.isin(labels, ABNORMAL_CLASSES).astype(np.int64)
+            setattr(self, f"{split}_set", to_tensor_dataset(images, labels))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=256, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=256, num_workers=self.num_workers)
+
+
+class PooledIndexData(LightningDataModule):
+    """One hospital's data: its train/val/test indices into the pooled 70,000 FashionMNIST images.
+
+    Built inside the hospital's actor: the images are read from the hospital's own copy of the files.
+    """
+
+    def __init__(self, data_dir: Optional[str], indices: dict[str, np.ndarray], batch_size: int, eval_batch_size: int = 512) -> None:
+        super().__init__()
+        self.data_dir, self.indices, self.batch_size, self.eval_batch_size = data_dir, indices, batch_size, eval_batch_size
+        self.datasets: dict[str, Dataset] = {}
+
+    def prepare_data(self) -> None:
+        fashion_mnist_root(self.data_dir)
+
+    def setup(self, stage: str) -> None:
+        if self.datasets:
+            return
+        train_x, train_y = load_fashion_mnist(self.data_dir, "train")
+        test_x, test_y = load_fashion_mnist(self.data_dir, "test")
+        images = np.concatenate([train_x, test_x])
+        labels = np.isin(np.concatenate([train_y, test_y]), ABNORMAL_CLASSES).astype(np.int64)
+        for split, idx in self.indices.items():
+            self.datasets[split] = to_tensor_dataset(images[idx], labels[idx])
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader | list:
+        if split not in self.datasets or len(self.datasets[split]) == 0:
+            return []
+        size = self.batch_size if train else self.eval_batch_size
+        return DataLoader(self.datasets[split], batch_size=size, shuffle=train)
+
+    def train_dataloader(self) -> DataLoader | list:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader("test")
+
+
+class HospitalsDataModule(LightningDataModule):
+    """Study B's five hospitals on FashionMNIST relabelled binary (Sneaker, Bag, Ankle boot = 1).
+
+    The 70,000 official images form one pool; each hospital draws its own images without replacement
+    (``sizes`` with ``positive_ratios`` abnormal) and splits them ``train/val/test``. Only labels are read on the
+    driver to draw the split; each hospital's actor loads its own images.
+    """
+
+    def __init__(
+        self,
+        data_dir: Optional[str] = None,
+        site_names: Sequence[str] = ("large", "small_1", "small_2", "small_3", "small_4"),
+        sizes: Sequence[int] = (30000, 3000, 3000, 3000, 3000),
+        positive_ratios: Sequence[float] = (0.5, 0.1, 0.1, 0.1, 0.1),
+        test_fraction: float = 0.2,
+        val_fraction: float = 0.0,
+        batch_size: int = 64,
+        seed: int = 0,
+        site_cpus: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not (len(site_names) == len(sizes) == len(positive_ratios)):
+            raise ValueError(f"site_names, sizes and positive_ratios must have the same length, got {len(site_names)}, {len(sizes)}, {len(positive_ratios)}")
+        if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1 or test_fraction + val_fraction >= 1:
+            raise ValueError(f"need 0 < test_fraction, 0 <= val_fraction and test_fraction + val_fraction < 1, got {test_fraction}, {val_fraction}")
+        self.data_dir, self.site_names = data_dir, list(site_names)
+        self.partitioner = SizeAndRatio(sizes=list(sizes), positive_ratios=list(positive_ratios), seed=seed)
+        self.test_fraction, self.val_fraction = test_fraction, val_fraction
+        self.batch_size, self.seed, self.site_cpus = batch_size, seed, site_cpus
+
+    def prepare_data(self) -> None:
+        fashion_mnist_root(self.data_dir)
+
+    def site_indices(self) -> dict[str, dict[str, np.ndarray]]:
+        """Each hospital's ``train``/``val``/``test`` indices into the pooled 70,000 images (reproducible)."""
+        _, train_y = load_fashion_mnist(self.data_dir, "train", labels_only=True)
+        _, test_y = load_fashion_mnist(self.data_dir, "test", labels_only=True)
+        binary = np.isin(np.concatenate([train_y, test_y]), ABNORMAL_CLASSES).astype(np.int64)
+        out = {}
+        fractions = [1.0 - self.test_fraction - self.val_fraction, self.val_fraction, self.test_fraction]
+        for k, (name, idx) in enumerate(zip(self.site_names, self.partitioner(binary))):
+            train, val, test = split_fractions(idx, fractions, seed=self.seed + 1 + k)
+            out[name] = {"train": train, "val": val, "test": test}
+        return out
+
+    def federated_sites(self) -> list[Site]:
+        return [
+            Site(name, PooledIndexData(self.data_dir, idx, self.batch_size), num_cpus=self.site_cpus)
+            for name, idx in self.site_indices().items()
+        ]

@@ -1,0 +1,187 @@
+"""Sites: where each site's data lives and how it is loaded inside the site's actor."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+
+from lightning_fed.data.partition import IID, Partitioner
+
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+DataFactory = Union[LightningDataModule, Callable[[], LightningDataModule]]
+
+
+@dataclass
+class Site:
+    """One site of a federation.
+
+    Args:
+        name: unique name; used in metric keys (``site/<name>/...``), log folders and error messages.
+        datamodule: a :class:`~lightning.pytorch.LightningDataModule` (or a zero-argument callable returning one)
+            whose ``prepare_data``/``setup`` run *inside the site's actor*, so the data is read where it lives,
+            from a site-local path, and never crosses the network. Only the object's configuration is shipped.
+        num_cpus, num_gpus: Ray resources the site's actor holds for its lifetime (``num_gpus`` may be a fraction).
+        resources: custom Ray resources, e.g. ``{"site:hospital_a": 1}`` to pin the site to the node that
+            carries that resource (the hospital's own machine).
+    """
+
+    name: str
+    datamodule: DataFactory
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _SITE_NAME.match(self.name):
+            raise ValueError(f"site name {self.name!r} must be letters, digits, '_', '.' or '-' (it names folders and metric keys)")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError(f"site {self.name!r}: num_cpus and num_gpus must be >= 0")
+
+    def build_datamodule(self) -> LightningDataModule:
+        dm = self.datamodule if isinstance(self.datamodule, LightningDataModule) else self.datamodule()
+        if not isinstance(dm, LightningDataModule):
+            raise TypeError(f"site {self.name!r}: datamodule factory returned {type(dm).__name__}, not a LightningDataModule")
+        return dm
+
+
+def describe_sites(datamodule: Any) -> Optional[list[Site]]:
+    """The sites a datamodule declares through ``federated_sites()``, or ``None`` for a plain datamodule."""
+    hook = getattr(datamodule, "federated_sites", None)
+    if hook is None:
+        return None
+    sites = list(hook())
+    if not sites:
+        raise ValueError(f"{type(datamodule).__name__}.federated_sites() returned no sites")
+    names = [s.name for s in sites]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{type(datamodule).__name__}.federated_sites() repeats site names {dupes}: names must be unique")
+    return sites
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """Class labels of a dataset, read from ``targets``/``labels`` when present, else from each sample."""
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices)]
+    for attr in ("targets", "labels", "y"):
+        values = getattr(dataset, attr, None)
+        if values is not None:
+            return np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values).reshape(len(dataset), -1)[:, 0]
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def rebuild_loader(loader: DataLoader, dataset: Dataset) -> DataLoader:
+    """A DataLoader like ``loader`` (batch size, workers, collate, shuffling) over another dataset."""
+    return DataLoader(
+        dataset,
+        batch_size=loader.batch_size,
+        shuffle=isinstance(loader.sampler, RandomSampler),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+    )
+
+
+class SimulatedSiteData(LightningDataModule):
+    """One simulated site's share of a single-machine dataset (the unmodified-script path).
+
+    ``source`` is the user's datamodule (set up again inside the actor) or a mapping of stage name to
+    DataLoader; ``indices`` maps ``"train"``/``"val"``/``"test"`` to this site's sample indices.
+    """
+
+    def __init__(self, source: Union[LightningDataModule, Mapping[str, Any]], indices: Mapping[str, np.ndarray]) -> None:
+        super().__init__()
+        self.source = source
+        self.indices = dict(indices)
+        self._loaders: dict[str, Any] = {}
+
+    def setup(self, stage: str) -> None:
+        if isinstance(self.source, LightningDataModule):
+            self.source.setup(stage)
+
+    def _loader(self, split: str) -> Any:
+        if split not in self._loaders:
+            original = source_loader(self.source, split)
+            if original is None or split not in self.indices:
+                self._loaders[split] = []
+            else:
+                self._loaders[split] = rebuild_loader(original, Subset(original.dataset, self.indices[split].tolist()))
+        return self._loaders[split]
+
+    def train_dataloader(self) -> Any:
+        return self._loader("train")
+
+    def val_dataloader(self) -> Any:
+        return self._loader("val")
+
+    def test_dataloader(self) -> Any:
+        return self._loader("test")
+
+
+def source_loader(source: Union[LightningDataModule, Mapping[str, Any]], split: str) -> Optional[DataLoader]:
+    """The single DataLoader that a datamodule or loader mapping provides for ``split`` (``None`` if it has none)."""
+    if isinstance(source, Mapping):
+        loader = source.get(split)
+    else:
+        hook = getattr(source, f"{split}_dataloader", None)
+        try:
+            loader = hook() if hook is not None else None
+        except NotImplementedError:  # LightningDataModule's default for a split it does not define
+            loader = None
+    if loader is None or (isinstance(loader, (list, tuple)) and not loader):
+        return None
+    if isinstance(loader, (list, tuple)):
+        if len(loader) > 1:
+            raise ValueError(f"simulation splits one {split} DataLoader across sites; got {len(loader)}: describe sites with federated_sites() instead")
+        loader = loader[0]
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"simulation needs a torch DataLoader for {split}, got {type(loader).__name__}: describe sites with federated_sites() instead")
+    return loader
+
+
+def simulate_sites(
+    source: Union[LightningDataModule, Mapping[str, Any]],
+    num_sites: int,
+    partitioner: Partitioner,
+    splits: Sequence[str],
+    site_cpus: float = 1.0,
+    site_gpus: float = 0.0,
+) -> list[Site]:
+    """Split a single-machine dataset across ``num_sites`` simulated sites.
+
+    The training split is divided by ``partitioner`` (which may read labels); validation and test splits are dealt
+    out IID with the same seed, so every site is evaluated on its own share and the federated merge covers the
+    whole split.
+    """
+    if isinstance(source, LightningDataModule):
+        source.prepare_data()
+    per_site: list[dict[str, np.ndarray]] = [{} for _ in range(num_sites)]
+    seed = getattr(partitioner, "seed", 0)
+    for split in splits:
+        if isinstance(source, LightningDataModule):
+            source.setup("fit" if split in ("train", "val") else split)
+        loader = source_loader(source, split)
+        if loader is None:
+            continue
+        dataset = loader.dataset
+        if split == "train":
+            parts = partitioner(dataset_labels(dataset), num_sites)
+        else:
+            parts = IID(seed=seed)(np.zeros(len(dataset)), num_sites)
+        for site, part in enumerate(parts):
+            per_site[site][split] = part
+    if not any("train" in p for p in per_site) and "train" in splits:
+        raise ValueError("the datamodule has no train_dataloader to split across simulated sites")
+    return [
+        Site(name=f"site_{k}", datamodule=SimulatedSiteData(source, per_site[k]), num_cpus=site_cpus, num_gpus=site_gpus)
+        for k in range(num_sites)
+    ]

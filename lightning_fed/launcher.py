@@ -1,0 +1,470 @@
+"""Starts or joins Ray, places one actor per site plus the coordinator, runs the federation, brings results home.
+
+Lightning routes ``fit``/``validate``/``test`` through ``strategy.launcher.launch``; :class:`FederatedLauncher`
+runs them across the sites instead of in the driver process, then updates the driver's Trainer the way
+DDP-spawn's launcher does (weights, ``trainer.state``, loop counters, callback metrics). ``predict`` runs locally
+on the global model.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import ray
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.strategies.launchers.launcher import _Launcher
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from lightning_fed.checkpoint import find_checkpoint, is_federated_checkpoint
+from lightning_fed.coordinator import RemoteCoordinator, federated_metrics
+from lightning_fed.data.sites import Site, describe_sites, simulate_sites
+from lightning_fed.loggers import log_driver_metrics, site_logger_specs
+from lightning_fed.progress import FederatedProgress, results_table
+from lightning_fed.site import RemoteSiteActor, SitePlan
+from lightning_fed.strategies.base import GlobalModel, load_weights, state_to_numpy
+
+if TYPE_CHECKING:
+    from lightning_fed.strategy import FederatedStrategy
+
+log = logging.getLogger(__name__)
+
+
+class SiteFailedError(RuntimeError):
+    """A site raised or died; the federation was stopped and every actor torn down."""
+
+
+class FederationConfigError(ValueError):
+    """The federation cannot start as configured (sites, resources, checkpoint); nothing was trained."""
+
+
+def trainer_settings(trainer: Trainer) -> dict[str, Any]:
+    """The driver Trainer's loop settings, replayed in every site's Trainer."""
+    return {
+        "max_epochs": trainer.max_epochs,
+        "min_epochs": trainer.min_epochs,
+        "max_steps": trainer.max_steps,
+        "min_steps": trainer.min_steps,
+        "limit_train_batches": trainer.limit_train_batches,
+        "limit_val_batches": trainer.limit_val_batches,
+        "limit_test_batches": trainer.limit_test_batches,
+        "val_check_interval": trainer.val_check_interval,
+        "check_val_every_n_epoch": trainer.check_val_every_n_epoch,
+        "num_sanity_val_steps": trainer.num_sanity_val_steps,
+        "log_every_n_steps": trainer.log_every_n_steps,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "gradient_clip_val": trainer.gradient_clip_val,
+        "gradient_clip_algorithm": getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm),
+        "precision": trainer.precision,
+        "reload_dataloaders_every_n_epochs": trainer.reload_dataloaders_every_n_epochs,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
+def user_callbacks(trainer: Trainer) -> list:
+    """The driver's callbacks that sites replay (progress bars and model summaries stay on the driver)."""
+    return [cb for cb in trainer.callbacks if not isinstance(cb, (ProgressBar, ModelSummary))]
+
+
+class RayRuntime:
+    """Joins the Ray cluster the process is connected to (or ``RAY_ADDRESS``, as under ``ray job submit``), or
+    starts a local one sized for the sites and shuts it down afterwards."""
+
+    def __init__(self, address: Optional[str], init_kwargs: dict[str, Any]) -> None:
+        self.address = address or os.environ.get("RAY_ADDRESS")
+        self.init_kwargs = init_kwargs
+        self.started = False
+
+    def ensure(self, cpus_needed: float) -> None:
+        if ray.is_initialized():
+            return
+        if self.address:
+            ray.init(address=self.address, **self.init_kwargs)
+            return
+        paths = [p or os.getcwd() for p in sys.path if (p == "" or os.path.isdir(p)) and "site-packages" not in p]
+        kwargs = {
+            "num_cpus": max(os.cpu_count() or 1, math.ceil(cpus_needed)),
+            "include_dashboard": False,
+            "logging_level": logging.WARNING,
+            # actors must import the same modules as the driver (scripts, test helpers)
+            "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}},
+            **self.init_kwargs,
+        }
+        ray.init(address="local", **kwargs)
+        self.started = True
+
+    def shutdown(self) -> None:
+        if self.started and ray.is_initialized():
+            ray.shutdown()
+        self.started = False
+
+
+class Federation:
+    """A running federation: the coordinator and one actor per site, alive from ``fit`` until :meth:`shutdown`."""
+
+    def __init__(self, strategy: "FederatedStrategy", trainer: Trainer, model: LightningModule, sites: list[Site], source_id: Optional[int], resume: Any = None) -> None:
+        self.strategy = strategy
+        self.sites = sites
+        self.names = [s.name for s in sites]
+        self.source_id = source_id
+        self.runtime = RayRuntime(strategy.ray_address, strategy.ray_init_kwargs)
+        self.actors: dict[str, Any] = {}
+        self.coordinator: Any = None
+        self.pg: Any = None
+        self.checkpoint_dir: Optional[str] = None
+        self.startup_seconds = 0.0
+        self.alive = False
+        t0 = time.monotonic()
+        try:
+            self._start(trainer, model, resume)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.startup_seconds = time.monotonic() - t0
+
+    # -- start-up --------------------------------------------------------------------------------
+    def _start(self, trainer: Trainer, model: LightningModule, resume: Any) -> None:
+        self.runtime.ensure(sum(s.num_cpus for s in self.sites))
+        self._check_resources()
+        self.pg = placement_group([_bundle(s) for s in self.sites], strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=self.strategy.placement_timeout)
+        except GetTimeoutError:
+            raise FederationConfigError(
+                f"the cluster could not place the sites {self.names} within {self.strategy.placement_timeout:.0f}s "
+                f"(available: {_fmt_resources(ray.available_resources())}): free resources or lower the sites' num_cpus/num_gpus"
+            ) from None
+        self.checkpoint_dir = self.strategy.resolve_checkpoint_dir(trainer, resume)
+        self.coordinator = RemoteCoordinator.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        ).remote(
+            self.strategy.aggregator,
+            self.names,
+            self.checkpoint_dir,
+            self.strategy.keep_checkpoints,
+            self.strategy.barrier_timeout,
+            resume.server_state() if resume is not None else None,
+        )
+        module_ref = ray.put(model)
+        callbacks = user_callbacks(trainer)
+        loggers = site_logger_specs(trainer.loggers)
+        settings = trainer_settings(trainer)
+        root = self.strategy.run_root(trainer)
+        for index, site in enumerate(self.sites):
+            plan = SitePlan(
+                site=site, index=index, module_ref=module_ref, coordinator=self.coordinator,
+                algorithm=self.strategy.aggregator.site_algorithm(), trainer_settings=settings, callbacks=callbacks,
+                loggers=loggers, sync_every=self.strategy.sync_every, root_dir=root, checkpoint_dir=self.checkpoint_dir,
+                checkpoint_every=self.strategy.checkpoint_every, seed=self.strategy.seed,
+                metric_thresholds=self.strategy.metric_thresholds,
+            )
+            self.actors[site.name] = RemoteSiteActor.options(
+                num_cpus=site.num_cpus, num_gpus=site.num_gpus, resources=site.resources or None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index),
+                name=None,
+            ).remote(plan)
+        self.alive = True
+        atexit.register(self.shutdown)
+        reports = self._gather({n: a.ready.remote() for n, a in self.actors.items()}, "start")
+        empty = [n for n, r in reports.items() if r["train_samples"] == 0]
+        if empty and trainer.state.fn == TrainerFn.FITTING:
+            raise FederationConfigError(f"site(s) {empty} have no training samples: give every site data or drop it from the federation")
+
+    def _check_resources(self) -> None:
+        total = ray.cluster_resources()
+        need: dict[str, float] = {}
+        for site in self.sites:
+            for key, value in _bundle(site).items():
+                need[key] = need.get(key, 0.0) + value
+        for key, value in need.items():
+            if total.get(key, 0.0) + 1e-9 < value:
+                users = [s.name for s in self.sites if _bundle(s).get(key)]
+                hint = (
+                    f"start the node holding that data with --resources '{{\"{key}\": 1}}'"
+                    if key not in ("CPU", "GPU", "memory")
+                    else "lower the sites' num_cpus/num_gpus or add nodes"
+                )
+                raise FederationConfigError(
+                    f"sites {users} need {value:g} {key} but the Ray cluster has {total.get(key, 0.0):g}: {hint}"
+                )
+
+    # -- running ---------------------------------------------------------------------------------
+    def _gather(self, refs: dict[str, Any], what: str, on_poll: Optional[Callable[[], None]] = None) -> dict[str, Any]:
+        """Wait for one call per site; the first failure stops the federation and raises with the site's name."""
+        by_ref = {ref: name for name, ref in refs.items()}
+        pending, results = list(by_ref), {}
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=self.strategy.poll_interval)
+            for ref in done:
+                name = by_ref[ref]
+                try:
+                    results[name] = ray.get(ref)
+                except (RayTaskError, RayActorError) as err:
+                    self._fail(name, err, what)
+            if on_poll is not None:
+                on_poll()
+        return {name: results[name] for name in refs}  # site order, not completion order
+
+    def _fail(self, name: str, err: Exception, what: str) -> None:
+        reason = None
+        if self.coordinator is not None:
+            deadline = time.monotonic() + 2.0
+            while reason is None and time.monotonic() < deadline:  # the site's own one-line report may be in flight
+                try:
+                    reason = ray.get(self.coordinator.abort_reason.remote(), timeout=2)
+                except Exception:
+                    break
+                if reason is None:
+                    time.sleep(0.1)
+        if reason is None:
+            if isinstance(err, RayActorError):
+                reason = f"site {name!r} died during {what}: its actor process exited (killed, out of memory, or a native crash)"
+            else:
+                cause = getattr(err, "cause", None) or err
+                first = str(cause).strip().splitlines()
+                reason = f"site {name!r} failed during {what}: {type(cause).__name__}: {first[0] if first else ''}"
+            if self.coordinator is not None:
+                self.coordinator.abort.remote(reason)
+        self.shutdown(graceful=False)
+        raise SiteFailedError(reason) from None
+
+    def fit(self, trainer: Trainer, resume: Any) -> dict[str, Any]:
+        total_rounds = math.ceil(trainer.max_epochs / self.strategy.sync_every) if trainer.max_epochs and trainer.max_epochs > 0 else 0
+        progress = FederatedProgress(total_rounds, enabled=self.strategy.progress)
+        state = {"since": 0, "fl": {}, "snapshot": None}
+
+        def poll() -> None:
+            snap = ray.get(self.coordinator.progress.remote(state["since"]))
+            state["since"] = snap["history_len"]
+            state["snapshot"] = snap
+            for entry in snap["history"]:
+                state["fl"].update(entry["fl"])
+                site_scalars = {}
+                for site, values in entry["sites"].items():
+                    for key, value in values.items():
+                        site_scalars[key if key.startswith("site/") else f"site/{site}/{key}"] = value
+                log_driver_metrics(trainer.loggers, {**entry["fl"], **site_scalars}, step=entry["epoch"])
+            progress.update(snap, state["fl"])
+
+        t0 = time.monotonic()
+        refs = {n: a.fit.remote(str(resume.site_paths[n]) if resume else None) for n, a in self.actors.items()}
+        try:
+            results = self._gather(refs, "fit", on_poll=poll)
+            poll()
+        finally:
+            progress.close()
+        final = ray.get(self.coordinator.final_global.remote())
+        return {
+            "sites": results,
+            "global": ray.get(final[0]) if final else None,
+            "fl": state["fl"],
+            "round_seconds": (state["snapshot"] or {}).get("round_seconds", []),
+            "fit_seconds": time.monotonic() - t0,
+        }
+
+    def evaluate(self, stage: str, model: LightningModule) -> dict[str, Any]:
+        ref = ray.put(GlobalModel(weights=state_to_numpy(model.state_dict()), round=-1))
+        return self._gather({n: a.evaluate.remote(stage, ref) for n, a in self.actors.items()}, stage)
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def shutdown(self, graceful: bool = True) -> None:
+        """Finish site loggers, end every actor this federation started, and stop Ray if it was started here."""
+        if not ray.is_initialized():
+            self.alive = False
+            return
+        if graceful and self.actors:
+            try:
+                ray.get([a.close.remote() for a in self.actors.values()], timeout=60)
+            except Exception as err:
+                log.warning("lightning-fed: some sites did not close cleanly: %s", err)
+        for actor in [*self.actors.values(), self.coordinator]:
+            if actor is not None:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:
+                    pass
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+        self.actors, self.coordinator, self.pg, self.alive = {}, None, None, False
+        self.runtime.shutdown()
+        try:
+            atexit.unregister(self.shutdown)
+        except Exception:
+            pass
+
+
+def _bundle(site: Site) -> dict[str, float]:
+    bundle = {"CPU": float(site.num_cpus), **{k: float(v) for k, v in site.resources.items()}}
+    if site.num_gpus:
+        bundle["GPU"] = float(site.num_gpus)
+    return {k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.001}
+
+
+def _fmt_resources(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if not k.startswith(("node:", "object_store", "memory")))
+
+
+class FederatedLauncher(_Launcher):
+    """Runs ``fit``/``validate``/``test`` across the federation instead of in the driver process."""
+
+    def __init__(self, strategy: "FederatedStrategy") -> None:
+        self.strategy = strategy
+
+    @property
+    def is_interactive_compatible(self) -> bool:
+        return True
+
+    def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
+        assert trainer is not None
+        fn = trainer.state.fn
+        if fn == TrainerFn.FITTING:
+            return self._fit(trainer, *args, **kwargs)
+        if fn in (TrainerFn.TESTING, TrainerFn.VALIDATING):
+            return self._evaluate(trainer, "test" if fn == TrainerFn.TESTING else "validate", *args, **kwargs)
+        return function(*args, **kwargs)  # predict: the driver holds the global model
+
+    def kill(self, signum: Any) -> None:
+        self.strategy.shutdown()
+
+    # -- fit -------------------------------------------------------------------------------------
+    def _fit(self, trainer: Trainer, model: LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
+             datamodule: Optional[LightningDataModule] = None, ckpt_path: Any = None, weights_only: Any = None) -> None:
+        if isinstance(train_dataloaders, LightningDataModule):
+            datamodule, train_dataloaders = train_dataloaders, None
+        resume = self._resume_point(ckpt_path)
+        source = datamodule if datamodule is not None else {"train": train_dataloaders, "val": val_dataloaders}
+        sites = self._sites(source, model)
+        self.strategy.shutdown()  # a new fit starts from fresh sites
+        federation = Federation(self.strategy, trainer, model, sites, id(datamodule) if datamodule is not None else None, resume)
+        self.strategy.federation = federation
+        for logger in trainer.loggers:
+            logger.log_hyperparams({**dict(model.hparams), **self.strategy.describe()})
+        try:
+            out = federation.fit(trainer, resume)
+        except SiteFailedError:
+            raise
+        except BaseException:
+            federation.shutdown(graceful=False)
+            raise
+        self._bring_home(trainer, model, out)
+        out["startup_seconds"] = federation.startup_seconds
+        self.strategy.last_fit = out
+
+    def _resume_point(self, ckpt_path: Any) -> Any:
+        if ckpt_path is None:
+            return None
+        if ckpt_path == "last":
+            if not self.strategy.checkpoint_dir:
+                raise FederationConfigError("fit(ckpt_path='last') needs FederatedStrategy(checkpoint_dir=...) to know where the federation's checkpoints are")
+            return find_checkpoint(self.strategy.checkpoint_dir)
+        if not is_federated_checkpoint(ckpt_path):
+            raise FederationConfigError(
+                f"fit(ckpt_path={str(ckpt_path)!r}) must be a federated checkpoint folder (one with last.json or manifest.json); "
+                "to start from a plain Lightning checkpoint, load its weights into the model before fit"
+            )
+        return find_checkpoint(ckpt_path)
+
+    def _sites(self, source: Any, model: LightningModule, splits: tuple[str, ...] = ("train", "val", "test")) -> list[Site]:
+        sites = describe_sites(source) if isinstance(source, LightningDataModule) else None
+        if sites is None:
+            if isinstance(source, dict) and all(v is None for v in source.values()):
+                raise FederationConfigError("no data: pass a datamodule (or dataloaders) to fit/test, as you would without lightning-fed")
+            sites = simulate_sites(source, self.strategy.num_sites, self.strategy.partitioner, splits, self.strategy.site_cpus, self.strategy.site_gpus)
+        return sites
+
+    def _bring_home(self, trainer: Trainer, model: LightningModule, out: dict[str, Any]) -> None:
+        """Global weights, state, counters and metrics onto the driver's Trainer, as if it had trained itself."""
+        if out["global"] is not None:
+            load_weights(model, out["global"].weights)
+        reference = max(out["sites"].values(), key=lambda r: r["global_step"])
+        trainer.fit_loop.load_state_dict(reference["fit_loop"])
+        trainer.fit_loop.restarting = False
+        metrics = {}
+        for name, result in out["sites"].items():
+            for key, value in result["callback_metrics"].items():
+                if key.startswith("fl/"):
+                    metrics[key] = value
+                else:
+                    metrics[key if key.startswith("site/") else f"site/{name}/{key}"] = value
+        metrics.update({k: v for k, v in out["fl"].items() if isinstance(v, float)})
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        trainer.state.status = TrainerStatus.FINISHED
+        trainer.state.stage = None
+        trainer.training = False
+        for logger in trainer.loggers:
+            logger.save()
+
+    # -- evaluate --------------------------------------------------------------------------------
+    def _evaluate(self, trainer: Trainer, stage: str, model: Optional[LightningModule] = None, dataloaders: Any = None,
+                  ckpt_path: Any = None, verbose: bool = True, datamodule: Optional[LightningDataModule] = None,
+                  weights_only: Any = None) -> list[dict[str, Any]]:
+        if isinstance(dataloaders, LightningDataModule):
+            datamodule, dataloaders = dataloaders, None
+        model = model or trainer.lightning_module
+        if model is None:
+            raise FederationConfigError(f"trainer.{stage}() needs a model: pass one or call fit first")
+        if ckpt_path is not None:
+            self._load_weights(model, ckpt_path)
+        federation = self.strategy.federation
+        reuse = federation is not None and federation.alive and (
+            (datamodule is None and dataloaders is None) or (datamodule is not None and id(datamodule) == federation.source_id)
+        )
+        if not reuse:
+            split = "test" if stage == "test" else "val"
+            source = datamodule if datamodule is not None else {split: dataloaders}
+            if datamodule is None and dataloaders is None:
+                raise FederationConfigError(f"trainer.{stage}() needs data: pass the datamodule or dataloaders")
+            sites = self._sites(source, model, splits=(split,))
+            self.strategy.shutdown()
+            federation = Federation(self.strategy, trainer, model, sites, id(datamodule) if datamodule is not None else None)
+            self.strategy.federation = federation
+        results = federation.evaluate(stage, model)
+        prefix = "test" if stage == "test" else "val"
+        fl = federated_metrics(results, prefix)
+        output: dict[str, Any] = {k: v for k, v in fl.items() if isinstance(v, float)}
+        table: dict[str, dict[str, Any]] = {}
+        for name, result in results.items():
+            row = {**{k.removeprefix(f"{prefix}_"): v for k, v in result["scalars"].items()}, **result["site_values"]}
+            table[name] = row
+            output.update({f"site/{name}/{k}": v for k, v in result["scalars"].items()})
+            output.update({f"site/{name}/{prefix}_{k}": v for k, v in result["site_values"].items() if isinstance(v, float)})
+        table["federated"] = {k.removeprefix(f"fl/{prefix}_"): v for k, v in fl.items()}
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in output.items()})
+        log_driver_metrics(trainer.loggers, output, step=None)
+        self.strategy.last_evaluation = {"stage": stage, "sites": {n: r for n, r in table.items()}, "metrics": output,
+                                         "confusion_matrices": {**{n: r["site_values"].get("confusion_matrix") for n, r in results.items()},
+                                                                "federated": fl.get(f"fl/{prefix}_confusion_matrix")}}
+        if verbose:
+            print(f"\n{stage} results (each site on its own data; 'federated' merges every site's metric states):")
+            print(results_table(table))
+        trainer.state.status = TrainerStatus.FINISHED
+        trainer.state.stage = None
+        return [output]
+
+    def _load_weights(self, model: LightningModule, ckpt_path: Any) -> None:
+        if ckpt_path in ("last", "best") or is_federated_checkpoint(ckpt_path):
+            root = self.strategy.checkpoint_dir if ckpt_path in ("last", "best") else ckpt_path
+            if not root:
+                raise FederationConfigError(f"ckpt_path={ckpt_path!r} needs FederatedStrategy(checkpoint_dir=...)")
+            state = find_checkpoint(root).server_state()
+            load_weights(model, state["global_model"].weights)
+            return
+        if not Path(str(ckpt_path)).is_file():
+            raise FederationConfigError(f"checkpoint {ckpt_path} does not exist")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(checkpoint.get("state_dict", checkpoint))

@@ -1,0 +1,259 @@
+"""Per-site classification metrics and their exact federated merge.
+
+Every site measures accuracy, precision, recall, AUROC and the confusion matrix of the module's own outputs on
+its own evaluation data. What leaves the site is each metric's *state* (confusion counts, binned ROC counts), never
+predictions. The coordinator sums the states, so the federated value equals what pooling every site's predictions
+would give (AUROC with ``thresholds`` bins), which averaging site AUROCs does not.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torchmetrics.classification as tmc
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.hooks import RemovableHandle
+
+DEFAULT_THRESHOLDS = 1000
+IGNORE_INDEX = -1  # unlabelled targets (partial labels) never count as negatives
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What kind of classification the module's outputs describe, inferred from the first evaluated batch."""
+
+    kind: str  # "binary" | "multiclass" | "multilabel"
+    num_classes: int
+    thresholds: int = DEFAULT_THRESHOLDS
+
+    @staticmethod
+    def infer(logits: torch.Tensor, targets: torch.Tensor, thresholds: int = DEFAULT_THRESHOLDS) -> "TaskSpec":
+        if targets.dim() == 2 and logits.shape == targets.shape:
+            return TaskSpec("multilabel", logits.shape[1], thresholds)
+        if logits.dim() == 1 or logits.shape[-1] in (1, 2):
+            return TaskSpec("binary", 2, thresholds)
+        return TaskSpec("multiclass", logits.shape[-1], thresholds)
+
+    def build(self) -> dict[str, Any]:
+        t, common = self.thresholds, {"ignore_index": IGNORE_INDEX}
+        if self.kind == "binary":
+            return {
+                "accuracy": tmc.BinaryAccuracy(**common),
+                "precision": tmc.BinaryPrecision(**common),
+                "recall": tmc.BinaryRecall(**common),
+                "auroc": tmc.BinaryAUROC(thresholds=t, **common),
+                "confusion_matrix": tmc.BinaryConfusionMatrix(**common),
+            }
+        if self.kind == "multiclass":
+            c = {"num_classes": self.num_classes, **common}
+            return {
+                "accuracy": tmc.MulticlassAccuracy(average="micro", **c),
+                "precision": tmc.MulticlassPrecision(average="macro", **c),
+                "recall": tmc.MulticlassRecall(average="macro", **c),
+                "auroc": tmc.MulticlassAUROC(average="macro", thresholds=t, **c),
+                "confusion_matrix": tmc.MulticlassConfusionMatrix(**c),
+            }
+        c = {"num_labels": self.num_classes, **common}
+        return {
+            "accuracy": tmc.MultilabelAccuracy(average="micro", **c),
+            "precision": tmc.MultilabelPrecision(average="macro", **c),
+            "recall": tmc.MultilabelRecall(average="macro", **c),
+            # per label, then the mean over labels that have both classes (a label without support would read 0.0)
+            "auroc": tmc.MultilabelAUROC(average="none", thresholds=t, **c),
+        }
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.detach().float()
+        if self.kind == "binary":
+            if logits.dim() > 1 and logits.shape[-1] == 2:
+                return logits.softmax(-1)[..., 1]
+            return logits.reshape(-1).sigmoid()
+        if self.kind == "multiclass":
+            return logits.softmax(-1)
+        return logits.sigmoid()
+
+
+def compute_metrics(spec: TaskSpec, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Scalars as floats, the confusion matrix as nested lists, multi-label AUROC averaged over supported labels."""
+    out: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no positive samples" etc.: reflected in the value, not worth a warning
+        for name, metric in metrics.items():
+            value = metric.compute()
+            if name == "confusion_matrix":
+                out[name] = value.long().tolist()
+            elif name == "auroc" and spec.kind == "multilabel":
+                supported = _labels_with_support(metric)
+                out["auroc_per_label"] = [float(v) if s else None for v, s in zip(value.tolist(), supported)]
+                vals = [float(v) for v, s in zip(value.tolist(), supported) if s]
+                out["auroc"] = float(np.mean(vals)) if vals else float("nan")
+            else:
+                out[name] = float(value)
+    return out
+
+
+def _labels_with_support(metric: Any) -> list[bool]:
+    # binned state: confmat [T, L, 2, 2]; a label is supported when it has at least one positive and one negative
+    confmat = metric.confmat[0]  # [L, 2, 2] at the first threshold: rows are the true class
+    positives = confmat[:, 1, :].sum(-1)
+    negatives = confmat[:, 0, :].sum(-1)
+    return [bool(p > 0 and n > 0) for p, n in zip(positives, negatives)]
+
+
+def metric_states(metrics: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    return {name: {k: v.detach().cpu().numpy() for k, v in m.metric_state.items()} for name, m in metrics.items()}
+
+
+def merge_metric_states(spec: TaskSpec, states: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
+    """The federated metrics: every site's states summed into fresh metrics, then computed once."""
+    merged = spec.build()
+    for site_state in states:
+        for name, metric in merged.items():
+            metric.merge_state({k: torch.from_numpy(np.array(v)) for k, v in site_state[name].items()})
+            metric._update_count += 1  # merge_state does not count as an update; compute() would warn otherwise
+    return compute_metrics(spec, merged)
+
+
+def _targets_of(batch: Any) -> Optional[torch.Tensor]:
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
+        return batch[1]
+    if isinstance(batch, dict):
+        for key in ("target", "targets", "label", "labels", "y"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+    return None
+
+
+def _inputs_of(batch: Any) -> Any:
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("image", "images", "input", "inputs", "x"):
+            if key in batch:
+                return batch[key]
+    return batch
+
+
+def _logits_of(output: Any) -> Optional[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = output.get("logits", next(iter(output.values()), None))
+        return output if isinstance(output, torch.Tensor) else None
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+class SiteMetrics(Callback):
+    """Measures the module's outputs on this site's validation and test data and logs ``site/<name>/<stage>_<metric>``.
+
+    Outputs are captured with a forward hook when ``validation_step``/``test_step`` call the module (no extra
+    compute); otherwise the batch's inputs are run through ``forward`` once more. Batches are ``(inputs, targets)``
+    pairs or dicts with a ``target``/``label`` key.
+    """
+
+    def __init__(self, site: str, thresholds: int = DEFAULT_THRESHOLDS) -> None:
+        self.site = site
+        self.thresholds = thresholds
+        self.spec: Optional[TaskSpec] = None
+        self._metrics: dict[str, dict[str, Any]] = {}
+        self._samples: dict[str, int] = {}
+        self._captured: list[torch.Tensor] = []
+        self._handle: Optional[RemovableHandle] = None
+        self._disabled: Optional[str] = None
+        self.results: dict[str, dict[str, Any]] = {}
+
+    # -- capture ---------------------------------------------------------------------------------
+    def _start(self, pl_module: LightningModule, stage: str) -> None:
+        self._metrics.pop(stage, None)
+        self._samples[stage] = 0
+        self._captured = []
+        hook: Callable = lambda _m, _args, output: self._captured.append(output)
+        self._handle = pl_module.register_forward_hook(hook)
+
+    def _stop(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _update(self, pl_module: LightningModule, batch: Any, stage: str) -> None:
+        captured, self._captured = self._captured, []
+        if self._disabled:
+            return
+        targets = _targets_of(batch)
+        if targets is None:
+            return self._disable("batches have no recognisable targets (expected (inputs, targets) or a dict with 'label')")
+        logits = next((l for l in map(_logits_of, reversed(captured)) if l is not None and len(l) == len(targets)), None)
+        if logits is None:
+            try:
+                with torch.no_grad():
+                    logits = _logits_of(pl_module(_inputs_of(batch)))
+            except Exception as err:  # a module whose forward needs more than the inputs
+                return self._disable(f"forward(inputs) failed ({type(err).__name__}: {err})")
+            if logits is None or len(logits) != len(targets):
+                return self._disable("forward(inputs) did not return one row of logits per target")
+        if self.spec is None:
+            self.spec = TaskSpec.infer(logits, targets, self.thresholds)
+        if stage not in self._metrics:
+            self._metrics[stage] = {k: m.to(logits.device) for k, m in self.spec.build().items()}
+        probs = self.spec.probabilities(logits)
+        target = targets.long() if self.spec.kind != "multilabel" else targets.long()
+        if self.spec.kind == "binary":
+            target = target.reshape(-1)
+        for metric in self._metrics[stage].values():
+            metric.update(probs, target)
+        self._samples[stage] += int((target != IGNORE_INDEX).any(-1).sum()) if target.dim() > 1 else int((target != IGNORE_INDEX).sum())
+
+    def _disable(self, why: str) -> None:
+        self._disabled = why
+        rank_zero_warn(f"lightning-fed metrics are off on site {self.site!r}: {why}")
+
+    def _finish(self, pl_module: LightningModule, stage: str) -> None:
+        self._stop()
+        if stage not in self._metrics or self.spec is None:
+            return
+        values = compute_metrics(self.spec, self._metrics[stage])
+        self.results[stage] = values
+        for name, value in values.items():
+            if isinstance(value, float):
+                pl_module.log(f"site/{self.site}/{stage}_{name}", value, on_epoch=True, batch_size=1)
+
+    def export(self, stage: str) -> Optional[dict[str, Any]]:
+        """This site's mergeable metric states for ``stage`` (``None`` when nothing was measured)."""
+        if stage not in self._metrics or self.spec is None:
+            return None
+        return {"spec": self.spec, "states": metric_states(self._metrics[stage]), "num_samples": self._samples.get(stage, 0)}
+
+    def samples(self, stage: str) -> int:
+        return self._samples.get(stage, 0)
+
+    # -- Lightning hooks ----------------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._start(pl_module, "val")
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._update(pl_module, batch, "val")
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._finish(pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(pl_module, "test")
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(pl_module, batch, "test")
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish(pl_module, "test")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._stop()

@@ -1,0 +1,182 @@
+"""One site: a Ray actor holding its own Trainer, LightningModule, data and algorithm state for the whole run.
+
+The site's Trainer is built once and lives through every round, so optimizer and LR-scheduler state, epoch and
+step counters, EarlyStopping patience, ModelCheckpoint top-k and any privacy accountant behave exactly as in a
+normal ``fit``. Its data is set up inside the actor from the site's own datamodule: samples never leave it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+from lightning_fed.data.sites import Site
+from lightning_fed.loggers import SiteLoggerSpec, finish_site_loggers
+from lightning_fed.metrics import SiteMetrics
+from lightning_fed.strategies.base import GlobalModel, SiteAlgorithm
+from lightning_fed.sync import FederatedSync, RoundClose, scalar_metrics
+
+
+class SiteStrategy(SingleDeviceStrategy):
+    """A site is one device. Decisions that must be the same everywhere (stop, save) are agreed with the other
+    sites through the coordinator; barriers and broadcasts are local because each site writes only its own files."""
+
+    def __init__(self, site: str, coordinator: Any, device: torch.device) -> None:
+        super().__init__(device=device)
+        self.site = site
+        self.coordinator = coordinator
+        self._decisions = 0
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        if self.lightning_module is None or self.lightning_module.trainer.state.fn != "fit":
+            return decision
+        self._decisions += 1
+        return ray.get(self.coordinator.agree.remote(self.site, ("decision", self._decisions), bool(decision), all))
+
+
+@dataclass
+class SitePlan:
+    """Everything a site actor needs, built on the driver and shipped once."""
+
+    site: Site
+    index: int
+    module_ref: Any  # ObjectRef of the driver's LightningModule (put once, shared by all sites)
+    coordinator: Any
+    algorithm: SiteAlgorithm
+    trainer_settings: dict[str, Any]
+    callbacks: list[Callback]
+    loggers: list[SiteLoggerSpec]
+    sync_every: int
+    root_dir: str
+    checkpoint_dir: Optional[str]
+    checkpoint_every: int
+    seed: int
+    metric_thresholds: int = 1000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def site_device() -> tuple[str, torch.device]:
+    """The accelerator is resolved here, inside the site: a CPU-only driver can drive GPU sites."""
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return "gpu", torch.device("cuda", 0)
+    return "cpu", torch.device("cpu")
+
+
+class SiteActor:
+    """One site's long-lived training process (a Ray actor)."""
+
+    def __init__(self, plan: SitePlan) -> None:
+        self.plan = plan
+        self.name = plan.site.name
+        for logger_name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(logger_name).setLevel(logging.WARNING)
+        # the driver already showed these once; N copies through Ray's log forwarding help nobody
+        warnings.filterwarnings("ignore", message=".*treespec.*")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        if plan.site.num_cpus >= 1:
+            torch.set_num_threads(int(plan.site.num_cpus))
+        seed_everything(plan.seed + plan.index, workers=True, verbose=False)
+        self.module: LightningModule = ray.get(plan.module_ref)
+        self.datamodule = plan.site.build_datamodule()
+        self.metrics = SiteMetrics(self.name, plan.metric_thresholds)
+        self.sync = FederatedSync(self.name, plan.coordinator, plan.algorithm, plan.sync_every, self.metrics)
+        self.trainer = self._build_trainer()
+
+    def _build_trainer(self) -> Trainer:
+        accelerator, device = site_device()
+        root = Path(self.plan.root_dir) / "sites" / self.name
+        callbacks = [self.sync, self.metrics, self.plan.algorithm]
+        for cb in copy.deepcopy(self.plan.callbacks):
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None:
+                cb.dirpath = os.path.join(cb.dirpath, self.name)  # sites must not overwrite each other's files
+            callbacks.append(cb)
+        callbacks.append(RoundClose(self.name, self.plan.coordinator, self.sync, self.plan.checkpoint_dir, self.plan.checkpoint_every))
+        loggers = [spec.build(self.name) for spec in self.plan.loggers]
+        return Trainer(
+            accelerator=accelerator,
+            devices=1,
+            strategy=SiteStrategy(self.name, self.plan.coordinator, device),
+            callbacks=callbacks,
+            logger=loggers or False,
+            default_root_dir=str(root),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=True,
+            **self.plan.trainer_settings,
+        )
+
+    def ready(self) -> dict[str, Any]:
+        """Start-up check: the site's data is there and non-empty (run before any training)."""
+        self.datamodule.prepare_data()
+        self.datamodule.setup("fit")
+        loader = self.datamodule.train_dataloader()
+        try:
+            n = len(loader.dataset) if hasattr(loader, "dataset") else len(loader)
+        except TypeError:
+            n = -1  # iterable dataset: size unknown, trust it
+        return {"site": self.name, "train_samples": n, "device": str(site_device()[1]), "node": ray.get_runtime_context().get_node_id()}
+
+    def fit(self, ckpt_path: Optional[str] = None) -> dict[str, Any]:
+        self.plan.coordinator.report.remote(self.name, {"status": "training", "epoch": 0})
+        try:
+            self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        except BaseException as err:
+            self.plan.coordinator.site_finished.remote(self.name, _describe(err))
+            raise
+        self.plan.coordinator.site_finished.remote(self.name)
+        return self._result()
+
+    def evaluate(self, stage: str, model: GlobalModel) -> dict[str, Any]:
+        """Load the global model (through the algorithm, e.g. keeping local BN) and run ``test``/``validate`` here."""
+        self.plan.algorithm.receive_global(self.trainer, self.module, model)
+        run = self.trainer.test if stage == "test" else self.trainer.validate
+        outputs = run(self.module, datamodule=self.datamodule, verbose=False)
+        metrics = scalar_metrics(outputs[0] if outputs else {})
+        return {
+            "site": self.name,
+            "scalars": metrics,
+            "num_samples": self.metrics.samples(stage),
+            "metrics": self.metrics.export(stage),
+            "site_values": self.metrics.results.get(stage, {}),
+        }
+
+    def _result(self) -> dict[str, Any]:
+        t = self.trainer
+        return {
+            "site": self.name,
+            "epoch": t.current_epoch,
+            "global_step": t.global_step,
+            "fit_loop": t.fit_loop.state_dict(),
+            "callback_metrics": scalar_metrics(t.callback_metrics) | {k: float(v) for k, v in t.callback_metrics.items() if k.startswith("fl/")},
+            "callbacks": {cb.state_key: cb.state_dict() for cb in self.plan_callbacks()},
+            "best_model_path": getattr(t.checkpoint_callback, "best_model_path", None),
+        }
+
+    def plan_callbacks(self) -> list[Callback]:
+        user_types = {type(cb) for cb in self.plan.callbacks}
+        return [cb for cb in self.trainer.callbacks if type(cb) in user_types]
+
+    def close(self) -> None:
+        finish_site_loggers(self.trainer.loggers)
+
+
+def _describe(err: BaseException) -> str:
+    where = traceback.extract_tb(err.__traceback__)
+    frame = next((f for f in reversed(where) if "site-packages" not in f.filename), where[-1] if where else None)
+    at = f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
+    return f"{type(err).__name__}: {err}{at}"
+
+
+RemoteSiteActor = ray.remote(max_restarts=0, max_task_retries=0)(SiteActor)

@@ -1,0 +1,162 @@
+"""Site-side callbacks that hand weights over every k epochs and close each round.
+
+``FederatedSync`` runs first among the site's callbacks: after the last optimizer step of every k-th epoch (and
+so *before* validation, so validation, EarlyStopping and ModelCheckpoint all see the global model) it sends the
+site's update to the coordinator and loads the global model it gets back. After validation it publishes the
+federated metrics as ``fl/...`` keys that any callback can monitor.
+
+``RoundClose`` runs last at every epoch end: it agrees the stop decision across sites (so one site's
+EarlyStopping, Timer or ``trainer.should_stop`` stops them all together) and writes this site's part of the
+round checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
+
+from lightning_fed.checkpoint import site_checkpoint_path
+from lightning_fed.metrics import SiteMetrics
+from lightning_fed.strategies.base import GlobalModel, SiteAlgorithm
+
+
+def batch_size_of(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_size_of(batch[0])
+    if isinstance(batch, dict) and batch:
+        return batch_size_of(next(iter(batch.values())))
+    return 1
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The user's own scalar metrics (not the ``fl/`` and ``site/`` keys lightning-fed adds)."""
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith(("fl/", "site/")):
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = float(value)
+        elif isinstance(value, (int, float)):
+            out[key] = float(value)
+    return out
+
+
+class FederatedSync(Callback):
+    """Hands this site's update to the coordinator every ``sync_every`` epochs and loads the global model."""
+
+    def __init__(self, site: str, coordinator: Any, algorithm: SiteAlgorithm, sync_every: int, metrics: SiteMetrics) -> None:
+        self.site = site
+        self.coordinator = coordinator
+        self.algorithm = algorithm
+        self.sync_every = sync_every
+        self.metrics = metrics
+        self.round = 0  # rounds completed; restored from the site checkpoint on resume
+        self.synced_this_epoch = False
+        self._samples_since_sync = 0
+        self._train_samples_last_epoch = 0
+        self._epoch_samples = 0
+        self._validations = 0
+
+    # -- the hand-over ---------------------------------------------------------------------------
+    def sync(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        update = self.algorithm.local_update(trainer, pl_module, self._samples_since_sync)
+        [ref] = ray.get(self.coordinator.sync.remote(self.site, self.round + 1, update))
+        model: GlobalModel = ray.get(ref)
+        self.algorithm.receive_global(trainer, pl_module, model)
+        self.round = model.round
+        self._samples_since_sync = 0
+        self.synced_this_epoch = True
+
+    def _due(self, trainer: Trainer) -> bool:
+        return (trainer.current_epoch + 1) % self.sync_every == 0
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.synced_this_epoch = False
+        self._epoch_samples = 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        n = batch_size_of(batch)
+        self._samples_since_sync += n
+        self._epoch_samples += n
+        last_batch = math.isfinite(trainer.num_training_batches) and batch_idx + 1 >= trainer.num_training_batches
+        if last_batch and self._due(trainer):
+            self.sync(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._train_samples_last_epoch = self._epoch_samples
+        # loaders of unknown length: the last batch was only known now (after validation)
+        if not self.synced_this_epoch and self._due(trainer) and self._samples_since_sync > 0:
+            self.sync(trainer, pl_module)
+        self.coordinator.report.remote(
+            self.site,
+            {"status": "training", "epoch": trainer.current_epoch + 1, "global_step": trainer.global_step, "round": self.round,
+             "metrics": scalar_metrics(trainer.callback_metrics)},
+        )
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # max_epochs not a multiple of sync_every, or max_steps mid-epoch: one last round so every site ends global
+        if self._samples_since_sync > 0:
+            self.sync(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._validations += 1
+        payload = {
+            "scalars": scalar_metrics(trainer.callback_metrics),
+            "num_samples": self.metrics.samples("val"),
+            "train_samples": self._train_samples_last_epoch or self._epoch_samples,
+            "metrics": self.metrics.export("val"),
+            "site_values": {f"site/{self.site}/{k}": v for k, v in scalar_metrics(trainer.callback_metrics).items()},
+        }
+        fl = ray.get(self.coordinator.merge_metrics.remote(self.site, ("val", self._validations), payload, trainer.current_epoch))
+        for key, value in fl.items():
+            if isinstance(value, float):
+                # new keys persist in callback_metrics (existing ones are re-read from live results)
+                trainer.callback_metrics[key] = torch.tensor(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "samples_since_sync": self._samples_since_sync}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.round = int(state_dict["round"])
+        self._samples_since_sync = int(state_dict.get("samples_since_sync", 0))
+
+
+class RoundClose(Checkpoint):
+    """Last callback of every epoch: agrees ``should_stop`` across sites, then saves this site's round checkpoint.
+
+    It is a :class:`~lightning.pytorch.callbacks.Checkpoint` so that Lightning runs it after every monitoring
+    callback (EarlyStopping, ModelCheckpoint), whose decisions it must see.
+    """
+
+    def __init__(self, site: str, coordinator: Any, sync: FederatedSync, checkpoint_dir: Optional[str], checkpoint_every: int) -> None:
+        self.site = site
+        self.coordinator = coordinator
+        self.fed_sync = sync
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self._epoch_ends = 0
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_ends += 1
+        stop = ray.get(self.coordinator.agree.remote(self.site, ("epoch_end", self._epoch_ends), bool(trainer.should_stop), False))
+        trainer.should_stop = stop
+        round_ = self.fed_sync.round
+        if self.checkpoint_dir and self.fed_sync.synced_this_epoch and (round_ % self.checkpoint_every == 0 or stop):
+            path = site_checkpoint_path(self.checkpoint_dir, round_, self.site)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            trainer.save_checkpoint(tmp)
+            os.replace(tmp, path)
+            self.coordinator.checkpoint_saved.remote(self.site, round_)
