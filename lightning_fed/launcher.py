@@ -74,8 +74,11 @@ def trainer_settings(trainer: Trainer) -> dict[str, Any]:
 
 
 def user_callbacks(trainer: Trainer) -> list:
-    """The driver's callbacks that sites replay (progress bars and model summaries stay on the driver)."""
-    return [cb for cb in trainer.callbacks if not isinstance(cb, (ProgressBar, ModelSummary))]
+    """The driver's callbacks that sites replay (progress bars, model summaries and the CLI's config saver stay on
+    the driver: they describe the run, not a site's training)."""
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    return [cb for cb in trainer.callbacks if not isinstance(cb, (ProgressBar, ModelSummary, SaveConfigCallback))]
 
 
 class RayRuntime:
@@ -277,6 +280,10 @@ class Federation:
     def evaluate(self, stage: str, model: LightningModule) -> dict[str, Any]:
         ref = ray.put(GlobalModel(weights=state_to_numpy(model.state_dict()), round=-1))
         return self._gather({n: a.evaluate.remote(stage, ref) for n, a in self.actors.items()}, stage)
+
+    def site_weights(self) -> dict[str, dict[str, Any]]:
+        """Every site's current weights, by site name."""
+        return self._gather({n: a.weights.remote() for n, a in self.actors.items()}, "weights")
 
     # -- shutdown --------------------------------------------------------------------------------
     def shutdown(self, graceful: bool = True) -> None:

@@ -85,6 +85,8 @@ class SiteActor:
         # the driver already showed these once; N copies through Ray's log forwarding help nobody
         warnings.filterwarnings("ignore", message=".*treespec.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         if plan.site.num_cpus >= 1:
             torch.set_num_threads(int(plan.site.num_cpus))
         seed_everything(plan.seed + plan.index, workers=True, verbose=False)
@@ -159,7 +161,7 @@ class SiteActor:
             "epoch": t.current_epoch,
             "global_step": t.global_step,
             "fit_loop": t.fit_loop.state_dict(),
-            "callback_metrics": scalar_metrics(t.callback_metrics) | {k: float(v) for k, v in t.callback_metrics.items() if k.startswith("fl/")},
+            "callback_metrics": {k: float(v) for k, v in t.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1},
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.plan_callbacks()},
             "best_model_path": getattr(t.checkpoint_callback, "best_model_path", None),
         }
@@ -167,6 +169,12 @@ class SiteActor:
     def plan_callbacks(self) -> list[Callback]:
         user_types = {type(cb) for cb in self.plan.callbacks}
         return [cb for cb in self.trainer.callbacks if type(cb) in user_types]
+
+    def weights(self) -> dict[str, Any]:
+        """This site's current model state as arrays (what a sync would send): for audits and tests."""
+        from lightning_fed.strategies.base import state_to_numpy
+
+        return state_to_numpy(self.module.state_dict())
 
     def close(self) -> None:
         finish_site_loggers(self.trainer.loggers)

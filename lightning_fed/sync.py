@@ -117,7 +117,10 @@ class FederatedSync(Callback):
             "num_samples": self.metrics.samples("val"),
             "train_samples": self._train_samples_last_epoch or self._epoch_samples,
             "metrics": self.metrics.export("val"),
-            "site_values": {f"site/{self.site}/{k}": v for k, v in scalar_metrics(trainer.callback_metrics).items()},
+            "site_values": {
+                **{f"site/{self.site}/{k}": v for k, v in scalar_metrics(trainer.callback_metrics).items()},
+                **{f"site/{self.site}/val_{k}": v for k, v in self.metrics.results.get("val", {}).items() if isinstance(v, float)},
+            },
         }
         fl = ray.get(self.coordinator.merge_metrics.remote(self.site, ("val", self._validations), payload, trainer.current_epoch))
         for key, value in fl.items():

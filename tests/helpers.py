@@ -1,0 +1,120 @@
+"""Small real-data federations for the tests (FashionMNIST subsets from ../shared/data)."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_fed.data import HospitalsDataModule, Site
+from lightning_fed.data.fashion_mnist import PooledIndexData
+
+
+def small_hospitals(sizes=(400, 200, 200), ratios=(0.5, 0.1, 0.1), val_fraction=0.2, batch_size=50, seed=0, **kw) -> HospitalsDataModule:
+    names = ["large"] + [f"small_{i}" for i in range(1, len(sizes))]
+    return HospitalsDataModule(site_names=names, sizes=sizes, positive_ratios=ratios, val_fraction=val_fraction,
+                               test_fraction=0.2, batch_size=batch_size, seed=seed, **kw)
+
+
+class PlainFashionMNIST(L.LightningDataModule):
+    """A plain datamodule (no federated_sites): the first ``n`` FashionMNIST training images, 10 classes."""
+
+    def __init__(self, n: int = 600, batch_size: int = 50) -> None:
+        super().__init__()
+        self.n, self.batch_size = n, batch_size
+
+    def setup(self, stage: str) -> None:
+        from lightning_fed.data import load_fashion_mnist
+        from lightning_fed.data.fashion_mnist import to_tensor_dataset
+
+        x, y = load_fashion_mnist(None, "train")
+        self.train = to_tensor_dataset(x[: self.n], y[: self.n])
+        self.val = to_tensor_dataset(x[self.n : self.n + 200], y[self.n : self.n + 200])
+
+    def train_dataloader(self):
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val, batch_size=100)
+
+    def test_dataloader(self):
+        return DataLoader(self.val, batch_size=100)
+
+
+class UnmodifiedMLP(L.LightningModule):
+    """A LightningModule written with no knowledge of lightning-fed: logs only its own loss."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+
+class FailingDataset(Dataset):
+    """Real samples that raise once the site reaches a given epoch: a scanner going offline mid-run."""
+
+    def __init__(self, base: Dataset, fail_at_access: int, mode: str = "raise") -> None:
+        self.base, self.fail_at_access, self.mode, self.accesses = base, fail_at_access, mode, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.accesses += 1
+        if self.accesses > self.fail_at_access:
+            if self.mode == "die":
+                os._exit(3)
+            raise RuntimeError("scanner offline at hospital bad")
+        return self.base[i]
+
+
+class FailingSiteData(PooledIndexData):
+    def __init__(self, *args, fail_at_access: int, mode: str = "raise", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_at_access, self.mode = fail_at_access, mode
+
+    def setup(self, stage):
+        super().setup(stage)
+        self.datasets["train"] = FailingDataset(self.datasets["train"], self.fail_at_access, self.mode)
+
+
+class HospitalsWithFailingSite(L.LightningDataModule):
+    """Two healthy hospitals and one ('bad') whose data source fails after ``fail_at_access`` samples."""
+
+    def __init__(self, fail_at_access: int, mode: str = "raise") -> None:
+        super().__init__()
+        self.base = small_hospitals(sizes=(300, 200, 200))
+        self.fail_at_access, self.mode = fail_at_access, mode
+
+    def federated_sites(self):
+        sites = self.base.federated_sites()
+        bad = sites[-1]
+        sites[-1] = Site("bad", FailingSiteData(bad.datamodule.data_dir, bad.datamodule.indices, bad.datamodule.batch_size,
+                                                fail_at_access=self.fail_at_access, mode=self.mode))
+        return sites

@@ -1,0 +1,199 @@
+"""Real federations on real Ray with real FashionMNIST subsets."""
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import ray
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_fed import FederatedStrategy, FederationConfigError, SiteFailedError
+from lightning_fed.models import SmallCNN
+from lightning_fed.strategies import FedAvg
+from tests.helpers import HospitalsWithFailingSite, PlainFashionMNIST, UnmodifiedMLP, small_hospitals
+
+pytestmark = pytest.mark.usefixtures("ray_cluster", "fed_data")
+
+
+def _trainer(tmp_path, strategy, **kw):
+    kw.setdefault("max_epochs", 2)
+    kw.setdefault("logger", CSVLogger(tmp_path, name="run"))
+    return L.Trainer(strategy=strategy, enable_checkpointing=False, default_root_dir=tmp_path, **kw)
+
+
+def _our_actors_alive():
+    # GCS's own table (the state API would need the dashboard, which tests do not start)
+    from ray._private.state import actors
+
+    return [a for a in actors().values() if a["State"] != "DEAD" and a["ActorClassName"] in ("SiteActor", "Coordinator")]
+
+
+def test_three_sites_end_identical_and_equal_to_driver(tmp_path):
+    torch.manual_seed(0)
+    model = SmallCNN()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = FederatedStrategy(aggregator="fedavg", sync_every=1, progress=False)
+    trainer = _trainer(tmp_path, strategy)
+    trainer.fit(model, datamodule=small_hospitals())
+    try:
+        weights = strategy.federation.site_weights()
+        assert list(weights) == ["large", "small_1", "small_2"]
+        driver = {k: v.numpy() for k, v in model.state_dict().items()}
+        for site, state in weights.items():
+            for key, value in state.items():
+                np.testing.assert_array_equal(value, driver[key], err_msg=f"{site}:{key}")
+        assert any(not torch.equal(initial[k], model.state_dict()[k]) for k in initial)  # it trained
+        # the driver's trainer looks like it trained itself
+        assert trainer.state.finished and trainer.state.fn == "fit"
+        assert trainer.current_epoch == 2
+        large_batches = 240 // 50 + 1  # 400 images * 0.6 train = 240 -> 5 batches of 50
+        assert trainer.global_step == 2 * large_batches
+        metrics = trainer.callback_metrics
+        for key in ("fl/val_loss", "fl/val_auroc", "fl/val_recall", "fl/val_precision", "site/small_1/val_auroc"):
+            assert key in metrics, key
+        assert 0.5 < float(metrics["fl/val_auroc"]) <= 1.0
+        # the federation's rounds were committed as checkpoints
+        ckpt_root = Path(trainer.log_dir) / "federated_checkpoints"
+        assert json.loads((ckpt_root / "last.json").read_text())["round"] == 2
+    finally:
+        strategy.shutdown()
+    assert not _our_actors_alive()
+
+
+def test_unmodified_module_via_string_flag_simulates_sites(tmp_path):
+    torch.manual_seed(0)
+    model, dm = UnmodifiedMLP(), PlainFashionMNIST(n=600)
+    trainer = _trainer(tmp_path, "fedavg", max_epochs=2)
+    assert isinstance(trainer.strategy, FederatedStrategy) and trainer.strategy.num_sites == 2
+    trainer.fit(model, datamodule=dm)
+    strategy = trainer.strategy
+    try:
+        # IID simulation: two sites with 300 training images each (6 batches of 50 per epoch)
+        assert trainer.global_step == 2 * 6
+        assert {"fl/val_loss", "fl/val_accuracy", "fl/val_auroc"} <= set(trainer.callback_metrics)
+        out = trainer.test(model, datamodule=dm, verbose=False)[0]
+        assert {"fl/test_loss", "fl/test_accuracy", "fl/test_auroc", "site/site_0/test_auroc", "site/site_1/test_recall"} <= set(out)
+        assert out["fl/test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+        # federated accuracy over both halves is the sample-weighted mean of the sites' (100 + 100 test images)
+        site_acc = [out[f"site/site_{i}/test_accuracy"] for i in range(2)]
+        assert out["fl/test_accuracy"] == pytest.approx(np.mean(site_acc), abs=1e-6)
+        cm = strategy.last_evaluation["confusion_matrices"]["federated"]
+        assert np.array(cm).shape == (10, 10) and np.array(cm).sum() == 200
+    finally:
+        strategy.shutdown()
+
+
+def test_trainer_test_runs_on_every_site_after_fit(tmp_path):
+    torch.manual_seed(0)
+    dm, model = small_hospitals(val_fraction=0.0), SmallCNN()
+    strategy = FederatedStrategy(progress=False, checkpoint_every=0)
+    trainer = _trainer(tmp_path, strategy, max_epochs=1)
+    trainer.fit(model, datamodule=dm)
+    try:
+        actors_before = dict(strategy.federation.actors)
+        out = trainer.test(model, datamodule=dm, verbose=False)[0]
+        assert strategy.federation.actors == actors_before  # same warm site actors, no restart
+        for site in ("large", "small_1", "small_2"):
+            assert 0.0 <= out[f"site/{site}/test_recall"] <= 1.0
+        # each small hospital has 40 test images (200 * 0.2), the large one 80
+        cms = strategy.last_evaluation["confusion_matrices"]
+        assert np.array(cms["small_1"]).sum() == 40 and np.array(cms["large"]).sum() == 80
+        assert np.array(cms["federated"]).sum() == 160
+    finally:
+        strategy.shutdown()
+
+
+def test_early_stopping_is_agreed_across_sites(tmp_path):
+    torch.manual_seed(0)
+    # patience 0 on a federated key: every site sees the same value and all stop in the same epoch
+    stop = EarlyStopping(monitor="fl/val_loss", patience=0, min_delta=10.0)
+    strategy = FederatedStrategy(progress=False, checkpoint_every=0)
+    trainer = _trainer(tmp_path, strategy, max_epochs=6, callbacks=[stop])
+    t0 = time.monotonic()
+    trainer.fit(SmallCNN(), datamodule=small_hospitals())
+    strategy.shutdown()
+    assert trainer.current_epoch == 2  # epoch 0 sets the best, epoch 1 fails min_delta, stop
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.parametrize("mode, expected", [("raise", "scanner offline at hospital bad"), ("die", "died")])
+def test_failing_site_stops_the_run_with_its_name(tmp_path, mode, expected):
+    # 'bad' has 120 training images: it fails in its second epoch, after round 1 was checkpointed
+    strategy = FederatedStrategy(progress=False)
+    trainer = _trainer(tmp_path, strategy, max_epochs=5)
+    t0 = time.monotonic()
+    with pytest.raises(SiteFailedError, match=rf"site 'bad'.*{expected}") as info:
+        trainer.fit(SmallCNN(), datamodule=HospitalsWithFailingSite(fail_at_access=150, mode=mode))
+    assert time.monotonic() - t0 < 120
+    assert "\n" not in str(info.value)
+    assert strategy.federation is None or not strategy.federation.alive
+    deadline = time.monotonic() + 20
+    while _our_actors_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _our_actors_alive()
+    # the last committed round is intact and loadable
+    from lightning_fed.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(Path(trainer.log_dir) / "federated_checkpoints")
+    assert ckpt.round == 1
+    state = ckpt.server_state()
+    assert state["round"] == 1 and set(state["sites"]) == {"large", "small_1", "bad"}
+    for path in ckpt.site_paths.values():
+        torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_resume_continues_the_federation(tmp_path):
+    torch.manual_seed(0)
+    ckpt_dir = tmp_path / "fed_ckpt"
+    first = FederatedStrategy(progress=False, checkpoint_dir=str(ckpt_dir))
+    trainer = _trainer(tmp_path, first, max_epochs=2)
+    trainer.fit(SmallCNN(), datamodule=small_hospitals())
+    first.shutdown()
+    steps_per_epoch = trainer.global_step // 2
+    assert json.loads((ckpt_dir / "last.json").read_text())["round"] == 2
+
+    second = FederatedStrategy(progress=False, checkpoint_dir=str(ckpt_dir))
+    resumed = _trainer(tmp_path, second, max_epochs=4)
+    model = SmallCNN()
+    resumed.fit(model, datamodule=small_hospitals(), ckpt_path=str(ckpt_dir))
+    try:
+        assert resumed.current_epoch == 4
+        assert resumed.global_step == 4 * steps_per_epoch  # counters continue, not restart
+        assert json.loads((ckpt_dir / "last.json").read_text())["round"] == 4
+        assert sorted(p.name for p in ckpt_dir.glob("round-*")) == ["round-0003", "round-0004"]  # keep_checkpoints=2
+        # the resumed sites carry the checkpointed optimizer state (Adam step counts continue past round 2)
+        site_ckpt = torch.load(ckpt_dir / "round-0004" / "site-small_1.ckpt", map_location="cpu", weights_only=False)
+        adam_step = next(iter(site_ckpt["optimizer_states"][0]["state"].values()))["step"]
+        assert int(adam_step) == 4 * (120 // 50 + 1)
+    finally:
+        second.shutdown()
+
+
+def test_bad_layouts_fail_before_training(tmp_path):
+    from lightning_fed.data import Site
+    from lightning_fed.data.fashion_mnist import PooledIndexData
+
+    class Pinned(L.LightningDataModule):
+        def federated_sites(self):
+            idx = {"train": np.arange(10), "val": np.arange(10, 20), "test": np.arange(20, 30)}
+            return [Site("a", PooledIndexData(None, idx, 5), resources={"site:hospital_a": 1}), Site("b", PooledIndexData(None, idx, 5))]
+
+    class Empty(L.LightningDataModule):
+        def federated_sites(self):
+            full = {"train": np.arange(10), "val": np.arange(10, 20), "test": np.arange(20, 30)}
+            none = {"train": np.arange(0), "val": np.arange(10, 20), "test": np.arange(20, 30)}
+            return [Site("full", PooledIndexData(None, full, 5)), Site("empty", PooledIndexData(None, none, 5))]
+
+    strategy = FederatedStrategy(progress=False)
+    with pytest.raises(FederationConfigError, match=r"sites \['a'\] need 1 site:hospital_a.*--resources"):
+        _trainer(tmp_path, strategy).fit(SmallCNN(), datamodule=Pinned())
+    with pytest.raises(FederationConfigError, match=r"\['empty'\] have no training samples"):
+        _trainer(tmp_path, strategy).fit(SmallCNN(), datamodule=Empty())
+    assert not _our_actors_alive()
+    with pytest.raises(FederationConfigError, match="must be a federated checkpoint folder"):
+        _trainer(tmp_path, strategy).fit(SmallCNN(), datamodule=small_hospitals(), ckpt_path=str(tmp_path / "nothing.ckpt"))
