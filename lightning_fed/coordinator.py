@@ -97,6 +97,7 @@ class Coordinator:
         self._pending_checkpoints: dict[int, dict[str, Any]] = {}
         self._saved: dict[int, set[str]] = {}
         self._round_seconds: list[float] = []
+        self._aggregate_seconds: list[float] = []
         self._last_sync = time.monotonic()
 
     # -- barriers --------------------------------------------------------------------------------
@@ -150,6 +151,7 @@ class Coordinator:
         barrier = await self._gather(key, site, update)
         if barrier.result is _PENDING:
             updates = [barrier.values[s] for s in self.sites]  # fixed site order: reproducible aggregation
+            t0 = time.monotonic()
             try:
                 model = self.aggregator.aggregate(round, updates, self.global_model.weights if self.global_model else None)
             except Exception as err:
@@ -159,6 +161,7 @@ class Coordinator:
             if self.checkpoint_dir is not None:
                 self._pending_checkpoints[round] = self._server_state()
             barrier.result = [ray.put(model)]
+            self._aggregate_seconds.append(time.monotonic() - t0)
             barrier.values = {s: None for s in barrier.values}  # free the updates, keep who arrived
             now = time.monotonic()
             self._round_seconds.append(now - self._last_sync)
@@ -232,6 +235,7 @@ class Coordinator:
             "history": self._history[since:],
             "history_len": len(self._history),
             "round_seconds": list(self._round_seconds),
+            "aggregate_seconds": list(self._aggregate_seconds),
             "aborted": self._aborted,
         }
 

@@ -274,6 +274,8 @@ class Federation:
             "global": ray.get(final[0]) if final else None,
             "fl": state["fl"],
             "round_seconds": (state["snapshot"] or {}).get("round_seconds", []),
+            "aggregate_seconds": (state["snapshot"] or {}).get("aggregate_seconds", []),
+            "sync_seconds": {n: r["sync_seconds"] for n, r in results.items()},
             "fit_seconds": time.monotonic() - t0,
         }
 

@@ -75,13 +75,19 @@ def wandb_site_kwargs(logger: WandbLogger) -> dict[str, Any]:
 
 def finish_site_loggers(loggers: list[Logger]) -> None:
     """Flush every site logger; W&B runs must be finished in the process that started them or records are lost."""
+    used_wandb = False
     for logger in loggers:
         try:
             logger.save()
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
                 logger.experiment.finish()
+                used_wandb = True
         except Exception as err:  # never let a logger hide the training result
             rank_zero_warn(f"could not finish {type(logger).__name__}: {err}")
+    if used_wandb:
+        import wandb
+
+        wandb.teardown()  # stop this process's W&B service so every record is on disk before the actor ends
 
 
 def log_driver_metrics(loggers: list[Logger], metrics: dict[str, Any], step: Optional[int]) -> None:

@@ -162,13 +162,9 @@ class SiteActor:
             "global_step": t.global_step,
             "fit_loop": t.fit_loop.state_dict(),
             "callback_metrics": {k: float(v) for k, v in t.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1},
-            "callbacks": {cb.state_key: cb.state_dict() for cb in self.plan_callbacks()},
             "best_model_path": getattr(t.checkpoint_callback, "best_model_path", None),
+            "sync_seconds": list(self.sync.sync_seconds),
         }
-
-    def plan_callbacks(self) -> list[Callback]:
-        user_types = {type(cb) for cb in self.plan.callbacks}
-        return [cb for cb in self.trainer.callbacks if type(cb) in user_types]
 
     def weights(self) -> dict[str, Any]:
         """This site's current model state as arrays (what a sync would send): for audits and tests."""

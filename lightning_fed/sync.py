@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -65,9 +66,11 @@ class FederatedSync(Callback):
         self._train_samples_last_epoch = 0
         self._epoch_samples = 0
         self._validations = 0
+        self.sync_seconds: list[float] = []  # time inside each hand-over, waiting for slower sites included
 
     # -- the hand-over ---------------------------------------------------------------------------
     def sync(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        t0 = time.perf_counter()
         update = self.algorithm.local_update(trainer, pl_module, self._samples_since_sync)
         [ref] = ray.get(self.coordinator.sync.remote(self.site, self.round + 1, update))
         model: GlobalModel = ray.get(ref)
@@ -75,6 +78,7 @@ class FederatedSync(Callback):
         self.round = model.round
         self._samples_since_sync = 0
         self.synced_this_epoch = True
+        self.sync_seconds.append(time.perf_counter() - t0)
 
     def _due(self, trainer: Trainer) -> bool:
         return (trainer.current_epoch + 1) % self.sync_every == 0
