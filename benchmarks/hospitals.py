@@ -31,7 +31,8 @@ def plain_loop(args: argparse.Namespace) -> dict:
     from lightning_fed.data.fashion_mnist import PooledIndexData
     from lightning_fed.models import SmallCNN
     from lightning_fed.strategies.fedavg import weighted_average
-    from lightning_fed.strategies.base import SiteUpdate, state_to_numpy, load_weights
+    from lightning_fed.strategies.base import SiteUpdate
+    from lightning_fed.strategies.site import load_weights, state_to_numpy
 
     torch.manual_seed(args.seed)
     dm = hospitals(args)
@@ -109,7 +110,8 @@ def lightning_fed_run(args: argparse.Namespace) -> dict:
 def hospitals(args: argparse.Namespace):
     from lightning_fed.data import HospitalsDataModule
 
-    return HospitalsDataModule(data_dir=args.data_dir, batch_size=args.batch_size, seed=args.seed)
+    return HospitalsDataModule(data_dir=args.data_dir, batch_size=args.batch_size, seed=args.seed,
+                               site_cpus=[args.large_site_cpus, 1, 1, 1, 1])
 
 
 def mean_small(small: dict) -> dict:
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--checkpoint-every", type=int, default=0, help="round checkpoints in the lightning-fed run (0: off)")
     parser.add_argument("--root", default="runs/benchmark")
+    parser.add_argument("--large-site-cpus", type=float, default=1.0, help="CPUs (and torch threads) of the large hospital's actor")
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()

@@ -3,25 +3,37 @@
     from lightning_fed import FederatedStrategy
     trainer = Trainer(strategy=FederatedStrategy(aggregator="fedavg", sync_every=1), max_epochs=10)
     trainer.fit(model, datamodule=dm)
+
+Names are imported on first use: the coordinator process imports only what aggregation needs.
 """
 
-from lightning_fed.data import IID, Dirichlet, Site, SizeAndRatio
-from lightning_fed.launcher import FederationConfigError, SiteFailedError
-from lightning_fed.strategies import Aggregator, SiteAlgorithm, available_aggregators, register_aggregator
-from lightning_fed.strategy import FederatedStrategy
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Aggregator",
-    "Dirichlet",
-    "FederatedStrategy",
-    "FederationConfigError",
-    "IID",
-    "Site",
-    "SiteAlgorithm",
-    "SiteFailedError",
-    "SizeAndRatio",
-    "available_aggregators",
-    "register_aggregator",
-]
+_EXPORTS = {
+    "FederatedStrategy": "lightning_fed.strategy",
+    "FederationConfigError": "lightning_fed.launcher",
+    "SiteFailedError": "lightning_fed.launcher",
+    "Site": "lightning_fed.data.sites",
+    "IID": "lightning_fed.data.partition",
+    "Dirichlet": "lightning_fed.data.partition",
+    "SizeAndRatio": "lightning_fed.data.partition",
+    "Aggregator": "lightning_fed.strategies",
+    "SiteAlgorithm": "lightning_fed.strategies",
+    "available_aggregators": "lightning_fed.strategies",
+    "register_aggregator": "lightning_fed.strategies",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_fed' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -23,8 +23,6 @@ from typing import Any, Optional
 
 import ray
 
-from lightning_fed.checkpoint import commit_round
-from lightning_fed.metrics import merge_metric_states
 from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate
 
 
@@ -62,6 +60,8 @@ def federated_metrics(payloads: dict[str, dict[str, Any]], stage: str) -> dict[s
     out: dict[str, Any] = {f"fl/{k}": v for k, v in weighted_scalars(payloads).items()}
     states = [p["metrics"] for p in payloads.values() if p.get("metrics")]
     if states and len(states) == len(payloads):
+        from lightning_fed.metrics import merge_metric_states  # torchmetrics: only once there is something to merge
+
         spec = states[0]["spec"]
         for name, value in merge_metric_states(spec, [s["states"] for s in states]).items():
             out[f"fl/{stage}_{name}"] = value
@@ -205,6 +205,8 @@ class Coordinator:
         saved.add(site)
         if saved == set(self.sites) and round in self._pending_checkpoints:
             state = self._pending_checkpoints.pop(round)
+            from lightning_fed.checkpoint import commit_round
+
             try:
                 commit_round(self.checkpoint_dir, round, self.sites, state, self.keep_checkpoints)
             except Exception as err:
@@ -222,6 +224,10 @@ class Coordinator:
             self._check_stragglers()
 
     # -- what the driver calls -------------------------------------------------------------------
+    def start_clock(self) -> None:
+        """Round timings count from here (the sites' start-up is not part of round 1)."""
+        self._last_sync = time.monotonic()
+
     def abort(self, reason: str) -> None:
         self._abort(reason)
 

@@ -34,7 +34,8 @@ from lightning_fed.data.sites import Site, describe_sites, simulate_sites
 from lightning_fed.loggers import log_driver_metrics, site_logger_specs
 from lightning_fed.progress import FederatedProgress, results_table
 from lightning_fed.site import RemoteSiteActor, SitePlan
-from lightning_fed.strategies.base import GlobalModel, load_weights, state_to_numpy
+from lightning_fed.strategies.base import GlobalModel
+from lightning_fed.strategies.site import load_weights, state_to_numpy
 
 if TYPE_CHECKING:
     from lightning_fed.strategy import FederatedStrategy
@@ -262,6 +263,7 @@ class Federation:
             progress.update(snap, state["fl"])
 
         t0 = time.monotonic()
+        ray.get(self.coordinator.start_clock.remote())
         refs = {n: a.fit.remote(str(resume.site_paths[n]) if resume else None) for n, a in self.actors.items()}
         try:
             results = self._gather(refs, "fit", on_poll=poll)

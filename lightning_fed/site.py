@@ -25,7 +25,8 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning_fed.data.sites import Site
 from lightning_fed.loggers import SiteLoggerSpec, finish_site_loggers
 from lightning_fed.metrics import SiteMetrics
-from lightning_fed.strategies.base import GlobalModel, SiteAlgorithm
+from lightning_fed.strategies.base import GlobalModel
+from lightning_fed.strategies.site import SiteAlgorithm
 from lightning_fed.sync import FederatedSync, RoundClose, scalar_metrics
 
 
@@ -168,7 +169,7 @@ class SiteActor:
 
     def weights(self) -> dict[str, Any]:
         """This site's current model state as arrays (what a sync would send): for audits and tests."""
-        from lightning_fed.strategies.base import state_to_numpy
+        from lightning_fed.strategies.site import state_to_numpy
 
         return state_to_numpy(self.module.state_dict())
 

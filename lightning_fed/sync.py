@@ -25,7 +25,8 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from lightning_fed.checkpoint import site_checkpoint_path
 from lightning_fed.metrics import SiteMetrics
-from lightning_fed.strategies.base import GlobalModel, SiteAlgorithm
+from lightning_fed.strategies.base import GlobalModel
+from lightning_fed.strategies.site import SiteAlgorithm
 
 
 def batch_size_of(batch: Any) -> int:

@@ -1,16 +1,16 @@
-"""Federated algorithms, one short file each, found by name through the registry."""
+"""Federated algorithms, one short file each, found by name through the registry.
 
-from lightning_fed.strategies.base import (
-    Aggregator,
-    GlobalModel,
-    SiteAlgorithm,
-    SiteUpdate,
-    Weights,
-    load_weights,
-    state_to_numpy,
-)
+Server halves (:class:`Aggregator`) need only numpy; site halves (:class:`SiteAlgorithm`) are Lightning callbacks
+and are imported on first use, so the coordinator process never loads Lightning.
+"""
+
+from typing import Any
+
+from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights, is_averageable
 from lightning_fed.strategies.registry import available_aggregators, get_aggregator, register_aggregator
 from lightning_fed.strategies.fedavg import FedAvg  # noqa: E402  (registers "fedavg")
+
+_SITE_HALF = ("SiteAlgorithm", "load_weights", "state_to_numpy")
 
 __all__ = [
     "Aggregator",
@@ -21,7 +21,16 @@ __all__ = [
     "Weights",
     "available_aggregators",
     "get_aggregator",
+    "is_averageable",
     "load_weights",
     "register_aggregator",
     "state_to_numpy",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SITE_HALF:
+        from lightning_fed.strategies import site
+
+        return getattr(site, name)
+    raise AttributeError(f"module 'lightning_fed.strategies' has no attribute {name!r}")

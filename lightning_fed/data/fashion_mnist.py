@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -136,7 +136,8 @@ class HospitalsDataModule(LightningDataModule):
 
     The 70,000 official images form one pool; each hospital draws its own images without replacement
     (``sizes`` with ``positive_ratios`` abnormal) and splits them ``train/val/test``. Only labels are read on the
-    driver to draw the split; each hospital's actor loads its own images.
+    driver to draw the split; each hospital's actor loads its own images. ``site_cpus`` (one number, or one per
+    hospital) is what each hospital's actor reserves and the number of threads its training uses.
     """
 
     def __init__(
@@ -149,7 +150,7 @@ class HospitalsDataModule(LightningDataModule):
         val_fraction: float = 0.0,
         batch_size: int = 64,
         seed: int = 0,
-        site_cpus: float = 1.0,
+        site_cpus: Union[float, Sequence[float]] = 1.0,
     ) -> None:
         super().__init__()
         if not (len(site_names) == len(sizes) == len(positive_ratios)):
@@ -159,7 +160,10 @@ class HospitalsDataModule(LightningDataModule):
         self.data_dir, self.site_names = data_dir, list(site_names)
         self.partitioner = SizeAndRatio(sizes=list(sizes), positive_ratios=list(positive_ratios), seed=seed)
         self.test_fraction, self.val_fraction = test_fraction, val_fraction
-        self.batch_size, self.seed, self.site_cpus = batch_size, seed, site_cpus
+        cpus = [float(site_cpus)] * len(site_names) if isinstance(site_cpus, (int, float)) else [float(c) for c in site_cpus]
+        if len(cpus) != len(site_names):
+            raise ValueError(f"site_cpus has {len(cpus)} entries for {len(site_names)} sites: give one number or one per site")
+        self.batch_size, self.seed, self.site_cpus = batch_size, seed, cpus
 
     def prepare_data(self) -> None:
         fashion_mnist_root(self.data_dir)
@@ -178,6 +182,6 @@ class HospitalsDataModule(LightningDataModule):
 
     def federated_sites(self) -> list[Site]:
         return [
-            Site(name, PooledIndexData(self.data_dir, idx, self.batch_size), num_cpus=self.site_cpus)
-            for name, idx in self.site_indices().items()
+            Site(name, PooledIndexData(self.data_dir, idx, self.batch_size), num_cpus=cpus)
+            for (name, idx), cpus in zip(self.site_indices().items(), self.site_cpus)
         ]
