@@ -125,3 +125,29 @@ def test_federated_auroc_merges_states_and_equals_pooled():
     mean_of_sites = np.mean([float(BinaryAUROC(thresholds=1000)(p, y)) for p, y in sites])
     assert abs(mean_of_sites - merged["auroc"]) > 1e-3  # the naive mean is not the federated value
     assert np.array(merged["confusion_matrix"]).sum() == 900
+
+
+def test_multilabel_merge_ignores_unlabelled_entries_and_unsupported_labels():
+    from torchmetrics.classification import BinaryAUROC
+
+    gen = torch.Generator().manual_seed(1)
+    spec = TaskSpec.infer(torch.zeros(4, 3), torch.zeros(4, 3), thresholds=1000)
+    assert spec.kind == "multilabel" and spec.num_classes == 3
+    states, pooled = [], []
+    for site in range(2):
+        y = (torch.rand(200, 3, generator=gen) < 0.4).long()
+        y[:, 2] = 0  # label 2 never positive anywhere: no support
+        if site == 1:
+            y[:, 0] = -1  # site 1 does not annotate label 0 (partial labels)
+        logits = torch.randn(200, 3, generator=gen) + 2.0 * y.clamp(min=0)
+        metrics = spec.build()
+        for m in metrics.values():
+            m.update(spec.probabilities(logits), y)
+        states.append(metric_states(metrics))
+        pooled.append((logits.sigmoid(), y))
+    merged = merge_metric_states(spec, states)
+    assert merged["auroc_per_label"][2] is None  # unsupported label excluded, not counted as 0.0
+    p0 = torch.cat([p[:, 0][y[:, 0] >= 0] for p, y in pooled])
+    y0 = torch.cat([y[:, 0][y[:, 0] >= 0] for _, y in pooled])
+    assert merged["auroc_per_label"][0] == pytest.approx(float(BinaryAUROC(thresholds=1000)(p0, y0)), abs=1e-6)
+    assert merged["auroc"] == pytest.approx(np.mean(merged["auroc_per_label"][:2]), abs=1e-9)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_fed import FederatedStrategy, FederationConfigError, SiteFailedError
@@ -108,17 +108,24 @@ def test_trainer_test_runs_on_every_site_after_fit(tmp_path):
         strategy.shutdown()
 
 
-def test_early_stopping_is_agreed_across_sites(tmp_path):
+def test_early_stopping_and_model_checkpoint_behave_per_site(tmp_path):
     torch.manual_seed(0)
     # patience 0 on a federated key: every site sees the same value and all stop in the same epoch
     stop = EarlyStopping(monitor="fl/val_loss", patience=0, min_delta=10.0)
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="fl/val_auroc", mode="max", save_top_k=1, filename="{epoch}")
     strategy = FederatedStrategy(progress=False, checkpoint_every=0)
-    trainer = _trainer(tmp_path, strategy, max_epochs=6, callbacks=[stop])
+    trainer = L.Trainer(strategy=strategy, max_epochs=6, callbacks=[stop, best], logger=CSVLogger(tmp_path, name="run"), default_root_dir=tmp_path)
     t0 = time.monotonic()
     trainer.fit(SmallCNN(), datamodule=small_hospitals())
     strategy.shutdown()
     assert trainer.current_epoch == 2  # epoch 0 sets the best, epoch 1 fails min_delta, stop
     assert time.monotonic() - t0 < 120
+    # each site keeps its own top-k in its own folder; no site overwrote another's file
+    for site in ("large", "small_1", "small_2"):
+        files = sorted(p.name for p in (tmp_path / "best" / site).glob("*.ckpt"))
+        assert len(files) == 1 and files[0] in ("epoch=0.ckpt", "epoch=1.ckpt"), (site, files)
+        saved = torch.load(tmp_path / "best" / site / files[0], map_location="cpu", weights_only=False)
+        assert saved["callbacks"]  # a full Lightning checkpoint of that site's run
 
 
 @pytest.mark.parametrize("mode, expected", [("raise", "scanner offline at hospital bad"), ("die", "died")])

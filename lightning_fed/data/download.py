@@ -45,16 +45,17 @@ def ensure_files(
     missing and cannot be downloaded, and ``ValueError`` when a file is present but its checksum is wrong.
     """
     missing = [name for name in files if not (root / name).is_file()]
+    failures: list[str] = []
     if missing and download:
-        failures = []
         for name in missing:
             error = _download(root, name, files[name], mirrors)
             if error:
                 failures.append(error)
         missing = [name for name in files if not (root / name).is_file()]
     if missing:
+        why = f" (download failed: {failures[0]})" if failures else ""
         raise FileNotFoundError(
-            f"{dataset} files {missing} are missing in {root}: download them from {mirrors[0]} into that folder, "
+            f"{dataset} files {missing} are missing in {root}{why}: download them from {mirrors[0]} into that folder, "
             f"or point ${DATA_ENV} (or the data_dir argument) at a folder holding a '{root.name}' directory with them"
         )
     for name, expected in files.items():
@@ -73,17 +74,24 @@ def _download(root: Path, name: str, expected_md5: str, mirrors: Sequence[str]) 
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         return f"cannot create {root}: {err}"
+    last = f"{name}: no mirror"
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + name
+        tmp = None
         try:
-            with urllib.request.urlopen(url, timeout=30) as response, tempfile.NamedTemporaryFile(dir=root, delete=False) as tmp:
-                shutil.copyfileobj(response, tmp)
-            if md5(Path(tmp.name)) != expected_md5:
-                os.unlink(tmp.name)
+            with urllib.request.urlopen(url, timeout=30) as response, tempfile.NamedTemporaryFile(dir=root, prefix=f".{name}.", delete=False) as fh:
+                tmp = Path(fh.name)
+                shutil.copyfileobj(response, fh)
+            actual = md5(tmp)
+            if actual != expected_md5:
+                last = f"{url}: MD5 {actual}, expected {expected_md5}"
                 continue
-            os.replace(tmp.name, root / name)  # only a verified file ever appears under its real name
+            os.replace(tmp, root / name)  # only a verified file ever appears under its real name
+            tmp = None
             return None
         except OSError as err:
-            last = f"{url}: {err}"
-            continue
-    return locals().get("last", f"{name}: checksum mismatch on every mirror")
+            last = f"{url}: {getattr(err, 'reason', err)}"
+        finally:
+            if tmp is not None and tmp.exists():
+                tmp.unlink()
+    return last

@@ -1,0 +1,94 @@
+"""Dataset files: read from a folder, downloaded with MD5 checks, clear errors otherwise."""
+
+import functools
+import http.server
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_fed.data import HospitalsDataModule, load_fashion_mnist
+from lightning_fed.data.download import ensure_files
+from lightning_fed.data.fashion_mnist import ABNORMAL_CLASSES, FILES, fashion_mnist_root
+
+
+@pytest.fixture
+def file_server(fed_data, tmp_path):
+    """The official files served over loopback HTTP, standing in for the official mirror."""
+    served = tmp_path / "mirror"
+    shutil.copytree(fed_data / "fashion_mnist", served)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_reads_the_official_files_from_the_data_folder(fed_data):
+    images, labels = load_fashion_mnist(fed_data / "fashion_mnist", "test")
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1000] * 10
+    _, train_labels = load_fashion_mnist(None, "train", labels_only=True)  # via $LIGHTNING_FED_DATA
+    assert len(train_labels) == 60000
+
+
+def test_missing_files_are_downloaded_and_verified(file_server, tmp_path):
+    _, url = file_server
+    root = tmp_path / "fresh" / "fashion_mnist"
+    ensure_files(root, FILES, [url], "FashionMNIST")
+    assert sorted(p.name for p in root.iterdir()) == sorted(FILES)  # no temporary files left behind
+    _, labels = load_fashion_mnist(root, "train", labels_only=True, download=False)
+    assert len(labels) == 60000
+
+
+def test_a_mirror_serving_wrong_bytes_leaves_nothing(file_server, tmp_path):
+    served, url = file_server
+    (served / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not the file")
+    root = tmp_path / "fresh"
+    with pytest.raises(FileNotFoundError, match=r"\['t10k-labels-idx1-ubyte.gz'\] are missing.*MD5") as info:
+        ensure_files(root, FILES, [url], "FashionMNIST")
+    assert "\n" not in str(info.value)
+    assert not (root / "t10k-labels-idx1-ubyte.gz").exists()
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
+
+
+def test_offline_without_files_says_where_to_put_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing in .*LIGHTNING_FED_DATA") as info:
+        fashion_mnist_root(tmp_path / "empty" / "fashion_mnist", download=False)
+    assert "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="download failed"):
+        ensure_files(tmp_path / "x", FILES, ["http://127.0.0.1:9/"], "FashionMNIST")  # nothing listens on port 9
+
+
+def test_corrupt_file_is_named(fed_data, tmp_path):
+    root = tmp_path / "fashion_mnist"
+    shutil.copytree(fed_data / "fashion_mnist", root)
+    path = root / "train-labels-idx1-ubyte.gz"
+    os.chmod(path, 0o644)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz is corrupt.*delete it"):
+        fashion_mnist_root(root)
+
+
+def test_hospitals_draw_is_study_b_and_reproducible(fed_data):
+    dm = HospitalsDataModule(seed=0)
+    first, second = dm.site_indices(), HospitalsDataModule(seed=0).site_indices()
+    _, train_y = load_fashion_mnist(None, "train", labels_only=True)
+    _, test_y = load_fashion_mnist(None, "test", labels_only=True)
+    binary = np.isin(np.concatenate([train_y, test_y]), ABNORMAL_CLASSES)
+    for name, splits in first.items():
+        assert all(np.array_equal(splits[k], second[name][k]) for k in splits)
+        every = np.concatenate([splits["train"], splits["test"]])
+        size = 30000 if name == "large" else 3000
+        assert len(every) == size and len(splits["test"]) == size // 5
+        assert binary[every].mean() == pytest.approx(0.5 if name == "large" else 0.1)
+    all_idx = np.concatenate([np.concatenate(list(s.values())) for s in first.values()])
+    assert len(np.unique(all_idx)) == len(all_idx)  # no image in two hospitals
+    with pytest.raises(ValueError, match="same length"):
+        HospitalsDataModule(site_names=["a"], sizes=[1, 2], positive_ratios=[0.1, 0.1])

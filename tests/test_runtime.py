@@ -1,0 +1,106 @@
+"""Ray start/stop, third-party aggregators through entry points, the progress view."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lightning_fed.progress import FederatedProgress, results_table
+from lightning_fed.strategies import available_aggregators, get_aggregator
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+@pytest.mark.usefixtures("fed_data")
+def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
+    script = textwrap.dedent(
+        """
+        import json, os, ray, torch, lightning as L
+        from lightning_fed import FederatedStrategy
+
+        def descendants():
+            # (pid, name) of every live process below this one, from /proc
+            parent = {}
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        stat = open(f"/proc/{entry}/stat").read()
+                    except OSError:
+                        continue
+                    name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+                    if rest[0] != "Z":
+                        parent[int(entry)] = (int(rest[1]), name)
+            found, frontier = [], [os.getpid()]
+            while frontier:
+                pid = frontier.pop()
+                kids = [p for p, (pp, _) in parent.items() if pp == pid]
+                found += [parent[k][1] for k in kids]
+                frontier += kids
+            return found
+
+        from lightning_fed.models import SmallCNN
+        from tests.helpers import small_hospitals
+
+        assert not ray.is_initialized()
+        strategy = FederatedStrategy(progress=False, checkpoint_every=0)
+        trainer = L.Trainer(strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False)
+        trainer.fit(SmallCNN(), datamodule=small_hospitals(sizes=(200, 100, 100)))
+        cpus = ray.cluster_resources()["CPU"]
+        children = descendants()
+        strategy.shutdown()
+        alive = descendants()
+        print(json.dumps({"cpus": cpus, "before": children, "after": alive, "initialized": ray.is_initialized()}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["cpus"] == max(os.cpu_count(), 3)  # sized for 3 one-CPU sites, at least the machine's cores
+    assert any("raylet" in name for name in report["before"])
+    assert report["after"] == [] and report["initialized"] is False  # everything it started is gone
+
+
+def test_entry_point_aggregator_is_found_by_name(tmp_path, monkeypatch):
+    package = tmp_path / "thirdparty_rules"
+    package.mkdir()
+    (package / "__init__.py").write_text(textwrap.dedent(
+        """
+        from lightning_fed.strategies import Aggregator, GlobalModel
+
+        class FirstSite(Aggregator):
+            def aggregate(self, round, updates, current):
+                return GlobalModel(dict(updates[0].weights), round)
+        """
+    ))
+    dist = tmp_path / "thirdparty_rules-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-rules\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[lightning_fed.aggregators]\nfirst_site = thirdparty_rules:FirstSite\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "first_site" in available_aggregators()
+    rule = get_aggregator("first_site")
+    assert type(rule).__name__ == "FirstSite" and rule.name == "first_site"
+
+
+def test_progress_view_prints_one_line_per_change():
+    stream = io.StringIO()
+    view = FederatedProgress(total_rounds=3, stream=stream)
+    snap = {"round": 1, "sites": {"a": {"status": "training", "epoch": 1}, "b": {"status": "training", "epoch": 1}}}
+    view.update(snap, {"fl/val_auroc": 0.91234})
+    view.update(snap, {"fl/val_auroc": 0.91234})  # nothing changed: nothing printed
+    view.update({**snap, "round": 2}, {"fl/val_auroc": 0.95})
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("[lightning-fed] round 1/3 | a: e1 training | b: e1 training | fl/val_auroc=0.9123")
+    assert "round 2/3" in lines[1]
+    table = results_table({"a": {"recall": 0.5, "auroc": 0.75}, "federated": {"recall": 0.6}}, ("recall", "auroc"))
+    assert table.splitlines()[2].split() == ["a", "0.5000", "0.7500"]
+    assert table.splitlines()[3].split() == ["federated", "0.6000", "-"]
