@@ -109,6 +109,7 @@ class Coordinator:
             barrier.done.set()
         else:
             self._check_stragglers()
+            self._check_deadlock()
         try:
             await asyncio.wait_for(barrier.done.wait(), self.barrier_timeout)
         except asyncio.TimeoutError:
@@ -132,6 +133,17 @@ class Coordinator:
                     "(give every site the same max_epochs/max_steps and validation schedule)"
                 )
                 return
+
+    def _check_deadlock(self) -> None:
+        """Every live site waits, but at different barriers: none can ever complete."""
+        waiting = {site: key for key, b in self._barriers.items() if not b.done.is_set() for site in b.values}
+        live = set(self.sites) - self._finished
+        if live and set(waiting) >= live and len({waiting[s] for s in live}) > 1:
+            where = ", ".join(f"{s} at {waiting[s][0]} {waiting[s][1]}" for s in sorted(live))
+            self._abort(
+                f"sites are waiting at different points ({where}): they fell out of step; give every site the same "
+                "validation schedule (val_check_interval as a fraction of an epoch, check_val_every_n_epoch) and epochs"
+            )
 
     def _abort(self, reason: str) -> None:
         if self._aborted is None:
@@ -169,17 +181,19 @@ class Coordinator:
         self._release(key, barrier)
         return barrier.result
 
-    async def agree(self, site: str, key: Any, decision: bool, all: bool) -> bool:
-        """Every site's decision combined: ``all`` sites agree (``all=True``) or ``any`` site asks."""
-        barrier = await self._gather(("decision", key), site, bool(decision))
+    async def agree(self, site: str, key: tuple[str, int], decision: bool, all: bool) -> bool:
+        """Every site's decision combined: ``all`` sites agree (``all=True``) or ``any`` site asks.
+
+        ``key`` names the moment, e.g. ``("epoch_end", 3)``: every site must ask in the same order."""
+        barrier = await self._gather(key, site, bool(decision))
         result = (all and all_(barrier.values.values())) or (not all and any(barrier.values.values()))
-        self._release(("decision", key), barrier)
+        self._release(key, barrier)
         return bool(result)
 
     async def merge_metrics(self, site: str, key: Any, payload: dict[str, Any], epoch: int) -> dict[str, Any]:
         """Federated metrics for this validation: merged metric states and sample-weighted scalars."""
         stage = key[0]
-        barrier = await self._gather(("metrics", key), site, payload)
+        barrier = await self._gather(key, site, payload)
         if barrier.result is _PENDING:
             payloads = {s: barrier.values[s] for s in self.sites}
             fl = federated_metrics(payloads, stage)
@@ -193,7 +207,7 @@ class Coordinator:
                 }
             )
             barrier.result = fl
-        self._release(("metrics", key), barrier)
+        self._release(key, barrier)
         return barrier.result
 
     def report(self, site: str, status: dict[str, Any]) -> None:

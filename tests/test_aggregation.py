@@ -151,3 +151,28 @@ def test_multilabel_merge_ignores_unlabelled_entries_and_unsupported_labels():
     y0 = torch.cat([y[:, 0][y[:, 0] >= 0] for _, y in pooled])
     assert merged["auroc_per_label"][0] == pytest.approx(float(BinaryAUROC(thresholds=1000)(p0, y0)), abs=1e-6)
     assert merged["auroc"] == pytest.approx(np.mean(merged["auroc_per_label"][:2]), abs=1e-9)
+
+
+def test_coordinator_aborts_instead_of_hanging_when_sites_fall_out_of_step():
+    import asyncio
+
+    from lightning_fed.coordinator import Coordinator, FederationAborted
+
+    async def scenario():
+        coordinator = Coordinator(FedAvg(), ["a", "b"])
+        a = asyncio.ensure_future(coordinator.agree("a", ("decision", 1), True, all=False))
+        await asyncio.sleep(0)  # 'a' waits alone: a normal wait, nothing is decided yet
+        assert not a.done()
+        b = asyncio.ensure_future(coordinator.merge_metrics("b", ("val", 1), {"scalars": {}}, epoch=0))
+        return await asyncio.wait_for(asyncio.gather(a, b, return_exceptions=True), timeout=5)
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, FederationAborted) for r in results)
+    assert "(a at decision 1, b at val 1)" in str(results[0])
+
+    async def agreed():
+        coordinator = Coordinator(FedAvg(), ["a", "b"])
+        return await asyncio.gather(coordinator.agree("a", ("stop", 1), True, all=False), coordinator.agree("b", ("stop", 1), False, all=False),
+                                    coordinator.agree("a", ("stop", 2), True, all=True), coordinator.agree("b", ("stop", 2), False, all=True))
+
+    assert asyncio.run(agreed()) == [True, True, False, False]
