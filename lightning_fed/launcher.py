@@ -319,6 +319,15 @@ class Federation:
             pass
 
 
+def _module_loaders(model: LightningModule) -> dict[str, Any]:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if is_overridden("setup", model):
+        model.setup("fit")  # as Lightning would before asking for loaders
+    return {split: getattr(model, f"{split}_dataloader")() if is_overridden(f"{split}_dataloader", model) else None
+            for split in ("train", "val", "test")}
+
+
 def _bundle(site: Site) -> dict[str, float]:
     bundle = {"CPU": float(site.num_cpus), **{k: float(v) for k, v in site.resources.items()}}
     if site.num_gpus:
@@ -359,6 +368,8 @@ class FederatedLauncher(_Launcher):
             datamodule, train_dataloaders = train_dataloaders, None
         resume = self._resume_point(ckpt_path)
         source = datamodule if datamodule is not None else {"train": train_dataloaders, "val": val_dataloaders}
+        if isinstance(source, dict) and all(v is None for v in source.values()):
+            source = _module_loaders(model)  # a module that brings its own *_dataloader hooks
         sites = self._sites(source, model)
         self.strategy.shutdown()  # a new fit starts from fresh sites
         federation = Federation(self.strategy, trainer, model, sites, id(datamodule) if datamodule is not None else None, resume)

@@ -88,6 +88,23 @@ def test_unmodified_module_via_string_flag_simulates_sites(tmp_path):
         strategy.shutdown()
 
 
+def test_module_with_its_own_dataloaders_runs_unchanged(tmp_path):
+    class SelfContained(UnmodifiedMLP):
+        def setup(self, stage):
+            self.data = PlainFashionMNIST(n=300)
+            self.data.setup(stage)
+
+        def train_dataloader(self):
+            return self.data.train_dataloader()
+
+    dm_free = SelfContained()
+    strategy = FederatedStrategy(num_sites=3, progress=False, checkpoint_every=0)
+    trainer = _trainer(tmp_path, strategy, max_epochs=1, logger=False)
+    trainer.fit(dm_free)
+    strategy.shutdown()
+    assert trainer.global_step == 2  # 300 images over 3 sites: 100 each, 2 batches of 50
+
+
 def test_trainer_test_runs_on_every_site_after_fit(tmp_path):
     torch.manual_seed(0)
     dm, model = small_hospitals(val_fraction=0.0), SmallCNN()
