@@ -97,7 +97,8 @@ class RayRuntime:
         if self.address:
             ray.init(address=self.address, **self.init_kwargs)
             return
-        paths = [p or os.getcwd() for p in sys.path if (p == "" or os.path.isdir(p)) and "site-packages" not in p]
+        installed = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
+        paths = [p or os.getcwd() for p in sys.path if p == "" or (os.path.isdir(p) and not p.startswith(installed))]
         kwargs = {
             "num_cpus": max(os.cpu_count() or 1, math.ceil(cpus_needed)),
             "include_dashboard": False,
@@ -181,7 +182,8 @@ class Federation:
             ).remote(plan)
         self.alive = True
         atexit.register(self.shutdown)
-        reports = self._gather({n: a.ready.remote() for n, a in self.actors.items()}, "start")
+        stage = "fit" if trainer.state.fn == TrainerFn.FITTING else "test" if trainer.state.fn == TrainerFn.TESTING else "validate"
+        reports = self._gather({n: a.ready.remote(stage) for n, a in self.actors.items()}, "start")
         empty = [n for n, r in reports.items() if r["train_samples"] == 0]
         if empty and trainer.state.fn == TrainerFn.FITTING:
             raise FederationConfigError(f"site(s) {empty} have no training samples: give every site data or drop it from the federation")
@@ -233,7 +235,11 @@ class Federation:
                 if reason is None:
                     time.sleep(0.1)
         if reason is None:
-            if isinstance(err, RayActorError):
+            if isinstance(err, RayActorError) and err.actor_init_failed:
+                # Ray keeps the creation error only as text: its last line is "ExceptionType: message"
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                reason = f"site {name!r} failed to start: {lines[-1] if lines else err}"
+            elif isinstance(err, RayActorError):
                 reason = f"site {name!r} died during {what}: its actor process exited (killed, out of memory, or a native crash)"
             else:
                 cause = getattr(err, "cause", None) or err

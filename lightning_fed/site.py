@@ -120,15 +120,17 @@ class SiteActor:
             **self.plan.trainer_settings,
         )
 
-    def ready(self) -> dict[str, Any]:
-        """Start-up check: the site's data is there and non-empty (run before any training)."""
+    def ready(self, stage: str = "fit") -> dict[str, Any]:
+        """Start-up check: the site's data is there (and, to fit, has training samples) before anything runs."""
         self.datamodule.prepare_data()
-        self.datamodule.setup("fit")
-        loader = self.datamodule.train_dataloader()
-        try:
-            n = len(loader.dataset) if hasattr(loader, "dataset") else len(loader)
-        except TypeError:
-            n = -1  # iterable dataset: size unknown, trust it
+        self.datamodule.setup(stage)
+        n = -1
+        if stage == "fit":
+            loader = self.datamodule.train_dataloader()
+            try:
+                n = len(loader.dataset) if hasattr(loader, "dataset") else len(loader)
+            except TypeError:
+                n = -1  # iterable dataset: size unknown, trust it
         return {"site": self.name, "train_samples": n, "device": str(site_device()[1]), "node": ray.get_runtime_context().get_node_id()}
 
     def fit(self, ckpt_path: Optional[str] = None) -> dict[str, Any]:

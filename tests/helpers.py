@@ -118,3 +118,8 @@ class HospitalsWithFailingSite(L.LightningDataModule):
         sites[-1] = Site("bad", FailingSiteData(bad.datamodule.data_dir, bad.datamodule.indices, bad.datamodule.batch_size,
                                                 fail_at_access=self.fail_at_access, mode=self.mode))
         return sites
+
+
+def unmounted_scans():
+    """A site datamodule factory whose data is not where the site expects it."""
+    raise FileNotFoundError("/data/scans is not mounted")

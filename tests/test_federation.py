@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_fed import FederatedStrategy, FederationConfigError, SiteFailedError
 from lightning_fed.models import SmallCNN
 from lightning_fed.strategies import FedAvg
-from tests.helpers import HospitalsWithFailingSite, PlainFashionMNIST, UnmodifiedMLP, small_hospitals
+from tests.helpers import HospitalsWithFailingSite, PlainFashionMNIST, UnmodifiedMLP, small_hospitals, unmounted_scans
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "fed_data")
 
@@ -218,6 +218,12 @@ def test_bad_layouts_fail_before_training(tmp_path):
         _trainer(tmp_path, strategy).fit(SmallCNN(), datamodule=Pinned())
     with pytest.raises(FederationConfigError, match=r"\['empty'\] have no training samples"):
         _trainer(tmp_path, strategy).fit(SmallCNN(), datamodule=Empty())
+    class Unmounted(L.LightningDataModule):
+        def federated_sites(self):
+            return [*small_hospitals().federated_sites()[:2], Site("broken", unmounted_scans)]
+
+    with pytest.raises(SiteFailedError, match=r"^site 'broken' failed to start: FileNotFoundError: /data/scans is not mounted$"):
+        _trainer(tmp_path, strategy).fit(SmallCNN(), datamodule=Unmounted())
     assert not _our_actors_alive()
     with pytest.raises(FederationConfigError, match="must be a federated checkpoint folder"):
         _trainer(tmp_path, strategy).fit(SmallCNN(), datamodule=small_hospitals(), ckpt_path=str(tmp_path / "nothing.ckpt"))
