@@ -129,6 +129,7 @@ class Federation:
         self.coordinator: Any = None
         self.pg: Any = None
         self.checkpoint_dir: Optional[str] = None
+        self.site_nodes: dict[str, str] = {}  # site -> Ray node id it runs on
         self.startup_seconds = 0.0
         self.alive = False
         t0 = time.monotonic()
@@ -184,6 +185,7 @@ class Federation:
         atexit.register(self.shutdown)
         stage = "fit" if trainer.state.fn == TrainerFn.FITTING else "test" if trainer.state.fn == TrainerFn.TESTING else "validate"
         reports = self._gather({n: a.ready.remote(stage) for n, a in self.actors.items()}, "start")
+        self.site_nodes = {n: r["node"] for n, r in reports.items()}
         empty = [n for n, r in reports.items() if r["train_samples"] == 0]
         if empty and trainer.state.fn == TrainerFn.FITTING:
             raise FederationConfigError(f"site(s) {empty} have no training samples: give every site data or drop it from the federation")

@@ -90,6 +90,9 @@ class SiteActor:
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         if plan.site.num_cpus >= 1:
             torch.set_num_threads(int(plan.site.num_cpus))
+        if 0 < plan.site.num_gpus < 1 and torch.cuda.is_available():
+            # Ray's GPU fractions are bookkeeping only; this is what keeps sites sharing a GPU inside their share
+            torch.cuda.set_per_process_memory_fraction(plan.site.num_gpus)
         seed_everything(plan.seed + plan.index, workers=True, verbose=False)
         self.module: LightningModule = ray.get(plan.module_ref)
         self.datamodule = plan.site.build_datamodule()
