@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
-import numpy as np
 
 
 def plain_loop(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     import torch
     from torch.nn import functional as F
-    from torch.utils.data import DataLoader
     from torchmetrics.classification import BinaryAUROC, BinaryPrecision, BinaryRecall
 
     from lightning_fed.data.fashion_mnist import PooledIndexData
@@ -46,18 +43,16 @@ def plain_loop(args: argparse.Namespace) -> dict:
     optims = {n: torch.optim.Adam(m.parameters(), lr=1e-3) for n, m in models.items()}
     startup = time.perf_counter() - t0
     rounds, syncs = [], []
-    for epoch in range(args.epochs):
+    for _ in range(args.epochs):
         r0 = time.perf_counter()
         updates = []
         for name, site in sites.items():
             model, opt = models[name], optims[name]
             model.train()
-            n = 0
             for x, y in site.train_dataloader():
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
-                n += len(y)
         s0 = time.perf_counter()
         for name, model in models.items():
             updates.append(SiteUpdate(name, state_to_numpy(model.state_dict()), len(sites[name].datasets["train"])))
@@ -85,7 +80,6 @@ def plain_loop(args: argparse.Namespace) -> dict:
 def lightning_fed_run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     import lightning as L
-    import torch
 
     from lightning_fed import FederatedStrategy
     from lightning_fed.models import SmallCNN

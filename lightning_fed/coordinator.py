@@ -18,7 +18,6 @@ import asyncio
 import copy
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import ray

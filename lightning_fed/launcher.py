@@ -9,7 +9,6 @@ on the global model.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import math
 import os

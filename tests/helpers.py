@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_fed.data import HospitalsDataModule, Site
 from lightning_fed.data.fashion_mnist import PooledIndexData

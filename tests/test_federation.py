@@ -7,14 +7,12 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
-import ray
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_fed import FederatedStrategy, FederationConfigError, SiteFailedError
 from lightning_fed.models import SmallCNN
-from lightning_fed.strategies import FedAvg
 from tests.helpers import HospitalsWithFailingSite, PlainFashionMNIST, UnmodifiedMLP, small_hospitals, unmounted_scans
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "fed_data")
