@@ -151,13 +151,13 @@ class SiteActor:
         self.plan.algorithm.receive_global(self.trainer, self.module, model)
         run = self.trainer.test if stage == "test" else self.trainer.validate
         outputs = run(self.module, datamodule=self.datamodule, verbose=False)
-        metrics = scalar_metrics(outputs[0] if outputs else {})
+        split = "test" if stage == "test" else "val"
         return {
             "site": self.name,
-            "scalars": metrics,
-            "num_samples": self.metrics.samples(stage),
-            "metrics": self.metrics.export(stage),
-            "site_values": self.metrics.results.get(stage, {}),
+            "scalars": scalar_metrics(outputs[0] if outputs else {}),
+            "num_samples": self.metrics.samples(split),
+            "metrics": self.metrics.export(split),
+            "site_values": self.metrics.results.get(split, {}),
         }
 
     def _result(self) -> dict[str, Any]:

@@ -82,6 +82,14 @@ def test_unmodified_module_via_string_flag_simulates_sites(tmp_path):
         assert out["fl/test_accuracy"] == pytest.approx(np.mean(site_acc), abs=1e-6)
         cm = strategy.last_evaluation["confusion_matrices"]["federated"]
         assert np.array(cm).shape == (10, 10) and np.array(cm).sum() == 200
+        # validate runs inside the same site actors, on each site's share of the validation split
+        val = trainer.validate(model, datamodule=dm, verbose=False)[0]
+        assert val["fl/val_loss"] == pytest.approx(np.mean([val["site/site_0/val_loss"], val["site/site_1/val_loss"]]), rel=1e-5)
+        assert val["fl/val_accuracy"] == pytest.approx(out["fl/test_accuracy"])  # this module's val and test data coincide
+        # the module's StepLR(gamma=0.5) lived through both rounds on every site: lr 0.05 -> 0.0125
+        ckpt = torch.load(Path(trainer.log_dir) / "federated_checkpoints" / "round-0002" / "site-site_1.ckpt", map_location="cpu", weights_only=False)
+        assert ckpt["lr_schedulers"][0]["last_epoch"] == 2
+        assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0125)
     finally:
         strategy.shutdown()
 
