@@ -63,6 +63,24 @@ def test_three_sites_end_identical_and_equal_to_driver(tmp_path):
     assert not _our_actors_alive()
 
 
+def test_sync_every_k_epochs_with_a_final_partial_round(tmp_path):
+    torch.manual_seed(0)
+    strategy = FederatedStrategy(sync_every=2, progress=False, checkpoint_every=0)
+    trainer = _trainer(tmp_path, strategy, max_epochs=3, logger=False)
+    model = SmallCNN()
+    trainer.fit(model, datamodule=small_hospitals(val_fraction=0.0))
+    try:
+        # epochs 1-2 are round 1; epoch 3 alone is round 2, handed over when training ends
+        assert len(strategy.last_fit["round_seconds"]) == 2
+        assert all(len(s) == 2 for s in strategy.last_fit["sync_seconds"].values())
+        driver = {k: v.numpy() for k, v in model.state_dict().items()}
+        for site, state in strategy.federation.site_weights().items():
+            for key, value in state.items():
+                np.testing.assert_array_equal(value, driver[key], err_msg=f"{site}:{key}")
+    finally:
+        strategy.shutdown()
+
+
 def test_unmodified_module_via_string_flag_simulates_sites(tmp_path):
     torch.manual_seed(0)
     model, dm = UnmodifiedMLP(), PlainFashionMNIST(n=600)
