@@ -4,13 +4,21 @@
     trainer = Trainer(strategy=FederatedStrategy(aggregator="fedavg", sync_every=1), max_epochs=10)
     trainer.fit(model, datamodule=dm)
 
-Names are imported on first use: the coordinator process imports only what aggregation needs.
+Importing the package registers the Trainer strategy flags; the coordinator's process skips that and imports
+only what aggregation needs.
 """
 
+import os
 from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
+
+COORDINATOR_ROLE_ENV = "LIGHTNING_FED_ROLE"
+if os.environ.get(COORDINATOR_ROLE_ENV) != "coordinator":
+    # `import lightning_fed` makes Trainer(strategy="fedavg") and the other aggregator flags work; the
+    # coordinator's process (marked by the launcher) aggregates numpy arrays and never needs Lightning
+    import_module("lightning_fed.strategy")
 
 _EXPORTS = {
     "FederatedStrategy": "lightning_fed.strategy",

@@ -78,6 +78,7 @@ class Coordinator:
         keep_checkpoints: int = 2,
         barrier_timeout: Optional[float] = None,
         resume_state: Optional[dict[str, Any]] = None,
+        initial_model: Optional[GlobalModel] = None,
     ) -> None:
         self.aggregator = aggregator
         self.sites = list(sites)
@@ -85,7 +86,8 @@ class Coordinator:
         self.keep_checkpoints = keep_checkpoints
         self.barrier_timeout = barrier_timeout
         self.round = 0
-        self.global_model: Optional[GlobalModel] = None
+        # round 0's global model is the model every site starts from: server optimizers need w_0
+        self.global_model: Optional[GlobalModel] = initial_model
         if resume_state is not None:
             self._load_server_state(resume_state)
         self._barriers: dict[tuple, _Barrier] = {}

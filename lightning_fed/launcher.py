@@ -27,6 +27,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from lightning_fed import COORDINATOR_ROLE_ENV
 from lightning_fed.checkpoint import find_checkpoint, is_federated_checkpoint
 from lightning_fed.coordinator import RemoteCoordinator, federated_metrics
 from lightning_fed.data.sites import Site, describe_sites, simulate_sites
@@ -153,7 +154,8 @@ class Federation:
             ) from None
         self.checkpoint_dir = self.strategy.resolve_checkpoint_dir(trainer, resume)
         self.coordinator = RemoteCoordinator.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
+            runtime_env={"env_vars": {COORDINATOR_ROLE_ENV: "coordinator"}},
         ).remote(
             self.strategy.aggregator,
             self.names,
@@ -161,6 +163,7 @@ class Federation:
             self.strategy.keep_checkpoints,
             self.strategy.barrier_timeout,
             resume.server_state() if resume is not None else None,
+            GlobalModel(weights=state_to_numpy(model.state_dict()), round=0) if resume is None else None,
         )
         module_ref = ray.put(model)
         callbacks = user_callbacks(trainer)
@@ -278,9 +281,10 @@ class Federation:
         finally:
             progress.close()
         final = ray.get(self.coordinator.final_global.remote())
+        global_model = ray.get(final[0]) if final else None
         return {
             "sites": results,
-            "global": ray.get(final[0]) if final else None,
+            "global": global_model if global_model is not None and global_model.round > 0 else None,
             "fl": state["fl"],
             "round_seconds": (state["snapshot"] or {}).get("round_seconds", []),
             "aggregate_seconds": (state["snapshot"] or {}).get("aggregate_seconds", []),
@@ -478,9 +482,13 @@ class FederatedLauncher(_Launcher):
         self.strategy.last_evaluation = {"stage": stage, "sites": {n: r for n, r in table.items()}, "metrics": output,
                                          "confusion_matrices": {**{n: r["site_values"].get("confusion_matrix") for n, r in results.items()},
                                                                 "federated": fl.get(f"fl/{prefix}_confusion_matrix")}}
+        notes = sorted({r["note"] for r in results.values() if r.get("note")})
+        self.strategy.last_evaluation["notes"] = notes
         if verbose:
             print(f"\n{stage} results (each site on its own data; 'federated' merges every site's metric states):")
             print(results_table(table))
+            for note in notes:
+                print(f"note: {note}")
         trainer.state.status = TrainerStatus.FINISHED
         trainer.state.stage = None
         return [output]

@@ -158,6 +158,7 @@ class SiteActor:
             "num_samples": self.metrics.samples(split),
             "metrics": self.metrics.export(split),
             "site_values": self.metrics.results.get(split, {}),
+            "note": getattr(self.plan.algorithm, "evaluation_note", None),
         }
 
     def _result(self) -> dict[str, Any]:

@@ -4,17 +4,28 @@ Server halves (:class:`Aggregator`) need only numpy; site halves (:class:`SiteAl
 and are imported on first use, so the coordinator process never loads Lightning.
 """
 
+from importlib import import_module
 from typing import Any
 
 from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights, is_averageable
 from lightning_fed.strategies.registry import available_aggregators, get_aggregator, register_aggregator
 from lightning_fed.strategies.fedavg import FedAvg  # noqa: E402  (registers "fedavg")
+from lightning_fed.strategies.fedopt import FedAdagrad, FedAdam, FedYogi  # noqa: E402
+from lightning_fed.strategies.robust import Median, TrimmedMean  # noqa: E402
 
 _SITE_HALF = ("SiteAlgorithm", "load_weights", "state_to_numpy")
+_WITH_SITE_HALF = {"FedProx": "fedprox", "FedBN": "fedbn"}
 
 __all__ = [
     "Aggregator",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedBN",
+    "FedProx",
+    "FedYogi",
+    "Median",
+    "TrimmedMean",
     "GlobalModel",
     "SiteAlgorithm",
     "SiteUpdate",
@@ -33,4 +44,6 @@ def __getattr__(name: str) -> Any:
         from lightning_fed.strategies import site
 
         return getattr(site, name)
+    if name in _WITH_SITE_HALF:
+        return getattr(import_module(f"lightning_fed.strategies.{_WITH_SITE_HALF[name]}"), name)
     raise AttributeError(f"module 'lightning_fed.strategies' has no attribute {name!r}")

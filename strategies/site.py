@@ -41,6 +41,9 @@ class SiteAlgorithm(Callback):
     the site's Lightning checkpoint, so state that must survive rounds and restarts lives here.
     """
 
+    evaluation_note: str | None = None
+    """Said with ``trainer.test``/``validate`` results when the algorithm changes what is evaluated (e.g. local BN)."""
+
     def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
         """Called at the end of every k-th epoch: what this site sends to the coordinator."""
         weights = state_to_numpy(pl_module.state_dict())

@@ -122,3 +122,26 @@ class HospitalsWithFailingSite(L.LightningDataModule):
 def unmounted_scans():
     """A site datamodule factory whose data is not where the site expects it."""
     raise FileNotFoundError("/data/scans is not mounted")
+
+
+class BNCNN(L.LightningModule):
+    """A small CNN with BatchNorm (for FedBN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4),
+                                 nn.Flatten(), nn.Linear(8 * 7 * 7, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)

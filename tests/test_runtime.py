@@ -131,6 +131,12 @@ def test_entry_point_aggregator_is_found_by_name(tmp_path, monkeypatch):
     assert type(rule).__name__ == "FirstSite" and rule.name == "first_site"
 
 
+def test_importing_the_package_registers_every_aggregator_flag():
+    script = "import lightning as L, lightning_fed\nfor name in lightning_fed.available_aggregators():\n    assert type(L.Trainer(strategy=name, logger=False).strategy).__name__ == 'FederatedStrategy', name\nprint('ok')"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def test_progress_view_prints_one_line_per_change():
     stream = io.StringIO()
     view = FederatedProgress(total_rounds=3, stream=stream)

@@ -1,0 +1,127 @@
+"""FedProx, FedBN, server optimizers and robust rules: hand computations, then real federations."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_fed import FederatedStrategy
+from lightning_fed.strategies import FedAdagrad, FedAdam, FedYogi, Median, SiteUpdate, TrimmedMean, get_aggregator
+from lightning_fed.strategies.fedbn import normalisation_keys
+from lightning_fed.strategies.fedprox import FedProxSite
+
+
+def _updates(values, sizes=None):
+    sizes = sizes or [1] * len(values)
+    return [SiteUpdate(str(i), {"w": np.array(v, dtype=np.float32)}, n) for i, (v, n) in enumerate(zip(values, sizes))]
+
+
+def test_fedprox_adds_the_proximal_gradient():
+    module = nn.Linear(2, 1)
+    site = FedProxSite(mu=0.5)
+    site._set_anchor(module)
+    anchor = {n: p.detach().clone() for n, p in module.named_parameters()}
+    with torch.no_grad():
+        module.weight += torch.tensor([[1.0, -2.0]])
+        module.bias -= 3.0
+    module.weight.grad = torch.tensor([[0.1, 0.2]])
+    module.bias.grad = torch.tensor([0.5])
+    site.on_before_optimizer_step(None, module, None)
+    # grad + mu * (w - w_global)
+    torch.testing.assert_close(module.weight.grad, torch.tensor([[0.1 + 0.5 * 1.0, 0.2 + 0.5 * -2.0]]))
+    torch.testing.assert_close(module.bias.grad, torch.tensor([0.5 + 0.5 * -3.0]))
+    assert set(site.state_dict()["anchor"]) == set(anchor)  # the anchor survives a resume
+    with pytest.raises(ValueError, match="mu must be >= 0"):
+        get_aggregator("fedprox", mu=-1)
+
+
+def test_server_optimizers_match_reddi_et_al():
+    eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    current = {"w": np.array([1.0], dtype=np.float32), "n": np.array(5, dtype=np.int64)}
+    updates = [SiteUpdate("a", {"w": np.array([2.0], np.float32), "n": np.array(7)}, 1),
+               SiteUpdate("b", {"w": np.array([3.0], np.float32), "n": np.array(9)}, 3)]
+    delta = 0.25 * 2.0 + 0.75 * 3.0 - 1.0  # 1.75
+    m = (1 - b1) * delta
+    expected_v = {FedAdam: b2 * tau**2 + (1 - b2) * delta**2,
+                  FedAdagrad: tau**2 + delta**2,
+                  FedYogi: tau**2 - (1 - b2) * delta**2 * np.sign(tau**2 - delta**2)}
+    for rule, v in expected_v.items():
+        agg = rule(eta=eta, beta1=b1, beta2=b2, tau=tau)
+        out = agg.aggregate(1, updates, current)
+        assert out.weights["w"][0] == pytest.approx(1.0 + eta * m / (np.sqrt(v) + tau), rel=1e-6), rule.__name__
+        assert agg.m["w"][0] == pytest.approx(m) and agg.v["w"][0] == pytest.approx(v)
+        assert int(out.weights["n"]) == 9  # integer buffer from the largest site, not averaged
+        # the moments are server state: a restored copy continues exactly like the original
+        restored = rule(eta=eta, beta1=b1, beta2=b2, tau=tau)
+        restored.load_state_dict(agg.state_dict())
+        nxt = agg.aggregate(2, updates, out.weights).weights["w"]
+        assert restored.aggregate(2, updates, out.weights).weights["w"][0] == pytest.approx(nxt[0])
+
+
+def test_median_and_trimmed_mean_ignore_an_outlier_site():
+    out = Median().aggregate(1, _updates([[1.0, 10.0], [2.0, -5.0], [100.0, 0.0]], sizes=[1, 1, 1000]), None)
+    np.testing.assert_allclose(out.weights["w"], [2.0, 0.0])  # sample counts do not buy influence
+    out = TrimmedMean(beta=0.2).aggregate(1, _updates([[1.0], [2.0], [3.0], [4.0], [100.0]]), None)
+    np.testing.assert_allclose(out.weights["w"], [3.0])  # floor(0.2 * 5) = 1 dropped from each end
+    out = TrimmedMean(beta=0.0).aggregate(1, _updates([[1.0], [2.0], [6.0]]), None)
+    np.testing.assert_allclose(out.weights["w"], [3.0])
+    with pytest.raises(ValueError, match=r"beta must lie in \[0, 0.5\)"):
+        TrimmedMean(beta=0.5)
+
+
+def test_normalisation_layers_are_found_by_type_not_name():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    model.add_module("norm1", nn.Linear(2, 2))  # named like a norm, is not one
+    keys = normalisation_keys(model)
+    assert "1.weight" in keys and "1.running_var" in keys and "1.num_batches_tracked" in keys and "2.1.bias" in keys
+    assert not any(k.startswith(("norm1", "0.", "2.0.")) for k in keys)
+
+
+@pytest.mark.usefixtures("ray_cluster", "fed_data")
+def test_fedbn_keeps_each_sites_bn_and_averages_the_rest(tmp_path):
+    from tests.helpers import BNCNN, small_hospitals
+
+    torch.manual_seed(0)
+    model = BNCNN()
+    strategy = FederatedStrategy(aggregator="fedbn", progress=False, checkpoint_every=0)
+    trainer = L.Trainer(strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False)
+    trainer.fit(model, datamodule=(dm := small_hospitals(val_fraction=0.0)))
+    try:
+        weights = strategy.federation.site_weights()
+        bn = normalisation_keys(model)
+        driver = {k: v.numpy() for k, v in model.state_dict().items()}
+        for key in driver:
+            if key in bn:
+                continue
+            for site, state in weights.items():
+                np.testing.assert_array_equal(state[key], driver[key], err_msg=f"{site}:{key}")
+        running = [weights[s]["net.1.running_mean"] for s in weights]
+        assert not np.allclose(running[0], running[1])  # every site has its own BN statistics
+        trainer.test(model, datamodule=dm, verbose=False)
+        assert strategy.last_evaluation["notes"] == ["each site evaluated with its own normalisation layers (FedBN)"]
+        # the test used each site's own BN: the sites still hold their BN after the global weights were pushed
+        after = strategy.federation.site_weights()
+        for site in after:
+            np.testing.assert_array_equal(after[site]["net.1.running_mean"], weights[site]["net.1.running_mean"])
+    finally:
+        strategy.shutdown()
+
+
+@pytest.mark.usefixtures("ray_cluster", "fed_data")
+def test_fedprox_federation_needs_no_user_code(tmp_path):
+    from lightning_fed.models import SmallCNN
+    from tests.helpers import small_hospitals
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    strategy = FederatedStrategy(aggregator="fedprox", aggregator_kwargs={"mu": 0.1}, progress=False, checkpoint_every=0)
+    trainer = L.Trainer(strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False)
+    trainer.fit(model, datamodule=small_hospitals(val_fraction=0.0))
+    try:
+        driver = {k: v.numpy() for k, v in model.state_dict().items()}
+        for site, state in strategy.federation.site_weights().items():
+            for key, value in state.items():
+                np.testing.assert_array_equal(value, driver[key], err_msg=f"{site}:{key}")
+    finally:
+        strategy.shutdown()
