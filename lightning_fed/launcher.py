@@ -377,6 +377,10 @@ class FederatedLauncher(_Launcher):
              datamodule: Optional[LightningDataModule] = None, ckpt_path: Any = None, weights_only: Any = None) -> None:
         if isinstance(train_dataloaders, LightningDataModule):
             datamodule, train_dataloaders = train_dataloaders, None
+        try:
+            self.strategy.aggregator.check_model(model)
+        except ValueError as err:
+            raise FederationConfigError(str(err)) from None
         resume = self._resume_point(ckpt_path)
         source = datamodule if datamodule is not None else {"train": train_dataloaders, "val": val_dataloaders}
         if isinstance(source, dict) and all(v is None for v in source.values()):

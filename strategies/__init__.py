@@ -14,7 +14,7 @@ from lightning_fed.strategies.fedopt import FedAdagrad, FedAdam, FedYogi  # noqa
 from lightning_fed.strategies.robust import Median, TrimmedMean  # noqa: E402
 
 _SITE_HALF = ("SiteAlgorithm", "load_weights", "state_to_numpy")
-_WITH_SITE_HALF = {"FedProx": "fedprox", "FedBN": "fedbn"}
+_WITH_SITE_HALF = {"FedProx": "fedprox", "FedBN": "fedbn", "FedFBN": "fedfbn"}
 
 __all__ = [
     "Aggregator",
@@ -22,6 +22,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedBN",
+    "FedFBN",
     "FedProx",
     "FedYogi",
     "Median",

@@ -58,6 +58,9 @@ class Aggregator:
 
     name: ClassVar[str] = ""
 
+    def check_model(self, model: Any) -> None:
+        """Called on the driver before any site starts: raise ``ValueError`` if this algorithm cannot train ``model``."""
+
     def site_algorithm(self) -> "SiteAlgorithm":
         """A fresh site half, sent to every site at start-up (each site gets its own copy)."""
         from lightning_fed.strategies.site import SiteAlgorithm

@@ -24,7 +24,11 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _REGISTRY: dict[str, type["Aggregator"]] = {}
 # built-in rules with a site half import Lightning; their modules load on first use so that the coordinator of a
 # run that does not use them stays free of it
-_BUILTIN_MODULES = {"fedprox": "lightning_fed.strategies.fedprox", "fedbn": "lightning_fed.strategies.fedbn"}
+_BUILTIN_MODULES = {
+    "fedprox": "lightning_fed.strategies.fedprox",
+    "fedbn": "lightning_fed.strategies.fedbn",
+    "fedfbn": "lightning_fed.strategies.fedfbn",
+}
 
 A = TypeVar("A", bound=type)
 

@@ -145,3 +145,25 @@ class BNCNN(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class RetrainingBNCNN(BNCNN):
+    """Calls ``self.train()`` inside every training step, as some user code does: FedFBN must stay frozen."""
+
+    def training_step(self, batch, batch_idx):
+        self.train()
+        return super().training_step(batch, batch_idx)
+
+
+def pretrained_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Stand-in for loading pretrained weights: BatchNorm statistics and affine parameters away from their init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.running_mean.copy_(torch.randn(layer.num_features, generator=gen) * 0.1)
+                layer.running_var.copy_(torch.rand(layer.num_features, generator=gen) + 0.5)
+                layer.weight.copy_(torch.rand(layer.num_features, generator=gen) + 0.5)
+                layer.bias.copy_(torch.randn(layer.num_features, generator=gen) * 0.1)
+                layer.num_batches_tracked.fill_(1000)
+    return model

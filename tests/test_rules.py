@@ -125,3 +125,40 @@ def test_fedprox_federation_needs_no_user_code(tmp_path):
                 np.testing.assert_array_equal(value, driver[key], err_msg=f"{site}:{key}")
     finally:
         strategy.shutdown()
+
+
+@pytest.mark.usefixtures("ray_cluster", "fed_data")
+def test_fedfbn_keeps_pretrained_bn_bit_for_bit_over_rounds(tmp_path):
+    from lightning_fed.strategies.fedfbn import batchnorm_layers
+    from tests.helpers import RetrainingBNCNN, pretrained_bn, small_hospitals
+
+    torch.manual_seed(0)
+    model = pretrained_bn(RetrainingBNCNN())
+    bn_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("net.1.")}
+    other_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("net.1.")}
+    strategy = FederatedStrategy(aggregator="fedfbn", progress=False, checkpoint_every=0)
+    trainer = L.Trainer(strategy=strategy, max_epochs=3, logger=False, enable_checkpointing=False)
+    trainer.fit(model, datamodule=small_hospitals(val_fraction=0.0))
+    try:
+        for site, state in strategy.federation.site_weights().items():
+            for key, before in bn_before.items():
+                assert np.array_equal(state[key], before.numpy()), f"{site}:{key} changed"  # bit for bit
+            for key in other_before:
+                np.testing.assert_array_equal(state[key], model.state_dict()[key].numpy())  # the rest is global
+        assert any(not torch.equal(other_before[k], model.state_dict()[k]) for k in other_before)  # it trained
+        for key, before in bn_before.items():
+            assert torch.equal(model.state_dict()[key], before)
+    finally:
+        strategy.shutdown()
+    assert list(batchnorm_layers(model)) == ["net.1"]
+
+
+def test_fedfbn_refuses_models_it_cannot_train(tmp_path):
+    from lightning_fed import FederationConfigError
+    from lightning_fed.models import SmallCNN
+    from tests.helpers import BNCNN, small_hospitals
+
+    for model, message in ((SmallCNN(), "has none: use fedavg"), (BNCNN(), "needs a pretrained backbone")):
+        trainer = L.Trainer(strategy="fedfbn", max_epochs=1, logger=False, enable_checkpointing=False)
+        with pytest.raises(FederationConfigError, match=message):
+            trainer.fit(model, datamodule=small_hospitals())
