@@ -28,6 +28,7 @@ _BUILTIN_MODULES = {
     "fedprox": "lightning_fed.strategies.fedprox",
     "fedbn": "lightning_fed.strategies.fedbn",
     "fedfbn": "lightning_fed.strategies.fedfbn",
+    "scaffold": "lightning_fed.strategies.scaffold",
 }
 
 A = TypeVar("A", bound=type)

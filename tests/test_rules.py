@@ -162,3 +162,68 @@ def test_fedfbn_refuses_models_it_cannot_train(tmp_path):
         trainer = L.Trainer(strategy="fedfbn", max_epochs=1, logger=False, enable_checkpointing=False)
         with pytest.raises(FederationConfigError, match=message):
             trainer.fit(model, datamodule=small_hospitals())
+
+
+def test_scaffold_control_variates_match_the_paper():
+    from lightning_fed.strategies import GlobalModel
+    from lightning_fed.strategies.scaffold import Scaffold, ScaffoldSite
+
+    module = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    site = ScaffoldSite()
+    site._start_round(module)
+    site.c_server["weight"].fill_(0.5)
+    site.c_site["weight"].fill_(0.2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    module.weight.grad = torch.tensor([[0.3]])
+    site.on_before_optimizer_step(None, module, optimizer)
+    assert float(module.weight.grad) == pytest.approx(0.3 + 0.5 - 0.2)  # g + c - c_i
+    optimizer.step()
+    assert module.weight.item() == pytest.approx(0.94)
+    update = site.local_update(None, module, num_samples=10)
+    # c_i+ = c_i - c + (x - y) / (K lr) = 0.2 - 0.5 + 0.06 / 0.1 = 0.3
+    assert float(site.c_site["weight"]) == pytest.approx(0.3)
+    assert update.extras["delta_c"]["weight"].item() == pytest.approx(0.1)
+
+    other = SiteUpdate("b", {"weight": np.array([[1.10]], np.float32)}, 30, {"delta_c": {"weight": np.array([[-0.3]], np.float32)}})
+    update.site = "a"
+    server = Scaffold(eta_g=1.0)
+    out = server.aggregate(1, [update, other], {"weight": np.array([[1.0]], np.float32)})
+    # x + eta_g * mean(dy) (sites count equally) and c + mean(dc)
+    assert out.weights["weight"].item() == pytest.approx(1.0 + np.mean([-0.06, 0.10]), abs=1e-6)
+    assert out.extras["c"]["weight"].item() == pytest.approx(np.mean([0.1, -0.3]), abs=1e-6)
+    restored = Scaffold()
+    restored.load_state_dict(server.state_dict())
+    assert restored.c["weight"].item() == pytest.approx(-0.1)
+    site.receive_global(None, module, out)
+    assert float(site.c_server["weight"]) == pytest.approx(-0.1) and site.steps == 0
+
+
+@pytest.mark.usefixtures("ray_cluster", "fed_data")
+def test_scaffold_federation_and_resume_keep_control_variates(tmp_path):
+    from tests.helpers import UnmodifiedMLP, small_hospitals
+
+    class SGDModule(UnmodifiedMLP):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    strategy = FederatedStrategy(aggregator="scaffold", progress=False, checkpoint_dir=str(ckpt))
+    trainer = L.Trainer(strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False)
+    trainer.fit(SGDModule(), datamodule=small_hospitals(val_fraction=0.0))
+    strategy.shutdown()
+    server = torch.load(ckpt / "round-0002" / "server.pt", map_location="cpu", weights_only=False)
+    c = server["aggregator_state"]["c"]
+    assert set(c) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"} and any(np.abs(v).sum() > 0 for v in c.values())
+    site = torch.load(ckpt / "round-0002" / "site-small_1.ckpt", map_location="cpu", weights_only=False)
+    state = next(v for k, v in site["callbacks"].items() if "ScaffoldSite" in k)
+    # after the hand-over the site holds the server's c, as last aggregated
+    np.testing.assert_allclose(state["c_server"]["net.1.bias"].numpy(), c["net.1.bias"], rtol=1e-6)
+    resumed = FederatedStrategy(aggregator="scaffold", progress=False, checkpoint_dir=str(ckpt))
+    trainer = L.Trainer(strategy=resumed, max_epochs=3, logger=False, enable_checkpointing=False)
+    trainer.fit(SGDModule(), datamodule=small_hospitals(val_fraction=0.0), ckpt_path=str(ckpt))
+    resumed.shutdown()
+    assert trainer.current_epoch == 3
+    assert torch.load(ckpt / "round-0003" / "server.pt", map_location="cpu", weights_only=False)["round"] == 3
