@@ -165,7 +165,6 @@ def test_fedfbn_refuses_models_it_cannot_train(tmp_path):
 
 
 def test_scaffold_control_variates_match_the_paper():
-    from lightning_fed.strategies import GlobalModel
     from lightning_fed.strategies.scaffold import Scaffold, ScaffoldSite
 
     module = nn.Linear(1, 1, bias=False)
