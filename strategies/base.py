@@ -13,7 +13,7 @@ extras (control variates, clipping norms): never samples or per-sample outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
@@ -46,6 +46,19 @@ class GlobalModel:
 def is_averageable(array: np.ndarray) -> bool:
     """Floating-point arrays are averaged; integer and boolean buffers (``num_batches_tracked``) never are."""
     return np.issubdtype(array.dtype, np.floating)
+
+
+def combine_floating(updates: list[SiteUpdate], combine: Callable[[list[np.ndarray]], np.ndarray]) -> Weights:
+    """``combine`` each floating tensor across sites (given float64 copies, site order kept); integer buffers
+    are counters, never combined: they are taken from the site with the most samples."""
+    largest = max(updates, key=lambda u: u.num_samples)
+    out: Weights = {}
+    for key, reference in largest.weights.items():
+        if is_averageable(reference):
+            out[key] = combine([u.weights[key].astype(np.float64) for u in updates]).astype(reference.dtype)
+        else:
+            out[key] = np.array(reference, copy=True)
+    return out
 
 
 class Aggregator:

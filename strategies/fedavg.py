@@ -9,9 +9,7 @@ site with the most samples.
 
 from __future__ import annotations
 
-import numpy as np
-
-from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights, is_averageable
+from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights, combine_floating
 from lightning_fed.strategies.registry import register_aggregator
 
 
@@ -20,17 +18,8 @@ def weighted_average(updates: list[SiteUpdate]) -> Weights:
     total = sum(u.num_samples for u in updates)
     if total <= 0:
         raise ValueError("cannot average: the sites reported no training samples this round")
-    largest = max(updates, key=lambda u: u.num_samples)
-    averaged: Weights = {}
-    for key, reference in largest.weights.items():
-        if not is_averageable(reference):
-            averaged[key] = np.array(reference, copy=True)
-            continue
-        acc = np.zeros(reference.shape, dtype=np.float64)
-        for u in updates:
-            acc += (u.num_samples / total) * u.weights[key].astype(np.float64, copy=False)
-        averaged[key] = acc.astype(reference.dtype)
-    return averaged
+    shares = [u.num_samples / total for u in updates]
+    return combine_floating(updates, lambda ws: sum(share * w for share, w in zip(shares, ws)))
 
 
 @register_aggregator("fedavg")

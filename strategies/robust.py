@@ -11,20 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights, is_averageable
+from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights, combine_floating
 from lightning_fed.strategies.registry import register_aggregator
-
-
-def _coordinatewise(updates: list[SiteUpdate], statistic) -> Weights:
-    largest = max(updates, key=lambda u: u.num_samples)
-    out: Weights = {}
-    for key, reference in largest.weights.items():
-        if not is_averageable(reference):
-            out[key] = np.array(reference, copy=True)
-            continue
-        stacked = np.stack([u.weights[key].astype(np.float64) for u in updates])
-        out[key] = statistic(stacked).astype(reference.dtype)
-    return out
 
 
 @register_aggregator("median")
@@ -32,7 +20,7 @@ class Median(Aggregator):
     """Coordinate-wise median over sites."""
 
     def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:
-        return GlobalModel(weights=_coordinatewise(updates, lambda s: np.median(s, axis=0)), round=round)
+        return GlobalModel(weights=combine_floating(updates, lambda ws: np.median(ws, axis=0)), round=round)
 
 
 @register_aggregator("trimmed_mean")
@@ -47,8 +35,7 @@ class TrimmedMean(Aggregator):
     def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:
         k = int(np.floor(self.beta * len(updates)))
 
-        def trimmed(stacked: np.ndarray) -> np.ndarray:
-            ordered = np.sort(stacked, axis=0)
-            return ordered[k : len(updates) - k].mean(axis=0)
+        def trimmed(ws: list[np.ndarray]) -> np.ndarray:
+            return np.sort(np.stack(ws), axis=0)[k : len(ws) - k].mean(axis=0)
 
-        return GlobalModel(weights=_coordinatewise(updates, trimmed), round=round)
+        return GlobalModel(weights=combine_floating(updates, trimmed), round=round)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -167,3 +168,12 @@ def pretrained_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 layer.bias.copy_(torch.randn(layer.num_features, generator=gen) * 0.1)
                 layer.num_batches_tracked.fill_(1000)
     return model
+
+
+def assert_sites_hold(model: nn.Module, site_weights: dict, skip: set = frozenset()) -> None:
+    """Every site's weights equal the driver's model, bit for bit (except the ``skip`` keys)."""
+    driver = {k: v.numpy() for k, v in model.state_dict().items()}
+    for site, state in site_weights.items():
+        for key, value in state.items():
+            if key not in skip:
+                np.testing.assert_array_equal(value, driver[key], err_msg=f"{site}:{key}")

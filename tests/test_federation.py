@@ -13,7 +13,14 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_fed import FederatedStrategy, FederationConfigError, SiteFailedError
 from lightning_fed.models import SmallCNN
-from tests.helpers import HospitalsWithFailingSite, PlainFashionMNIST, UnmodifiedMLP, small_hospitals, unmounted_scans
+from tests.helpers import (
+    HospitalsWithFailingSite,
+    PlainFashionMNIST,
+    UnmodifiedMLP,
+    assert_sites_hold,
+    small_hospitals,
+    unmounted_scans,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "fed_data")
 
@@ -41,10 +48,7 @@ def test_three_sites_end_identical_and_equal_to_driver(tmp_path):
     try:
         weights = strategy.federation.site_weights()
         assert list(weights) == ["large", "small_1", "small_2"]
-        driver = {k: v.numpy() for k, v in model.state_dict().items()}
-        for site, state in weights.items():
-            for key, value in state.items():
-                np.testing.assert_array_equal(value, driver[key], err_msg=f"{site}:{key}")
+        assert_sites_hold(model, weights)
         assert any(not torch.equal(initial[k], model.state_dict()[k]) for k in initial)  # it trained
         # the driver's trainer looks like it trained itself
         assert trainer.state.finished and trainer.state.fn == "fit"
@@ -73,10 +77,7 @@ def test_sync_every_k_epochs_with_a_final_partial_round(tmp_path):
         # epochs 1-2 are round 1; epoch 3 alone is round 2, handed over when training ends
         assert len(strategy.last_fit["round_seconds"]) == 2
         assert all(len(s) == 2 for s in strategy.last_fit["sync_seconds"].values())
-        driver = {k: v.numpy() for k, v in model.state_dict().items()}
-        for site, state in strategy.federation.site_weights().items():
-            for key, value in state.items():
-                np.testing.assert_array_equal(value, driver[key], err_msg=f"{site}:{key}")
+        assert_sites_hold(model, strategy.federation.site_weights())
     finally:
         strategy.shutdown()
 

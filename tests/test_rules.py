@@ -80,7 +80,7 @@ def test_normalisation_layers_are_found_by_type_not_name():
 
 @pytest.mark.usefixtures("ray_cluster", "fed_data")
 def test_fedbn_keeps_each_sites_bn_and_averages_the_rest(tmp_path):
-    from tests.helpers import BNCNN, small_hospitals
+    from tests.helpers import BNCNN, assert_sites_hold, small_hospitals
 
     torch.manual_seed(0)
     model = BNCNN()
@@ -89,13 +89,7 @@ def test_fedbn_keeps_each_sites_bn_and_averages_the_rest(tmp_path):
     trainer.fit(model, datamodule=(dm := small_hospitals(val_fraction=0.0)))
     try:
         weights = strategy.federation.site_weights()
-        bn = normalisation_keys(model)
-        driver = {k: v.numpy() for k, v in model.state_dict().items()}
-        for key in driver:
-            if key in bn:
-                continue
-            for site, state in weights.items():
-                np.testing.assert_array_equal(state[key], driver[key], err_msg=f"{site}:{key}")
+        assert_sites_hold(model, weights, skip=normalisation_keys(model))
         running = [weights[s]["net.1.running_mean"] for s in weights]
         assert not np.allclose(running[0], running[1])  # every site has its own BN statistics
         trainer.test(model, datamodule=dm, verbose=False)
@@ -111,7 +105,7 @@ def test_fedbn_keeps_each_sites_bn_and_averages_the_rest(tmp_path):
 @pytest.mark.usefixtures("ray_cluster", "fed_data")
 def test_fedprox_federation_needs_no_user_code(tmp_path):
     from lightning_fed.models import SmallCNN
-    from tests.helpers import small_hospitals
+    from tests.helpers import assert_sites_hold, small_hospitals
 
     torch.manual_seed(0)
     model = SmallCNN()
@@ -119,10 +113,7 @@ def test_fedprox_federation_needs_no_user_code(tmp_path):
     trainer = L.Trainer(strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False)
     trainer.fit(model, datamodule=small_hospitals(val_fraction=0.0))
     try:
-        driver = {k: v.numpy() for k, v in model.state_dict().items()}
-        for site, state in strategy.federation.site_weights().items():
-            for key, value in state.items():
-                np.testing.assert_array_equal(value, driver[key], err_msg=f"{site}:{key}")
+        assert_sites_hold(model, strategy.federation.site_weights())
     finally:
         strategy.shutdown()
 
