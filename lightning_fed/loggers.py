@@ -58,18 +58,17 @@ def wandb_site_kwargs(logger: WandbLogger) -> dict[str, Any]:
     run_name = init.get("name") or f"federation-{time.strftime('%Y%m%d-%H%M%S')}"
     group = init.get("group") or run_name
     if logger._experiment is None:
-        init.setdefault("group", group)
-        init.setdefault("job_type", "federated")
-        init.setdefault("name", run_name)
-    kwargs = {k: v for k, v in init.items() if k not in ("name", "id", "resume", "job_type", "group", "dir", "project", "mode")}
-    kwargs.pop("settings", None)
+        # LightningCLI passes these as explicit None: fill the empty ones, keep what the user chose
+        for key, value in (("group", group), ("job_type", "federated"), ("name", run_name)):
+            if not init.get(key):
+                init[key] = value
     return {
         "run_name": run_name,
         "group": group,
         "project": init.get("project"),
         "save_dir": init.get("dir") or ".",
         "offline": bool(logger._offline or init.get("mode") == "offline"),
-        **{k: v for k, v in kwargs.items() if k in ("tags", "config", "entity", "notes", "anonymous")},
+        **{k: init[k] for k in ("tags", "config", "entity", "notes") if init.get(k) is not None},
     }
 
 

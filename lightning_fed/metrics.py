@@ -203,7 +203,7 @@ class SiteMetrics(Callback):
         if stage not in self._metrics:
             self._metrics[stage] = {k: m.to(logits.device) for k, m in self.spec.build().items()}
         probs = self.spec.probabilities(logits)
-        target = targets.long() if self.spec.kind != "multilabel" else targets.long()
+        target = targets.long()
         if self.spec.kind == "binary":
             target = target.reshape(-1)
         for metric in self._metrics[stage].values():

@@ -14,22 +14,15 @@ from lightning_fed.strategies.base import GlobalModel, SiteUpdate, Weights
 
 
 def state_to_numpy(state: dict[str, torch.Tensor]) -> Weights:
-    """Detach a state dict to CPU numpy arrays; bf16 and other non-numpy dtypes are upcast to float32."""
+    """Detach a state dict to CPU numpy arrays; dtypes numpy lacks (bfloat16) are upcast to float32."""
     out: Weights = {}
     for key, tensor in state.items():
         t = tensor.detach().cpu()
-        if t.dtype in (torch.bfloat16, torch.float16) or not _numpy_has(t.dtype):
-            t = t.float()
-        out[key] = t.numpy()
+        try:
+            out[key] = t.numpy()
+        except TypeError:
+            out[key] = t.float().numpy()
     return out
-
-
-def _numpy_has(dtype: torch.dtype) -> bool:
-    try:
-        torch.empty(0, dtype=dtype).numpy()
-        return True
-    except TypeError:
-        return False
 
 
 class SiteAlgorithm(Callback):

@@ -92,6 +92,19 @@ def _wandb_records(path):
             buf += chunk
 
 
+def test_wandb_group_is_set_when_lightning_cli_passes_none(tmp_path):
+    from lightning_fed.loggers import wandb_site_kwargs
+
+    # LightningCLI instantiates WandbLogger with every argument, unset ones as None
+    logger = WandbLogger(save_dir=str(tmp_path), project="p", name="hosp", offline=True, group=None, job_type=None, tags=None)
+    site = wandb_site_kwargs(logger)
+    assert logger._wandb_init["group"] == "hosp" and logger._wandb_init["job_type"] == "federated"
+    assert site["group"] == "hosp" and site["run_name"] == "hosp" and site["offline"] is True and "tags" not in site
+    chosen = WandbLogger(save_dir=str(tmp_path), name="x", offline=True, group="study-b", job_type="global")
+    wandb_site_kwargs(chosen)
+    assert chosen._wandb_init["group"] == "study-b" and chosen._wandb_init["job_type"] == "global"
+
+
 @pytest.mark.usefixtures("fed_data")
 def test_wandb_offline_run_per_site_plus_global(tmp_path, ray_cluster):
     torch.manual_seed(0)
