@@ -166,4 +166,6 @@ class RoundClose(Checkpoint):
             tmp = path.with_name(f".{path.name}.tmp")
             trainer.save_checkpoint(tmp)
             os.replace(tmp, path)
-            self.coordinator.checkpoint_saved.remote(self.site, round_)
+            # waited for, so that no site enters the next round before this one's save is on record: a site failing
+            # later can then never leave a round half-committed
+            ray.get(self.coordinator.checkpoint_saved.remote(self.site, round_))
