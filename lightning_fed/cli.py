@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_fed.progress import results_table
+from lightning_fed.progress import per_label_table, results_table
 from lightning_fed.strategy import FederatedStrategy
 
 _METRICS = ("loss", "accuracy", "precision", "recall", "auroc")
@@ -73,7 +73,18 @@ class FederatedCLI(LightningCLI):
         rows["federated"] = evaluation["sites"]["federated"]
         print("\nTest results (global model, each site's own test split):")
         print(results_table(rows, _METRICS))
+        label_names = _label_names(self.model, self.datamodule)
+        labels = per_label_table({**sites, "federated": rows["federated"]}, label_names)
+        if labels:
+            report["label_names"] = label_names
+            print("\nAUROC per label (macro AUROC above averages the labels with support):")
+            print(labels)
         return report
+
+
+def _label_names(model: Any, datamodule: Any) -> Optional[list[str]]:
+    names = getattr(getattr(model, "hparams", None), "get", lambda _k: None)("label_names") or getattr(datamodule, "label_names", None)
+    return list(names) if names else None
 
 
 def _jsonable(value: Any) -> Any:

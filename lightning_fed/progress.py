@@ -68,3 +68,20 @@ def results_table(rows: dict[str, dict[str, Any]], columns: tuple[str, ...] = ("
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def per_label_table(rows: dict[str, dict[str, Any]], label_names: Optional[list[str]] = None, key: str = "auroc_per_label") -> Optional[str]:
+    """Multi-label AUROC per label: one row per label, one column per site and the federated value.
+
+    ``-`` marks a label without support there (no annotated positive and negative): left out of the macro mean.
+    """
+    columns = {name: values[key] for name, values in rows.items() if isinstance(values.get(key), list)}
+    if not columns:
+        return None
+    count = max(len(v) for v in columns.values())
+    names = list(label_names) if label_names and len(label_names) == count else [str(i) for i in range(count)]
+    header = ["label", *columns]
+    body = [[names[i], *(f"{v[i]:.4f}" if i < len(v) and v[i] is not None else "-" for v in columns.values())] for i in range(count)]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])

@@ -1,13 +1,17 @@
 """Sites, partitioners and dataset loaders."""
 
 from lightning_fed.data.fashion_mnist import FashionMNISTDataModule, HospitalsDataModule, load_fashion_mnist
+from lightning_fed.data.medmnist import MedMNISTSites, load_medmnist
+from lightning_fed.data.mosaic import FashionMosaicSites
 from lightning_fed.data.partition import IID, Dirichlet, Partitioner, SizeAndRatio, split_fractions
 from lightning_fed.data.sites import Site, SimulatedSiteData, describe_sites, simulate_sites
 
 __all__ = [
     "IID",
+    "MedMNISTSites",
     "Dirichlet",
     "FashionMNISTDataModule",
+    "FashionMosaicSites",
     "HospitalsDataModule",
     "Partitioner",
     "Site",
@@ -15,6 +19,7 @@ __all__ = [
     "SizeAndRatio",
     "describe_sites",
     "load_fashion_mnist",
+    "load_medmnist",
     "simulate_sites",
     "split_fractions",
 ]

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_fed.data.download import data_root, ensure_files
 from lightning_fed.data.partition import SizeAndRatio, split_fractions
-from lightning_fed.data.sites import Site
+from lightning_fed.data.sites import Site, SiteSplits, per_site
 
 FILES = {
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
@@ -91,16 +91,15 @@ class FashionMNISTDataModule(LightningDataModule):
         return DataLoader(self.test_set, batch_size=256, num_workers=self.num_workers)
 
 
-class PooledIndexData(LightningDataModule):
+class PooledIndexData(SiteSplits):
     """One hospital's data: its train/val/test indices into the pooled 70,000 FashionMNIST images.
 
     Built inside the hospital's actor: the images are read from the hospital's own copy of the files.
     """
 
     def __init__(self, data_dir: Optional[str], indices: dict[str, np.ndarray], batch_size: int, eval_batch_size: int = 512) -> None:
-        super().__init__()
-        self.data_dir, self.indices, self.batch_size, self.eval_batch_size = data_dir, indices, batch_size, eval_batch_size
-        self.datasets: dict[str, Dataset] = {}
+        super().__init__(batch_size, eval_batch_size)
+        self.data_dir, self.indices = data_dir, indices
 
     def prepare_data(self) -> None:
         fashion_mnist_root(self.data_dir)
@@ -114,21 +113,6 @@ class PooledIndexData(LightningDataModule):
         labels = np.isin(np.concatenate([train_y, test_y]), ABNORMAL_CLASSES).astype(np.int64)
         for split, idx in self.indices.items():
             self.datasets[split] = to_tensor_dataset(images[idx], labels[idx])
-
-    def _loader(self, split: str, train: bool = False) -> DataLoader | list:
-        if split not in self.datasets or len(self.datasets[split]) == 0:
-            return []
-        size = self.batch_size if train else self.eval_batch_size
-        return DataLoader(self.datasets[split], batch_size=size, shuffle=train)
-
-    def train_dataloader(self) -> DataLoader | list:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader | list:
-        return self._loader("test")
 
 
 class HospitalsDataModule(LightningDataModule):
@@ -160,10 +144,7 @@ class HospitalsDataModule(LightningDataModule):
         self.data_dir, self.site_names = data_dir, list(site_names)
         self.partitioner = SizeAndRatio(sizes=list(sizes), positive_ratios=list(positive_ratios), seed=seed)
         self.test_fraction, self.val_fraction = test_fraction, val_fraction
-        cpus = [float(site_cpus)] * len(site_names) if isinstance(site_cpus, (int, float)) else [float(c) for c in site_cpus]
-        if len(cpus) != len(site_names):
-            raise ValueError(f"site_cpus has {len(cpus)} entries for {len(site_names)} sites: give one number or one per site")
-        self.batch_size, self.seed, self.site_cpus = batch_size, seed, cpus
+        self.batch_size, self.seed, self.site_cpus = batch_size, seed, per_site(site_cpus, len(site_names))
 
     def prepare_data(self) -> None:
         fashion_mnist_root(self.data_dir)

@@ -77,6 +77,38 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
 
 
+def per_site(value: Union[float, Sequence[float]], sites: int, name: str = "site_cpus") -> list[float]:
+    """One number for every site, or one per site (checked)."""
+    values = [float(value)] * sites if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != sites:
+        raise ValueError(f"{name} has {len(values)} entries for {sites} sites: give one number or one per site")
+    return values
+
+
+class SiteSplits(LightningDataModule):
+    """One site's data as named splits: subclasses fill ``self.datasets["train"|"val"|"test"]`` in ``setup``
+    (inside the site's actor). A missing or empty split gives no batches."""
+
+    def __init__(self, batch_size: int, eval_batch_size: int = 512) -> None:
+        super().__init__()
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.datasets: dict[str, Dataset] = {}
+
+    def _loader(self, split: str, train: bool = False) -> Union[DataLoader, list]:
+        if len(self.datasets.get(split, ())) == 0:
+            return []
+        return DataLoader(self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train)
+
+    def train_dataloader(self) -> Union[DataLoader, list]:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> Union[DataLoader, list]:
+        return self._loader("val")
+
+    def test_dataloader(self) -> Union[DataLoader, list]:
+        return self._loader("test")
+
+
 def rebuild_loader(loader: DataLoader, dataset: Dataset) -> DataLoader:
     """A DataLoader like ``loader`` (batch size, workers, collate, shuffling) over another dataset."""
     return DataLoader(

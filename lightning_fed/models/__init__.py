@@ -1,5 +1,19 @@
 """Ready LightningModules for recipes. Any LightningModule works with lightning-fed; these save writing one."""
 
-from lightning_fed.models.cnn import SmallCNN
+from importlib import import_module
+from typing import Any
 
-__all__ = ["SmallCNN"]
+_EXPORTS = {
+    "ImageClassifier": "lightning_fed.models.classifier",
+    "create_backbone": "lightning_fed.models.classifier",
+    "load_backbone_checkpoint": "lightning_fed.models.classifier",
+    "SmallCNN": "lightning_fed.models.cnn",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: a site unpickling SmallCNN should not pay for importing timm
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_fed.models' has no attribute {name!r}")
