@@ -24,6 +24,7 @@ _EXPORTS = {
     "FederatedStrategy": "lightning_fed.strategy",
     "FederationConfigError": "lightning_fed.launcher",
     "SiteFailedError": "lightning_fed.launcher",
+    "DPSGD": "lightning_fed.privacy",
     "Site": "lightning_fed.data.sites",
     "IID": "lightning_fed.data.partition",
     "Dirichlet": "lightning_fed.data.partition",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -48,6 +47,10 @@ class FederatedCLI(LightningCLI):
                 report["startup_seconds"] = fit["startup_seconds"]
                 report["fit_seconds"] = fit["fit_seconds"]
                 report["round_seconds"] = fit["round_seconds"]
+                if fit.get("privacy"):
+                    report["privacy"] = fit["privacy"]
+                    sites = ", ".join(f"{n} ε={p['epsilon']:.3g} (δ={p['delta']:g})" for n, p in fit["privacy"]["sites"].items())
+                    print(f"\nDP-SGD, from each site's accountant: {sites}; federation: max ε={fit['privacy']['max_epsilon']:.3g}")
             report["config"] = json.loads(json.dumps(cfg.as_dict(), default=str))
             out = Path(trainer.log_dir or trainer.default_root_dir) / "results.json"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,4 +101,4 @@ def main(args: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -32,6 +32,7 @@ from lightning_fed.checkpoint import find_checkpoint, is_federated_checkpoint
 from lightning_fed.coordinator import RemoteCoordinator, federated_metrics
 from lightning_fed.data.sites import Site, describe_sites, simulate_sites
 from lightning_fed.loggers import log_driver_metrics, site_logger_specs
+from lightning_fed.privacy import site_privacy
 from lightning_fed.progress import FederatedProgress, results_table
 from lightning_fed.site import RemoteSiteActor, SitePlan
 from lightning_fed.strategies.base import GlobalModel
@@ -142,6 +143,10 @@ class Federation:
 
     # -- start-up --------------------------------------------------------------------------------
     def _start(self, trainer: Trainer, model: LightningModule, resume: Any) -> None:
+        try:
+            privacy = site_privacy(self.strategy.privacy, self.names)
+        except ValueError as err:
+            raise FederationConfigError(str(err)) from None
         self.runtime.ensure(sum(s.num_cpus for s in self.sites))
         self._check_resources()
         self.pg = placement_group([_bundle(s) for s in self.sites], strategy="PACK")
@@ -176,7 +181,7 @@ class Federation:
                 algorithm=self.strategy.aggregator.site_algorithm(), trainer_settings=settings, callbacks=callbacks,
                 loggers=loggers, sync_every=self.strategy.sync_every, root_dir=root, checkpoint_dir=self.checkpoint_dir,
                 checkpoint_every=self.strategy.checkpoint_every, seed=self.strategy.seed,
-                metric_thresholds=self.strategy.metric_thresholds,
+                metric_thresholds=self.strategy.metric_thresholds, privacy=privacy[site.name],
             )
             self.actors[site.name] = RemoteSiteActor.options(
                 num_cpus=site.num_cpus, num_gpus=site.num_gpus, resources=site.resources or None,
@@ -439,6 +444,12 @@ class FederatedLauncher(_Launcher):
                 else:
                     metrics[key if key.startswith("site/") else f"site/{name}/{key}"] = value
         metrics.update({k: v for k, v in out["fl"].items() if isinstance(v, float)})
+        private = {n: r["privacy"] for n, r in out["sites"].items() if r.get("privacy")}
+        if private:
+            # the federation's guarantee is the weakest site's: the max ε, never a mean
+            out["privacy"] = {"sites": private, "max_epsilon": max(p["epsilon"] for p in private.values())}
+            metrics["fl/dp_epsilon_max"] = out["privacy"]["max_epsilon"]
+            metrics.update({f"site/{n}/dp_epsilon": p["epsilon"] for n, p in private.items()})
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         trainer.state.status = TrainerStatus.FINISHED
         trainer.state.stage = None

@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning_fed.data.sites import Site
 from lightning_fed.loggers import SiteLoggerSpec, finish_site_loggers
 from lightning_fed.metrics import SiteMetrics
+from lightning_fed.privacy import DPSGD, SiteDPSGD
 from lightning_fed.strategies.base import GlobalModel
 from lightning_fed.strategies.site import SiteAlgorithm
 from lightning_fed.sync import FederatedSync, RoundClose, scalar_metrics
@@ -65,6 +66,7 @@ class SitePlan:
     checkpoint_every: int
     seed: int
     metric_thresholds: int = 1000
+    privacy: Optional[DPSGD] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,12 +100,15 @@ class SiteActor:
         self.datamodule = plan.site.build_datamodule()
         self.metrics = SiteMetrics(self.name, plan.metric_thresholds)
         self.sync = FederatedSync(self.name, plan.coordinator, plan.algorithm, plan.sync_every, self.metrics)
+        self.privacy = SiteDPSGD(self.name, plan.privacy) if plan.privacy is not None else None
         self.trainer = self._build_trainer()
 
     def _build_trainer(self) -> Trainer:
         accelerator, device = site_device()
         root = Path(self.plan.root_dir) / "sites" / self.name
         callbacks = [self.sync, self.metrics, self.plan.algorithm]
+        if self.privacy is not None:
+            callbacks.append(self.privacy)  # after the algorithm: FedFBN has frozen BatchNorm by the time DP checks
         for cb in copy.deepcopy(self.plan.callbacks):
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None:
                 cb.dirpath = os.path.join(cb.dirpath, self.name)  # sites must not overwrite each other's files
@@ -171,6 +176,7 @@ class SiteActor:
             "callback_metrics": {k: float(v) for k, v in t.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1},
             "best_model_path": getattr(t.checkpoint_callback, "best_model_path", None),
             "sync_seconds": list(self.sync.sync_seconds),
+            "privacy": self.privacy.report() if self.privacy is not None else None,
         }
 
     def weights(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
 from lightning_fed.data.partition import IID, Partitioner
 from lightning_fed.launcher import FederatedLauncher, Federation
+from lightning_fed.privacy import DPSGD, PrivacySpec
 from lightning_fed.strategies import Aggregator, available_aggregators, get_aggregator
 
 
@@ -44,6 +45,10 @@ class FederatedStrategy(SingleDeviceStrategy):
         seed: base seed; site ``i`` is seeded with ``seed + i`` (default: ``PL_GLOBAL_SEED`` or 0).
         progress: show the federated progress view on the driver.
         metric_thresholds: bins for AUROC (binned states merge exactly across sites).
+        privacy: sample-level DP-SGD (Opacus): one :class:`~lightning_fed.privacy.DPSGD` for every site, or a dict
+            ``{site name: DPSGD | None}`` (``"*"`` for the rest) to make only some sites private. Each private
+            site keeps one accountant for the whole run; ``trainer.callback_metrics["fl/dp_epsilon_max"]`` and
+            ``strategy.last_fit["privacy"]`` report ε per site and the max over sites.
     """
 
     strategy_name = "federated"
@@ -68,6 +73,7 @@ class FederatedStrategy(SingleDeviceStrategy):
         progress: bool = True,
         metric_thresholds: int = 1000,
         poll_interval: float = 0.5,
+        privacy: PrivacySpec = None,
     ) -> None:
         super().__init__(device="cpu")
         if isinstance(aggregator, str):
@@ -91,6 +97,9 @@ class FederatedStrategy(SingleDeviceStrategy):
         self.ray_address, self.ray_init_kwargs = ray_address, dict(ray_init_kwargs or {})
         self.barrier_timeout, self.placement_timeout = barrier_timeout, placement_timeout
         self.progress, self.metric_thresholds, self.poll_interval = progress, metric_thresholds, poll_interval
+        if privacy is not None and not isinstance(privacy, (DPSGD, dict)):
+            raise ValueError(f"privacy must be a DPSGD or a dict of site name -> DPSGD, got {type(privacy).__name__}")
+        self.privacy = privacy
         self.federation: Optional[Federation] = None
         self.last_fit: Optional[dict[str, Any]] = None
         self.last_evaluation: Optional[dict[str, Any]] = None

@@ -35,7 +35,8 @@ def _cli(args, cwd, ray_cluster):
 @pytest.mark.usefixtures("fed_data")
 def test_cli_fit_writes_results_json(tmp_path, ray_cluster):
     recipe = REPO / "recipes" / "hospitals.yaml"
-    proc = _cli(["fit", "--config", str(recipe), "--trainer.max_epochs=1", *SMALL], tmp_path, ray_cluster)
+    private = '--trainer.strategy.init_args.privacy={"small_1": {"target_epsilon": 1.0}}'  # DP-SGD from a recipe
+    proc = _cli(["fit", "--config", str(recipe), "--trainer.max_epochs=1", *SMALL, private], tmp_path, ray_cluster)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     printed = [line for line in proc.stdout.splitlines() if line.startswith("results written to ")]
     assert printed, proc.stdout[-2000:]
@@ -51,6 +52,8 @@ def test_cli_fit_writes_results_json(tmp_path, ray_cluster):
     assert results["config"]["trainer"]["max_epochs"] == 1
     assert results["wall_seconds"] > 0 and len(results["round_seconds"]) == 1
     assert "small_1" in proc.stdout and "federated" in proc.stdout  # the per-site table was printed
+    assert set(results["privacy"]["sites"]) == {"small_1"} and 0.9 < results["privacy"]["max_epsilon"] <= 1.0
+    assert "DP-SGD, from each site's accountant: small_1" in proc.stdout
 
 
 def test_cli_print_config_and_bad_recipe(tmp_path, ray_cluster):
