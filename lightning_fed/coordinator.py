@@ -79,8 +79,10 @@ class Coordinator:
         barrier_timeout: Optional[float] = None,
         resume_state: Optional[dict[str, Any]] = None,
         initial_model: Optional[GlobalModel] = None,
+        audit: bool = False,
     ) -> None:
         self.aggregator = aggregator
+        self._audit: Optional[list[dict[str, Any]]] = [] if audit else None
         self.sites = list(sites)
         self.checkpoint_dir = checkpoint_dir
         self.keep_checkpoints = keep_checkpoints
@@ -156,9 +158,20 @@ class Coordinator:
         if self._aborted is not None:
             raise FederationAborted(self._aborted)
 
+    def _record(self, method: str, site: str, *payload: Any) -> None:
+        if self._audit is not None:
+            from lightning_fed.audit import describe
+
+            self._audit.append({"method": method, "site": site, "payload": describe(list(payload))})
+
+    def audit_log(self) -> Optional[list[dict[str, Any]]]:
+        """The structure of every message sites sent (``audit=True``), in arrival order."""
+        return self._audit
+
     # -- what sites call -------------------------------------------------------------------------
     async def sync(self, site: str, round: int, update: SiteUpdate) -> list:
         """Hand in this site's update for ``round``; returns ``[ref]`` to the new :class:`GlobalModel`."""
+        self._record("sync", site, round, update)
         update.site = site
         key = ("round", round)
         barrier = await self._gather(key, site, update)
@@ -186,6 +199,7 @@ class Coordinator:
         """Every site's decision combined: ``all`` sites agree (``all=True``) or ``any`` site asks.
 
         ``key`` names the moment, e.g. ``("epoch_end", 3)``: every site must ask in the same order."""
+        self._record("agree", site, key, decision, all)
         barrier = await self._gather(key, site, bool(decision))
         result = (all and all_(barrier.values.values())) or (not all and any(barrier.values.values()))
         self._release(key, barrier)
@@ -193,6 +207,7 @@ class Coordinator:
 
     async def merge_metrics(self, site: str, key: Any, payload: dict[str, Any], epoch: int) -> dict[str, Any]:
         """Federated metrics for this validation: merged metric states and sample-weighted scalars."""
+        self._record("merge_metrics", site, key, payload, epoch)
         stage = key[0]
         barrier = await self._gather(key, site, payload)
         if barrier.result is _PENDING:
@@ -212,10 +227,12 @@ class Coordinator:
         return barrier.result
 
     def report(self, site: str, status: dict[str, Any]) -> None:
+        self._record("report", site, status)
         self._status[site] = {**self._status.get(site, {}), **status}
 
     def checkpoint_saved(self, site: str, round: int) -> None:
         """A site wrote its part of ``round``'s checkpoint; when all have, the round is committed."""
+        self._record("checkpoint_saved", site, round)
         saved = self._saved.setdefault(round, set())
         saved.add(site)
         if saved == set(self.sites) and round in self._pending_checkpoints:
@@ -231,6 +248,7 @@ class Coordinator:
                 self._pending_checkpoints.pop(older)
 
     def site_finished(self, site: str, error: Optional[str] = None) -> None:
+        self._record("site_finished", site, error)
         self._finished.add(site)
         self._status.setdefault(site, {})["status"] = "failed" if error else "done"
         if error:

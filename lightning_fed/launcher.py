@@ -28,6 +28,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from lightning_fed import COORDINATOR_ROLE_ENV
+from lightning_fed.audit import describe
 from lightning_fed.checkpoint import find_checkpoint, is_federated_checkpoint
 from lightning_fed.coordinator import RemoteCoordinator, federated_metrics
 from lightning_fed.data.sites import Site, describe_sites, simulate_sites
@@ -124,6 +125,7 @@ class Federation:
         self.strategy = strategy
         self.sites = sites
         self.names = [s.name for s in sites]
+        self._audit: Optional[list[dict[str, Any]]] = [] if strategy.audit_messages else None
         self.source_id = source_id
         self.runtime = RayRuntime(strategy.ray_address, strategy.ray_init_kwargs)
         self.actors: dict[str, Any] = {}
@@ -169,6 +171,7 @@ class Federation:
             self.strategy.barrier_timeout,
             resume.server_state() if resume is not None else None,
             GlobalModel(weights=state_to_numpy(model.state_dict()), round=0) if resume is None else None,
+            audit=self.strategy.audit_messages,
         )
         module_ref = ray.put(model)
         callbacks = user_callbacks(trainer)
@@ -228,6 +231,8 @@ class Federation:
                     results[name] = ray.get(ref)
                 except (RayTaskError, RayActorError) as err:
                     self._fail(name, err, what)
+                if self._audit is not None:
+                    self._audit.append({"method": what, "site": name, "payload": describe([results[name]])})
             if on_poll is not None:
                 on_poll()
         return {name: results[name] for name in refs}  # site order, not completion order
@@ -300,6 +305,13 @@ class Federation:
     def evaluate(self, stage: str, model: LightningModule) -> dict[str, Any]:
         ref = ray.put(GlobalModel(weights=state_to_numpy(model.state_dict()), round=-1))
         return self._gather({n: a.evaluate.remote(stage, ref) for n, a in self.actors.items()}, stage)
+
+    def audit(self) -> dict[str, list[dict[str, Any]]]:
+        """Structure (never values) of every message sites sent the coordinator and every result they returned
+        to the driver; needs ``FederatedStrategy(audit_messages=True)`` and a live federation."""
+        if self._audit is None:
+            raise FederationConfigError("message audit is off: create the strategy with FederatedStrategy(audit_messages=True)")
+        return {"coordinator": ray.get(self.coordinator.audit_log.remote()), "driver": list(self._audit)}
 
     def site_weights(self) -> dict[str, dict[str, Any]]:
         """Every site's current weights, by site name."""

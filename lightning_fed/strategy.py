@@ -49,6 +49,8 @@ class FederatedStrategy(SingleDeviceStrategy):
             ``{site name: DPSGD | None}`` (``"*"`` for the rest) to make only some sites private. Each private
             site keeps one accountant for the whole run; ``trainer.callback_metrics["fl/dp_epsilon_max"]`` and
             ``strategy.last_fit["privacy"]`` report ε per site and the max over sites.
+        audit_messages: record the structure (paths, array shapes, dtypes; never values) of everything a site sends
+            the coordinator or returns to the driver; read it with ``strategy.federation.audit()``.
     """
 
     strategy_name = "federated"
@@ -74,6 +76,7 @@ class FederatedStrategy(SingleDeviceStrategy):
         metric_thresholds: int = 1000,
         poll_interval: float = 0.5,
         privacy: PrivacySpec = None,
+        audit_messages: bool = False,
     ) -> None:
         super().__init__(device="cpu")
         if isinstance(aggregator, str):
@@ -100,6 +103,7 @@ class FederatedStrategy(SingleDeviceStrategy):
         if privacy is not None and not isinstance(privacy, (DPSGD, dict)):
             raise ValueError(f"privacy must be a DPSGD or a dict of site name -> DPSGD, got {type(privacy).__name__}")
         self.privacy = privacy
+        self.audit_messages = audit_messages
         self.federation: Optional[Federation] = None
         self.last_fit: Optional[dict[str, Any]] = None
         self.last_evaluation: Optional[dict[str, Any]] = None

@@ -119,3 +119,44 @@ def test_fedprox_term_survives_dp_sgd():
     for key in plain:
         assert torch.allclose(private[key], plain[key], atol=1e-6), key
     assert any(not torch.allclose(private[k], without_term[k], atol=1e-4) for k in private)
+
+
+@pytest.mark.usefixtures("fed_data")
+def test_only_parameter_shaped_arrays_counts_and_metric_states_leave_a_site(tmp_path, ray_cluster):
+    from lightning_fed.metrics import TaskSpec
+    from lightning_fed.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    strategy = FederatedStrategy(audit_messages=True, privacy={"small_1": DPSGD(noise_multiplier=1.0)}, progress=False)
+    trainer = _trainer(tmp_path, strategy, 2)
+    dm = small_hospitals()
+    try:
+        trainer.fit(model, datamodule=dm)
+        trainer.test(model, datamodule=dm, verbose=False)
+        audit = strategy.federation.audit()
+    finally:
+        strategy.shutdown()
+    parameter_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    metric_shapes = {tuple(v.shape) for m in TaskSpec("binary", 2).build().values() for v in m.metric_state.values()}
+    messages = audit["coordinator"] + audit["driver"]
+    methods = {m["method"] for m in messages}
+    assert {"sync", "merge_metrics", "agree", "report", "site_finished", "fit", "test"} <= methods
+    arrays = 0
+    for message in messages:
+        for path, kind, shape, _dtype in message["payload"]:
+            assert kind in ("array", "scalar", "text", "none"), (message["method"], path, kind)  # no opaque objects
+            if kind != "array":
+                continue
+            arrays += 1
+            if message["method"] == "sync":
+                key = path.rsplit("/", 1)[-1]
+                assert ".weights/" in path and shape == parameter_shapes[key], (path, shape)  # a weight, in its own shape
+            else:
+                # metric states: confusion counts and binned ROC counts, never one row per sample
+                assert "/states/" in path and shape in metric_shapes, (message["method"], path, shape)
+            if shape:
+                assert shape[0] not in (50, 200, 240, 280), (message["method"], path, shape)  # no batch- or dataset-sized array
+        if message["method"] == "report":
+            assert all(kind in ("scalar", "text", "none") for _p, kind, _s, _d in message["payload"])
+    assert arrays > 0
