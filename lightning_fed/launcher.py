@@ -456,6 +456,8 @@ class FederatedLauncher(_Launcher):
                 else:
                     metrics[key if key.startswith("site/") else f"site/{name}/{key}"] = value
         metrics.update({k: v for k, v in out["fl"].items() if isinstance(v, float)})
+        if out["global"] is not None:  # figures the aggregator reports about the global model (e.g. client-level ε)
+            metrics.update({f"fl/{k}": float(v) for k, v in out["global"].extras.get("metrics", {}).items()})
         private = {n: r["privacy"] for n, r in out["sites"].items() if r.get("privacy")}
         if private:
             # the federation's guarantee is the weakest site's: the max ε, never a mean

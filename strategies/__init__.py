@@ -14,10 +14,11 @@ from lightning_fed.strategies.fedopt import FedAdagrad, FedAdam, FedYogi  # noqa
 from lightning_fed.strategies.robust import Median, TrimmedMean  # noqa: E402
 
 _SITE_HALF = ("SiteAlgorithm", "load_weights", "state_to_numpy")
-_WITH_SITE_HALF = {"FedProx": "fedprox", "FedBN": "fedbn", "FedFBN": "fedfbn", "Scaffold": "scaffold"}
+_WITH_SITE_HALF = {"FedProx": "fedprox", "FedBN": "fedbn", "FedFBN": "fedfbn", "Scaffold": "scaffold", "DPFedAvg": "dp_fedavg"}
 
 __all__ = [
     "Aggregator",
+    "DPFedAvg",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",

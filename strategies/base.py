@@ -36,7 +36,10 @@ class SiteUpdate:
 
 @dataclass
 class GlobalModel:
-    """What the coordinator sends back to every site after aggregating a round."""
+    """What the coordinator sends back to every site after aggregating a round.
+
+    ``extras["metrics"]`` (name -> float), if the aggregator sets it, is reported on the driver as ``fl/<name>``.
+    """
 
     weights: Weights
     round: int

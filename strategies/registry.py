@@ -29,6 +29,7 @@ _BUILTIN_MODULES = {
     "fedbn": "lightning_fed.strategies.fedbn",
     "fedfbn": "lightning_fed.strategies.fedfbn",
     "scaffold": "lightning_fed.strategies.scaffold",
+    "dp_fedavg": "lightning_fed.strategies.dp_fedavg",
 }
 
 A = TypeVar("A", bound=type)

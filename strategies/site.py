@@ -62,3 +62,39 @@ def load_weights(module: torch.nn.Module, weights: Weights, skip: set[str] | Non
             target.copy_(torch.from_numpy(np.array(array, copy=True)).to(dtype=target.dtype))
 
 
+
+
+class WrappedSiteAlgorithm(SiteAlgorithm):
+    """A site half that wraps another one: every Lightning hook and both hand-over hooks go to ``inner`` unless
+    the wrapper overrides them (e.g. DP-FedAvg clips what ``inner`` would send)."""
+
+    def __init__(self, inner: SiteAlgorithm) -> None:
+        self.inner = inner
+
+    @property
+    def evaluation_note(self) -> str | None:  # type: ignore[override]
+        return self.inner.evaluation_note
+
+    def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
+        return self.inner.local_update(trainer, pl_module, num_samples)
+
+    def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
+        self.inner.receive_global(trainer, pl_module, model)
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.inner.load_state_dict(state_dict.get("inner", {}))
+
+
+def _forward(hook: str):
+    def forward(self, *args, **kwargs):
+        return getattr(self.inner, hook)(*args, **kwargs)
+
+    forward.__name__ = hook
+    return forward
+
+
+for _hook in [n for n in vars(Callback) if n.startswith("on_") or n in ("setup", "teardown")]:
+    setattr(WrappedSiteAlgorithm, _hook, _forward(_hook))
