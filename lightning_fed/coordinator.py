@@ -226,6 +226,14 @@ class Coordinator:
         self._release(key, barrier)
         return barrier.result
 
+    async def all_gather(self, site: str, key: str, value: Any) -> dict[str, Any]:
+        """Every site's ``value`` for ``key`` once all have sent theirs (e.g. public keys for secure aggregation)."""
+        self._record("all_gather", site, key, value)
+        barrier = await self._gather(("gather", key), site, value)
+        values = dict(barrier.values)
+        self._release(("gather", key), barrier)
+        return values
+
     def report(self, site: str, status: dict[str, Any]) -> None:
         self._record("report", site, status)
         self._status[site] = {**self._status.get(site, {}), **status}

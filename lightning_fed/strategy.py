@@ -51,6 +51,9 @@ class FederatedStrategy(SingleDeviceStrategy):
             ``strategy.last_fit["privacy"]`` report ε per site and the max over sites.
         audit_messages: record the structure (paths, array shapes, dtypes; never values) of everything a site sends
             the coordinator or returns to the driver; read it with ``strategy.federation.audit()``.
+        secagg: secure aggregation: sites mask their (fixed-point) updates with pairwise masks agreed by
+            Diffie-Hellman, so the coordinator sees only masked updates and their true sum. Works with averaging
+            rules (``fedavg``, ``fedprox``, ``fedbn``, ``fedfbn``, server optimizers, ``dp_fedavg``).
     """
 
     strategy_name = "federated"
@@ -77,6 +80,7 @@ class FederatedStrategy(SingleDeviceStrategy):
         poll_interval: float = 0.5,
         privacy: PrivacySpec = None,
         audit_messages: bool = False,
+        secagg: bool = False,
     ) -> None:
         super().__init__(device="cpu")
         if isinstance(aggregator, str):
@@ -104,6 +108,11 @@ class FederatedStrategy(SingleDeviceStrategy):
             raise ValueError(f"privacy must be a DPSGD or a dict of site name -> DPSGD, got {type(privacy).__name__}")
         self.privacy = privacy
         self.audit_messages = audit_messages
+        if secagg:  # the coordinator then only ever sees masked updates and their true sum
+            from lightning_fed.strategies.secagg import SecureAggregation
+
+            self.aggregator = SecureAggregation(self.aggregator)
+        self.secagg = secagg
         self.federation: Optional[Federation] = None
         self.last_fit: Optional[dict[str, Any]] = None
         self.last_evaluation: Optional[dict[str, Any]] = None

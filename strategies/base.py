@@ -73,6 +73,9 @@ class Aggregator:
     """
 
     name: ClassVar[str] = ""
+    secure_weighting: ClassVar[str | None] = None
+    """How the rule weights sites when it only sees their secure sum: ``"samples"`` (weighted mean),
+    ``"uniform"``, or ``None`` when it needs every site's own update (median, SCAFFOLD): then no secure aggregation."""
 
     def check_model(self, model: Any) -> None:
         """Called on the driver before any site starts: raise ``ValueError`` if this algorithm cannot train ``model``."""

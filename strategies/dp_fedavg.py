@@ -83,6 +83,8 @@ class DPFedAvg(Aggregator):
         inner_kwargs: options of ``inner`` (e.g. ``{"mu": 0.01}``).
     """
 
+    secure_weighting = "uniform"
+
     def __init__(self, noise_multiplier: float = 1.0, clip_norm: float = 1.0, delta: float = 1e-5, adaptive: bool = False,
                  target_quantile: float = 0.5, clip_learning_rate: float = 0.2, clipped_count_stddev: Optional[float] = None,
                  inner: str = "fedavg", seed: Optional[int] = None, inner_kwargs: Optional[dict[str, Any]] = None) -> None:
@@ -117,7 +119,9 @@ class DPFedAvg(Aggregator):
     def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:
         if current is None:
             raise ValueError("dp_fedavg needs the round's starting global model")
-        k, s = len(updates), self.clip_norm
+        # an update may stand for several sites already summed (secure aggregation: extras["sites"])
+        groups = [int(u.extras.get("sites", 1)) for u in updates]
+        k, s = sum(groups), self.clip_norm
         z_update = self.update_noise_multiplier(k)
         largest = max(updates, key=lambda u: u.num_samples)
         weights: Weights = {}
@@ -125,12 +129,12 @@ class DPFedAvg(Aggregator):
             if not is_averageable(ref):
                 weights[key] = np.array(ref, copy=True)  # counters are not weights
                 continue
-            total = sum(u.weights[key].astype(np.float64) for u in updates)
+            total = sum(u.weights[key].astype(np.float64) * g for u, g in zip(updates, groups))
             noisy = total + self._rng.normal(0.0, z_update * s, size=ref.shape)
             weights[key] = (current[key].astype(np.float64) + noisy / k).astype(ref.dtype)
         if self.adaptive:
             sigma_b = self.clipped_count_stddev if self.clipped_count_stddev is not None else k / 20
-            unclipped = sum(bool(u.extras.get("unclipped")) for u in updates) + self._rng.normal(0.0, sigma_b)
+            unclipped = sum(int(u.extras.get("unclipped", 0)) for u in updates) + self._rng.normal(0.0, sigma_b)
             self.clip_norm = s * math.exp(-self.clip_learning_rate * (unclipped / k - self.target_quantile))
         self.rounds += 1
         epsilon = self.epsilon()

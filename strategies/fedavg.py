@@ -26,5 +26,7 @@ def weighted_average(updates: list[SiteUpdate]) -> Weights:
 class FedAvg(Aggregator):
     """Sample-weighted federated averaging."""
 
+    secure_weighting = "samples"
+
     def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:
         return GlobalModel(weights=weighted_average(updates), round=round)

@@ -52,6 +52,8 @@ class FedBNSite(SiteAlgorithm):
 class FedBN(Aggregator):
     """FedAvg over everything except the normalisation layers, which each site keeps."""
 
+    secure_weighting = "samples"
+
     def site_algorithm(self) -> FedBNSite:
         return FedBNSite()
 

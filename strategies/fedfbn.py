@@ -75,6 +75,8 @@ class FedFBNSite(SiteAlgorithm):
 class FedFBN(Aggregator):
     """FedAvg over everything but the frozen, pretrained BatchNorm layers."""
 
+    secure_weighting = "samples"
+
     def check_model(self, model: nn.Module) -> None:
         check_pretrained_batchnorm(model)
 

@@ -26,6 +26,8 @@ from lightning_fed.strategies.registry import register_aggregator
 class FedOpt(Aggregator):
     """Shared rule; subclasses define the second moment ``v``."""
 
+    secure_weighting = "samples"
+
     def __init__(self, eta: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
         if eta <= 0 or tau <= 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1:
             raise ValueError(f"need eta > 0, tau > 0, 0 <= beta1, beta2 < 1; got eta={eta}, beta1={beta1}, beta2={beta2}, tau={tau}")

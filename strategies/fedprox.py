@@ -56,6 +56,8 @@ class FedProxSite(SiteAlgorithm):
 class FedProx(Aggregator):
     """FedAvg on the server; the proximal term ``mu/2 ||w - w_global||^2`` on every site."""
 
+    secure_weighting = "samples"
+
     def __init__(self, mu: float = 0.01) -> None:
         if mu < 0:
             raise ValueError(f"FedProx mu must be >= 0, got {mu}")
