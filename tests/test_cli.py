@@ -142,3 +142,10 @@ def test_wandb_offline_run_per_site_plus_global(tmp_path, ray_cluster):
         assert run["job"] == "site" and run["exited"], site  # finished inside its actor
         assert {"train_loss", "val_loss", f"site/{site}/val_auroc", f"site/{site}/val_recall"} <= run["keys"]
         assert run["steps"] >= 2  # one validation per epoch
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_every_recipe_parses(recipe, tmp_path, ray_cluster):
+    proc = _cli(["fit", "--config", str(REPO / "recipes" / recipe), "--print_config"], tmp_path, ray_cluster)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "class_path: lightning_fed.FederatedStrategy" in proc.stdout
