@@ -34,7 +34,8 @@ def run_one(args: argparse.Namespace, aggregator: str, seed: int, weights: Path)
     model = ImageClassifier(args.backbone, task="multilabel", num_classes=10, in_chans=1, pretrained=str(weights),
                             lr=args.lr, label_names=dm.label_names)
     kwargs = {"mu": args.mu} if aggregator == "fedprox" else {}
-    strategy = FederatedStrategy(aggregator=aggregator, aggregator_kwargs=kwargs, sync_every=1, seed=seed, progress=False)
+    strategy = FederatedStrategy(aggregator=aggregator, aggregator_kwargs=kwargs, sync_every=1, seed=seed, progress=False,
+                                 checkpoint_every=0)
     trainer = L.Trainer(strategy=strategy, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     t0 = time.perf_counter()

@@ -80,6 +80,9 @@ def plot(results: list[dict], path: Path) -> None:
         if baseline is not None:
             ax.axhline(baseline[metric], color="grey", linestyle="--", label=ARMS["none"])
         ax.set_xscale("log")
+        epsilons = sorted({r["target_epsilon"] for r in results if r["target_epsilon"] is not None})
+        ax.minorticks_off()
+        ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
         ax.set_xlabel("target ε (δ = 1e-5)")
         ax.set_ylabel(f"small hospitals' mean {label}")
         ax.grid(True, alpha=0.3)

@@ -134,6 +134,9 @@ class SiteDPSGD(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_module(pl_module)
+        if trainer.accumulate_grad_batches > 1:
+            raise ValueError(f"site {self.site!r}: DP-SGD cannot accumulate gradients over batches (accumulate_grad_batches="
+                             f"{trainer.accumulate_grad_batches}): raise the batch size instead")
         loader = trainer.train_dataloader
         batches = len(loader)
         self.sample_rate = 1.0 / batches if self.config.poisson_sampling else loader.batch_size / len(loader.dataset)
