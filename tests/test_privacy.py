@@ -160,3 +160,11 @@ def test_only_parameter_shaped_arrays_counts_and_metric_states_leave_a_site(tmp_
         if message["method"] == "report":
             assert all(kind in ("scalar", "text", "none") for _p, kind, _s, _d in message["payload"])
     assert arrays > 0
+
+
+def test_dp_sgd_refuses_gradient_accumulation():
+    data = DataLoader(TensorDataset(torch.randn(8, 4), torch.tensor([0, 1] * 4)), batch_size=4)
+    trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[SiteDPSGD("s", DPSGD(noise_multiplier=1.0, poisson_sampling=False))])
+    with pytest.raises(ValueError, match="cannot accumulate gradients.*raise the batch size"):
+        trainer.fit(_Linear(), data)
