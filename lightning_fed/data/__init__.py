@@ -1,12 +1,14 @@
 """Sites, partitioners and dataset loaders."""
 
 from lightning_fed.data.fashion_mnist import FashionMNISTDataModule, HospitalsDataModule, load_fashion_mnist
+from lightning_fed.data.heart_disease import HeartDiseaseSites, load_heart_disease
 from lightning_fed.data.medmnist import MedMNISTSites, load_medmnist
 from lightning_fed.data.mosaic import FashionMosaicSites
 from lightning_fed.data.partition import IID, Dirichlet, Partitioner, SizeAndRatio, split_fractions
 from lightning_fed.data.sites import Site, SimulatedSiteData, describe_sites, simulate_sites
 
 __all__ = [
+    "HeartDiseaseSites",
     "IID",
     "MedMNISTSites",
     "Dirichlet",
@@ -19,6 +21,7 @@ __all__ = [
     "SizeAndRatio",
     "describe_sites",
     "load_fashion_mnist",
+    "load_heart_disease",
     "load_medmnist",
     "simulate_sites",
     "split_fractions",

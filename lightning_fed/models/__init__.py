@@ -8,6 +8,7 @@ _EXPORTS = {
     "create_backbone": "lightning_fed.models.classifier",
     "load_backbone_checkpoint": "lightning_fed.models.classifier",
     "SmallCNN": "lightning_fed.models.cnn",
+    "TabularMLP": "lightning_fed.models.tabular",
 }
 __all__ = sorted(_EXPORTS)
 
