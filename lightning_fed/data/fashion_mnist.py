@@ -13,7 +13,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_fed.data.download import data_root, ensure_files
-from lightning_fed.data.partition import SizeAndRatio, split_fractions
+from lightning_fed.data.partition import SizeAndRatio, split_fractions, train_val_test
 from lightning_fed.data.sites import Site, SiteSplits, per_site
 
 FILES = {
@@ -139,8 +139,7 @@ class HospitalsDataModule(LightningDataModule):
         super().__init__()
         if not (len(site_names) == len(sizes) == len(positive_ratios)):
             raise ValueError(f"site_names, sizes and positive_ratios must have the same length, got {len(site_names)}, {len(sizes)}, {len(positive_ratios)}")
-        if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1 or test_fraction + val_fraction >= 1:
-            raise ValueError(f"need 0 < test_fraction, 0 <= val_fraction and test_fraction + val_fraction < 1, got {test_fraction}, {val_fraction}")
+        train_val_test(test_fraction, val_fraction)
         self.data_dir, self.site_names = data_dir, list(site_names)
         self.partitioner = SizeAndRatio(sizes=list(sizes), positive_ratios=list(positive_ratios), seed=seed)
         self.test_fraction, self.val_fraction = test_fraction, val_fraction
@@ -155,7 +154,7 @@ class HospitalsDataModule(LightningDataModule):
         _, test_y = load_fashion_mnist(self.data_dir, "test", labels_only=True)
         binary = np.isin(np.concatenate([train_y, test_y]), ABNORMAL_CLASSES).astype(np.int64)
         out = {}
-        fractions = [1.0 - self.test_fraction - self.val_fraction, self.val_fraction, self.test_fraction]
+        fractions = train_val_test(self.test_fraction, self.val_fraction)
         for k, (name, idx) in enumerate(zip(self.site_names, self.partitioner(binary))):
             train, val, test = split_fractions(idx, fractions, seed=self.seed + 1 + k)
             out[name] = {"train": train, "val": val, "test": test}

@@ -17,7 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import TensorDataset
 
 from lightning_fed.data.download import data_root, ensure_files
-from lightning_fed.data.partition import split_fractions
+from lightning_fed.data.partition import split_fractions, train_val_test
 from lightning_fed.data.sites import Site, SiteSplits, per_site
 
 HOSPITALS = {
@@ -82,8 +82,7 @@ class HeartDiseaseSites(LightningDataModule):
         unknown = sorted(set(hospitals) - set(HOSPITALS))
         if unknown or not hospitals:
             raise ValueError(f"unknown hospitals {unknown}: pick from {sorted(HOSPITALS)}")
-        if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1 or test_fraction + val_fraction >= 1:
-            raise ValueError(f"need 0 < test_fraction, 0 <= val_fraction and test_fraction + val_fraction < 1, got {test_fraction}, {val_fraction}")
+        train_val_test(test_fraction, val_fraction)
         self.data_dir, self.hospitals = data_dir, list(hospitals)
         self.test_fraction, self.val_fraction, self.batch_size, self.seed = test_fraction, val_fraction, batch_size, seed
         self.site_cpus = per_site(site_cpus, len(self.hospitals))
@@ -94,7 +93,7 @@ class HeartDiseaseSites(LightningDataModule):
 
     def site_indices(self) -> dict[str, dict[str, np.ndarray]]:
         out = {}
-        fractions = [1 - self.test_fraction - self.val_fraction, self.val_fraction, self.test_fraction]
+        fractions = train_val_test(self.test_fraction, self.val_fraction)
         for k, hospital in enumerate(self.hospitals):
             _, y = load_heart_disease(hospital, self.data_dir)
             train, val, test = split_fractions(np.arange(len(y)), fractions, seed=self.seed + 1 + k)

@@ -7,15 +7,16 @@ from typing import Literal, Optional, Sequence, Union
 
 import timm
 import torch
-from lightning.pytorch import LightningModule
 from torch import nn
 from torch.nn import functional as F
+
+from lightning_fed.models.base import StagedModule
 
 Task = Literal["binary", "multiclass", "multilabel"]
 UNLABELLED = -1  # a target entry the site did not annotate: left out of the loss, never read as a negative
 
 
-class ImageClassifier(LightningModule):
+class ImageClassifier(StagedModule):
     """A `timm <https://github.com/huggingface/pytorch-image-models>`_ backbone (by name) with a classification head.
 
     Args:
@@ -95,14 +96,6 @@ class ImageClassifier(LightningModule):
         self.log(f"{stage}_loss", loss, prog_bar=stage != "test", on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         logits = self(batch[0] if isinstance(batch, (list, tuple)) else batch)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_fed.models.base import StagedModule
 
-class SmallCNN(LightningModule):
+
+class SmallCNN(StagedModule):
     """2 × (conv 3×3 + ReLU + max-pool) → fully connected → ``num_classes`` logits (softmax in the loss).
 
     Logs ``train_loss``, ``val_loss``/``val_acc`` and ``test_loss``/``test_acc``; recall, precision and AUROC per site
@@ -37,14 +38,6 @@ class SmallCNN(LightningModule):
             self.log(f"{stage}_acc", (logits.argmax(1) == y).float().mean(), on_epoch=True, batch_size=len(y))
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

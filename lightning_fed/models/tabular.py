@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_fed.models.base import StagedModule
 
-class TabularMLP(LightningModule):
+
+class TabularMLP(StagedModule):
     """``in_features`` → hidden layers (ReLU, dropout) → ``num_classes`` logits; cross-entropy, Adam.
 
     Logs ``train_loss``, ``val_loss``, ``test_loss``; lightning-fed adds per-site and federated metrics.
@@ -36,14 +37,6 @@ class TabularMLP(LightningModule):
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
