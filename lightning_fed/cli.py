@@ -86,7 +86,7 @@ class FederatedCLI(LightningCLI):
 
 
 def _label_names(model: Any, datamodule: Any) -> Optional[list[str]]:
-    names = getattr(getattr(model, "hparams", None), "get", lambda _k: None)("label_names") or getattr(datamodule, "label_names", None)
+    names = model.hparams.get("label_names") or getattr(datamodule, "label_names", None)
     return list(names) if names else None
 
 

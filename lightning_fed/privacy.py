@@ -12,6 +12,7 @@ is refused (it mixes samples); frozen BatchNorm (FedFBN) is fine.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -68,36 +69,30 @@ def site_privacy(spec: PrivacySpec, sites: list[str]) -> dict[str, Optional[DPSG
     return {name: spec.get(name, spec.get("*")) for name in sites}
 
 
-class _SiteDPOptimizer:
-    """Builds Opacus' DPOptimizer subclass lazily (Opacus is imported only where DP is used)."""
+@functools.cache
+def site_dp_optimizer() -> type:
+    """Opacus' DPOptimizer, extended; built on first use so that runs without DP never import Opacus."""
+    from opacus.optimizers import DPOptimizer
 
-    cls: Any = None
+    class SiteDPOptimizer(DPOptimizer):
+        """Opacus replaces ``.grad`` with the noised mean of clipped per-sample gradients, which would silently drop
+        gradient terms that depend only on the weights (FedProx's proximal term, SCAFFOLD's correction). Those are
+        data-independent, so they are added back after the noise at no privacy cost."""
 
-    @classmethod
-    def get(cls) -> Any:
-        if cls.cls is None:
-            from opacus.optimizers import DPOptimizer
+        def pre_step(self, closure: Any = None) -> Optional[bool]:
+            extras = []
+            for p in self.params:
+                base = getattr(p, "_autograd_grad", None)
+                if base is not None and p.grad is not None:
+                    extras.append((p, p.grad - base))
+                    p._autograd_grad = None
+            ready = super().pre_step(closure)
+            if ready:
+                for p, extra in extras:
+                    p.grad.add_(extra)
+            return ready
 
-            class SiteDPOptimizer(DPOptimizer):
-                """Opacus replaces ``.grad`` with the noised mean of clipped per-sample gradients, which would silently
-                drop gradient terms that depend only on the weights (FedProx's proximal term, SCAFFOLD's correction).
-                Those are data-independent, so they are added back after the noise at no privacy cost."""
-
-                def pre_step(self, closure: Any = None) -> Optional[bool]:
-                    extras = []
-                    for p in self.params:
-                        base = getattr(p, "_autograd_grad", None)
-                        if base is not None and p.grad is not None:
-                            extras.append((p, p.grad - base))
-                            p._autograd_grad = None
-                    ready = super().pre_step(closure)
-                    if ready:
-                        for p, extra in extras:
-                            p.grad.add_(extra)
-                    return ready
-
-            cls.cls = SiteDPOptimizer
-        return cls.cls
+    return SiteDPOptimizer
 
 
 class SiteDPSGD(Callback):
@@ -149,10 +144,10 @@ class SiteDPSGD(Callback):
         expected = max(1, round(self.sample_rate * len(loader.dataset)))
         optimizers = []
         for opt in trainer.strategy.optimizers:
-            if isinstance(opt, _SiteDPOptimizer.get()):
+            if isinstance(opt, site_dp_optimizer()):
                 optimizers.append(opt)
                 continue
-            private = _SiteDPOptimizer.get()(opt, noise_multiplier=self.noise_multiplier, max_grad_norm=self.config.max_grad_norm,
+            private = site_dp_optimizer()(opt, noise_multiplier=self.noise_multiplier, max_grad_norm=self.config.max_grad_norm,
                                              expected_batch_size=expected, loss_reduction="mean")
             private.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
             optimizers.append(private)

@@ -65,6 +65,10 @@ def results_table(rows: dict[str, dict[str, Any]], columns: tuple[str, ...] = ("
             value = values.get(col)
             cells.append(f"{value:.4f}" if isinstance(value, float) else "-")
         body.append(cells)
+    return _format_table(header, body)
+
+
+def _format_table(header: list[str], body: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
@@ -82,6 +86,4 @@ def per_label_table(rows: dict[str, dict[str, Any]], label_names: Optional[list[
     names = list(label_names) if label_names and len(label_names) == count else [str(i) for i in range(count)]
     header = ["label", *columns]
     body = [[names[i], *(f"{v[i]:.4f}" if i < len(v) and v[i] is not None else "-" for v in columns.values())] for i in range(count)]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
+    return _format_table(header, body)

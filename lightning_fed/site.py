@@ -12,7 +12,7 @@ import logging
 import os
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,7 +67,6 @@ class SitePlan:
     seed: int
     metric_thresholds: int = 1000
     privacy: Optional[DPSGD] = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def site_device() -> tuple[str, torch.device]:

@@ -107,11 +107,15 @@ class DPFedAvg(Aggregator):
     def site_algorithm(self) -> DPFedAvgSite:
         return DPFedAvgSite(self.inner.site_algorithm(), self.clip_norm)
 
+    def count_stddev(self, sites: int) -> float:
+        """σ_b, the noise on the count of unclipped sites."""
+        return self.clipped_count_stddev if self.clipped_count_stddev is not None else sites / 20
+
     def update_noise_multiplier(self, sites: int) -> float:
         """z_Δ: what is left for the update when adaptive clipping spends part of z on the clipped count."""
         if not self.adaptive or self.noise_multiplier == 0:
             return self.noise_multiplier
-        sigma_b = self.clipped_count_stddev if self.clipped_count_stddev is not None else sites / 20
+        sigma_b = self.count_stddev(sites)
         if 2 * sigma_b <= self.noise_multiplier:
             raise ValueError(f"dp_fedavg: clipped_count_stddev={sigma_b} is too small for noise_multiplier={self.noise_multiplier} (needs 2·σ_b > z)")
         return (self.noise_multiplier ** -2 - (2 * sigma_b) ** -2) ** -0.5
@@ -133,8 +137,7 @@ class DPFedAvg(Aggregator):
             noisy = total + self._rng.normal(0.0, z_update * s, size=ref.shape)
             weights[key] = (current[key].astype(np.float64) + noisy / k).astype(ref.dtype)
         if self.adaptive:
-            sigma_b = self.clipped_count_stddev if self.clipped_count_stddev is not None else k / 20
-            unclipped = sum(int(u.extras.get("unclipped", 0)) for u in updates) + self._rng.normal(0.0, sigma_b)
+            unclipped = sum(int(u.extras.get("unclipped", 0)) for u in updates) + self._rng.normal(0.0, self.count_stddev(k))
             self.clip_norm = s * math.exp(-self.clip_learning_rate * (unclipped / k - self.target_quantile))
         self.rounds += 1
         epsilon = self.epsilon()
