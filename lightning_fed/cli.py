@@ -1,4 +1,6 @@
-"""``lightning-fed fit --config recipes/hospitals.yaml``: LightningCLI with a federated report at the end.
+"""```lightning-fed fit --config recipes/hospitals.yaml``: LightningCLI with a federated report at the end.
+
+``lightning-fed compare`` and ``lightning-fed sweep`` are dispatched to :mod:`lightning_fed.experiments`.
 
 Everything LightningCLI offers works (``--print_config``, dotted overrides such as ``--trainer.max_epochs=3``,
 several ``--config`` files). After ``fit`` the global model is tested on every site's own test split, a
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -97,7 +100,18 @@ def _jsonable(value: Any) -> Any:
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    FederatedCLI(args=args, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "lightning-fed"})
+    """``lightning-fed fit|validate|test ...`` (LightningCLI) and ``lightning-fed compare|sweep ...`` (experiments)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in ("compare", "sweep"):
+        from lightning_fed.experiments import COMMANDS
+
+        COMMANDS[argv[0]](argv[1:])
+        return
+    FederatedCLI(args=args, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "lightning-fed", "epilog": _EPILOG})
+
+
+_EPILOG = ("Experiments: `lightning-fed compare --config RECIPE --modes pooled,local,federated --repeats N` and "
+           "`lightning-fed sweep --config RECIPE --grid KEY=V1,V2`; `lightning-fed compare --help` for details.")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,66 @@ class RayRuntime:
         self.started = False
 
 
+class SitePool:
+    """Site actors kept warm between runs that use the same site layout (names and resources, in order).
+
+    A new run of that layout resets the idle actors with its own plan (new module, data, Trainer, coordinator)
+    instead of starting new processes, which saves each site its process start and its torch/Lightning imports.
+    Only actors of runs that ended cleanly come back; a failed run's actors are always killed. The pool lives as
+    long as the Ray session that its owner (``lightning-fed compare``/``sweep``) started; call :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple, tuple[Any, dict[str, Any]]] = {}
+        self.started = 0  # site actor processes started for runs using this pool
+        self.reused = 0  # site actors handed to a later run instead
+
+    @staticmethod
+    def layout(sites: list[Site]) -> tuple:
+        return tuple((s.name, s.num_cpus, s.num_gpus, tuple(sorted(s.resources.items()))) for s in sites)
+
+    def take(self, sites: list[Site]) -> Optional[tuple[Any, dict[str, Any]]]:
+        warm = self._idle.pop(self.layout(sites), None)
+        if warm is not None:
+            self.reused += len(warm[1])
+        return warm
+
+    def give(self, sites: list[Site], pg: Any, actors: dict[str, Any]) -> None:
+        old = self._idle.pop(self.layout(sites), None)
+        if old is not None:
+            _kill(*old)
+        self._idle[self.layout(sites)] = (pg, actors)
+
+    def make_room(self, bundles: list[dict[str, float]]) -> None:
+        """Free idle layouts when the cluster could not otherwise place ``bundles``."""
+        need: dict[str, float] = {}
+        for bundle in bundles:
+            for key, value in bundle.items():
+                need[key] = need.get(key, 0.0) + value
+        free = ray.available_resources()
+        if self._idle and any(free.get(k, 0.0) + 1e-9 < v for k, v in need.items()):
+            self.close()
+
+    def close(self) -> None:
+        """End every idle actor and its placement group."""
+        for pg, actors in self._idle.values():
+            _kill(pg, actors)
+        self._idle.clear()
+
+
+def _kill(pg: Any, actors: dict[str, Any]) -> None:
+    for actor in actors.values():
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:
+            pass
+    if pg is not None:
+        try:
+            remove_placement_group(pg)
+        except Exception:
+            pass
+
+
 class Federation:
     """A running federation: the coordinator and one actor per site, alive from ``fit`` until :meth:`shutdown`."""
 
@@ -139,7 +199,7 @@ class Federation:
         try:
             self._start(trainer, model, resume)
         except BaseException:
-            self.shutdown()
+            self.shutdown(reuse=False)
             raise
         self.startup_seconds = time.monotonic() - t0
 
@@ -151,14 +211,21 @@ class Federation:
             raise FederationConfigError(str(err)) from None
         self.runtime.ensure(sum(s.num_cpus for s in self.sites))
         self._check_resources()
-        self.pg = placement_group([_bundle(s) for s in self.sites], strategy="PACK")
-        try:
-            ray.get(self.pg.ready(), timeout=self.strategy.placement_timeout)
-        except GetTimeoutError:
-            raise FederationConfigError(
-                f"the cluster could not place the sites {self.names} within {self.strategy.placement_timeout:.0f}s "
-                f"(available: {_fmt_resources(ray.available_resources())}): free resources or lower the sites' num_cpus/num_gpus"
-            ) from None
+        pool = self.strategy.site_pool
+        warm = pool.take(self.sites) if pool is not None else None
+        if warm is None:
+            if pool is not None:
+                pool.make_room([_bundle(s) for s in self.sites])
+            self.pg = placement_group([_bundle(s) for s in self.sites], strategy="PACK")
+            try:
+                ray.get(self.pg.ready(), timeout=self.strategy.placement_timeout)
+            except GetTimeoutError:
+                raise FederationConfigError(
+                    f"the cluster could not place the sites {self.names} within {self.strategy.placement_timeout:.0f}s "
+                    f"(available: {_fmt_resources(ray.available_resources())}): free resources or lower the sites' num_cpus/num_gpus"
+                ) from None
+        else:
+            self.pg = warm[0]
         self.checkpoint_dir = self.strategy.resolve_checkpoint_dir(trainer, resume)
         self.coordinator = RemoteCoordinator.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
@@ -185,12 +252,19 @@ class Federation:
                 loggers=loggers, sync_every=self.strategy.sync_every, root_dir=root, checkpoint_dir=self.checkpoint_dir,
                 checkpoint_every=self.strategy.checkpoint_every, seed=self.strategy.seed,
                 metric_thresholds=self.strategy.metric_thresholds, privacy=privacy[site.name],
+                class_balance=self.strategy.class_balance,
             )
+            if warm is not None:
+                self.actors[site.name] = warm[1][site.name]
+                self.actors[site.name].reset.remote(plan)  # runs before ready(): one caller's calls keep their order
+                continue
             self.actors[site.name] = RemoteSiteActor.options(
                 num_cpus=site.num_cpus, num_gpus=site.num_gpus, resources=site.resources or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index),
                 name=None,
             ).remote(plan)
+            if pool is not None:
+                pool.started += 1
         self.alive = True
         atexit.register(self.shutdown)
         stage = "fit" if trainer.state.fn == TrainerFn.FITTING else "test" if trainer.state.fn == TrainerFn.TESTING else "validate"
@@ -302,9 +376,11 @@ class Federation:
             "fit_seconds": time.monotonic() - t0,
         }
 
-    def evaluate(self, stage: str, model: LightningModule) -> dict[str, Any]:
+    def evaluate(self, stage: str, model: LightningModule, exact: bool = False) -> dict[str, Any]:
+        """``test``/``validate`` ``model`` at every site; ``exact`` loads every tensor as given (no algorithm hook:
+        to test a model trained elsewhere, e.g. another site's local model, on every site's data)."""
         ref = ray.put(GlobalModel(weights=state_to_numpy(model.state_dict()), round=-1))
-        return self._gather({n: a.evaluate.remote(stage, ref) for n, a in self.actors.items()}, stage)
+        return self._gather({n: a.evaluate.remote(stage, ref, exact) for n, a in self.actors.items()}, stage)
 
     def audit(self) -> dict[str, list[dict[str, Any]]]:
         """Structure (never values) of every message sites sent the coordinator and every result they returned
@@ -318,25 +394,27 @@ class Federation:
         return self._gather({n: a.weights.remote() for n, a in self.actors.items()}, "weights")
 
     # -- shutdown --------------------------------------------------------------------------------
-    def shutdown(self, graceful: bool = True) -> None:
-        """Finish site loggers, end every actor this federation started, and stop Ray if it was started here."""
+    def shutdown(self, graceful: bool = True, reuse: bool = True) -> None:
+        """Finish site loggers, end every actor this federation started (or, with a :class:`SitePool`, hand them
+        back to it warm when everything closed cleanly), and stop Ray if it was started here."""
         if not ray.is_initialized():
             self.alive = False
             return
+        reuse = reuse and graceful and self.alive
         if graceful and self.actors:
             try:
                 ray.get([a.close.remote() for a in self.actors.values()], timeout=60)
             except Exception as err:
+                reuse = False
                 log.warning("lightning-fed: some sites did not close cleanly: %s", err)
-        for actor in [*self.actors.values(), self.coordinator]:
-            if actor is not None:
-                try:
-                    ray.kill(actor, no_restart=True)
-                except Exception:
-                    pass
-        if self.pg is not None:
+        pool = self.strategy.site_pool
+        if reuse and pool is not None and self.actors and not self.runtime.started:
+            pool.give(self.sites, self.pg, self.actors)  # warm for the next run of this layout
+        else:
+            _kill(self.pg, self.actors)
+        if self.coordinator is not None:
             try:
-                remove_placement_group(self.pg)
+                ray.kill(self.coordinator, no_restart=True)
             except Exception:
                 pass
         self.actors, self.coordinator, self.pg, self.alive = {}, None, None, False
@@ -345,6 +423,15 @@ class Federation:
             atexit.unregister(self.shutdown)
         except Exception:
             pass
+
+
+def evaluation_rows(results: dict[str, Any], prefix: str = "test", merged: Optional[dict[str, Any]] = None) -> dict[str, dict[str, Any]]:
+    """One row per site (its scalars and metrics, prefix stripped) plus ``"federated"``: every site's metric
+    states merged, i.e. the model's metrics over all those sites' data together."""
+    merged = merged if merged is not None else federated_metrics(results, prefix)
+    rows = {name: {**{k.removeprefix(f"{prefix}_"): v for k, v in r["scalars"].items()}, **r["site_values"]} for name, r in results.items()}
+    rows["federated"] = {k.removeprefix(f"fl/{prefix}_"): v for k, v in merged.items()}
+    return rows
 
 
 def _module_loaders(model: LightningModule) -> dict[str, Any]:
@@ -499,13 +586,10 @@ class FederatedLauncher(_Launcher):
         prefix = "test" if stage == "test" else "val"
         fl = federated_metrics(results, prefix)
         output: dict[str, Any] = {k: v for k, v in fl.items() if isinstance(v, float)}
-        table: dict[str, dict[str, Any]] = {}
         for name, result in results.items():
-            row = {**{k.removeprefix(f"{prefix}_"): v for k, v in result["scalars"].items()}, **result["site_values"]}
-            table[name] = row
             output.update({f"site/{name}/{k}": v for k, v in result["scalars"].items()})
             output.update({f"site/{name}/{prefix}_{k}": v for k, v in result["site_values"].items() if isinstance(v, float)})
-        table["federated"] = {k.removeprefix(f"fl/{prefix}_"): v for k, v in fl.items()}
+        table = evaluation_rows(results, prefix, fl)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in output.items()})
         log_driver_metrics(trainer.loggers, output, step=None)
         self.strategy.last_evaluation = {"stage": stage, "sites": {n: r for n, r in table.items()}, "metrics": output,

@@ -22,12 +22,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
+from lightning_fed.balance import ClassBalance
 from lightning_fed.data.sites import Site
 from lightning_fed.loggers import SiteLoggerSpec, finish_site_loggers
 from lightning_fed.metrics import SiteMetrics
 from lightning_fed.privacy import DPSGD, SiteDPSGD
 from lightning_fed.strategies.base import GlobalModel
-from lightning_fed.strategies.site import SiteAlgorithm
+from lightning_fed.strategies.site import SiteAlgorithm, load_weights
 from lightning_fed.sync import FederatedSync, RoundClose, scalar_metrics
 
 
@@ -67,6 +68,7 @@ class SitePlan:
     seed: int
     metric_thresholds: int = 1000
     privacy: Optional[DPSGD] = None
+    class_balance: Optional[str] = None
 
 
 def site_device() -> tuple[str, torch.device]:
@@ -80,6 +82,14 @@ class SiteActor:
     """One site's long-lived training process (a Ray actor)."""
 
     def __init__(self, plan: SitePlan) -> None:
+        self._start(plan)
+
+    def reset(self, plan: SitePlan) -> None:
+        """Start over with a new plan in this (warm) process: a new run of the same site layout skips the
+        process start and the torch/Lightning imports. Everything run-specific is rebuilt from the plan."""
+        self._start(plan)
+
+    def _start(self, plan: SitePlan) -> None:
         self.plan = plan
         self.name = plan.site.name
         for logger_name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -108,6 +118,8 @@ class SiteActor:
         callbacks = [self.sync, self.metrics, self.plan.algorithm]
         if self.privacy is not None:
             callbacks.append(self.privacy)  # after the algorithm: FedFBN has frozen BatchNorm by the time DP checks
+        if self.plan.class_balance is not None:
+            callbacks.append(ClassBalance(self.plan.class_balance))
         for cb in copy.deepcopy(self.plan.callbacks):
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None:
                 cb.dirpath = os.path.join(cb.dirpath, self.name)  # sites must not overwrite each other's files
@@ -150,9 +162,15 @@ class SiteActor:
         self.plan.coordinator.site_finished.remote(self.name)
         return self._result()
 
-    def evaluate(self, stage: str, model: GlobalModel) -> dict[str, Any]:
-        """Load the global model (through the algorithm, e.g. keeping local BN) and run ``test``/``validate`` here."""
-        self.plan.algorithm.receive_global(self.trainer, self.module, model)
+    def evaluate(self, stage: str, model: GlobalModel, exact: bool = False) -> dict[str, Any]:
+        """Load the global model (through the algorithm, e.g. keeping local BN) and run ``test``/``validate`` here.
+
+        ``exact``: load every tensor as given instead (to test another model, e.g. another site's local one, here).
+        """
+        if exact:
+            load_weights(self.module, model.weights)
+        else:
+            self.plan.algorithm.receive_global(self.trainer, self.module, model)
         run = self.trainer.test if stage == "test" else self.trainer.validate
         outputs = run(self.module, datamodule=self.datamodule, verbose=False)
         split = "test" if stage == "test" else "val"

@@ -10,7 +10,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
 from lightning_fed.data.partition import IID, Partitioner
-from lightning_fed.launcher import FederatedLauncher, Federation
+from lightning_fed.launcher import FederatedLauncher, Federation, SitePool
 from lightning_fed.privacy import DPSGD, PrivacySpec
 from lightning_fed.strategies import Aggregator, available_aggregators, get_aggregator
 
@@ -54,6 +54,11 @@ class FederatedStrategy(SingleDeviceStrategy):
         secagg: secure aggregation: sites mask their (fixed-point) updates with pairwise masks agreed by
             Diffie-Hellman, so the coordinator sees only masked updates and their true sum. Works with averaging
             rules (``fedavg``, ``fedprox``, ``fedbn``, ``fedfbn``, server optimizers, ``dp_fedavg``).
+        class_balance: ``"loss"`` (class-weighted loss) or ``"sampler"`` (balanced sampling), each site weighting
+            by its own training labels (:class:`~lightning_fed.balance.ClassBalance`); ``None`` leaves the loss as is.
+
+    ``strategy.site_pool`` (a :class:`~lightning_fed.launcher.SitePool`, set by ``lightning-fed compare``/``sweep``)
+    keeps site actors warm between runs of the same site layout.
     """
 
     strategy_name = "federated"
@@ -81,6 +86,7 @@ class FederatedStrategy(SingleDeviceStrategy):
         privacy: PrivacySpec = None,
         audit_messages: bool = False,
         secagg: bool = False,
+        class_balance: Optional[str] = None,
     ) -> None:
         super().__init__(device="cpu")
         if isinstance(aggregator, str):
@@ -113,6 +119,10 @@ class FederatedStrategy(SingleDeviceStrategy):
 
             self.aggregator = SecureAggregation(self.aggregator)
         self.secagg = secagg
+        if class_balance not in (None, "loss", "sampler"):
+            raise ValueError(f"class_balance must be 'loss', 'sampler' or None, got {class_balance!r}")
+        self.class_balance = class_balance
+        self.site_pool: Optional[SitePool] = None
         self.federation: Optional[Federation] = None
         self.last_fit: Optional[dict[str, Any]] = None
         self.last_evaluation: Optional[dict[str, Any]] = None

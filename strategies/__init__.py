@@ -14,7 +14,7 @@ from lightning_fed.strategies.fedopt import FedAdagrad, FedAdam, FedYogi  # noqa
 from lightning_fed.strategies.robust import Median, TrimmedMean  # noqa: E402
 
 _SITE_HALF = ("SiteAlgorithm", "load_weights", "state_to_numpy")
-_WITH_SITE_HALF = {"FedProx": "fedprox", "FedBN": "fedbn", "FedFBN": "fedfbn", "Scaffold": "scaffold", "DPFedAvg": "dp_fedavg"}
+_WITH_SITE_HALF = {"FedProx": "fedprox", "FedBN": "fedbn", "FedFBN": "fedfbn", "Scaffold": "scaffold", "DPFedAvg": "dp_fedavg", "Local": "local"}
 
 __all__ = [
     "Aggregator",
@@ -26,6 +26,7 @@ __all__ = [
     "FedFBN",
     "FedProx",
     "FedYogi",
+    "Local",
     "Median",
     "Scaffold",
     "TrimmedMean",

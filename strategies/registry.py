@@ -30,6 +30,7 @@ _BUILTIN_MODULES = {
     "fedfbn": "lightning_fed.strategies.fedfbn",
     "scaffold": "lightning_fed.strategies.scaffold",
     "dp_fedavg": "lightning_fed.strategies.dp_fedavg",
+    "local": "lightning_fed.strategies.local",
 }
 
 A = TypeVar("A", bound=type)

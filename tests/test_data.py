@@ -137,3 +137,32 @@ def test_heart_disease_federation_tests_every_hospital(tmp_path, ray_cluster):
     counts = {h: int(np.sum(sites[h]["confusion_matrix"])) for h in dm.hospitals}
     assert counts == {h: len(parts["test"]) for h, parts in dm.site_indices().items()}  # each tested on its own patients
     assert sites["federated"]["auroc"] > 0.6
+
+
+def test_retinamnist_binarised_and_split_4_to_6_as_study_a(fed_data):
+    from lightning_fed.data.medmnist import MedMNISTSites, load_medmnist
+
+    if not (fed_data / "medmnist" / "retinamnist.npz").is_file():
+        pytest.skip("retinamnist.npz not found")
+    arrays = load_medmnist("retinamnist")
+    dm = MedMNISTSites("retinamnist", site_names=["site_a", "site_b"], site_shares=[4, 6], label_map=[0, None, None, 1, 1],
+                       label_names=["no_dr", "severe_or_proliferative_dr"], seed=3)
+    assert dm.label_names == ["no_dr", "severe_or_proliferative_dr"]
+    idx = dm.site_indices()
+    for split in ("train", "val", "test"):
+        labels = arrays[f"{split}_labels"].reshape(-1)
+        kept = np.flatnonzero(np.isin(labels, [0, 3, 4]))  # grades 1-2 dropped, nothing else
+        a, b = idx["site_a"][split], idx["site_b"][split]
+        assert sorted(np.concatenate([a, b]).tolist()) == kept.tolist()
+        assert abs(len(a) - 0.4 * len(kept)) <= 1
+    site = dm.federated_sites()[1].build_datamodule()
+    site.setup("fit")
+    y = site.datasets["train"].tensors[1].numpy()
+    original = arrays["train_labels"].reshape(-1)[idx["site_b"]["train"]]
+    assert np.array_equal(y, np.isin(original, [3, 4]).astype(np.int64))
+    with pytest.raises(ValueError, match="one entry per retinamnist class"):
+        MedMNISTSites("retinamnist", label_map=[0, 1])
+    with pytest.raises(ValueError, match="onto 0..K-1"):
+        MedMNISTSites("retinamnist", label_map=[0, None, None, 2, 2])
+    with pytest.raises(ValueError, match="exclude each other"):
+        MedMNISTSites("retinamnist", site_shares=[1, 1], alpha=0.5, site_names=["a", "b"])

@@ -82,6 +82,8 @@ class HeartDiseaseSites(LightningDataModule):
         unknown = sorted(set(hospitals) - set(HOSPITALS))
         if unknown or not hospitals:
             raise ValueError(f"unknown hospitals {unknown}: pick from {sorted(HOSPITALS)}")
+        if len(set(hospitals)) != len(hospitals):
+            raise ValueError(f"hospitals {list(hospitals)} name a hospital twice: each hospital is one site")
         train_val_test(test_fraction, val_fraction)
         self.data_dir, self.hospitals = data_dir, list(hospitals)
         self.test_fraction, self.val_fraction, self.batch_size, self.seed = test_fraction, val_fraction, batch_size, seed

@@ -75,13 +75,23 @@ def to_tensors(images: np.ndarray, labels: np.ndarray, task: str, image_size: in
     return TensorDataset(x, y if task == "multilabel" else y.reshape(-1))
 
 
+def remap_labels(labels: np.ndarray, label_map: Sequence[Optional[int]]) -> np.ndarray:
+    """Class ``c`` becomes ``label_map[c]``; samples of classes mapped to ``None`` must have been dropped already."""
+    table = np.array([-1 if v is None else int(v) for v in label_map], dtype=np.int64)
+    out = table[labels.reshape(-1).astype(np.int64)]
+    if (out < 0).any():
+        raise ValueError("labels mapped to None reached a site: drop those samples when splitting")
+    return out.reshape(labels.shape)
+
+
 class MedMNISTSiteData(SiteSplits):
     """One site's share of a MedMNIST file, read inside the site's actor."""
 
     def __init__(self, dataset: str, data_dir: Optional[str], indices: dict[str, np.ndarray], annotated: Optional[list[int]],
-                 batch_size: int, image_size: int = 28, eval_batch_size: int = 512) -> None:
+                 batch_size: int, image_size: int = 28, eval_batch_size: int = 512, label_map: Optional[Sequence[Optional[int]]] = None) -> None:
         super().__init__(batch_size, eval_batch_size)
         self.dataset, self.data_dir, self.indices, self.annotated, self.image_size = dataset, data_dir, indices, annotated, image_size
+        self.label_map = label_map
 
     def prepare_data(self) -> None:
         load_medmnist(self.dataset, self.data_dir)
@@ -92,6 +102,8 @@ class MedMNISTSiteData(SiteSplits):
         info, arrays = medmnist_info(self.dataset), load_medmnist(self.dataset, self.data_dir)
         for split, idx in self.indices.items():
             labels = arrays[f"{split}_labels"][idx]
+            if self.label_map is not None:
+                labels = remap_labels(labels, self.label_map)
             if info.task == "multilabel" and split == "train":
                 labels = mask_labels(labels, self.annotated)  # this site annotates only its own findings
             self.datasets[split] = to_tensors(arrays[f"{split}_images"][idx], labels, info.task, self.image_size)
@@ -103,6 +115,10 @@ class MedMNISTSites(LightningDataModule):
     The official train, val and test splits are each dealt out to the sites with the same rule: IID (``alpha``
     ``None``) or Dirichlet(``alpha``) label skew (for multi-label data, skew on the first finding, "no finding"
     counting as a class). ``train_fraction`` keeps only part of each site's training share (smaller sites).
+
+    ``label_map`` regroups a single-label dataset's classes: class ``c`` becomes ``label_map[c]``; ``None`` drops its
+    samples (study A on RetinaMNIST: ``[0, null, null, 1, 1]`` = "No DR" vs "Severe + Proliferative DR"; give
+    ``label_names`` for the new classes). ``site_shares`` deals IID shares in a ratio (``[4, 6]``) instead of equal.
 
     Partial labels (multi-label datasets): site ``k`` annotates ``annotated_labels[k]`` (default: ``labels_per_site``
     consecutive findings, rotating; ``None`` for all); other training entries become ``-1``. Validation and test
@@ -122,10 +138,25 @@ class MedMNISTSites(LightningDataModule):
         batch_size: int = 64,
         seed: int = 0,
         site_cpus: Union[float, Sequence[float]] = 1.0,
+        label_map: Optional[Sequence[Optional[int]]] = None,
+        label_names: Optional[Sequence[str]] = None,
+        site_shares: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
         self.info = medmnist_info(dataset)
         n = len(site_names)
+        if label_map is not None:
+            if self.info.task == "multilabel":
+                raise ValueError(f"{dataset} is multi-label: label_map regroups the classes of a single-label dataset")
+            if len(label_map) != self.info.num_classes:
+                raise ValueError(f"label_map needs one entry per {dataset} class ({self.info.num_classes}), got {len(label_map)}")
+            kept = sorted({int(v) for v in label_map if v is not None})
+            if kept != list(range(len(kept))) or len(kept) < 2:
+                raise ValueError(f"label_map must map classes onto 0..K-1 (K >= 2) or null, got {list(label_map)}")
+        if site_shares is not None and alpha is not None:
+            raise ValueError("site_shares (IID shares in a ratio) and alpha (Dirichlet label skew) exclude each other: give one")
+        self.label_map = list(label_map) if label_map is not None else None
+        self.site_shares = list(site_shares) if site_shares is not None else None
         fractions = [float(train_fraction)] * n if isinstance(train_fraction, (int, float)) else [float(f) for f in train_fraction]
         if len(fractions) != n or not all(0 < f <= 1 for f in fractions):
             raise ValueError(f"train_fraction needs one value in (0, 1] (or one per site), got {train_fraction}")
@@ -139,7 +170,15 @@ class MedMNISTSites(LightningDataModule):
         self.dataset, self.data_dir, self.site_names, self.alpha = dataset, data_dir, list(site_names), alpha
         self.fractions, self.image_size, self.batch_size, self.seed = fractions, image_size, batch_size, seed
         self.site_cpus = per_site(site_cpus, n)
-        self.label_names = list(self.info.label_names) if self.info.label_names else [str(i) for i in range(self.info.num_classes)]
+        classes = len({v for v in label_map if v is not None}) if label_map is not None else self.info.num_classes
+        if label_names is not None:
+            if len(label_names) != classes:
+                raise ValueError(f"label_names has {len(label_names)} names for {classes} classes")
+            self.label_names = list(label_names)
+        elif label_map is None and self.info.label_names:
+            self.label_names = list(self.info.label_names)
+        else:
+            self.label_names = [str(i) for i in range(classes)]
 
     def prepare_data(self) -> None:
         load_medmnist(self.dataset, self.data_dir)
@@ -155,8 +194,12 @@ class MedMNISTSites(LightningDataModule):
         out: dict[str, dict[str, np.ndarray]] = {name: {} for name in self.site_names}
         for s, split in enumerate(("train", "val", "test")):
             key = self._skew_key(arrays[f"{split}_labels"])
-            rule = IID(seed=self.seed + s) if self.alpha is None else Dirichlet(self.alpha, seed=self.seed + s)
-            for k, (name, idx) in enumerate(zip(self.site_names, rule(key, n))):
+            kept = np.arange(len(key))
+            if self.label_map is not None:  # samples of dropped classes never reach a site
+                kept = kept[np.array([self.label_map[c] is not None for c in key], dtype=bool)]
+            rule = IID(seed=self.seed + s, shares=self.site_shares) if self.alpha is None else Dirichlet(self.alpha, seed=self.seed + s)
+            for k, (name, part) in enumerate(zip(self.site_names, rule(key[kept], n))):
+                idx = kept[part]
                 if split == "train" and self.fractions[k] < 1:
                     keep = max(1, int(round(len(idx) * self.fractions[k])))
                     idx = np.sort(np.random.default_rng([self.seed, k]).permutation(idx)[:keep])
@@ -165,7 +208,8 @@ class MedMNISTSites(LightningDataModule):
 
     def federated_sites(self) -> list[Site]:
         return [
-            Site(name, MedMNISTSiteData(self.dataset, self.data_dir, idx, self.annotated_labels[k], self.batch_size, self.image_size),
+            Site(name, MedMNISTSiteData(self.dataset, self.data_dir, idx, self.annotated_labels[k], self.batch_size, self.image_size,
+                                        label_map=self.label_map),
                  num_cpus=self.site_cpus[k])
             for k, (name, idx) in enumerate(self.site_indices().items())
         ]

@@ -7,7 +7,7 @@ They never look at samples, only at labels (and only when the rule needs them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -18,14 +18,22 @@ class Partitioner(Protocol):
 
 @dataclass
 class IID:
-    """Shuffle and deal out equal shares (sizes differ by at most one)."""
+    """Shuffle and deal out equal shares (sizes differ by at most one), or shares in the ratio ``shares``
+    (e.g. ``(4, 6)``: study A's 4:6 split into two sites)."""
 
     seed: int = 0
+    shares: Optional[Sequence[float]] = None
 
     def __call__(self, labels: np.ndarray, num_sites: int) -> list[np.ndarray]:
         _check_sites(num_sites, len(labels))
         order = np.random.default_rng(self.seed).permutation(len(labels))
-        return [np.sort(part) for part in np.array_split(order, num_sites)]
+        if self.shares is None:
+            return [np.sort(part) for part in np.array_split(order, num_sites)]
+        shares = np.asarray(self.shares, dtype=float)
+        if len(shares) != num_sites or (shares <= 0).any():
+            raise ValueError(f"IID shares need one positive number per site ({num_sites}), got {list(self.shares)}")
+        cuts = np.round(np.cumsum(shares)[:-1] / shares.sum() * len(labels)).astype(int)
+        return [np.sort(part) for part in np.split(order, cuts)]
 
 
 @dataclass

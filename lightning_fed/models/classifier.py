@@ -76,23 +76,31 @@ class ImageClassifier(StagedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean loss over annotated entries only (``-1`` targets are skipped); 0 when a batch has none."""
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, stage: str = "train") -> torch.Tensor:
+        """Mean loss over annotated entries only (``-1`` targets are skipped); 0 when a batch has none.
+
+        With class weights set (:class:`~lightning_fed.balance.ClassBalance`) the training loss is class-weighted:
+        per class for binary/multi-class targets, as ``pos_weight`` per label for multi-label targets.
+        """
         task = self.hparams.task
         if task == "multiclass":
             labelled = targets != UNLABELLED
             if not labelled.any():
                 return logits.sum() * 0.0
-            return F.cross_entropy(logits[labelled], targets[labelled].long())
+            return F.cross_entropy(logits[labelled], targets[labelled].long(), weight=self._loss_weights(logits.shape[-1], stage))
         if task == "binary":
             logits, targets = logits.reshape(-1), targets.reshape(-1)
         mask = (targets != UNLABELLED).to(logits.dtype)
-        per_entry = F.binary_cross_entropy_with_logits(logits, targets.clamp(min=0).to(logits.dtype), reduction="none")
-        return (per_entry * mask).sum() / mask.sum().clamp(min=1.0)
+        weights = self._loss_weights(2 if task == "binary" else logits.shape[-1], stage)
+        pos_weight = weights if task == "multilabel" else None
+        per_entry = F.binary_cross_entropy_with_logits(logits, targets.clamp(min=0).to(logits.dtype), reduction="none", pos_weight=pos_weight)
+        if task == "binary" and weights is not None:
+            mask = mask * weights[targets.clamp(min=0).long()]  # a weighted mean, as cross_entropy(weight=...) takes
+        return (per_entry * mask).sum() / mask.sum().clamp(min=1e-12 if weights is not None else 1.0)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
-        loss = self.loss(self(x), y)
+        loss = self.loss(self(x), y, stage)
         self.log(f"{stage}_loss", loss, prog_bar=stage != "test", on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 

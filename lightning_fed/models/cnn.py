@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lightning_fed.models.base import StagedModule
 
@@ -32,7 +31,7 @@ class SmallCNN(StagedModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.cross_entropy(logits, y, stage)
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
         if stage != "train":
             self.log(f"{stage}_acc", (logits.argmax(1) == y).float().mean(), on_epoch=True, batch_size=len(y))

@@ -6,7 +6,6 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lightning_fed.models.base import StagedModule
 
@@ -33,7 +32,7 @@ class TabularMLP(StagedModule):
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        loss = self.cross_entropy(self(x), y, stage)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 

@@ -1,0 +1,770 @@
+"""``lightning-fed compare`` and ``lightning-fed sweep``: does the federated model beat each site alone, and how
+close does it come to pooling all data?
+
+``compare`` trains the recipe's model and data under each mode and tests every model on every site's own test set:
+
+- ``pooled``: one run on the union of the sites' training data (the centralised reference; simulation only);
+- ``local``: every site trains alone (the ``local`` rule: nothing exchanged); each site's model is tested on
+  every site, so "site X's model on site Y's data" is in the results, and the ``local`` row is each site's own
+  model on its own data;
+- ``federated``: the recipe as written.
+
+Repetitions change the seed (``seed_everything`` and, unless ``--fixed-data``, the data split seed) and report
+mean ± std. ``sweep`` runs a grid of recipe overrides (× modes × repetitions) and reports one table and one line plot
+per metric. Both keep the site actors of one layout warm between runs (:class:`~lightning_fed.launcher.SitePool`)
+and report what that saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+METRICS = ("accuracy", "precision", "recall", "auroc")
+MODES = ("pooled", "local", "federated")
+MERGED = "federated"  # the column of every site's test data together (metric states merged)
+_INDEXED = re.compile(r"^(?P<key>[^\[\]]+)\[(?P<index>-?\d*(?::-?\d*)?)\]$")
+
+
+# -- grid ----------------------------------------------------------------------------------------
+def split_values(text: str) -> list[Any]:
+    """``"0.1,0.2,[1,2]"`` -> ``[0.1, 0.2, [1, 2]]``: commas inside brackets or quotes do not split; YAML values."""
+    parts, depth, quote, current = [], 0, "", ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += char
+    parts.append(current)
+    if any(not p.strip() for p in parts):
+        raise ValueError(f"empty value in {text!r}: give comma-separated values, e.g. key=0.1,0.2")
+    return [yaml.safe_load(p.strip()) for p in parts]
+
+
+def parse_axis(spec: str) -> tuple[str, list[Any]]:
+    """``"key=v1,v2"`` -> ``("key", [v1, v2])``; the key may index a list: ``key[0]`` or ``key[1:]``."""
+    key, sep, values = spec.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"grid axis {spec!r} must look like KEY=V1,V2,... (e.g. trainer.max_epochs=5,10)")
+    return key.strip(), split_values(values)
+
+
+def expand_grid(grid: Sequence[str] = (), zipped: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Every combination of the ``grid`` axes (a product), each crossed with the ``zipped`` axes, which vary
+    together (equal lengths). Each point maps keys to values, in axis order."""
+    axes = [parse_axis(a) for a in grid]
+    zips = [parse_axis(a) for a in zipped]
+    keys = [k for k, _ in axes] + [k for k, _ in zips]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"grid key(s) {dupes} given twice: give each key once")
+    if zips and len({len(v) for _, v in zips}) != 1:
+        raise ValueError(f"--zip axes must have the same number of values, got {[f'{k}: {len(v)}' for k, v in zips]}")
+    zipped_points = [dict(zip([k for k, _ in zips], vals)) for vals in zip(*[v for _, v in zips])] if zips else [{}]
+    points = []
+    for combo in itertools.product(*[v for _, v in axes]):
+        for extra in zipped_points:
+            points.append({**dict(zip([k for k, _ in axes], combo)), **extra})
+    return points
+
+
+def _lookup(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def point_arguments(point: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """Recipe overrides for one grid point, as dotted command-line arguments. ``key[i]``/``key[a:b]`` set elements
+    of the recipe's list at ``key`` (a slice gets the one value in every position)."""
+    values: dict[str, Any] = {}
+    for raw, value in point.items():
+        match = _INDEXED.match(raw)
+        if match is None:
+            values[raw] = value
+            continue
+        key, index = match["key"], match["index"]
+        if key not in values:
+            try:
+                values[key] = list(_lookup(base, key))
+            except (KeyError, TypeError):
+                raise ValueError(f"grid key {raw!r}: the recipe has no list at {key!r} to index") from None
+        target = values[key]
+        try:
+            if ":" in index:
+                start, _, stop = index.partition(":")
+                span = range(len(target))[slice(int(start) if start else None, int(stop) if stop else None)]
+                if not span:
+                    raise IndexError
+                for i in span:
+                    target[i] = value
+            else:
+                target[int(index)] = value
+        except IndexError:
+            raise ValueError(f"grid key {raw!r}: index out of range for {key!r} (length {len(target)})") from None
+    return [f"--{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def point_label(point: dict[str, Any]) -> str:
+    return ", ".join(f"{_short(k)}={v}" for k, v in point.items()) or "recipe"
+
+
+def _short(key: str) -> str:
+    return key.replace("init_args.", "")
+
+
+# -- runs ----------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One trained mode of one repetition (of one grid point) and every evaluation of its models."""
+
+    point: dict[str, Any]
+    repeat: int
+    seed: int
+    mode: str
+    evaluations: dict[str, dict[str, dict[str, Any]]]  # model -> column (site | "federated") -> metrics
+    fit_seconds: float
+    startup_seconds: float
+    warm: bool
+    note: Optional[str] = None
+
+
+@dataclass
+class Experiment:
+    """Runs recipes under several modes, repetitions and grid points, all tested on every site's test set."""
+
+    configs: list[str]
+    overrides: list[str] = field(default_factory=list)
+    modes: Sequence[str] = MODES
+    repeats: int = 1
+    vary_data_seed: bool = True
+    reuse_sites: bool = True
+    progress: bool = False
+    runs: list[Run] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes:
+            raise ValueError(f"unknown mode(s) {unknown}: choose from {', '.join(MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes repeat: {list(self.modes)}")
+        if not isinstance(self.repeats, int) or self.repeats < 1:
+            raise ValueError(f"repeats must be an integer >= 1, got {self.repeats!r}")
+        base = self._cli([])
+        from lightning_fed.strategy import FederatedStrategy
+
+        if not isinstance(base.trainer.strategy, FederatedStrategy):
+            raise ValueError("compare/sweep need a recipe whose trainer.strategy is lightning_fed.FederatedStrategy")
+        self.base_config: dict[str, Any] = base.config.as_dict()
+        self.mean_over: Optional[list[str]] = (self.base_config.get("results") or {}).get("mean_over")
+        seed = self.base_config.get("seed_everything")
+        self.base_seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+        try:
+            data_seed = _lookup(self.base_config, "data.init_args.seed")
+        except KeyError:
+            data_seed = None
+        self.base_data_seed = data_seed if isinstance(data_seed, int) else None
+        self.label_names = _label_names(base.model, base.datamodule)
+        self.wandb = _wandb_settings(base.trainer.loggers)
+        self._strategy_ray = (base.trainer.strategy.ray_address, base.trainer.strategy.ray_init_kwargs)
+        self._layout_cpus = self._cpus_needed(base)
+        from lightning_fed.launcher import SitePool
+
+        self.pool: Optional[SitePool] = SitePool() if self.reuse_sites else None
+        self._runtime: Any = None
+
+    def _cli(self, extra: list[str]) -> Any:
+        from lightning_fed.cli import FederatedCLI
+
+        args = [a for c in self.configs for a in ("--config", c)] + list(self.overrides) + list(extra)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+            return FederatedCLI(args=args, run=False, save_config_callback=None, parser_kwargs={"prog": "lightning-fed"})
+
+    def _cpus_needed(self, cli: Any) -> float:
+        sites = cli.trainer.strategy._launcher._sites(cli.datamodule, cli.model)
+        # the N-site layout and the pooled one can both be idle-warm at once
+        return sum(s.num_cpus for s in sites) + ("pooled" in self.modes) * max(s.num_cpus for s in sites)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def __enter__(self) -> "Experiment":
+        from lightning_fed.launcher import RayRuntime
+
+        address, init_kwargs = self._strategy_ray
+        self._runtime = RayRuntime(address, init_kwargs)
+        self._runtime.ensure(self._layout_cpus)  # one Ray session for every run: actors can stay warm
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        if self._runtime is not None:
+            self._runtime.shutdown()
+            self._runtime = None
+
+    # -- running -----------------------------------------------------------------------------------
+    def run_point(self, point: Optional[dict[str, Any]] = None, say: Any = print) -> list[Run]:
+        """Every mode × repetition at one grid point (``None``: the recipe as written)."""
+        point = dict(point or {})
+        args = point_arguments(point, self.base_config)
+        runs = []
+        for repeat in range(self.repeats):
+            seed = self.base_seed + repeat
+            extra = [f"--seed_everything={seed}"]
+            if self.vary_data_seed and self.base_data_seed is not None:
+                extra.append(f"--data.init_args.seed={self.base_data_seed + repeat}")
+            for mode in self.modes:
+                t0 = time.monotonic()
+                run = self._run_mode(mode, extra + args, point, repeat, seed)
+                runs.append(run)
+                self.runs.append(run)
+                say(f"[lightning-fed] {point_label(point)} | repeat {repeat + 1}/{self.repeats} | {mode}: "
+                    f"{time.monotonic() - t0:.1f}s (start-up {run.startup_seconds:.1f}s{', warm sites' if run.warm else ''}) | "
+                    + _brief(run, self.mean_over))
+        return runs
+
+    def _run_mode(self, mode: str, extra: list[str], point: dict[str, Any], repeat: int, seed: int) -> Run:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        from lightning_fed.data.pooled import POOLED, PooledSites
+        from lightning_fed.launcher import Federation
+        from lightning_fed.strategies.local import Local
+
+        cli = self._cli(extra)
+        trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+        strategy = trainer.strategy
+        strategy.site_pool = self.pool
+        strategy.progress = self.progress
+        started_before = self.pool.started if self.pool is not None else 0
+        note = None
+        if mode != "federated":
+            strategy.aggregator, strategy.secagg = Local(), False
+        fit_data = datamodule
+        sites = strategy._launcher._sites(datamodule, model)
+        if mode == "pooled":
+            fit_data = PooledSites(sites)
+            if isinstance(strategy.privacy, dict):
+                strategy.privacy = strategy.privacy.get("*")
+                note = "pooled run private as the recipe's '*' sites" if strategy.privacy is not None else None
+        try:
+            trainer.fit(model, datamodule=fit_data)
+            fit = strategy.last_fit or {}
+            federation = strategy.federation
+            if mode == "federated":
+                evaluations = {"federated": evaluation_rows_of(federation.evaluate("test", model))}
+            elif mode == "local":
+                weights = federation.site_weights()
+                raw = {}
+                for name, state in weights.items():
+                    _load(model, state)
+                    raw[name] = federation.evaluate("test", model, exact=True)
+                evaluations = {f"local:{name}": evaluation_rows_of(r) for name, r in raw.items()}
+                evaluations["local"] = evaluation_rows_of({name: raw[name][name] for name in raw})
+            else:
+                _load(model, federation.site_weights()[POOLED])
+                strategy.shutdown()
+                trainer.state.fn = TrainerFn.TESTING
+                test_sites = strategy._launcher._sites(datamodule, model, splits=("test",))
+                strategy.federation = federation = Federation(strategy, trainer, model, test_sites, id(datamodule))
+                fit = {**fit, "startup_seconds": float(fit.get("startup_seconds", 0.0)) + federation.startup_seconds}
+                evaluations = {"pooled": evaluation_rows_of(federation.evaluate("test", model, exact=True))}
+        finally:
+            strategy.shutdown()
+        warm = self.pool is not None and self.pool.started == started_before  # no new site process in this run
+        return Run(point=point, repeat=repeat, seed=seed, mode=mode, evaluations=evaluations,
+                   fit_seconds=float(fit.get("fit_seconds", 0.0)), startup_seconds=float(fit.get("startup_seconds", 0.0)),
+                   warm=warm, note=note)
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def startup_report(self) -> dict[str, Any]:
+        """Start-up (federations of a run: fit, and the pooled model's test) of runs that started new site processes
+        vs runs that ran entirely on warm ones."""
+        cold = [r.startup_seconds for r in self.runs if not r.warm]
+        warm = [r.startup_seconds for r in self.runs if r.warm]
+        report: dict[str, Any] = {
+            "cold_runs": len(cold), "warm_runs": len(warm),
+            "cold_mean_seconds": statistics.fmean(cold) if cold else None,
+            "warm_mean_seconds": statistics.fmean(warm) if warm else None,
+            "site_processes_started": self.pool.started if self.pool is not None else None,
+            "site_processes_reused": self.pool.reused if self.pool is not None else None,
+        }
+        if cold and warm:
+            report["estimated_saving_seconds"] = (report["cold_mean_seconds"] - report["warm_mean_seconds"]) * len(warm)
+        return report
+
+
+def evaluation_rows_of(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    from lightning_fed.launcher import evaluation_rows
+
+    rows = evaluation_rows(results, "test")
+    keep = (*METRICS, "loss", "confusion_matrix", "auroc_per_label")
+    return {column: {k: v for k, v in row.items() if k in keep} for column, row in rows.items()}
+
+
+def _load(model: Any, weights: dict[str, Any]) -> None:
+    from lightning_fed.strategies.site import load_weights
+
+    load_weights(model, weights)
+
+
+def _label_names(model: Any, datamodule: Any) -> Optional[list[str]]:
+    names = getattr(model, "hparams", {}).get("label_names") or getattr(datamodule, "label_names", None)
+    return list(names) if names else None
+
+
+def _brief(run: Run, mean_over: Optional[list[str]]) -> str:
+    label = "local" if run.mode == "local" else run.mode
+    rows = run.evaluations.get(label, {})
+    column = f"mean over {len(mean_over)} sites" if mean_over else "all sites"
+    values = _column_values(rows, mean_over)
+    shown = "  ".join(f"{m}={values[m]:.3f}" for m in METRICS if isinstance(values.get(m), float))
+    return f"{column}: {shown}"
+
+
+def _column_values(rows: dict[str, dict[str, Any]], mean_over: Optional[list[str]]) -> dict[str, Any]:
+    if not mean_over:
+        return rows.get(MERGED, {})
+    return {m: statistics.fmean(rows[s][m] for s in mean_over) for m in METRICS
+            if all(isinstance(rows.get(s, {}).get(m), float) for s in mean_over)}
+
+
+# -- summaries -----------------------------------------------------------------------------------
+def model_order(labels: Sequence[str], sites: Sequence[str]) -> list[str]:
+    order = ["pooled", "local", *[f"local:{s}" for s in sites], "federated"]
+    return [m for m in order if m in labels] + sorted(set(labels) - set(order))
+
+
+def summarize(runs: list[Run], metrics: Sequence[str] = METRICS, mean_over: Optional[list[str]] = None) -> dict[str, Any]:
+    """``{model: {column: {metric: {"mean", "std", "n", "values"}}}}`` over repetitions; columns are the sites,
+    ``mean(<sites>)`` when ``mean_over`` is given (the mean of those sites' values in each repetition), and
+    ``federated`` (all sites' test data merged). ``std`` is the sample standard deviation (0 for one value)."""
+    collected: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for run in runs:
+        for model, rows in run.evaluations.items():
+            columns = {c: r for c, r in rows.items()}
+            if mean_over:
+                columns[mean_label(mean_over)] = _column_values(rows, mean_over)
+            for column, values in columns.items():
+                for metric in metrics:
+                    value = values.get(metric)
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        collected.setdefault(model, {}).setdefault(column, {}).setdefault(metric, []).append(float(value))
+    return {model: {column: {metric: _stats(values) for metric, values in by_metric.items()}
+                    for column, by_metric in by_column.items()}
+            for model, by_column in collected.items()}
+
+
+def mean_label(sites: Sequence[str]) -> str:
+    return f"mean({','.join(sites)})"
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def confusion_totals(runs: list[Run]) -> dict[str, dict[str, list[list[int]]]]:
+    """Confusion matrices per model and site (and merged), summed over repetitions."""
+    totals: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for model, rows in run.evaluations.items():
+            for column, values in rows.items():
+                matrix = values.get("confusion_matrix")
+                if not matrix:
+                    continue
+                current = totals.setdefault(model, {}).get(column)
+                totals[model][column] = matrix if current is None else [[a + b for a, b in zip(r1, r2)] for r1, r2 in zip(current, matrix)]
+    return totals
+
+
+def _cell(stats: Optional[dict[str, Any]]) -> str:
+    if not stats:
+        return "-"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if stats["n"] > 1 else f"{stats['mean']:.3f}"
+
+
+def markdown_tables(summary: dict[str, Any], metrics: Sequence[str], columns: Sequence[str], models: Sequence[str]) -> str:
+    """One markdown table per metric: a row per model, a column per test set."""
+    parts = []
+    for metric in metrics:
+        header = f"| {metric} | " + " | ".join(_column_title(c) for c in columns) + " |"
+        rule = "|---|" + "---|" * len(columns)
+        body = [f"| {_model_title(m)} | " + " | ".join(_cell(summary.get(m, {}).get(c, {}).get(metric)) for c in columns) + " |"
+                for m in models]
+        parts.append("\n".join([f"### {metric}", "", header, rule, *body]))
+    return "\n\n".join(parts)
+
+
+def _column_title(column: str) -> str:
+    return "all sites (merged)" if column == MERGED else column
+
+
+def _model_title(model: str) -> str:
+    if model == "local":
+        return "local (each site's own model)"
+    if model.startswith("local:"):
+        return f"{model.split(':', 1)[1]} only"
+    return model
+
+
+# -- plots ---------------------------------------------------------------------------------------
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_plots(summary: dict[str, Any], metrics: Sequence[str], columns: Sequence[str], models: Sequence[str], out: Path, title: str) -> list[Path]:
+    """``<metric>.png``: one group of bars per test set, one bar per model, error bars = std over repetitions."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    paths = []
+    for metric in metrics:
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) * max(1, len(models)) / 3), 4))
+        width = 0.8 / max(1, len(models))
+        for i, model in enumerate(models):
+            stats = [summary.get(model, {}).get(c, {}).get(metric) for c in columns]
+            xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(columns))]
+            ax.bar(xs, [s["mean"] if s else math.nan for s in stats], width, yerr=[s["std"] if s else 0 for s in stats],
+                   label=_model_title(model), capsize=2)
+        ax.set_xticks(range(len(columns)), [_column_title(c) for c in columns], rotation=20, ha="right")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{title}: {metric} on each test set")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out / f"{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def confusion_plot(totals: dict[str, dict[str, Any]], models: Sequence[str], columns: Sequence[str], out: Path,
+                   label_names: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """``confusion_matrices.png``: a row per model, a column per test set, counts summed over repetitions."""
+    plt = _pyplot()
+    shown = [m for m in models if m in totals]
+    if plt is None or not shown:
+        return None
+    fig, axes = plt.subplots(len(shown), len(columns), figsize=(2.3 * len(columns), 2.2 * len(shown)), squeeze=False)
+    for i, model in enumerate(shown):
+        for j, column in enumerate(columns):
+            ax = axes[i][j]
+            matrix = totals[model].get(column)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if matrix is None:
+                ax.axis("off")
+                continue
+            ax.imshow(matrix, cmap="Blues")
+            for r, row in enumerate(matrix):
+                for c, value in enumerate(row):
+                    ax.text(c, r, str(value), ha="center", va="center", fontsize=8)
+            if i == 0:
+                ax.set_title(_column_title(column), fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{_model_title(model)}\ntrue", fontsize=8)
+            if i == len(shown) - 1:
+                ax.set_xlabel("predicted", fontsize=8)
+    fig.tight_layout()
+    path = out / "confusion_matrices.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def line_plots(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str], out: Path, column: str) -> list[Path]:
+    """``<metric>.png`` for a sweep: the first grid key on the x axis, one line per other grid values × model."""
+    plt = _pyplot()
+    if plt is None or not keys:
+        return []
+    x_key, rest = keys[0], keys[1:]
+    paths = []
+    for metric in metrics:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        lines: dict[tuple, list[tuple[Any, dict[str, Any]]]] = {}
+        for row in rows:
+            lines.setdefault((row["model"], *[json.dumps(row["point"][k]) for k in rest]), []).append((row["point"][x_key], row["metrics"].get(metric)))
+        for line, points in lines.items():
+            points = [(x, s) for x, s in points if s]
+            if not points:
+                continue
+            label = ", ".join([_model_title(line[0]), *[f"{_short(k)}={v}" for k, v in zip(rest, line[1:])]])
+            xs = [x if isinstance(x, (int, float)) else str(x) for x, _ in points]
+            ax.errorbar(xs, [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points], marker="o", capsize=2, label=label)
+        ax.set_xlabel(_short(x_key))
+        ax.set_ylabel(f"{metric} ({_column_title(column)})")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / f"{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# -- W&B -----------------------------------------------------------------------------------------
+def _wandb_settings(loggers: list[Any]) -> Optional[dict[str, Any]]:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            init = logger._wandb_init
+            return {"project": init.get("project"), "save_dir": init.get("dir") or ".", "name": init.get("name") or "experiment",
+                    "offline": bool(logger._offline or init.get("mode") == "offline"),
+                    **{k: init[k] for k in ("entity", "tags") if init.get(k) is not None}}
+    return None
+
+
+def log_to_wandb(settings: dict[str, Any], kind: str, tables: dict[str, tuple[list[str], list[list[Any]]]], images: list[Path],
+                 config: dict[str, Any]) -> str:
+    """One W&B run (``job_type`` = ``compare``/``sweep``) holding the result tables and plots; returns its folder."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    settings = dict(settings)
+    name = settings.pop("name")
+    logger = WandbLogger(name=f"{name}-{kind}", group=f"{name}-{kind}", job_type=kind, **settings)
+    logger.log_hyperparams(config)
+    for key, (columns, data) in tables.items():
+        logger.log_table(key=key, columns=columns, data=data)
+    if images:
+        logger.log_image(key="plots", images=[str(p) for p in images], caption=[p.stem for p in images])
+    folder = logger.experiment.dir
+    logger.experiment.finish()
+    return folder
+
+
+# -- commands ------------------------------------------------------------------------------------
+def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                     epilog="Any other --key=value is a recipe override, as with `lightning-fed fit` "
+                                            "(e.g. --trainer.max_epochs=3).")
+    parser.add_argument("--config", action="append", required=True, help="recipe YAML (repeatable, as for fit)")
+    parser.add_argument("--repeats", type=int, default=1, help="repetitions per mode, seeds seed_everything + 0..N-1")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/<kind>/<recipe>-<time>)")
+    parser.add_argument("--metrics", default=",".join(METRICS), help="metrics in tables and plots")
+    parser.add_argument("--fixed-data", action="store_true", help="keep the recipe's data split seed in every repetition")
+    parser.add_argument("--no-reuse", action="store_true", help="start new site processes for every run (measure the saving)")
+    parser.add_argument("--progress", action="store_true", help="show each run's federated progress")
+    return parser
+
+
+def _out_dir(out: Optional[str], kind: str, configs: list[str]) -> Path:
+    path = Path(out) if out else Path("runs") / kind / f"{Path(configs[-1]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _metrics(text: str) -> list[str]:
+    metrics = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in (*METRICS, "loss")]
+    if unknown:
+        raise SystemExit(f"lightning-fed: unknown metric(s) {unknown}: choose from {', '.join((*METRICS, 'loss'))}")
+    return metrics
+
+
+def _experiment(args: argparse.Namespace, overrides: list[str], modes: list[str]) -> Experiment:
+    try:
+        return Experiment(configs=args.config, overrides=overrides, modes=modes, repeats=args.repeats,
+                          vary_data_seed=not args.fixed_data, reuse_sites=not args.no_reuse, progress=args.progress)
+    except ValueError as err:
+        raise SystemExit(f"lightning-fed: {err}") from None
+
+
+def compare(argv: Sequence[str]) -> dict[str, Any]:
+    """``lightning-fed compare``: pooled / local / federated on every site's test set, mean ± std, plots."""
+    parser = _common_parser("lightning-fed compare", "Train the recipe pooled, locally and federated; test every model on every site's test set.")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: pooled, local, federated")
+    args, overrides = parser.parse_known_args(list(argv))
+    metrics = _metrics(args.metrics)
+    experiment = _experiment(args, overrides, [m.strip() for m in args.modes.split(",") if m.strip()])
+    out = _out_dir(args.out, "compare", args.config)
+    t0 = time.monotonic()
+    with experiment:
+        experiment.run_point()
+    return write_compare(experiment, out, metrics, time.monotonic() - t0, ["lightning-fed", "compare", *argv])
+
+
+def write_compare(experiment: Experiment, out: Path, metrics: Sequence[str], wall: float, command: list[str]) -> dict[str, Any]:
+    runs = experiment.runs
+    sites = [c for c in runs[0].evaluations[next(iter(runs[0].evaluations))] if c != MERGED]
+    mean_over = experiment.mean_over
+    summary = summarize(runs, metrics, mean_over)
+    models = model_order(list(summary), sites)
+    columns = [*sites, *([mean_label(mean_over)] if mean_over else []), MERGED]
+    totals = confusion_totals(runs)
+    title = Path(experiment.configs[-1]).stem
+    plots = bar_plots(summary, metrics, columns, models, out, title)
+    cm_models = [m for m in ("pooled", "local", "federated") if m in models]
+    cm_plot = confusion_plot(totals, cm_models, [*sites, MERGED], out, experiment.label_names)
+    report = {
+        "command": shlex.join(command), "recipes": experiment.configs, "overrides": experiment.overrides,
+        "modes": list(experiment.modes), "repeats": experiment.repeats,
+        "seeds": sorted({r.seed for r in runs}), "sites": sites, "mean_over": mean_over, "columns": columns,
+        "models": models, "label_names": experiment.label_names, "summary": summary, "confusion_matrices": totals,
+        "runs": [asdict(r) for r in runs], "startup": experiment.startup_report(), "wall_seconds": wall,
+        "plots": [p.name for p in [*plots, *([cm_plot] if cm_plot else [])]],
+    }
+    md = [f"# {title}: {' / '.join(experiment.modes)}", "", f"`{report['command']}`", "",
+          f"Every model tested on every site's own test split; mean ± std over {experiment.repeats} repetition(s) "
+          f"(seeds {report['seeds']}). Columns: each site's test set"
+          + (f", the mean over {', '.join(mean_over)}" if mean_over else "") + ", and all sites' test data merged. "
+          "Rows: the pooled model, each site's own local model on its own data, each site's local model on every site, "
+          "the federated model.", "", markdown_tables(summary, metrics, columns, models)]
+    if totals:
+        md += ["", "### Confusion matrices (rows: true class, columns: predicted; summed over repetitions)", "",
+               "| model | " + " | ".join(_column_title(c) for c in [*sites, MERGED]) + " |", "|---|" + "---|" * (len(sites) + 1)]
+        md += [f"| {_model_title(m)} | " + " | ".join(str(totals[m].get(c, "-")) for c in [*sites, MERGED]) + " |" for m in models if m in totals]
+    md += ["", _startup_line(report["startup"], wall)]
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    if experiment.wandb:
+        table = {metric: (["model", *[_column_title(c) for c in columns]],
+                          [[_model_title(m), *[(summary.get(m, {}).get(c, {}).get(metric) or {}).get("mean") for c in columns]] for m in models])
+                 for metric in metrics}
+        report["wandb_dir"] = log_to_wandb(experiment.wandb, "compare", table, [*plots, *([cm_plot] if cm_plot else [])], {"command": report["command"]})
+        (out / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    print("\n" + "\n".join(md[6:]))
+    print(f"\nresults written to {out}/results.md, results.json and {len(report['plots'])} plot(s)")
+    return report
+
+
+def _startup_line(startup: dict[str, Any], wall: float) -> str:
+    line = f"Wall time {wall:.0f} s. Site start-up: {startup['cold_runs']} run(s) with new site processes"
+    if startup["cold_mean_seconds"] is not None:
+        line += f" ({startup['cold_mean_seconds']:.1f} s each)"
+    if startup["warm_runs"]:
+        line += f", {startup['warm_runs']} run(s) on warm sites ({startup['warm_mean_seconds']:.1f} s each)"
+    if startup.get("estimated_saving_seconds") is not None:
+        line += f": reusing warm site processes saved about {startup['estimated_saving_seconds']:.0f} s"
+    return line + "."
+
+
+def sweep(argv: Sequence[str]) -> dict[str, Any]:
+    """``lightning-fed sweep``: a grid of recipe overrides × modes × repetitions; one table, one line plot per metric."""
+    parser = _common_parser("lightning-fed sweep", "Run a grid of recipe overrides; one table and one line plot per metric.")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="an axis of the grid (repeatable; the grid is their product); KEY may index a list: key[0], key[1:]")
+    parser.add_argument("--zip", action="append", default=[], metavar="KEY=V1,V2",
+                        help="axes that vary together (same length), crossed with the --grid axes")
+    parser.add_argument("--modes", default="federated", help="comma-separated: pooled, local, federated")
+    parser.add_argument("--x", default=None, metavar="KEY", help="grid key on the plots' x axis (default: the first --grid key, else the first --zip key)")
+    args, overrides = parser.parse_known_args(list(argv))
+    metrics = _metrics(args.metrics)
+    try:
+        points = expand_grid(args.grid, args.zip)
+        if args.x is not None:
+            if points and args.x not in points[0]:
+                raise ValueError(f"--x {args.x!r} is not a grid key; the keys are {list(points[0])}")
+            points = [{args.x: p[args.x], **p} for p in points]
+    except ValueError as err:
+        raise SystemExit(f"lightning-fed: {err}") from None
+    if not args.grid and not args.zip:
+        raise SystemExit("lightning-fed: sweep needs at least one --grid KEY=V1,V2 (or --zip) axis")
+    experiment = _experiment(args, overrides, [m.strip() for m in args.modes.split(",") if m.strip()])
+    for point in points:  # every override must be valid before hours of training start
+        try:
+            point_arguments(point, experiment.base_config)
+        except ValueError as err:
+            raise SystemExit(f"lightning-fed: {err}") from None
+    out = _out_dir(args.out, "sweep", args.config)
+    t0 = time.monotonic()
+    with experiment:
+        for i, point in enumerate(points):
+            print(f"[lightning-fed] sweep point {i + 1}/{len(points)}: {point_label(point)}")
+            experiment.run_point(point)
+    return write_sweep(experiment, points, out, metrics, time.monotonic() - t0, ["lightning-fed", "sweep", *argv])
+
+
+def write_sweep(experiment: Experiment, points: list[dict[str, Any]], out: Path, metrics: Sequence[str], wall: float, command: list[str]) -> dict[str, Any]:
+    keys = list(points[0])
+    mean_over = experiment.mean_over
+    column = mean_label(mean_over) if mean_over else MERGED
+    rows = []
+    for point in points:
+        runs = [r for r in experiment.runs if r.point == point]
+        summary = summarize(runs, metrics, mean_over)
+        sites = [c for c in runs[0].evaluations[next(iter(runs[0].evaluations))] if c != MERGED]
+        for model in model_order(list(summary), sites):
+            if model.startswith("local:"):
+                continue  # the sweep table keeps pooled / local / federated; compare shows every local model
+            rows.append({"point": point, "model": model, "metrics": {m: summary[model].get(column, {}).get(m) for m in metrics}})
+    plots = line_plots(rows, keys, metrics, out, column)
+    title = Path(experiment.configs[-1]).stem
+    header = "| " + " | ".join([*map(_short, keys), "model", *metrics]) + " |"
+    body = ["| " + " | ".join([*[json.dumps(r["point"][k]) for k in keys], _model_title(r["model"]), *[_cell(r["metrics"][m]) for m in metrics]]) + " |" for r in rows]
+    report = {
+        "command": shlex.join(command), "recipes": experiment.configs, "overrides": experiment.overrides, "grid": keys,
+        "points": points, "modes": list(experiment.modes), "repeats": experiment.repeats, "column": column,
+        "rows": rows, "runs": [asdict(r) for r in experiment.runs], "startup": experiment.startup_report(), "wall_seconds": wall,
+        "plots": [p.name for p in plots],
+    }
+    md = [f"# {title}: sweep over {', '.join(map(_short, keys))}", "", f"`{report['command']}`", "",
+          f"{len(points)} grid point(s) × {len(experiment.modes)} mode(s) × {experiment.repeats} repetition(s); metrics on "
+          f"{_column_title(column)} test data, mean ± std over repetitions.", "", header, "|" + "---|" * (len(keys) + 1 + len(metrics)), *body,
+          "", _startup_line(report["startup"], wall)]
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    if experiment.wandb:
+        table = {"sweep": ([*map(_short, keys), "model", *metrics],
+                           [[*[json.dumps(r["point"][k]) for k in keys], r["model"], *[(r["metrics"][m] or {}).get("mean") for m in metrics]] for r in rows])}
+        report["wandb_dir"] = log_to_wandb(experiment.wandb, "sweep", table, plots, {"command": report["command"]})
+        (out / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    print("\n" + "\n".join(md[6:]))
+    print(f"\nresults written to {out}/results.md, results.json and {len(plots)} plot(s)")
+    return report
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+COMMANDS = {"compare": compare, "sweep": sweep}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,139 @@
+"""`lightning-fed compare` / `sweep`: pooled, local and federated runs, every model tested on every site."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_fed.experiments import compare, expand_grid, point_arguments, split_values, sweep
+
+HEART = ["--config", "recipes/heart_disease.yaml", "--trainer.logger=false", "--data.init_args.site_cpus=0.5"]
+HOSPITALS = ["cleveland", "hungary", "switzerland", "va"]
+
+
+def test_grid_expansion_and_list_overrides():
+    assert split_values("0.1, 2, [1,2], 'a,b', null") == [0.1, 2, [1, 2], "a,b", None]
+    points = expand_grid(["a=1,2", "b=x,y,z"], ["c[0]=10,20", "d=p,q"])
+    assert len(points) == 2 * 3 * 2
+    assert points[0] == {"a": 1, "b": "x", "c[0]": 10, "d": "p"} and points[1] == {"a": 1, "b": "x", "c[0]": 20, "d": "q"}
+    assert {(p["c[0]"], p["d"]) for p in points} == {(10, "p"), (20, "q")}  # zipped axes vary together
+    assert {(p["a"], p["b"]) for p in points} == {(a, b) for a in (1, 2) for b in "xyz"}  # grid axes: the product
+    base = {"data": {"init_args": {"positive_ratios": [0.5, 0.1, 0.1, 0.1, 0.1], "sizes": [30000, 3000]}}}
+    args = point_arguments({"data.init_args.positive_ratios[0]": 0.2, "data.init_args.positive_ratios[1:]": 0.05,
+                            "data.init_args.sizes[-2]": 6000, "trainer.max_epochs": 3}, base)
+    assert args == ["--data.init_args.positive_ratios=[0.2, 0.05, 0.05, 0.05, 0.05]", "--data.init_args.sizes=[6000, 3000]",
+                    "--trainer.max_epochs=3"]
+    assert base["data"]["init_args"]["positive_ratios"] == [0.5, 0.1, 0.1, 0.1, 0.1]  # the recipe itself is untouched
+    with pytest.raises(ValueError, match="same number of values"):
+        expand_grid([], ["a=1,2", "b=1"])
+    with pytest.raises(ValueError, match="must look like KEY=V1,V2"):
+        expand_grid(["max_epochs"])
+    with pytest.raises(ValueError, match="given twice"):
+        expand_grid(["a=1", "a=2"])
+    with pytest.raises(ValueError, match="index out of range"):
+        point_arguments({"data.init_args.sizes[5]": 1}, base)
+    with pytest.raises(ValueError, match="no list at 'data.init_args.nope'"):
+        point_arguments({"data.init_args.nope[0]": 1}, base)
+
+
+@pytest.fixture(scope="module")
+def heart_compare(tmp_path_factory, ray_cluster):
+    if not (Path(os.environ["LIGHTNING_FED_DATA"]) / "heart_disease").is_dir():
+        pytest.skip("heart-disease files not found under $LIGHTNING_FED_DATA")
+    out = tmp_path_factory.mktemp("compare")
+    report = compare([*HEART, "--trainer.max_epochs=2", "--repeats", "2", "--out", str(out)])
+    return report, out
+
+
+def test_compare_tests_every_model_on_every_site(heart_compare):
+    from lightning_fed.data.heart_disease import HeartDiseaseSites
+
+    report, out = heart_compare
+    assert report["sites"] == HOSPITALS and report["seeds"] == [0, 1]
+    assert report["models"] == ["pooled", "local", *[f"local:{h}" for h in HOSPITALS], "federated"]
+    runs = report["runs"]
+    assert [(r["repeat"], r["mode"]) for r in runs] == [(0, "pooled"), (0, "local"), (0, "federated"), (1, "pooled"), (1, "local"), (1, "federated")]
+    for run in runs:
+        # repetition r splits the data with seed 0 + r: every model is tested on exactly that split's test patients
+        tests = {h: len(p["test"]) for h, p in HeartDiseaseSites(seed=run["repeat"]).site_indices().items()}
+        for model, rows in run["evaluations"].items():
+            assert set(rows) == {*HOSPITALS, "federated"}
+            for hospital in HOSPITALS:
+                assert int(np.sum(rows[hospital]["confusion_matrix"])) == tests[hospital], (model, hospital)
+            # the merged column is every site's test data together: its confusion matrix is the sum of theirs
+            assert rows["federated"]["confusion_matrix"] == np.sum([rows[h]["confusion_matrix"] for h in HOSPITALS], axis=0).tolist()
+        if run["mode"] == "local":
+            for hospital in HOSPITALS:  # the "local" row is each hospital's own model on its own data
+                assert run["evaluations"]["local"][hospital] == run["evaluations"][f"local:{hospital}"][hospital]
+            # four different models: the same test data gives different results
+            assert len({json.dumps(run["evaluations"][f"local:{h}"]["cleveland"]["confusion_matrix"]) for h in HOSPITALS}) > 1
+    summary = report["summary"]
+    for model in report["models"]:
+        for column in [*HOSPITALS, "federated"]:
+            stats = summary[model][column]["accuracy"]
+            values = [r["evaluations"][model][column]["accuracy"] for r in runs if model in r["evaluations"]]
+            assert stats["n"] == 2 and stats["values"] == values
+            assert stats["mean"] == pytest.approx(np.mean(values)) and stats["std"] == pytest.approx(np.std(values, ddof=1))
+    md = (out / "results.md").read_text()
+    for metric in ("accuracy", "precision", "recall", "auroc"):
+        table = md.split(f"### {metric}\n\n")[1].split("\n\n")[0].splitlines()
+        assert len(table) == 2 + len(report["models"]) and table[0].count("|") == 2 + len(HOSPITALS) + 1
+        assert (out / f"{metric}.png").stat().st_size > 5000
+    assert "cleveland only" in md and "±" in md and (out / "confusion_matrices.png").is_file()
+    assert json.loads((out / "results.json").read_text())["summary"] == json.loads(json.dumps(summary))
+    startup = report["startup"]
+    # 6 runs; site processes are started for the first pooled run and the first 4-site run only, then reused
+    assert startup["site_processes_started"] == 1 + 4 and startup["warm_runs"] == 5
+    assert startup["site_processes_reused"] == 5 * 4 + 1
+
+
+def test_pooled_site_trains_on_the_union_of_the_sites(fed_data):
+    from lightning_fed.data.heart_disease import HeartDiseaseSites
+    from lightning_fed.data.pooled import PooledSites
+
+    sites = HeartDiseaseSites().federated_sites()
+    (pooled,) = PooledSites(sites).federated_sites()
+    assert pooled.name == "pooled" and pooled.num_cpus == 1.0
+    data = pooled.build_datamodule()
+    data.setup("fit")
+    parts = []
+    for site in sites:
+        dm = site.build_datamodule()
+        dm.setup("fit")
+        parts.append(dm.datasets["train"])
+    assert len(data.train_dataloader().dataset) == sum(len(p) for p in parts)
+    x = np.concatenate([p.tensors[0].numpy() for p in parts])
+    pooled_x = np.concatenate([data.train_dataloader().dataset[i][0].numpy()[None] for i in range(len(x))])
+    assert np.array_equal(pooled_x, x)  # each site's own preprocessing kept, in site order
+    pinned = [type(sites[0])(name="a", datamodule=sites[0].datamodule, resources={"site:a": 1})]
+    with pytest.raises(ValueError, match="pinned to their own nodes"):
+        PooledSites(pinned)
+
+
+def test_sweep_reuses_warm_sites_and_gives_the_same_result_as_a_fresh_start(tmp_path, ray_cluster, fed_data):
+    out = tmp_path / "sweep"
+    report = sweep([*HEART, "--trainer.max_epochs=1", "--grid", "model.init_args.lr=0.003,0.03,0.003", "--out", str(out)])
+    runs = report["runs"]
+    assert [r["point"] for r in runs] == [{"model.init_args.lr": v} for v in (0.003, 0.03, 0.003)]
+    assert [r["warm"] for r in runs] == [False, True, True]
+    assert report["startup"]["site_processes_started"] == 4 and report["startup"]["site_processes_reused"] == 8
+    # a warm site is reset from its new plan: the third run (warm, after a different run) equals the first (fresh)
+    assert runs[2]["evaluations"] == runs[0]["evaluations"]
+    assert runs[1]["evaluations"] != runs[0]["evaluations"]
+    assert len(report["rows"]) == 3 and all(r["model"] == "federated" for r in report["rows"])
+    md = (out / "results.md").read_text()
+    assert md.count("| federated |") == 3 and "reusing warm site processes saved about" in md
+    assert all((out / f"{m}.png").is_file() for m in ("accuracy", "precision", "recall", "auroc"))
+
+
+def test_compare_and_sweep_refuse_bad_input_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="unknown mode\\(s\\) \\['siloed'\\]"):
+        compare([*HEART, "--modes", "pooled,siloed", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs at least one --grid"):
+        sweep([*HEART, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no list at 'data.init_args.sizes'"):
+        sweep([*HEART, "--grid", "data.init_args.sizes[0]=1,2", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--x 'lr' is not a grid key"):
+        sweep([*HEART, "--grid", "model.init_args.lr=0.1,0.2", "--x", "lr", "--out", str(tmp_path)])
