@@ -317,8 +317,10 @@ class Experiment:
             "site_processes_started": self.pool.started if self.pool is not None else None,
             "site_processes_reused": self.pool.reused if self.pool is not None else None,
         }
-        if cold and warm:
-            report["estimated_saving_seconds"] = (report["cold_mean_seconds"] - report["warm_mean_seconds"]) * len(warm)
+        started, reused = report["site_processes_started"], report["site_processes_reused"]
+        if cold and reused and started:
+            # what each new site process cost on average, times the processes reused, minus what resets cost
+            report["estimated_saving_seconds"] = sum(cold) / started * reused - sum(warm)
         return report
 
 
@@ -438,11 +440,9 @@ def _model_title(model: str) -> str:
 
 # -- plots ---------------------------------------------------------------------------------------
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed on a cluster node
     import matplotlib.pyplot as plt
 
     return plt
@@ -451,8 +451,6 @@ def _pyplot() -> Any:
 def bar_plots(summary: dict[str, Any], metrics: Sequence[str], columns: Sequence[str], models: Sequence[str], out: Path, title: str) -> list[Path]:
     """``<metric>.png``: one group of bars per test set, one bar per model, error bars = std over repetitions."""
     plt = _pyplot()
-    if plt is None:
-        return []
     paths = []
     for metric in metrics:
         fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) * max(1, len(models)) / 3), 4))
@@ -479,7 +477,7 @@ def confusion_plot(totals: dict[str, dict[str, Any]], models: Sequence[str], col
     """``confusion_matrices.png``: a row per model, a column per test set, counts summed over repetitions."""
     plt = _pyplot()
     shown = [m for m in models if m in totals]
-    if plt is None or not shown:
+    if not shown:
         return None
     fig, axes = plt.subplots(len(shown), len(columns), figsize=(2.3 * len(columns), 2.2 * len(shown)), squeeze=False)
     for i, model in enumerate(shown):
@@ -510,9 +508,9 @@ def confusion_plot(totals: dict[str, dict[str, Any]], models: Sequence[str], col
 
 def line_plots(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str], out: Path, column: str) -> list[Path]:
     """``<metric>.png`` for a sweep: the first grid key on the x axis, one line per other grid values × model."""
-    plt = _pyplot()
-    if plt is None or not keys:
+    if not keys:
         return []
+    plt = _pyplot()
     x_key, rest = keys[0], keys[1:]
     paths = []
     for metric in metrics:
@@ -672,7 +670,8 @@ def _startup_line(startup: dict[str, Any], wall: float) -> str:
     if startup["warm_runs"]:
         line += f", {startup['warm_runs']} run(s) on warm sites ({startup['warm_mean_seconds']:.1f} s each)"
     if startup.get("estimated_saving_seconds") is not None:
-        line += f": reusing warm site processes saved about {startup['estimated_saving_seconds']:.0f} s"
+        line += (f"; {startup['site_processes_reused']} site process start(s) avoided by reusing warm ones, an estimated "
+                 f"{startup['estimated_saving_seconds']:.0f} s saved (measure it exactly with --no-reuse)")
     return line + "."
 
 
@@ -705,14 +704,18 @@ def sweep(argv: Sequence[str]) -> dict[str, Any]:
             raise SystemExit(f"lightning-fed: {err}") from None
     out = _out_dir(args.out, "sweep", args.config)
     t0 = time.monotonic()
+    command = ["lightning-fed", "sweep", *argv]
     with experiment:
         for i, point in enumerate(points):
             print(f"[lightning-fed] sweep point {i + 1}/{len(points)}: {point_label(point)}")
             experiment.run_point(point)
-    return write_sweep(experiment, points, out, metrics, time.monotonic() - t0, ["lightning-fed", "sweep", *argv])
+            if i + 1 < len(points):  # results so far stay on disk if the sweep is stopped or a later run fails
+                write_sweep(experiment, points[: i + 1], out, metrics, time.monotonic() - t0, command, final=False)
+    return write_sweep(experiment, points, out, metrics, time.monotonic() - t0, command)
 
 
-def write_sweep(experiment: Experiment, points: list[dict[str, Any]], out: Path, metrics: Sequence[str], wall: float, command: list[str]) -> dict[str, Any]:
+def write_sweep(experiment: Experiment, points: list[dict[str, Any]], out: Path, metrics: Sequence[str], wall: float, command: list[str],
+                final: bool = True) -> dict[str, Any]:
     keys = list(points[0])
     mean_over = experiment.mean_over
     column = mean_label(mean_over) if mean_over else MERGED
@@ -735,12 +738,14 @@ def write_sweep(experiment: Experiment, points: list[dict[str, Any]], out: Path,
         "rows": rows, "runs": [asdict(r) for r in experiment.runs], "startup": experiment.startup_report(), "wall_seconds": wall,
         "plots": [p.name for p in plots],
     }
-    md = [f"# {title}: sweep over {', '.join(map(_short, keys))}", "", f"`{report['command']}`", "",
+    md = [f"# {title}: sweep over {', '.join(map(_short, keys))}" + ("" if final else " (in progress)"), "", f"`{report['command']}`", "",
           f"{len(points)} grid point(s) × {len(experiment.modes)} mode(s) × {experiment.repeats} repetition(s); metrics on "
           f"{_column_title(column)} test data, mean ± std over repetitions.", "", header, "|" + "---|" * (len(keys) + 1 + len(metrics)), *body,
           "", _startup_line(report["startup"], wall)]
-    (out / "results.md").write_text("\n".join(md) + "\n")
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    _write_atomically(out / "results.md", "\n".join(md) + "\n")
+    _write_atomically(out / "results.json", json.dumps(report, indent=2, default=_jsonable))
+    if not final:
+        return report
     if experiment.wandb:
         table = {"sweep": ([*map(_short, keys), "model", *metrics],
                            [[*[json.dumps(r["point"][k]) for k in keys], r["model"], *[(r["metrics"][m] or {}).get("mean") for m in metrics]] for r in rows])}
@@ -749,6 +754,12 @@ def write_sweep(experiment: Experiment, points: list[dict[str, Any]], out: Path,
     print("\n" + "\n".join(md[6:]))
     print(f"\nresults written to {out}/results.md, results.json and {len(plots)} plot(s)")
     return report
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(text)
+    partial.replace(path)  # a reader (or a stopped sweep) never sees half a file
 
 
 def _jsonable(value: Any) -> Any:

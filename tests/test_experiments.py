@@ -124,7 +124,7 @@ def test_sweep_reuses_warm_sites_and_gives_the_same_result_as_a_fresh_start(tmp_
     assert runs[1]["evaluations"] != runs[0]["evaluations"]
     assert len(report["rows"]) == 3 and all(r["model"] == "federated" for r in report["rows"])
     md = (out / "results.md").read_text()
-    assert md.count("| federated |") == 3 and "reusing warm site processes saved about" in md
+    assert md.count("| federated |") == 3 and "an estimated" in md and report["startup"]["estimated_saving_seconds"] > 0
     assert all((out / f"{m}.png").is_file() for m in ("accuracy", "precision", "recall", "auroc"))
 
 
@@ -137,3 +137,29 @@ def test_compare_and_sweep_refuse_bad_input_in_one_line(tmp_path, capsys):
         sweep([*HEART, "--grid", "data.init_args.sizes[0]=1,2", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--x 'lr' is not a grid key"):
         sweep([*HEART, "--grid", "model.init_args.lr=0.1,0.2", "--x", "lr", "--out", str(tmp_path)])
+
+
+def test_compare_results_go_to_one_wandb_run(heart_compare, tmp_path):
+    from lightning_fed.experiments import log_to_wandb
+    from tests.test_cli import _wandb_records
+
+    report, out = heart_compare
+    table = {"accuracy": (["model", "cleveland"], [[m, report["summary"][m]["cleveland"]["accuracy"]["mean"]] for m in report["models"]])}
+    settings = {"project": "lightning-fed-test", "save_dir": str(tmp_path), "name": "heart", "offline": True}
+    log_to_wandb(settings, "compare", table, [out / "accuracy.png"], {"command": report["command"]})
+    import wandb
+
+    wandb.teardown()
+    (path,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    info, keys, files = None, set(), set()
+    for record in _wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            info = (record.run.display_name, record.run.run_group, record.run.job_type)
+        elif kind == "history":
+            keys |= {item.key or item.nested_key[0] for item in record.history.item}
+        elif kind == "files":
+            files |= {f.path for f in record.files.files}
+    assert info == ("heart-compare", "heart-compare", "compare")
+    assert {"accuracy", "plots"} <= keys
+    assert any(f.endswith(".table.json") for f in files) and any(f.endswith(".png") for f in files)
