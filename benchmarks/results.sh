@@ -16,12 +16,12 @@ for part in "${@:-study_a heart study_b sweeps reuse}"; do for p in $part; do ca
   study_b)
     run lightning-fed compare --config recipes/hospitals.yaml --repeats 3 --out "$out/study_b" "${quiet[@]}" ;;
   sweeps)
-    # 3 epochs instead of 10 per run (72 runs on 2 cores); size of the large hospital fixed at 30,000
-    run lightning-fed sweep --config recipes/hospitals.yaml --trainer.max_epochs=3 --metrics recall,precision,auroc \
+    # 2 epochs instead of 10 per run (72 runs on 2 cores); size of the large hospital fixed at 30,000
+    run lightning-fed sweep --config recipes/hospitals.yaml --trainer.max_epochs=2 --metrics recall,precision,auroc \
       --grid "data.init_args.positive_ratios[0]=$ratios" --grid "data.init_args.positive_ratios[1:]=0.05,0.1,0.15,0.2" \
       --out "$out/study_b_sweep_size" "${quiet[@]}"
     # its number of abnormal images fixed at 3,000 instead: size = 3000 / ratio
-    run lightning-fed sweep --config recipes/hospitals.yaml --trainer.max_epochs=3 --metrics recall,precision,auroc \
+    run lightning-fed sweep --config recipes/hospitals.yaml --trainer.max_epochs=2 --metrics recall,precision,auroc \
       --zip "data.init_args.positive_ratios[0]=$ratios" --zip "data.init_args.sizes[0]=30000,20000,15000,12000,10000,8571,7500,6667,6000" \
       --grid "data.init_args.positive_ratios[1:]=0.05,0.1,0.15,0.2" --x "data.init_args.positive_ratios[0]" \
       --out "$out/study_b_sweep_count" "${quiet[@]}" ;;
