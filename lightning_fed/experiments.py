@@ -177,6 +177,7 @@ class Experiment:
         if not isinstance(self.repeats, int) or self.repeats < 1:
             raise ValueError(f"repeats must be an integer >= 1, got {self.repeats!r}")
         base = self._cli([])
+        from lightning_fed.cli import _label_names
         from lightning_fed.strategy import FederatedStrategy
 
         if not isinstance(base.trainer.strategy, FederatedStrategy):
@@ -338,11 +339,6 @@ def _load(model: Any, weights: dict[str, Any]) -> None:
     load_weights(model, weights)
 
 
-def _label_names(model: Any, datamodule: Any) -> Optional[list[str]]:
-    names = getattr(model, "hparams", {}).get("label_names") or getattr(datamodule, "label_names", None)
-    return list(names) if names else None
-
-
 def _brief(run: Run, mean_over: Optional[list[str]]) -> str:
     label = "local" if run.mode == "local" else run.mode
     rows = run.evaluations.get(label, {})
@@ -448,6 +444,13 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def bar_plots(summary: dict[str, Any], metrics: Sequence[str], columns: Sequence[str], models: Sequence[str], out: Path, title: str) -> list[Path]:
     """``<metric>.png``: one group of bars per test set, one bar per model, error bars = std over repetitions."""
     plt = _pyplot()
@@ -464,11 +467,7 @@ def bar_plots(summary: dict[str, Any], metrics: Sequence[str], columns: Sequence
         ax.set_ylabel(metric)
         ax.set_title(f"{title}: {metric} on each test set")
         ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = out / f"{metric}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out / f"{metric}.png"))
     return paths
 
 
@@ -484,8 +483,9 @@ def confusion_plot(totals: dict[str, dict[str, Any]], models: Sequence[str], col
         for j, column in enumerate(columns):
             ax = axes[i][j]
             matrix = totals[model].get(column)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            names = list(label_names) if label_names and matrix and len(label_names) == len(matrix) else [""] * len(matrix or [])
+            ax.set_xticks(range(len(names)), names if i == len(shown) - 1 else [""] * len(names), fontsize=6)
+            ax.set_yticks(range(len(names)), names if j == 0 else [""] * len(names), fontsize=6)
             if matrix is None:
                 ax.axis("off")
                 continue
@@ -499,11 +499,7 @@ def confusion_plot(totals: dict[str, dict[str, Any]], models: Sequence[str], col
                 ax.set_ylabel(f"{_model_title(model)}\ntrue", fontsize=8)
             if i == len(shown) - 1:
                 ax.set_xlabel("predicted", fontsize=8)
-    fig.tight_layout()
-    path = out / "confusion_matrices.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "confusion_matrices.png")
 
 
 def line_plots(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str], out: Path, column: str) -> list[Path]:
@@ -529,11 +525,7 @@ def line_plots(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Sequenc
         ax.set_ylabel(f"{metric} ({_column_title(column)})")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / f"{metric}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out / f"{metric}.png"))
     return paths
 
 
