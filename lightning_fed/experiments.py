@@ -270,9 +270,8 @@ class Experiment:
         if mode != "federated":
             strategy.aggregator, strategy.secagg = Local(), False
         fit_data = datamodule
-        sites = strategy._launcher._sites(datamodule, model)
         if mode == "pooled":
-            fit_data = PooledSites(sites)
+            fit_data = PooledSites(strategy._launcher._sites(datamodule, model))
             if isinstance(strategy.privacy, dict):
                 strategy.privacy = strategy.privacy.get("*")
                 note = "pooled run private as the recipe's '*' sites" if strategy.privacy is not None else None

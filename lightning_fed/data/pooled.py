@@ -13,12 +13,12 @@ from typing import Any, Optional
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset
 
-from lightning_fed.data.sites import Site, rebuild_loader, source_loader
+from lightning_fed.data.sites import Site, SplitLoaders, rebuild_loader, source_loader
 
 POOLED = "pooled"
 
 
-class PooledSiteData(LightningDataModule):
+class PooledSiteData(SplitLoaders):
     """The union of ``sites``' splits: built inside the pooled run's one actor from each site's own datamodule."""
 
     def __init__(self, sites: list[Site]) -> None:
@@ -48,15 +48,6 @@ class PooledSiteData(LightningDataModule):
             self._loaders[split] = rebuild_loader(loaders[0], ConcatDataset(datasets)) if datasets else []
         return self._loaders[split]
 
-    def train_dataloader(self) -> Any:
-        return self._loader("train")
-
-    def val_dataloader(self) -> Any:
-        return self._loader("val")
-
-    def test_dataloader(self) -> Any:
-        return self._loader("test")
-
 
 class PooledSites(LightningDataModule):
     """One site named ``"pooled"`` holding the union of ``sites``' data (simulation baseline only).
@@ -65,7 +56,7 @@ class PooledSites(LightningDataModule):
     only readable there.
     """
 
-    def __init__(self, sites: list[Site], num_cpus: Optional[float] = None, label_names: Optional[list[str]] = None) -> None:
+    def __init__(self, sites: list[Site], num_cpus: Optional[float] = None) -> None:
         super().__init__()
         pinned = [s.name for s in sites if any(k.startswith("site:") for k in s.resources)]
         if pinned:
@@ -74,7 +65,6 @@ class PooledSites(LightningDataModule):
         self.sites = sites
         self.num_cpus = num_cpus if num_cpus is not None else max(s.num_cpus for s in sites)
         self.num_gpus = max(s.num_gpus for s in sites)
-        self.label_names = label_names
 
     def federated_sites(self) -> list[Site]:
         return [Site(POOLED, PooledSiteData(self.sites), num_cpus=self.num_cpus, num_gpus=self.num_gpus)]

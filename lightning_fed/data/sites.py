@@ -85,7 +85,23 @@ def per_site(value: Union[float, Sequence[float]], sites: int, name: str = "site
     return values
 
 
-class SiteSplits(LightningDataModule):
+class SplitLoaders(LightningDataModule):
+    """Lightning's three loader hooks, each answered by ``_loader(split)``."""
+
+    def _loader(self, split: str) -> Any:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> Any:
+        return self._loader("train")
+
+    def val_dataloader(self) -> Any:
+        return self._loader("val")
+
+    def test_dataloader(self) -> Any:
+        return self._loader("test")
+
+
+class SiteSplits(SplitLoaders):
     """One site's data as named splits: subclasses fill ``self.datasets["train"|"val"|"test"]`` in ``setup``
     (inside the site's actor). A missing or empty split gives no batches."""
 
@@ -94,19 +110,11 @@ class SiteSplits(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.datasets: dict[str, Dataset] = {}
 
-    def _loader(self, split: str, train: bool = False) -> Union[DataLoader, list]:
+    def _loader(self, split: str) -> Union[DataLoader, list]:
         if len(self.datasets.get(split, ())) == 0:
             return []
+        train = split == "train"
         return DataLoader(self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train)
-
-    def train_dataloader(self) -> Union[DataLoader, list]:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> Union[DataLoader, list]:
-        return self._loader("val")
-
-    def test_dataloader(self) -> Union[DataLoader, list]:
-        return self._loader("test")
 
 
 def rebuild_loader(loader: DataLoader, dataset: Dataset) -> DataLoader:
@@ -123,7 +131,7 @@ def rebuild_loader(loader: DataLoader, dataset: Dataset) -> DataLoader:
     )
 
 
-class SimulatedSiteData(LightningDataModule):
+class SimulatedSiteData(SplitLoaders):
     """One simulated site's share of a single-machine dataset (the unmodified-script path).
 
     ``source`` is the user's datamodule (set up again inside the actor) or a mapping of stage name to
@@ -148,15 +156,6 @@ class SimulatedSiteData(LightningDataModule):
             else:
                 self._loaders[split] = rebuild_loader(original, Subset(original.dataset, self.indices[split].tolist()))
         return self._loaders[split]
-
-    def train_dataloader(self) -> Any:
-        return self._loader("train")
-
-    def val_dataloader(self) -> Any:
-        return self._loader("val")
-
-    def test_dataloader(self) -> Any:
-        return self._loader("test")
 
 
 def source_loader(source: Union[LightningDataModule, Mapping[str, Any]], split: str) -> Optional[DataLoader]:
