@@ -5,25 +5,47 @@
     trainer.fit(model, datamodule=dm)
 
 Importing the package registers the Trainer strategy flags; the coordinator's process skips that and imports
-only what aggregation needs.
+only what aggregation needs. Run as the ``lightning-fed`` command, the package first starts a local Ray in the
+background (:func:`lightning_fed.runtime.start_early`), so that it comes up while torch and Lightning are imported.
 """
 
 import os
+import sys
 from importlib import import_module
-from typing import Any
+from typing import Any, Optional
 
 __version__ = "0.1.0"
 
 COORDINATOR_ROLE_ENV = "LIGHTNING_FED_ROLE"
+_RUNS_A_JOB = ("fit", "validate", "test", "compare", "sweep")
+
+
+def _command_args() -> Optional[list[str]]:
+    """The arguments of the ``lightning-fed`` command this process runs (``None`` when it runs something else)."""
+    orig = list(getattr(sys, "orig_argv", []))
+    if "-m" in orig and orig.index("-m") + 1 < len(orig) and orig[orig.index("-m") + 1] == "lightning_fed.cli":
+        return orig[orig.index("-m") + 2 :]
+    if sys.argv and os.path.basename(sys.argv[0]) == "lightning-fed":
+        return sys.argv[1:]
+    return None
+
+
 if os.environ.get(COORDINATOR_ROLE_ENV) != "coordinator":
+    _args = _command_args()
+    if _args and _args[0] in _RUNS_A_JOB and not any(a in ("-h", "--help") or a.startswith("--print_config") for a in _args):
+        import_module("lightning_fed.runtime").start_early()
     # `import lightning_fed` makes Trainer(strategy="fedavg") and the other aggregator flags work; the
-    # coordinator's process (marked by the launcher) aggregates numpy arrays and never needs Lightning
+    # coordinator's process (marked by the federation) aggregates numpy arrays and never needs Lightning
     import_module("lightning_fed.strategy")
 
 _EXPORTS = {
     "FederatedStrategy": "lightning_fed.strategy",
-    "FederationConfigError": "lightning_fed.launcher",
-    "SiteFailedError": "lightning_fed.launcher",
+    "FederationConfigError": "lightning_fed.federation",
+    "SiteFailedError": "lightning_fed.federation",
+    "Simulation": "lightning_fed.config",
+    "Placement": "lightning_fed.config",
+    "Checkpointing": "lightning_fed.config",
+    "Cluster": "lightning_fed.config",
     "DPSGD": "lightning_fed.privacy",
     "Site": "lightning_fed.data.sites",
     "IID": "lightning_fed.data.partition",

@@ -5,7 +5,8 @@ Layout::
     <checkpoint_dir>/
         round-0003/
             site-<name>.ckpt   each site's full Lightning checkpoint (weights, optimizer, scheduler, loops, callbacks)
-            server.pt          the coordinator's state (global weights, aggregator state, round)
+            server.pkl         the coordinator's state (global weights, aggregator state, round): numpy arrays
+                               in a pickle, so the coordinator writes it without torch (format 1 wrote server.pt)
             manifest.json      written last: a round folder without it is incomplete and never resumed from
         last.json              points at the newest complete round (replaced atomically)
 
@@ -16,18 +17,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 MANIFEST = "manifest.json"
 LAST = "last.json"
-SERVER = "server.pt"
-FORMAT_VERSION = 1
+SERVER = "server.pkl"
+FORMAT_VERSION = 2
 
 
 def round_dir(root: str | os.PathLike, round: int) -> Path:
@@ -48,21 +48,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def commit_round(root: str | os.PathLike, round: int, sites: list[str], server_state: dict[str, Any], keep_last: int) -> Path:
     """Write the server part and the manifest of ``round`` (site parts must already be on disk), then prune."""
     folder = round_dir(root, round)
     missing = [s for s in sites if not site_checkpoint_path(root, round, s).is_file()]
     if missing:
         raise FileNotFoundError(f"round {round} checkpoint lacks site files for {missing}")
-    atomic_torch_save(server_state, folder / SERVER)
+    atomic_write_bytes(folder / SERVER, pickle.dumps(server_state, protocol=pickle.HIGHEST_PROTOCOL))
     manifest = {"format": FORMAT_VERSION, "round": round, "sites": {s: f"site-{s}.ckpt" for s in sites}, "server": SERVER}
     atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
     atomic_write_bytes(Path(root) / LAST, json.dumps({"round": round, "path": folder.name}).encode())
@@ -84,7 +76,11 @@ class RoundCheckpoint:
 
     def server_state(self) -> dict[str, Any]:
         try:
-            return torch.load(self.server_path, map_location="cpu", weights_only=False)
+            if self.server_path.suffix == ".pt":  # format 1
+                import torch
+
+                return torch.load(self.server_path, map_location="cpu", weights_only=False)
+            return pickle.loads(self.server_path.read_bytes())
         except Exception as err:
             raise ValueError(f"federated checkpoint {self.server_path} cannot be read ({type(err).__name__}: {err}): resume from an earlier round folder") from None
 

@@ -6,10 +6,12 @@ keyed by name so that every site must arrive before any leaves:
 - ``sync``: end of every k-th epoch; the aggregator turns the sites' updates into the next global model,
   which is put in the object store once and handed to every site by reference;
 - ``agree``: stop/save decisions (EarlyStopping, ModelCheckpoint, max-time) agreed by every site;
-- ``merge_metrics``: after validation; federated metrics from merged metric states.
+- ``merge_metrics``: after validation; sample-weighted scalars and summed metric states, from which every site
+  computes the same federated metrics.
 
 A site that fails, dies, or finishes while others wait for it aborts every barrier with the reason, so no
-site ever waits forever.
+site ever waits forever. Everything here is numpy: the coordinator's process never imports torch or Lightning
+(its aggregators are server halves only, checkpoints are committed without torch).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Optional
 
 import ray
 
+from lightning_fed.metric_states import merge_reports
 from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate
 
 
@@ -38,33 +41,6 @@ class _Barrier:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     result: Any = _PENDING
     readers: int = 0
-
-
-def weighted_scalars(payloads: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Sample-weighted mean of every scalar all sites reported (training keys weighted by training samples)."""
-    common = set.intersection(*(set(p["scalars"]) for p in payloads.values())) if payloads else set()
-    out = {}
-    for key in sorted(common):
-        weight_key = "train_samples" if "train" in key else "num_samples"
-        weights = {s: max(int(p.get(weight_key) or 0), 0) for s, p in payloads.items()}
-        total = sum(weights.values())
-        if total == 0:
-            weights, total = {s: 1 for s in payloads}, len(payloads)
-        out[key] = sum(weights[s] * float(p["scalars"][key]) for s, p in payloads.items()) / total
-    return out
-
-
-def federated_metrics(payloads: dict[str, dict[str, Any]], stage: str) -> dict[str, Any]:
-    """``fl/<key>`` for merged scalars and merged classification metrics; ``fl/<stage>_confusion_matrix`` as a list."""
-    out: dict[str, Any] = {f"fl/{k}": v for k, v in weighted_scalars(payloads).items()}
-    states = [p["metrics"] for p in payloads.values() if p.get("metrics")]
-    if states and len(states) == len(payloads):
-        from lightning_fed.metrics import merge_metric_states  # torchmetrics: only once there is something to merge
-
-        spec = states[0]["spec"]
-        for name, value in merge_metric_states(spec, [s["states"] for s in states]).items():
-            out[f"fl/{stage}_{name}"] = value
-    return out
 
 
 class Coordinator:
@@ -206,23 +182,24 @@ class Coordinator:
         return bool(result)
 
     async def merge_metrics(self, site: str, key: Any, payload: dict[str, Any], epoch: int) -> dict[str, Any]:
-        """Federated metrics for this validation: merged metric states and sample-weighted scalars."""
+        """This validation merged over every site: sample-weighted scalars and summed metric states
+        (:func:`~lightning_fed.metric_states.merge_reports`), from which each site computes the federated metrics."""
         self._record("merge_metrics", site, key, payload, epoch)
         stage = key[0]
         barrier = await self._gather(key, site, payload)
         if barrier.result is _PENDING:
             payloads = {s: barrier.values[s] for s in self.sites}
-            fl = federated_metrics(payloads, stage)
+            merged = merge_reports(payloads)
             self._history.append(
                 {
                     "stage": stage,
                     "epoch": epoch,
                     "round": self.round,
-                    "fl": fl,
+                    "merged": merged,
                     "sites": {s: {**p["scalars"], **(p.get("site_values") or {})} for s, p in payloads.items()},
                 }
             )
-            barrier.result = fl
+            barrier.result = merged
         self._release(key, barrier)
         return barrier.result
 
@@ -274,6 +251,10 @@ class Coordinator:
 
     def abort_reason(self) -> Optional[str]:
         return self._aborted
+
+    def waiting_sites(self) -> list[str]:
+        """Sites waiting at a barrier now (so not computing): tells which site of a dead worker was at work."""
+        return sorted({site for b in self._barriers.values() if not b.done.is_set() for site in b.values})
 
     def progress(self, since: int = 0) -> dict[str, Any]:
         return {

@@ -11,7 +11,7 @@ close does it come to pooling all data?
 
 Repetitions change the seed (``seed_everything`` and, unless ``--fixed-data``, the data split seed) and report
 mean ± std. ``sweep`` runs a grid of recipe overrides (× modes × repetitions) and reports one table and one line plot
-per metric. Both keep the site actors of one layout warm between runs (:class:`~lightning_fed.launcher.SitePool`)
+per metric. Both keep the workers of one layout warm between runs (:class:`~lightning_fed.federation.WorkerPool`)
 and report what that saved.
 """
 
@@ -177,7 +177,7 @@ class Experiment:
         if not isinstance(self.repeats, int) or self.repeats < 1:
             raise ValueError(f"repeats must be an integer >= 1, got {self.repeats!r}")
         base = self._cli([])
-        from lightning_fed.cli import _label_names
+        from lightning_fed.lightning_cli import _label_names
         from lightning_fed.strategy import FederatedStrategy
 
         if not isinstance(base.trainer.strategy, FederatedStrategy):
@@ -193,33 +193,50 @@ class Experiment:
         self.base_data_seed = data_seed if isinstance(data_seed, int) else None
         self.label_names = _label_names(base.model, base.datamodule)
         self.wandb = _wandb_settings(base.trainer.loggers)
-        self._strategy_ray = (base.trainer.strategy.ray_address, base.trainer.strategy.ray_init_kwargs)
-        self._layout_cpus = self._cpus_needed(base)
-        from lightning_fed.launcher import SitePool
+        self._cluster = base.trainer.strategy.config.cluster
+        self._placement = base.trainer.strategy.config.placement
+        self._sites = base.trainer.strategy.sites(base.datamodule, base.model)
+        self._layouts: dict[str, Any] = {}
+        from lightning_fed.federation import WorkerPool
 
-        self.pool: Optional[SitePool] = SitePool() if self.reuse_sites else None
+        self.pool: Optional[WorkerPool] = WorkerPool() if self.reuse_sites else None
         self._runtime: Any = None
 
     def _cli(self, extra: list[str]) -> Any:
-        from lightning_fed.cli import FederatedCLI
+        from lightning_fed.lightning_cli import FederatedCLI
 
         args = [a for c in self.configs for a in ("--config", c)] + list(self.overrides) + list(extra)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
             return FederatedCLI(args=args, run=False, save_config_callback=None, parser_kwargs={"prog": "lightning-fed"})
 
-    def _cpus_needed(self, cli: Any) -> float:
-        sites = cli.trainer.strategy._launcher._sites(cli.datamodule, cli.model)
-        # the N-site layout and the pooled one can both be idle-warm at once
-        return sum(s.num_cpus for s in sites) + ("pooled" in self.modes) * max(s.num_cpus for s in sites)
+    def _pin_layouts(self, free_cpus: float) -> float:
+        """Fix the sites' worker layout and the pooled run's once, so that the idle workers of both fit the
+        cluster together and every run after the first finds them warm. Returns the CPUs they hold together."""
+        from lightning_fed.config import Placement
+        from lightning_fed.placement import place_sites
+
+        specs = place_sites(self._sites, self._placement, free_cpus)
+        shared = [spec for spec in specs if not spec.resources]
+        sites = self._placement
+        if self._placement.automatic and shared:  # the cost model's choice, written down
+            sites = Placement(workers=len(shared), worker_cpus=shared[0].num_cpus, timeout=self._placement.timeout)
+        pooled_cpus = shared[0].num_cpus if shared else max(spec.num_cpus for spec in specs)
+        self._layouts = {"sites": sites, "pooled": Placement(workers=1, worker_cpus=pooled_cpus, timeout=self._placement.timeout)}
+        return sum(spec.num_cpus for spec in specs) + ("pooled" in self.modes) * pooled_cpus
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "Experiment":
-        from lightning_fed.launcher import RayRuntime
+        from lightning_fed.runtime import RayRuntime
 
-        address, init_kwargs = self._strategy_ray
-        self._runtime = RayRuntime(address, init_kwargs)
-        self._runtime.ensure(self._layout_cpus)  # one Ray session for every run: actors can stay warm
+        import ray
+
+        self._runtime = RayRuntime(self._cluster.address, self._cluster.init_kwargs)
+        joined = ray.is_initialized() or bool(self._runtime.address)
+        if joined:
+            self._runtime.ensure()
+        free = ray.available_resources().get("CPU", 0.0) if joined else float(os.cpu_count() or 1)
+        self._runtime.ensure(self._pin_layouts(free))  # one Ray session for every run: workers can stay warm
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -257,52 +274,50 @@ class Experiment:
         from lightning.pytorch.trainer.states import TrainerFn
 
         from lightning_fed.data.pooled import POOLED, PooledSites
-        from lightning_fed.launcher import Federation
+        from lightning_fed.federation import evaluation_of
         from lightning_fed.strategies.local import Local
+        from lightning_fed.strategies.site import load_weights, state_to_numpy
 
         cli = self._cli(extra)
         trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
         strategy = trainer.strategy
-        strategy.site_pool = self.pool
-        strategy.progress = self.progress
+        strategy.worker_pool = self.pool
+        strategy.reconfigure(progress=self.progress, placement=self._layouts["pooled" if mode == "pooled" else "sites"])
         started_before = self.pool.started if self.pool is not None else 0
         note = None
         if mode != "federated":
-            strategy.aggregator, strategy.secagg = Local(), False
+            strategy.reconfigure(aggregator=Local())  # also drops secure aggregation: nothing is exchanged
         fit_data = datamodule
         if mode == "pooled":
-            fit_data = PooledSites(strategy._launcher._sites(datamodule, model))
-            if isinstance(strategy.privacy, dict):
-                strategy.privacy = strategy.privacy.get("*")
-                note = "pooled run private as the recipe's '*' sites" if strategy.privacy is not None else None
+            fit_data = PooledSites(strategy.sites(datamodule, model))
+            privacy = strategy.config.privacy
+            if isinstance(privacy, dict):
+                strategy.reconfigure(privacy=privacy.get("*"))
+                note = "pooled run private as the recipe's '*' sites" if privacy.get("*") is not None else None
         try:
             trainer.fit(model, datamodule=fit_data)
-            fit = strategy.last_fit or {}
+            fit = strategy.last_fit
+            startup = fit.startup.seconds
             federation = strategy.federation
             if mode == "federated":
-                evaluations = {"federated": evaluation_rows_of(federation.evaluate("test", model))}
+                evaluations = {"federated": evaluation_rows_of(federation.evaluate("test", state_to_numpy(model.state_dict())))}
             elif mode == "local":
-                weights = federation.site_weights()
-                raw = {}
-                for name, state in weights.items():
-                    _load(model, state)
-                    raw[name] = federation.evaluate("test", model, exact=True)
+                raw = {name: federation.evaluate("test", state, exact=True) for name, state in federation.site_weights().items()}
                 evaluations = {f"local:{name}": evaluation_rows_of(r) for name, r in raw.items()}
-                evaluations["local"] = evaluation_rows_of({name: raw[name][name] for name in raw})
+                evaluations["local"] = evaluation_rows_of(evaluation_of("test", {name: raw[name].sites[name] for name in raw}))
             else:
-                _load(model, federation.site_weights()[POOLED])
-                strategy.shutdown()
+                load_weights(model, federation.site_weights()[POOLED])
+                strategy.reconfigure(placement=self._layouts["sites"])  # tested at every site, on the sites' workers
                 trainer.state.fn = TrainerFn.TESTING
-                test_sites = strategy._launcher._sites(datamodule, model, splits=("test",))
-                strategy.federation = federation = Federation(strategy, trainer, model, test_sites, id(datamodule))
-                fit = {**fit, "startup_seconds": float(fit.get("startup_seconds", 0.0)) + federation.startup_seconds}
-                evaluations = {"pooled": evaluation_rows_of(federation.evaluate("test", model, exact=True))}
+                test_sites = strategy.sites(datamodule, model, splits=("test",))
+                federation = strategy.federated_launcher.start(trainer, model, test_sites, "test", id(datamodule))
+                startup += federation.startup.seconds
+                evaluations = {"pooled": evaluation_rows_of(federation.evaluate("test", state_to_numpy(model.state_dict()), exact=True))}
         finally:
             strategy.shutdown()
-        warm = self.pool is not None and self.pool.started == started_before  # no new site process in this run
+        warm = self.pool is not None and self.pool.started == started_before  # no new worker process in this run
         return Run(point=point, repeat=repeat, seed=seed, mode=mode, evaluations=evaluations,
-                   fit_seconds=float(fit.get("fit_seconds", 0.0)), startup_seconds=float(fit.get("startup_seconds", 0.0)),
-                   warm=warm, note=note)
+                   fit_seconds=float(fit.fit_seconds), startup_seconds=float(startup), warm=warm, note=note)
 
     # -- reporting ---------------------------------------------------------------------------------
     def startup_report(self) -> dict[str, Any]:
@@ -314,28 +329,20 @@ class Experiment:
             "cold_runs": len(cold), "warm_runs": len(warm),
             "cold_mean_seconds": statistics.fmean(cold) if cold else None,
             "warm_mean_seconds": statistics.fmean(warm) if warm else None,
-            "site_processes_started": self.pool.started if self.pool is not None else None,
-            "site_processes_reused": self.pool.reused if self.pool is not None else None,
+            "worker_processes_started": self.pool.started if self.pool is not None else None,
+            "worker_processes_reused": self.pool.reused if self.pool is not None else None,
         }
-        started, reused = report["site_processes_started"], report["site_processes_reused"]
+        started, reused = report["worker_processes_started"], report["worker_processes_reused"]
         if cold and reused and started:
             # what each new site process cost on average, times the processes reused, minus what resets cost
             report["estimated_saving_seconds"] = sum(cold) / started * reused - sum(warm)
         return report
 
 
-def evaluation_rows_of(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from lightning_fed.launcher import evaluation_rows
-
-    rows = evaluation_rows(results, "test")
+def evaluation_rows_of(evaluation: Any) -> dict[str, dict[str, Any]]:
+    """An :class:`~lightning_fed.results.Evaluation`'s rows, with the figures compare reports."""
     keep = (*METRICS, "loss", "confusion_matrix", "auroc_per_label")
-    return {column: {k: v for k, v in row.items() if k in keep} for column, row in rows.items()}
-
-
-def _load(model: Any, weights: dict[str, Any]) -> None:
-    from lightning_fed.strategies.site import load_weights
-
-    load_weights(model, weights)
+    return {column: {k: v for k, v in row.items() if k in keep} for column, row in evaluation.rows().items()}
 
 
 def _brief(run: Run, mean_over: Optional[list[str]]) -> str:
@@ -661,7 +668,7 @@ def _startup_line(startup: dict[str, Any], wall: float) -> str:
     if startup["warm_runs"]:
         line += f", {startup['warm_runs']} run(s) on warm sites ({startup['warm_mean_seconds']:.1f} s each)"
     if startup.get("estimated_saving_seconds") is not None:
-        line += (f"; {startup['site_processes_reused']} site process start(s) avoided by reusing warm ones, an estimated "
+        line += (f"; {startup['worker_processes_reused']} worker process start(s) avoided by reusing warm ones, an estimated "
                  f"{startup['estimated_saving_seconds']:.0f} s saved (measure it exactly with --no-reuse)")
     return line + "."
 

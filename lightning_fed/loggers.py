@@ -33,7 +33,8 @@ class SiteLoggerSpec:
             return TensorBoardLogger(name="sites", version=site, **self.kwargs)
         if self.kind == "wandb":
             kwargs = dict(self.kwargs)
-            return WandbLogger(name=f"{kwargs.pop('run_name')}-{site}", job_type="site", **kwargs)
+            # several sites may share a worker process: each needs a run of its own, not the process's global one
+            return WandbLogger(name=f"{kwargs.pop('run_name')}-{site}", job_type="site", reinit="create_new", **kwargs)
         raise ValueError(f"unknown site logger kind {self.kind!r}")
 
 
@@ -72,8 +73,9 @@ def wandb_site_kwargs(logger: WandbLogger) -> dict[str, Any]:
     }
 
 
-def finish_site_loggers(loggers: list[Logger]) -> None:
-    """Flush every site logger; W&B runs must be finished in the process that started them or records are lost."""
+def finish_site_loggers(loggers: list[Logger]) -> bool:
+    """Flush every site logger; W&B runs must be finished in the process that started them or records are lost.
+    Returns whether a W&B run was finished (then :func:`stop_wandb` once the process's last site is done)."""
     used_wandb = False
     for logger in loggers:
         try:
@@ -83,10 +85,14 @@ def finish_site_loggers(loggers: list[Logger]) -> None:
                 used_wandb = True
         except Exception as err:  # never let a logger hide the training result
             rank_zero_warn(f"could not finish {type(logger).__name__}: {err}")
-    if used_wandb:
-        import wandb
+    return used_wandb
 
-        wandb.teardown()  # stop this process's W&B service so every record is on disk before the actor ends
+
+def stop_wandb() -> None:
+    """Stop this process's W&B service, so that every record is on disk before the process ends."""
+    import wandb
+
+    wandb.teardown()
 
 
 def log_driver_metrics(loggers: list[Logger], metrics: dict[str, Any], step: Optional[int]) -> None:

@@ -8,6 +8,7 @@ would give (AUROC with ``thresholds`` bins), which averaging site AUROCs does no
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -106,17 +107,33 @@ def _labels_with_support(metric: Any) -> list[bool]:
 
 
 def metric_states(metrics: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """Each metric's state as numpy arrays. Every state is a count (summed across sites); say so if one is not."""
+    for name, metric in metrics.items():
+        others = [k for k, fx in metric._reductions.items() if getattr(fx, "__name__", "") != "dim_zero_sum"]
+        if others:
+            raise ValueError(f"metric {name!r} keeps states {others} that are not sums: they cannot be merged across sites")
     return {name: {k: v.detach().cpu().numpy() for k, v in m.metric_state.items()} for name, m in metrics.items()}
 
 
 def merge_metric_states(spec: TaskSpec, states: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
-    """The federated metrics: every site's states summed into fresh metrics, then computed once."""
+    """The federated metrics: the sites' states summed into fresh metrics, then computed once."""
     merged = spec.build()
     for site_state in states:
         for name, metric in merged.items():
             metric.merge_state({k: torch.from_numpy(np.array(v)) for k, v in site_state[name].items()})
             metric._update_count += 1  # merge_state does not count as an update; compute() would warn otherwise
     return compute_metrics(spec, merged)
+
+
+def federated_metrics(merged: dict[str, Any], stage: str) -> dict[str, Any]:
+    """``fl/<key>`` for the merged scalars and for the metrics of the summed states
+    (:func:`lightning_fed.metric_states.merge_reports`); ``fl/<stage>_confusion_matrix`` as a list."""
+    out: dict[str, Any] = {f"fl/{k}": v for k, v in merged["scalars"].items()}
+    summed = merged.get("metrics")
+    if summed is not None:
+        for name, value in merge_metric_states(TaskSpec(**summed["spec"]), [summed["states"]]).items():
+            out[f"fl/{stage}_{name}"] = value
+    return out
 
 
 def _targets_of(batch: Any) -> Optional[torch.Tensor]:
@@ -228,7 +245,8 @@ class SiteMetrics(Callback):
         """This site's mergeable metric states for ``stage`` (``None`` when nothing was measured)."""
         if stage not in self._metrics or self.spec is None:
             return None
-        return {"spec": self.spec, "states": metric_states(self._metrics[stage]), "num_samples": self._samples.get(stage, 0)}
+        return {"spec": dataclasses.asdict(self.spec), "states": metric_states(self._metrics[stage]),
+                "num_samples": self._samples.get(stage, 0)}
 
     def samples(self, stage: str) -> int:
         return self._samples.get(stage, 0)

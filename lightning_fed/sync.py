@@ -17,13 +17,13 @@ import os
 import time
 from typing import Any, Optional
 
-import ray
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
 from lightning_fed.checkpoint import site_checkpoint_path
-from lightning_fed.metrics import SiteMetrics
+from lightning_fed.context import SiteContext
+from lightning_fed.metrics import SiteMetrics, federated_metrics
 from lightning_fed.strategies.base import GlobalModel
 from lightning_fed.strategies.site import SiteAlgorithm
 
@@ -54,9 +54,8 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 class FederatedSync(Callback):
     """Hands this site's update to the coordinator every ``sync_every`` epochs and loads the global model."""
 
-    def __init__(self, site: str, coordinator: Any, algorithm: SiteAlgorithm, sync_every: int, metrics: SiteMetrics) -> None:
-        self.site = site
-        self.coordinator = coordinator
+    def __init__(self, context: SiteContext, algorithm: SiteAlgorithm, sync_every: int, metrics: SiteMetrics) -> None:
+        self.context = context
         self.algorithm = algorithm
         self.sync_every = sync_every
         self.metrics = metrics
@@ -72,8 +71,8 @@ class FederatedSync(Callback):
     def sync(self, trainer: Trainer, pl_module: LightningModule) -> None:
         t0 = time.perf_counter()
         update = self.algorithm.local_update(trainer, pl_module, self._samples_since_sync)
-        [ref] = ray.get(self.coordinator.sync.remote(self.site, self.round + 1, update))
-        model: GlobalModel = ray.get(ref)
+        [ref] = self.context.ask("sync", self.round + 1, update)
+        model: GlobalModel = self.context.fetch(ref)
         self.algorithm.receive_global(trainer, pl_module, model)
         self.round = model.round
         self._samples_since_sync = 0
@@ -101,8 +100,8 @@ class FederatedSync(Callback):
         # loaders of unknown length: the last batch was only known now (after validation)
         if not self.synced_this_epoch and self._due(trainer) and self._samples_since_sync > 0:
             self.sync(trainer, pl_module)
-        self.coordinator.report.remote(
-            self.site,
+        self.context.tell(
+            "report",
             {"status": "training", "epoch": trainer.current_epoch + 1, "global_step": trainer.global_step, "round": self.round,
              "metrics": scalar_metrics(trainer.callback_metrics)},
         )
@@ -122,12 +121,12 @@ class FederatedSync(Callback):
             "train_samples": self._train_samples_last_epoch or self._epoch_samples,
             "metrics": self.metrics.export("val"),
             "site_values": {
-                **{f"site/{self.site}/{k}": v for k, v in scalar_metrics(trainer.callback_metrics).items()},
-                **{f"site/{self.site}/val_{k}": v for k, v in self.metrics.results.get("val", {}).items() if isinstance(v, float)},
+                **{f"site/{self.context.site}/{k}": v for k, v in scalar_metrics(trainer.callback_metrics).items()},
+                **{f"site/{self.context.site}/val_{k}": v for k, v in self.metrics.results.get("val", {}).items() if isinstance(v, float)},
             },
         }
-        fl = ray.get(self.coordinator.merge_metrics.remote(self.site, ("val", self._validations), payload, trainer.current_epoch))
-        for key, value in fl.items():
+        merged = self.context.ask("merge_metrics", ("val", self._validations), payload, trainer.current_epoch)
+        for key, value in federated_metrics(merged, "val").items():
             if isinstance(value, float):
                 # new keys persist in callback_metrics (existing ones are re-read from live results)
                 trainer.callback_metrics[key] = torch.tensor(value)
@@ -147,9 +146,8 @@ class RoundClose(Checkpoint):
     callback (EarlyStopping, ModelCheckpoint), whose decisions it must see.
     """
 
-    def __init__(self, site: str, coordinator: Any, sync: FederatedSync, checkpoint_dir: Optional[str], checkpoint_every: int) -> None:
-        self.site = site
-        self.coordinator = coordinator
+    def __init__(self, context: SiteContext, sync: FederatedSync, checkpoint_dir: Optional[str], checkpoint_every: int) -> None:
+        self.context = context
         self.fed_sync = sync
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
@@ -157,15 +155,15 @@ class RoundClose(Checkpoint):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_ends += 1
-        stop = ray.get(self.coordinator.agree.remote(self.site, ("epoch_end", self._epoch_ends), bool(trainer.should_stop), False))
+        stop = bool(self.context.ask("agree", ("epoch_end", self._epoch_ends), bool(trainer.should_stop), False))
         trainer.should_stop = stop
         round_ = self.fed_sync.round
         if self.checkpoint_dir and self.fed_sync.synced_this_epoch and (round_ % self.checkpoint_every == 0 or stop):
-            path = site_checkpoint_path(self.checkpoint_dir, round_, self.site)
+            path = site_checkpoint_path(self.checkpoint_dir, round_, self.context.site)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
             trainer.save_checkpoint(tmp)
             os.replace(tmp, path)
             # waited for, so that no site enters the next round before this one's save is on record: a site failing
             # later can then never leave a round half-committed
-            ray.get(self.coordinator.checkpoint_saved.remote(self.site, round_))
+            self.context.ask("checkpoint_saved", round_)

@@ -1,20 +1,25 @@
 """Federated algorithms, one short file each, found by name through the registry.
 
-Server halves (:class:`Aggregator`) need only numpy; site halves (:class:`SiteAlgorithm`) are Lightning callbacks
-and are imported on first use, so the coordinator process never loads Lightning.
+Server halves (:class:`Aggregator`, one module per algorithm) need only numpy, so the coordinator's process never
+loads torch or Lightning. Site halves (:class:`SiteAlgorithm`, Lightning callbacks) live in
+:mod:`lightning_fed.strategies.site` and are imported where a site runs.
 """
 
-from importlib import import_module
 from typing import Any
 
-from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights, is_averageable
+from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteContext, SiteUpdate, Weights, is_averageable
 from lightning_fed.strategies.registry import available_aggregators, get_aggregator, register_aggregator
-from lightning_fed.strategies.fedavg import FedAvg  # noqa: E402  (registers "fedavg")
+from lightning_fed.strategies.fedavg import FedAvg  # noqa: E402  (each import registers its rule's name)
+from lightning_fed.strategies.fedbn import FedBN  # noqa: E402
+from lightning_fed.strategies.fedfbn import FedFBN  # noqa: E402
 from lightning_fed.strategies.fedopt import FedAdagrad, FedAdam, FedYogi  # noqa: E402
+from lightning_fed.strategies.fedprox import FedProx  # noqa: E402
+from lightning_fed.strategies.local import Local  # noqa: E402
 from lightning_fed.strategies.robust import Median, TrimmedMean  # noqa: E402
+from lightning_fed.strategies.scaffold import Scaffold  # noqa: E402
+from lightning_fed.strategies.dp_fedavg import DPFedAvg  # noqa: E402
 
 _SITE_HALF = ("SiteAlgorithm", "load_weights", "state_to_numpy")
-_WITH_SITE_HALF = {"FedProx": "fedprox", "FedBN": "fedbn", "FedFBN": "fedfbn", "Scaffold": "scaffold", "DPFedAvg": "dp_fedavg", "Local": "local"}
 
 __all__ = [
     "Aggregator",
@@ -32,6 +37,7 @@ __all__ = [
     "TrimmedMean",
     "GlobalModel",
     "SiteAlgorithm",
+    "SiteContext",
     "SiteUpdate",
     "Weights",
     "available_aggregators",
@@ -44,10 +50,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SITE_HALF:
+    if name in _SITE_HALF:  # Lightning callbacks: loaded only where they are used
         from lightning_fed.strategies import site
 
         return getattr(site, name)
-    if name in _WITH_SITE_HALF:
-        return getattr(import_module(f"lightning_fed.strategies.{_WITH_SITE_HALF[name]}"), name)
     raise AttributeError(f"module 'lightning_fed.strategies' has no attribute {name!r}")

@@ -13,7 +13,7 @@ extras (control variates, clipping norms): never samples or per-sample outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import numpy as np
 
@@ -44,6 +44,21 @@ class GlobalModel:
     weights: Weights
     round: int
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+class SiteContext(Protocol):
+    """What a site half may know of the federation: where it runs, and exchanges with the other sites.
+
+    The machinery hands one to every site half (:meth:`SiteAlgorithm.bind`); algorithms never reach into actors,
+    workers or the strategy. Calls that wait for other sites let the site's worker run its other sites meanwhile.
+    """
+
+    site: str
+    """This site's name."""
+
+    def all_gather(self, key: str, value: Any) -> dict[str, Any]:
+        """Every site's ``value`` for ``key``, once all have sent theirs (e.g. public keys for secure aggregation)."""
+        ...
 
 
 def is_averageable(array: np.ndarray) -> bool:

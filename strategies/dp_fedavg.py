@@ -10,19 +10,21 @@
 
 The inner rule's site half still runs on every site (FedProx's term, FedFBN's frozen BN, FedBN's local BN); its
 server rule is replaced by the noisy uniform mean. The noise comes from numpy's PCG64, not a cryptographic source.
+Site half: :class:`~lightning_fed.strategies.site.dp_fedavg.DPFedAvgSite`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-from lightning.pytorch import LightningModule, Trainer
 
 from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights, is_averageable
 from lightning_fed.strategies.registry import get_aggregator, register_aggregator
-from lightning_fed.strategies.site import SiteAlgorithm, WrappedSiteAlgorithm, state_to_numpy
+
+if TYPE_CHECKING:
+    from lightning_fed.strategies.site.dp_fedavg import DPFedAvgSite
 
 
 def clip(delta: Weights, norm: float) -> tuple[Weights, float]:
@@ -30,41 +32,6 @@ def clip(delta: Weights, norm: float) -> tuple[Weights, float]:
     total = math.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta.values()))
     factor = min(1.0, norm / total) if total > 0 else 1.0
     return {k: (d * factor).astype(d.dtype) for k, d in delta.items()}, total
-
-
-class DPFedAvgSite(WrappedSiteAlgorithm):
-    """Sends the inner site half's update as a clipped difference from the last global model."""
-
-    def __init__(self, inner: SiteAlgorithm, clip_norm: float) -> None:
-        super().__init__(inner)
-        self.clip_norm = clip_norm
-        self.anchor: Weights = {}  # w_t, the global model this round started from
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.inner.on_fit_start(trainer, pl_module)
-        if not self.anchor:  # round 1: every site starts from the same model; on resume the anchor is restored
-            self.anchor = state_to_numpy(pl_module.state_dict())
-
-    def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
-        update = self.inner.local_update(trainer, pl_module, num_samples)
-        floating = {k: w - self.anchor[k] for k, w in update.weights.items() if is_averageable(w)}
-        clipped, norm = clip(floating, self.clip_norm)
-        counters = {k: w for k, w in update.weights.items() if not is_averageable(w)}
-        return SiteUpdate(site="", weights={**clipped, **counters}, num_samples=num_samples,
-                          extras={**update.extras, "unclipped": bool(norm <= self.clip_norm)})
-
-    def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
-        self.inner.receive_global(trainer, pl_module, model)
-        self.anchor.update({k: np.array(v, copy=True) for k, v in model.weights.items()})
-        self.clip_norm = float(model.extras.get("clip_norm", self.clip_norm))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "anchor": self.anchor, "clip_norm": self.clip_norm}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.anchor = dict(state_dict.get("anchor", {}))
-        self.clip_norm = float(state_dict.get("clip_norm", self.clip_norm))
 
 
 @register_aggregator("dp_fedavg")
@@ -104,7 +71,9 @@ class DPFedAvg(Aggregator):
     def check_model(self, model: Any) -> None:
         self.inner.check_model(model)
 
-    def site_algorithm(self) -> DPFedAvgSite:
+    def site_algorithm(self) -> "DPFedAvgSite":
+        from lightning_fed.strategies.site.dp_fedavg import DPFedAvgSite
+
         return DPFedAvgSite(self.inner.site_algorithm(), self.clip_norm)
 
     def count_stddev(self, sites: int) -> float:

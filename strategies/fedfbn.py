@@ -1,87 +1,35 @@
 """FedFBN (Kanhere et al., 2023): a pretrained backbone whose BatchNorm layers stay frozen for the whole run.
 
     every BatchNorm: affine parameters not trained, running statistics never updated (always in eval mode)
-    everything else: w_{t+1} = sum_k (n_k / n) * w_k      (as FedAvg)
+    everything else: w_{t+1} = sum_k (n_k / n) * w_k      (FedAvg's server half)
 
 BatchNorm layers are found by module type. Eval mode is enforced right before each BatchNorm forward, so no
 ``model.train()`` call (Lightning's at every epoch, or the user's own) can unfreeze them. The frozen layers never
 travel: every site keeps the pretrained values, bit for bit. Frozen BN in eval mode also keeps per-sample
-independence, so FedFBN combines with DP-SGD.
+independence, so FedFBN combines with DP-SGD. Site half: :class:`~lightning_fed.strategies.site.fedfbn.FedFBNSite`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch import LightningModule, Trainer
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-
-from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights
-from lightning_fed.strategies.fedavg import weighted_average
+from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.strategies.registry import register_aggregator
-from lightning_fed.strategies.site import SiteAlgorithm, load_weights, state_to_numpy
 
-
-def batchnorm_layers(module: nn.Module) -> dict[str, _BatchNorm]:
-    return {name: layer for name, layer in module.named_modules() if isinstance(layer, _BatchNorm)}
-
-
-def check_pretrained_batchnorm(module: nn.Module) -> None:
-    """FedFBN needs BatchNorm layers that carry pretrained statistics; say clearly when they do not."""
-    layers = batchnorm_layers(module)
-    if not layers:
-        raise ValueError("fedfbn freezes BatchNorm layers, but the model has none: use fedavg or fedprox")
-    fresh = [n for n, l in layers.items() if l.track_running_stats and l.running_mean is not None
-             and bool((l.running_mean == 0).all()) and bool((l.running_var == 1).all())]
-    if len(fresh) == len(layers):
-        raise ValueError(
-            "fedfbn needs a pretrained backbone, but every BatchNorm still has its initial statistics "
-            "(running_mean 0, running_var 1): load pretrained weights (or a local checkpoint file) before fit"
-        )
-
-
-def _stay_in_eval(layer: nn.Module, args: tuple) -> None:
-    layer.training = False
-
-
-class FedFBNSite(SiteAlgorithm):
-    """Freezes every BatchNorm at set-up and keeps it frozen; exchanges only the other tensors."""
-
-    evaluation_note = "BatchNorm layers frozen at their pretrained values on every site (FedFBN)"
-
-    def __init__(self) -> None:
-        self._frozen: Optional[set[str]] = None
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._frozen is not None:
-            return
-        self._frozen = set()
-        for name, layer in batchnorm_layers(pl_module).items():
-            layer.requires_grad_(False)  # before configure_optimizers: the optimizer never sees them
-            layer.eval()
-            layer.register_forward_pre_hook(_stay_in_eval)
-            self._frozen |= {f"{name}.{key}" if name else key for key in layer.state_dict()}
-
-    def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
-        state = {k: v for k, v in pl_module.state_dict().items() if k not in (self._frozen or set())}
-        return SiteUpdate(site="", weights=state_to_numpy(state), num_samples=num_samples)
-
-    def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
-        load_weights(pl_module, model.weights, skip=self._frozen)
+if TYPE_CHECKING:
+    from lightning_fed.strategies.site.fedfbn import FedFBNSite
 
 
 @register_aggregator("fedfbn")
-class FedFBN(Aggregator):
+class FedFBN(FedAvg):
     """FedAvg over everything but the frozen, pretrained BatchNorm layers."""
 
-    secure_weighting = "samples"
+    def check_model(self, model: Any) -> None:
+        from lightning_fed.strategies.site.fedfbn import check_pretrained_batchnorm
 
-    def check_model(self, model: nn.Module) -> None:
         check_pretrained_batchnorm(model)
 
-    def site_algorithm(self) -> FedFBNSite:
-        return FedFBNSite()
+    def site_algorithm(self) -> "FedFBNSite":
+        from lightning_fed.strategies.site.fedfbn import FedFBNSite
 
-    def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:
-        return GlobalModel(weights=weighted_average(updates), round=round)
+        return FedFBNSite()

@@ -6,34 +6,27 @@
 The rounds still run, so sites stay in step (same epochs, agreed early stopping) and a comparison with a
 federated rule differs only in the exchange. ``trainer.test`` evaluates every site with its own model;
 ``lightning-fed compare --modes local`` also tests every local model on every other site's test data.
+Site half: :class:`~lightning_fed.strategies.site.local.LocalSite`.
 """
 
 from __future__ import annotations
 
-from lightning.pytorch import LightningModule, Trainer
+from typing import TYPE_CHECKING
 
 from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights
 from lightning_fed.strategies.registry import register_aggregator
-from lightning_fed.strategies.site import SiteAlgorithm
 
-
-class LocalSite(SiteAlgorithm):
-    """Sends no weights and keeps its own model when the (empty) round result comes back."""
-
-    evaluation_note = "each site evaluated with its own locally trained model (local: nothing exchanged)"
-
-    def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
-        return SiteUpdate(site="", weights={}, num_samples=num_samples)
-
-    def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
-        pass
+if TYPE_CHECKING:
+    from lightning_fed.strategies.site.local import LocalSite
 
 
 @register_aggregator("local")
 class Local(Aggregator):
     """No aggregation: each site's model is trained on its own data only."""
 
-    def site_algorithm(self) -> LocalSite:
+    def site_algorithm(self) -> "LocalSite":
+        from lightning_fed.strategies.site.local import LocalSite
+
         return LocalSite()
 
     def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:

@@ -12,7 +12,6 @@ and ``FederatedStrategy(aggregator="my_rule")`` / ``Trainer(strategy="my_rule")`
 from __future__ import annotations
 
 import re
-from importlib import import_module
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -22,16 +21,6 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "lightning_fed.aggregators"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _REGISTRY: dict[str, type["Aggregator"]] = {}
-# built-in rules with a site half import Lightning; their modules load on first use so that the coordinator of a
-# run that does not use them stays free of it
-_BUILTIN_MODULES = {
-    "fedprox": "lightning_fed.strategies.fedprox",
-    "fedbn": "lightning_fed.strategies.fedbn",
-    "fedfbn": "lightning_fed.strategies.fedfbn",
-    "scaffold": "lightning_fed.strategies.scaffold",
-    "dp_fedavg": "lightning_fed.strategies.dp_fedavg",
-    "local": "lightning_fed.strategies.local",
-}
 
 A = TypeVar("A", bound=type)
 
@@ -58,14 +47,12 @@ def _entry_points() -> dict[str, Any]:
 
 def available_aggregators() -> list[str]:
     """Every name that :func:`get_aggregator` accepts: built-ins and installed entry points."""
-    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES) | set(_entry_points()))
+    return sorted(set(_REGISTRY) | set(_entry_points()))
 
 
 def get_aggregator(name: str, **kwargs: Any) -> "Aggregator":
     """Build the aggregator registered as ``name`` with ``kwargs``."""
-    key = name.lower()
-    if key not in _REGISTRY and key in _BUILTIN_MODULES:
-        import_module(_BUILTIN_MODULES[key])
+    key = name.lower()  # built-in rules are registered: importing this module ran the package's __init__ first
     if key not in _REGISTRY:
         ep = _entry_points().get(key)
         if ep is not None:

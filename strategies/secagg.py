@@ -6,20 +6,21 @@
              y_i = x_i + Σ_{j>i} PRG(s_ij, t) − Σ_{j<i} PRG(s_ij, t)   mod 2^64, fresh masks every round t
     server:  Σ_i y_i = Σ_i x_i  (the masks cancel)  →  Σ_i c_i w_i = Σ_i x_i / 2^f  →  the inner rule's mean
 
-PRG is SHAKE-256. Threat model, and what it does not cover, in the README ("Secure aggregation").
+PRG is SHAKE-256. Site half: :class:`~lightning_fed.strategies.site.secagg.SecAggSite`. Threat model, and what it does not cover, in the README ("Secure aggregation").
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from lightning.pytorch import LightningModule, Trainer
 
-from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights, is_averageable
-from lightning_fed.strategies.site import SiteAlgorithm, WrappedSiteAlgorithm
+from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights
+
+if TYPE_CHECKING:
+    from lightning_fed.strategies.site.secagg import SecAggSite
 
 # RFC 3526, 2048-bit MODP group 14, generator 2
 DH_PRIME = int(
@@ -79,36 +80,6 @@ def unmask_sum(masked: list[Weights], bits: int = FRACTIONAL_BITS) -> dict[str, 
     return {key: from_fixed(sum((m[key] for m in masked[1:]), masked[0][key].copy()), bits) for key in masked[0]}
 
 
-class SecAggSite(WrappedSiteAlgorithm):
-    """Masks what the inner site half would send; agrees pairwise secrets with the other sites at fit start."""
-
-    def __init__(self, inner: SiteAlgorithm, weighting: str, bits: int = FRACTIONAL_BITS) -> None:
-        super().__init__(inner)
-        self.weighting, self.bits = weighting, bits
-        self._secrets: dict[str, bytes] = {}  # never saved: every fit start agrees fresh ones
-        self._round = 0
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        import ray
-
-        self.inner.on_fit_start(trainer, pl_module)
-        me, coordinator = trainer.strategy.site, trainer.strategy.coordinator
-        private, public = key_pair()
-        publics = ray.get(coordinator.all_gather.remote(me, "secagg-public-keys", format(public, "x")))
-        self._secrets = {peer: shared_secret(private, int(key, 16)) for peer, key in publics.items() if peer != me}
-        self._round = 0
-
-    def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
-        update = self.inner.local_update(trainer, pl_module, num_samples)
-        self._round += 1
-        floating = {k: v for k, v in update.weights.items() if is_averageable(v)}
-        weight = float(num_samples) if self.weighting == "samples" else 1.0
-        masked = mask_update(floating, weight, trainer.strategy.site, self._secrets, self._round, self.bits)
-        counters = {k: v for k, v in update.weights.items() if not is_averageable(v)}
-        return SiteUpdate(site="", weights={**masked, **counters}, num_samples=num_samples,
-                          extras={**update.extras, "secagg": {k: str(v.dtype) for k, v in floating.items()}})
-
-
 class SecureAggregation(Aggregator):
     """Wraps an averaging rule: unmasks the sum of the sites' masked updates and hands the inner rule one combined
     update (the weighted mean, standing for all sites), so the inner rule never sees a single site's update."""
@@ -123,7 +94,9 @@ class SecureAggregation(Aggregator):
                              "under secure aggregation: use an averaging rule (fedavg, fedprox, fedbn, fedfbn, fedadam, dp_fedavg)")
         self.inner.check_model(model)
 
-    def site_algorithm(self) -> SecAggSite:
+    def site_algorithm(self) -> "SecAggSite":
+        from lightning_fed.strategies.site.secagg import SecAggSite
+
         return SecAggSite(self.inner.site_algorithm(), self.inner.secure_weighting, self.fractional_bits)
 
     def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:

@@ -22,6 +22,7 @@ def ray_cluster():
     started = False
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a cluster some earlier `ray start` left behind
             num_cpus=4,
             include_dashboard=False,
             logging_level="WARNING",

@@ -10,7 +10,8 @@ from opacus.accountants import RDPAccountant
 
 from lightning_fed import FederatedStrategy
 from lightning_fed.strategies import SiteUpdate, get_aggregator
-from lightning_fed.strategies.dp_fedavg import DPFedAvgSite, clip
+from lightning_fed.strategies.dp_fedavg import clip
+from lightning_fed.strategies.site.dp_fedavg import DPFedAvgSite
 from lightning_fed.strategies.site import SiteAlgorithm, state_to_numpy
 from tests.helpers import small_hospitals
 

@@ -132,7 +132,7 @@ def test_heart_disease_federation_tests_every_hospital(tmp_path, ray_cluster):
         trainer.test(datamodule=dm, verbose=False)
     finally:
         strategy.shutdown()
-    sites = strategy.last_evaluation["sites"]
+    sites = strategy.last_evaluation.rows()
     assert set(sites) == {"cleveland", "hungary", "switzerland", "va", "federated"}
     counts = {h: int(np.sum(sites[h]["confusion_matrix"])) for h in dm.hospitals}
     assert counts == {h: len(parts["test"]) for h, parts in dm.site_indices().items()}  # each tested on its own patients

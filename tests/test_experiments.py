@@ -85,8 +85,8 @@ def test_compare_tests_every_model_on_every_site(heart_compare):
     assert json.loads((out / "results.json").read_text())["summary"] == json.loads(json.dumps(summary))
     startup = report["startup"]
     # 6 runs; site processes are started for the first pooled run and the first 4-site run only, then reused
-    assert startup["site_processes_started"] == 1 + 4 and startup["warm_runs"] == 5
-    assert startup["site_processes_reused"] == 5 * 4 + 1
+    assert startup["worker_processes_started"] == 1 + 4 and startup["warm_runs"] == 5
+    assert startup["worker_processes_reused"] == 5 * 4 + 1
 
 
 def test_pooled_site_trains_on_the_union_of_the_sites(fed_data):
@@ -118,7 +118,7 @@ def test_sweep_reuses_warm_sites_and_gives_the_same_result_as_a_fresh_start(tmp_
     runs = report["runs"]
     assert [r["point"] for r in runs] == [{"model.init_args.lr": v} for v in (0.003, 0.03, 0.003)]
     assert [r["warm"] for r in runs] == [False, True, True]
-    assert report["startup"]["site_processes_started"] == 4 and report["startup"]["site_processes_reused"] == 8
+    assert report["startup"]["worker_processes_started"] == 4 and report["startup"]["worker_processes_reused"] == 8
     # a warm site is reset from its new plan: the third run (warm, after a different run) equals the first (fresh)
     assert runs[2]["evaluations"] == runs[0]["evaluations"]
     assert runs[1]["evaluations"] != runs[0]["evaluations"]

@@ -35,7 +35,7 @@ def _our_actors_alive():
     # GCS's own table (the state API would need the dashboard, which tests do not start)
     from ray._private.state import actors
 
-    return [a for a in actors().values() if a["State"] != "DEAD" and a["ActorClassName"] in ("SiteActor", "Coordinator")]
+    return [a for a in actors().values() if a["State"] != "DEAD" and a["ActorClassName"] in ("Worker", "Coordinator")]
 
 
 def test_three_sites_end_identical_and_equal_to_driver(tmp_path):
@@ -75,8 +75,8 @@ def test_sync_every_k_epochs_with_a_final_partial_round(tmp_path):
     trainer.fit(model, datamodule=small_hospitals(val_fraction=0.0))
     try:
         # epochs 1-2 are round 1; epoch 3 alone is round 2, handed over when training ends
-        assert len(strategy.last_fit["round_seconds"]) == 2
-        assert all(len(s) == 2 for s in strategy.last_fit["sync_seconds"].values())
+        assert len(strategy.last_fit.round_seconds) == 2
+        assert all(len(s) == 2 for s in strategy.last_fit.sync_seconds.values())
         assert_sites_hold(model, strategy.federation.site_weights())
     finally:
         strategy.shutdown()
@@ -86,7 +86,7 @@ def test_unmodified_module_via_string_flag_simulates_sites(tmp_path):
     torch.manual_seed(0)
     model, dm = UnmodifiedMLP(), PlainFashionMNIST(n=600)
     trainer = _trainer(tmp_path, "fedavg", max_epochs=2)
-    assert isinstance(trainer.strategy, FederatedStrategy) and trainer.strategy.num_sites == 2
+    assert isinstance(trainer.strategy, FederatedStrategy) and trainer.strategy.config.simulation.num_sites == 2
     trainer.fit(model, datamodule=dm)
     strategy = trainer.strategy
     try:
@@ -99,7 +99,7 @@ def test_unmodified_module_via_string_flag_simulates_sites(tmp_path):
         # federated accuracy over both halves is the sample-weighted mean of the sites' (100 + 100 test images)
         site_acc = [out[f"site/site_{i}/test_accuracy"] for i in range(2)]
         assert out["fl/test_accuracy"] == pytest.approx(np.mean(site_acc), abs=1e-6)
-        cm = strategy.last_evaluation["confusion_matrices"]["federated"]
+        cm = strategy.last_evaluation.confusion_matrices["federated"]
         assert np.array(cm).shape == (10, 10) and np.array(cm).sum() == 200
         # validate runs inside the same site actors, on each site's share of the validation split
         val = trainer.validate(model, datamodule=dm, verbose=False)[0]
@@ -137,13 +137,13 @@ def test_trainer_test_runs_on_every_site_after_fit(tmp_path):
     trainer = _trainer(tmp_path, strategy, max_epochs=1)
     trainer.fit(model, datamodule=dm)
     try:
-        actors_before = dict(strategy.federation.actors)
+        workers_before = list(strategy.federation.workers)
         out = trainer.test(model, datamodule=dm, verbose=False)[0]
-        assert strategy.federation.actors == actors_before  # same warm site actors, no restart
+        assert strategy.federation.workers == workers_before  # the same workers, no restart
         for site in ("large", "small_1", "small_2"):
             assert 0.0 <= out[f"site/{site}/test_recall"] <= 1.0
         # each small hospital has 40 test images (200 * 0.2), the large one 80
-        cms = strategy.last_evaluation["confusion_matrices"]
+        cms = strategy.last_evaluation.confusion_matrices
         assert np.array(cms["small_1"]).sum() == 40 and np.array(cms["large"]).sum() == 80
         assert np.array(cms["federated"]).sum() == 160
     finally:

@@ -119,7 +119,7 @@ def test_masked_losses_skip_unannotated_entries():
 
 
 def test_head_warmup_trains_only_the_head_then_everything_but_frozen_layers():
-    from lightning_fed.strategies.fedfbn import FedFBNSite, batchnorm_layers
+    from lightning_fed.strategies.site.fedfbn import FedFBNSite, batchnorm_layers
 
     torch.manual_seed(0)
     model = ImageClassifier("resnet10t", task="multilabel", num_classes=3, in_chans=1, head_warmup_epochs=1, lr=1e-2)

@@ -105,7 +105,7 @@ def test_chestmnist_sites_annotate_their_own_findings():
 
 @pytest.mark.usefixtures("fed_data")
 def test_fedfbn_trains_a_pretrained_timm_backbone_on_partial_label_sites(tmp_path, ray_cluster):
-    from lightning_fed.strategies.fedfbn import batchnorm_layers
+    from lightning_fed.strategies.site.fedfbn import batchnorm_layers
 
     checkpoint = tmp_path / "pretrained.pth"
     torch.save(_trained_timm().state_dict(), checkpoint)
@@ -122,20 +122,21 @@ def test_fedfbn_trains_a_pretrained_timm_backbone_on_partial_label_sites(tmp_pat
         trainer.fit(model, datamodule=dm)
         trainer.test(model, datamodule=dm, verbose=False)
         evaluation = strategy.last_evaluation
+        rows = evaluation.rows()
     finally:
         strategy.shutdown()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in bn_before.items())  # frozen, bit for bit
     assert not torch.equal(model.backbone.fc.weight, head_before)  # the rest trained
     for k, name in enumerate(dm.site_names):
-        per_label = evaluation["sites"][name]["auroc_per_label"]
+        per_label = rows[name]["auroc_per_label"]
         assert len(per_label) == 10
         for label in set(range(10)) - set(dm.annotated_labels[k]):
             assert per_label[label] is None  # unannotated entries were ignored, not scored as negatives
         supported = [v for v in per_label if v is not None]
-        assert supported and evaluation["sites"][name]["auroc"] == pytest.approx(np.mean(supported))
-    federated = evaluation["sites"]["federated"]["auroc_per_label"]
-    assert sum(v is not None for v in federated) >= max(sum(v is not None for v in evaluation["sites"][n]["auroc_per_label"]) for n in dm.site_names)
-    assert any("FedFBN" in note for note in evaluation["notes"])
+        assert supported and rows[name]["auroc"] == pytest.approx(np.mean(supported))
+    federated = rows["federated"]["auroc_per_label"]
+    assert sum(v is not None for v in federated) >= max(sum(v is not None for v in rows[n]["auroc_per_label"]) for n in dm.site_names)
+    assert any("FedFBN" in note for note in evaluation.notes)
 
 
 @pytest.mark.usefixtures("fed_data")

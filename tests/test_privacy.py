@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fed import DPSGD, FederatedStrategy, SiteFailedError
 from lightning_fed.privacy import SiteDPSGD, site_privacy
-from lightning_fed.strategies.fedprox import FedProxSite
+from lightning_fed.strategies.site.fedprox import FedProxSite
 from tests.helpers import BNCNN, pretrained_bn, small_hospitals
 
 
@@ -38,32 +38,32 @@ def test_site_epsilon_is_an_accountants_and_keeps_growing_across_rounds_and_resu
     trainer = _trainer(tmp_path, first, 2)
     trainer.fit(model, datamodule=small_hospitals(val_fraction=0.0))
     first.shutdown()
-    report = first.last_fit["privacy"]
-    assert set(report["sites"]) == {"small_1", "small_2"}  # the large hospital is not private
-    small_1 = report["sites"]["small_1"]
-    steps = first.last_fit["sites"]["small_1"]["global_step"]
-    assert small_1["steps"] == steps > 0
-    assert small_1["epsilon"] == pytest.approx(_independent_epsilon(1.1, small_1["sample_rate"], steps), rel=1e-9)
-    assert small_1["epsilon_per_epoch"][0] < small_1["epsilon_per_epoch"][1] == pytest.approx(small_1["epsilon"])
-    small_2 = report["sites"]["small_2"]
+    report = first.last_fit.privacy
+    assert set(report.sites) == {"small_1", "small_2"}  # the large hospital is not private
+    small_1 = report.sites["small_1"]
+    steps = first.last_fit.sites["small_1"].global_step
+    assert small_1.steps == steps > 0
+    assert small_1.epsilon == pytest.approx(_independent_epsilon(1.1, small_1.sample_rate, steps), rel=1e-9)
+    assert small_1.epsilon_per_epoch[0] < small_1.epsilon_per_epoch[1] == pytest.approx(small_1.epsilon)
+    small_2 = report.sites["small_2"]
     # the noise for a 3.0 budget over max_epochs=2 is what Opacus derives; the spend after 2 epochs stays within it
-    assert small_2["noise_multiplier"] == pytest.approx(get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=small_2["sample_rate"], epochs=2, accountant="rdp"))
-    assert 2.5 < small_2["epsilon"] <= 3.0
-    assert report["max_epsilon"] == max(small_1["epsilon"], small_2["epsilon"])
-    assert float(trainer.callback_metrics["fl/dp_epsilon_max"]) == pytest.approx(report["max_epsilon"], rel=1e-6)
+    assert small_2.noise_multiplier == pytest.approx(get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=small_2.sample_rate, epochs=2, accountant="rdp"))
+    assert 2.5 < small_2.epsilon <= 3.0
+    assert report.max_epsilon == max(small_1.epsilon, small_2.epsilon)
+    assert float(trainer.callback_metrics["fl/dp_epsilon_max"]) == pytest.approx(report.max_epsilon, rel=1e-6)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in bn_before.items())
 
     second = FederatedStrategy(aggregator="fedfbn", privacy=privacy, checkpoint_dir=str(ckpt), progress=False)
     resumed = _trainer(tmp_path, second, 4)
     resumed.fit(pretrained_bn(BNCNN()), datamodule=small_hospitals(val_fraction=0.0), ckpt_path=str(ckpt))
     second.shutdown()
-    again = second.last_fit["privacy"]["sites"]["small_1"]
-    total_steps = second.last_fit["sites"]["small_1"]["global_step"]
+    again = second.last_fit.privacy.sites["small_1"]
+    total_steps = second.last_fit.sites["small_1"].global_step
     assert total_steps == 2 * steps
     # one accountant for the whole run: the resumed site continues from the checkpointed history, never from 0
-    assert again["epsilon"] == pytest.approx(_independent_epsilon(1.1, small_1["sample_rate"], total_steps), rel=1e-9)
-    assert again["epsilon_per_epoch"][:2] == pytest.approx(small_1["epsilon_per_epoch"])
-    assert np.all(np.diff(again["epsilon_per_epoch"]) > 0) and len(again["epsilon_per_epoch"]) == 4
+    assert again.epsilon == pytest.approx(_independent_epsilon(1.1, small_1.sample_rate, total_steps), rel=1e-9)
+    assert again.epsilon_per_epoch[:2] == pytest.approx(small_1.epsilon_per_epoch)
+    assert np.all(np.diff(again.epsilon_per_epoch) > 0) and len(again.epsilon_per_epoch) == 4
 
 
 @pytest.mark.usefixtures("fed_data")

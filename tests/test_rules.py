@@ -8,8 +8,8 @@ from torch import nn
 
 from lightning_fed import FederatedStrategy
 from lightning_fed.strategies import FedAdagrad, FedAdam, FedYogi, Median, SiteUpdate, TrimmedMean, get_aggregator
-from lightning_fed.strategies.fedbn import normalisation_keys
-from lightning_fed.strategies.fedprox import FedProxSite
+from lightning_fed.strategies.site.fedbn import normalisation_keys
+from lightning_fed.strategies.site.fedprox import FedProxSite
 
 
 def _updates(values, sizes=None):
@@ -93,7 +93,7 @@ def test_fedbn_keeps_each_sites_bn_and_averages_the_rest(tmp_path):
         running = [weights[s]["net.1.running_mean"] for s in weights]
         assert not np.allclose(running[0], running[1])  # every site has its own BN statistics
         trainer.test(model, datamodule=dm, verbose=False)
-        assert strategy.last_evaluation["notes"] == ["each site evaluated with its own normalisation layers (FedBN)"]
+        assert strategy.last_evaluation.notes == ["each site evaluated with its own normalisation layers (FedBN)"]
         # the test used each site's own BN: the sites still hold their BN after the global weights were pushed
         after = strategy.federation.site_weights()
         for site in after:
@@ -120,7 +120,7 @@ def test_fedprox_federation_needs_no_user_code(tmp_path):
 
 @pytest.mark.usefixtures("ray_cluster", "fed_data")
 def test_fedfbn_keeps_pretrained_bn_bit_for_bit_over_rounds(tmp_path):
-    from lightning_fed.strategies.fedfbn import batchnorm_layers
+    from lightning_fed.strategies.site.fedfbn import batchnorm_layers
     from tests.helpers import RetrainingBNCNN, pretrained_bn, small_hospitals
 
     torch.manual_seed(0)
@@ -156,7 +156,8 @@ def test_fedfbn_refuses_models_it_cannot_train(tmp_path):
 
 
 def test_scaffold_control_variates_match_the_paper():
-    from lightning_fed.strategies.scaffold import Scaffold, ScaffoldSite
+    from lightning_fed.strategies.scaffold import Scaffold
+    from lightning_fed.strategies.site.scaffold import ScaffoldSite
 
     module = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -204,7 +205,9 @@ def test_scaffold_federation_and_resume_keep_control_variates(tmp_path):
     trainer = L.Trainer(strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False)
     trainer.fit(SGDModule(), datamodule=small_hospitals(val_fraction=0.0))
     strategy.shutdown()
-    server = torch.load(ckpt / "round-0002" / "server.pt", map_location="cpu", weights_only=False)
+    from lightning_fed.checkpoint import find_checkpoint
+
+    server = find_checkpoint(ckpt / "round-0002").server_state()
     c = server["aggregator_state"]["c"]
     assert set(c) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"} and any(np.abs(v).sum() > 0 for v in c.values())
     site = torch.load(ckpt / "round-0002" / "site-small_1.ckpt", map_location="cpu", weights_only=False)
@@ -216,4 +219,4 @@ def test_scaffold_federation_and_resume_keep_control_variates(tmp_path):
     trainer.fit(SGDModule(), datamodule=small_hospitals(val_fraction=0.0), ckpt_path=str(ckpt))
     resumed.shutdown()
     assert trainer.current_epoch == 3
-    assert torch.load(ckpt / "round-0003" / "server.pt", map_location="cpu", weights_only=False)["round"] == 3
+    assert find_checkpoint(ckpt / "round-0003").server_state()["round"] == 3

@@ -48,13 +48,15 @@ def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
         from tests.helpers import small_hospitals
 
         assert not ray.is_initialized()
-        strategy = FederatedStrategy(progress=False, checkpoint_every=0)
-        trainer = L.Trainer(strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False)
-        trainer.fit(SmallCNN(), datamodule=small_hospitals(sizes=(200, 100, 100)))
-        cpus = ray.cluster_resources()["CPU"]
-        children = descendants()
-        strategy.shutdown()
-        alive = descendants()
+        cpus = []
+        for layout in ({}, {"sites_per_worker": 1}):  # packed (the default), then one process per site
+            strategy = FederatedStrategy(progress=False, checkpoint_every=0, **layout)
+            trainer = L.Trainer(strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False)
+            trainer.fit(SmallCNN(), datamodule=small_hospitals(sizes=(200, 100, 100)))
+            cpus.append(ray.cluster_resources()["CPU"])
+            children = descendants()
+            strategy.shutdown()
+            alive = descendants()
         print(json.dumps({"cpus": cpus, "before": children, "after": alive, "initialized": ray.is_initialized()}))
         """
     )
@@ -63,7 +65,8 @@ def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["cpus"] == max(os.cpu_count(), 3)  # sized for 3 one-CPU sites, at least the machine's cores
+    # packed sites fit the machine as it is; three one-CPU processes get three CPUs (at least the machine's cores)
+    assert report["cpus"] == [os.cpu_count(), max(os.cpu_count(), 3)]
     assert any("raylet" in name for name in report["before"])
     assert report["after"] == [] and report["initialized"] is False  # everything it started is gone
 

@@ -29,7 +29,10 @@ class Site:
             from a site-local path, and never crosses the network. Only the object's configuration is shipped.
         num_cpus, num_gpus: Ray resources the site's actor holds for its lifetime (``num_gpus`` may be a fraction).
         resources: custom Ray resources, e.g. ``{"site:hospital_a": 1}`` to pin the site to the node that
-            carries that resource (the hospital's own machine).
+            carries that resource (the hospital's own machine). A pinned site gets a worker process of its own;
+            the others share workers (:mod:`lightning_fed.placement`).
+        train_size: the number of training samples, when it is known without loading the data: sites sharing
+            workers are balanced by it (a guess is fine; unknown sizes count as the mean of the known ones).
     """
 
     name: str
@@ -37,12 +40,15 @@ class Site:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
+    train_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not _SITE_NAME.match(self.name):
             raise ValueError(f"site name {self.name!r} must be letters, digits, '_', '.' or '-' (it names folders and metric keys)")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError(f"site {self.name!r}: num_cpus and num_gpus must be >= 0")
+        if self.train_size is not None and self.train_size < 0:
+            raise ValueError(f"site {self.name!r}: train_size must be >= 0 (or None when unknown)")
 
     def build_datamodule(self) -> LightningDataModule:
         dm = self.datamodule if isinstance(self.datamodule, LightningDataModule) else self.datamodule()

@@ -1,7 +1,8 @@
-"""The site half of an algorithm: a Lightning callback in every site's Trainer, plus the two hand-over hooks.
+"""Site halves: the part of each algorithm that runs inside a site's Trainer, as a Lightning callback.
 
-Kept apart from :mod:`lightning_fed.strategies.base` so that the coordinator, which runs only server halves,
-never imports Lightning.
+Every server half (:mod:`lightning_fed.strategies.fedprox`, ...) is numpy only; its site half lives in this package
+(:mod:`lightning_fed.strategies.site.fedprox`, ...) and is imported only where a site runs, so the coordinator's
+process never loads torch or Lightning.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_fed.strategies.base import GlobalModel, SiteUpdate, Weights
+from lightning_fed.strategies.base import GlobalModel, SiteContext, SiteUpdate, Weights
 
 
 def state_to_numpy(state: dict[str, torch.Tensor]) -> Weights:
@@ -37,6 +38,13 @@ class SiteAlgorithm(Callback):
     evaluation_note: str | None = None
     """Said with ``trainer.test``/``validate`` results when the algorithm changes what is evaluated (e.g. local BN)."""
 
+    context: SiteContext | None = None
+    """The site this half runs at (its name, exchanges with the other sites); set before the site's Trainer starts."""
+
+    def bind(self, context: SiteContext) -> None:
+        """Called once, before the site's Trainer is built: the only door from an algorithm to the federation."""
+        self.context = context
+
     def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
         """Called at the end of every k-th epoch: what this site sends to the coordinator."""
         weights = state_to_numpy(pl_module.state_dict())
@@ -62,14 +70,16 @@ def load_weights(module: torch.nn.Module, weights: Weights, skip: set[str] | Non
             target.copy_(torch.from_numpy(np.array(array, copy=True)).to(dtype=target.dtype))
 
 
-
-
 class WrappedSiteAlgorithm(SiteAlgorithm):
     """A site half that wraps another one: every Lightning hook and both hand-over hooks go to ``inner`` unless
     the wrapper overrides them (e.g. DP-FedAvg clips what ``inner`` would send)."""
 
     def __init__(self, inner: SiteAlgorithm) -> None:
         self.inner = inner
+
+    def bind(self, context: SiteContext) -> None:
+        super().bind(context)
+        self.inner.bind(context)
 
     @property
     def evaluation_note(self) -> str | None:  # type: ignore[override]

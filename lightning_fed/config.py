@@ -1,0 +1,204 @@
+"""The federation's settings, grouped: what the strategy is given and what it passes down, frozen.
+
+``FederatedStrategy`` takes the algorithm's options directly and the rest in four small groups::
+
+    FederatedStrategy(
+        aggregator="fedavg", sync_every=1,
+        simulation=Simulation(num_sites=4, partitioner=Dirichlet(alpha=0.5)),   # splitting a plain datamodule
+        placement=Placement(sites_per_worker=1),                                 # sites onto worker processes
+        checkpointing=Checkpointing(every_n_rounds=2, keep=3),                   # round checkpoints
+        cluster=Cluster(address="auto"),                                         # which Ray cluster
+    )
+
+Today's flat names still work as shorthands (``FederatedStrategy(num_sites=4, checkpoint_every=0)`` and the same keys
+in recipes); :func:`shorthand_groups` maps them onto the groups. Nothing below the strategy reads the strategy: the
+launcher, the federation and the workers get one frozen :class:`FederationConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from lightning_fed.data.partition import Partitioner
+from lightning_fed.privacy import DPSGD, PrivacySpec
+from lightning_fed.strategies.base import Aggregator
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+@dataclass(frozen=True)
+class Simulation:
+    """How a plain datamodule (one without ``federated_sites()``) is split into simulated sites.
+
+    Args:
+        num_sites: how many sites.
+        partitioner: how the training split is divided (:class:`~lightning_fed.data.IID` with the strategy's seed by
+            default; ``Dirichlet``, ``SizeAndRatio``, or any callable ``(labels, num_sites) -> index arrays``).
+        site_cpus, site_gpus: what each simulated site needs while it trains (CPU threads, GPU share).
+    """
+
+    num_sites: int = 2
+    partitioner: Optional[Partitioner] = None
+    site_cpus: float = 1.0
+    site_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_int("num_sites", self.num_sites, 1)
+        if self.site_cpus < 0 or self.site_gpus < 0:
+            raise ValueError(f"site_cpus and site_gpus must be >= 0, got {self.site_cpus}, {self.site_gpus}")
+
+@dataclass(frozen=True)
+class Placement:
+    """How sites are placed onto worker processes (Ray actors).
+
+    A worker hosts one or more sites and runs them one at a time with all of its threads; each site keeps its own
+    Trainer, module, optimizer, callbacks and random streams, so placement never changes results. Sites pinned to
+    a node (a custom resource such as ``{"site:hospital_a": 1}``) always get a worker of their own.
+
+    Args:
+        workers: how many workers share the sites that are not pinned (``None``: chosen from the cluster's free
+            CPUs/GPUs and the sites' sizes, see :func:`lightning_fed.placement.place_sites`).
+        sites_per_worker: at most this many sites per worker (``1``: one process per site). Give at most one of
+            ``workers`` and ``sites_per_worker``.
+        worker_cpus: CPUs (torch threads) each shared worker holds (default: the most any of its sites asks for,
+            or with neither ``workers`` nor ``sites_per_worker`` the cost model's choice).
+        timeout: seconds to wait for the cluster to hold every worker before failing with the resources it lacks.
+    """
+
+    workers: Optional[int] = None
+    sites_per_worker: Optional[int] = None
+    worker_cpus: Optional[float] = None
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.sites_per_worker is not None:
+            raise ValueError("give placement.workers or placement.sites_per_worker, not both")
+        if self.workers is not None:
+            _check_int("placement.workers", self.workers, 1)
+        if self.sites_per_worker is not None:
+            _check_int("placement.sites_per_worker", self.sites_per_worker, 1)
+        if self.worker_cpus is not None and self.worker_cpus <= 0:
+            raise ValueError(f"placement.worker_cpus must be > 0, got {self.worker_cpus}")
+        if self.timeout <= 0:
+            raise ValueError(f"placement.timeout must be > 0 seconds, got {self.timeout}")
+
+    @property
+    def automatic(self) -> bool:
+        """Whether the layout is left to the cost model (nothing fixed but perhaps the timeout)."""
+        return self.workers is None and self.sites_per_worker is None and self.worker_cpus is None
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Round checkpoints: every site's full Lightning checkpoint plus the server's state, committed together.
+
+    Args:
+        dirpath: where round folders go (default ``<log_dir>/federated_checkpoints``); ``fit(ckpt_path=<that folder>)``
+            or ``fit(ckpt_path="last")`` resumes the federation from its newest complete round.
+        every_n_rounds: rounds between checkpoints (0: none).
+        keep: complete rounds kept on disk.
+    """
+
+    dirpath: Optional[str] = None
+    every_n_rounds: int = 1
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _check_int("checkpoint every_n_rounds", self.every_n_rounds, 0)
+        _check_int("keep (checkpoints kept)", self.keep, 0)
+
+@dataclass(frozen=True)
+class Cluster:
+    """Which Ray cluster runs the federation.
+
+    Args:
+        address: a cluster to join (default: ``RAY_ADDRESS`` as under ``ray job submit``, or the Ray this process is
+            connected to; else a local Ray is started for the run and stopped after it).
+        init_kwargs: extra ``ray.init`` arguments (e.g. ``{"num_cpus": 8}`` for a local Ray).
+    """
+
+    address: Optional[str] = None
+    init_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+def shorthand_groups(
+    num_sites: Optional[int] = None,
+    partitioner: Optional[Partitioner] = None,
+    site_cpus: Optional[float] = None,
+    site_gpus: Optional[float] = None,
+    checkpoint_dir: Optional[str] = None,
+    checkpoint_every: Optional[int] = None,
+    keep_checkpoints: Optional[int] = None,
+    ray_address: Optional[str] = None,
+    ray_init_kwargs: Optional[dict[str, Any]] = None,
+    placement_timeout: Optional[float] = None,
+    workers: Optional[int] = None,
+    sites_per_worker: Optional[int] = None,
+    worker_cpus: Optional[float] = None,
+) -> dict[str, dict[str, Any]]:
+    """The flat names ``FederatedStrategy`` has always taken, sorted into their groups (only those given).
+
+    Args:
+        num_sites, partitioner, site_cpus, site_gpus: :class:`Simulation`'s fields.
+        checkpoint_dir, checkpoint_every, keep_checkpoints: :class:`Checkpointing`'s ``dirpath``, ``every_n_rounds``
+            and ``keep``.
+        ray_address, ray_init_kwargs: :class:`Cluster`'s ``address`` and ``init_kwargs``.
+        placement_timeout, workers, sites_per_worker, worker_cpus: :class:`Placement`'s ``timeout``, ``workers``,
+            ``sites_per_worker`` and ``worker_cpus``.
+    """
+    given = {
+        "simulation": {"num_sites": num_sites, "partitioner": partitioner, "site_cpus": site_cpus, "site_gpus": site_gpus},
+        "checkpointing": {"dirpath": checkpoint_dir, "every_n_rounds": checkpoint_every, "keep": keep_checkpoints},
+        "cluster": {"address": ray_address, "init_kwargs": ray_init_kwargs},
+        "placement": {"timeout": placement_timeout, "workers": workers, "sites_per_worker": sites_per_worker,
+                      "worker_cpus": worker_cpus},
+    }
+    return {group: {k: v for k, v in values.items() if v is not None} for group, values in given.items()}
+
+def merge_group(group: Any, default: type, shorthands: dict[str, Any], label: str) -> Any:
+    """``group`` (or the default one) with the shorthand fields applied; a field set both ways is an error."""
+    base = group if group is not None else default()
+    if not isinstance(base, default):
+        raise TypeError(f"{label} must be a {default.__name__}, got {type(base).__name__}")
+    if group is not None:
+        both = sorted(k for k in shorthands if getattr(group, k) != getattr(default(), k))
+        if both:
+            raise ValueError(f"{label}.{both[0]} is given twice (as {label}=... and as a flat argument): give it once")
+    return dataclasses.replace(base, **shorthands) if shorthands else base
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Everything below the strategy needs to run a federation; built once by ``FederatedStrategy``."""
+
+    aggregator: Aggregator
+    sync_every: int
+    seed: int
+    simulation: Simulation
+    placement: Placement
+    checkpointing: Checkpointing
+    cluster: Cluster
+    privacy: PrivacySpec = None
+    class_balance: Optional[str] = None
+    audit_messages: bool = False
+    barrier_timeout: Optional[float] = None
+    metric_thresholds: int = 1000
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("sync_every", self.sync_every, 1)
+        if self.privacy is not None and not isinstance(self.privacy, (DPSGD, dict)):
+            raise ValueError(f"privacy must be a DPSGD or a dict of site name -> DPSGD, got {type(self.privacy).__name__}")
+        if self.class_balance not in (None, "loss", "sampler"):
+            raise ValueError(f"class_balance must be 'loss', 'sampler' or None, got {self.class_balance!r}")
+        if self.barrier_timeout is not None and self.barrier_timeout <= 0:
+            raise ValueError(f"barrier_timeout must be > 0 seconds or None, got {self.barrier_timeout}")
+        _check_int("metric_thresholds", self.metric_thresholds, 2)
+
+    def replace(self, **changes: Any) -> "FederationConfig":
+        """A copy with ``changes`` (checked like the original)."""
+        return dataclasses.replace(self, **changes)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The federation's settings as the driver's loggers record them."""
+        return {"fl_aggregator": repr(self.aggregator), "fl_sync_every": self.sync_every}

@@ -1,0 +1,42 @@
+"""A site's line to the federation: the one object through which a site (its callbacks, its algorithm half,
+its Lightning strategy) talks to the coordinator.
+
+It implements :class:`lightning_fed.strategies.base.SiteContext` for algorithms and adds the calls the machinery
+needs. Every call that waits hands the worker's turn (:mod:`lightning_fed.turn`) to the worker's other sites.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from lightning_fed.turn import RandomStreams, Turn
+
+
+class SiteContext:
+    """A site's line to the federation. Calls that wait hand the worker's turn to its other sites meanwhile."""
+
+    def __init__(self, site: str, coordinator: Any, turn: Turn) -> None:
+        self.site = site
+        self.streams = RandomStreams()  # this site's random generators, swapped in whenever it takes the turn
+        self._coordinator = coordinator
+        self._turn = turn
+
+    def ask(self, method: str, *args: Any) -> Any:
+        """Call the coordinator's ``method`` as this site and wait for the answer."""
+        ref = getattr(self._coordinator, method).remote(self.site, *args)
+        return self.fetch(ref)
+
+    def fetch(self, ref: Any) -> Any:
+        """Wait for an object (e.g. the round's global model) while the worker's other sites compute."""
+        with self._turn.handed_on(self.streams):
+            return ray.get(ref)
+
+    def tell(self, method: str, *args: Any) -> None:
+        """Call the coordinator's ``method`` as this site without waiting (status reports)."""
+        getattr(self._coordinator, method).remote(self.site, *args)
+
+    def all_gather(self, key: str, value: Any) -> dict[str, Any]:
+        """Every site's ``value`` for ``key`` (for site halves, e.g. secure aggregation's public keys)."""
+        return self.ask("all_gather", key, value)

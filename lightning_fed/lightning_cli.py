@@ -1,0 +1,100 @@
+"""``lightning-fed fit --config recipes/hospitals.yaml``: LightningCLI with a federated report at the end.
+
+Everything LightningCLI offers works (``--print_config``, dotted overrides such as ``--trainer.max_epochs=3``,
+several ``--config`` files). After ``fit`` the global model is tested on every site's own test split, a
+per-site results table is printed and ``results.json`` (per-site and federated test metrics, the config, wall
+time) is written into the run's log directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_fed.progress import per_label_table, results_table
+from lightning_fed.strategy import FederatedStrategy
+
+_METRICS = ("loss", "accuracy", "precision", "recall", "auroc")
+
+
+class FederatedCLI(LightningCLI):
+    """LightningCLI plus ``results.mean_over`` (sites averaged in the report) and the post-fit test report."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--results.mean_over", type=Optional[list[str]], default=None,
+                            help="sites whose test metrics are averaged in the report (study B: the small hospitals)")
+        parser.add_argument("--results.test_after_fit", type=bool, default=True, help="test the global model on every site after fit")
+
+    def before_fit(self) -> None:
+        self._t0 = time.monotonic()
+
+    def after_fit(self) -> None:
+        trainer, strategy = self.trainer, self.trainer.strategy
+        cfg = self.config[self.subcommand]
+        try:
+            report: dict[str, Any] = {"wall_seconds": None}
+            if cfg["results"]["test_after_fit"]:
+                trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+                report.update(self._test_report(strategy, cfg["results"]["mean_over"]))
+            report["wall_seconds"] = time.monotonic() - self._t0
+            if isinstance(strategy, FederatedStrategy) and strategy.last_fit:
+                fit = strategy.last_fit
+                report["startup_seconds"] = fit.startup.seconds
+                report["layout"] = fit.startup.layout
+                report["fit_seconds"] = fit.fit_seconds
+                report["round_seconds"] = fit.round_seconds
+                if fit.privacy is not None:
+                    report["privacy"] = {"sites": {n: dataclasses.asdict(p) for n, p in fit.privacy.sites.items()},
+                                         "max_epsilon": fit.privacy.max_epsilon}
+                    sites = ", ".join(f"{n} ε={p.epsilon:.3g} (δ={p.delta:g})" for n, p in fit.privacy.sites.items())
+                    print(f"\nDP-SGD, from each site's accountant: {sites}; federation: max ε={fit.privacy.max_epsilon:.3g}")
+            report["config"] = json.loads(json.dumps(cfg.as_dict(), default=str))
+            out = Path(trainer.log_dir or trainer.default_root_dir) / "results.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2, default=_jsonable))
+            print(f"\nresults written to {out}")
+        finally:
+            if isinstance(strategy, FederatedStrategy):
+                strategy.shutdown()
+
+    def _test_report(self, strategy: Any, mean_over: Optional[list[str]]) -> dict[str, Any]:
+        evaluation = strategy.last_evaluation
+        table = evaluation.rows()
+        sites = {n: v for n, v in table.items() if n != "federated"}
+        rows = dict(sites)
+        report: dict[str, Any] = {"test": {"sites": sites, "federated": table["federated"]},
+                                  "confusion_matrices": evaluation.confusion_matrices}
+        if mean_over:
+            unknown = sorted(set(mean_over) - set(sites))
+            if unknown:
+                raise ValueError(f"results.mean_over names unknown sites {unknown}; the sites are {sorted(sites)}")
+            mean = {m: sum(sites[s][m] for s in mean_over) / len(mean_over) for m in _METRICS if all(isinstance(sites[s].get(m), float) for s in mean_over)}
+            report["test"]["mean_over_sites"] = {"sites": mean_over, **mean}
+            rows[f"mean({','.join(mean_over)})"] = mean
+        rows["federated"] = table["federated"]
+        print("\nTest results (global model, each site's own test split):")
+        print(results_table(rows, _METRICS))
+        label_names = _label_names(self.model, self.datamodule)
+        labels = per_label_table({**sites, "federated": rows["federated"]}, label_names)
+        if labels:
+            report["label_names"] = label_names
+            print("\nAUROC per label (macro AUROC above averages the labels with support):")
+            print(labels)
+        return report
+
+
+def _label_names(model: Any, datamodule: Any) -> Optional[list[str]]:
+    names = model.hparams.get("label_names") or getattr(datamodule, "label_names", None)
+    return list(names) if names else None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)

@@ -1,0 +1,144 @@
+"""What a federation hands back: typed results, read by the launcher, the CLI and ``compare``/``sweep``.
+
+Sites return :class:`SiteReady`, :class:`SiteFit` and :class:`SiteEvaluation`; the driver combines them into a
+:class:`FitResult` (``strategy.last_fit``) and an :class:`Evaluation` (``strategy.last_evaluation``). Nothing here
+holds a sample or a per-sample output: scalars, counts, metric states and loop counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lightning_fed.strategies.base import GlobalModel
+
+
+@dataclass(frozen=True)
+class SiteReady:
+    """A site set up in its worker: its data is there (``train_samples``: -1 when the loader cannot tell)."""
+
+    site: str
+    train_samples: int
+    device: str
+    node: str
+    worker: int
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """One site's DP-SGD as its accountant saw it."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier: Optional[float]
+    sample_rate: Optional[float]
+    max_grad_norm: float
+    steps: int
+    epsilon_per_epoch: list[float]
+
+
+@dataclass(frozen=True)
+class SiteFit:
+    """One site's ``fit``, as it ended."""
+
+    site: str
+    epoch: int
+    global_step: int
+    fit_loop: dict[str, Any]  # Lightning's loop state: the driver's Trainer takes its counters from it
+    callback_metrics: dict[str, float]
+    best_model_path: Optional[str]
+    sync_seconds: list[float]  # time inside each hand-over, waiting for slower sites included
+    privacy: Optional[SitePrivacy] = None
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """DP-SGD over the federation: each private site's accountant, and the guarantee of the weakest (max ε)."""
+
+    sites: dict[str, SitePrivacy]
+
+    @property
+    def max_epsilon(self) -> float:
+        return max(p.epsilon for p in self.sites.values())
+
+
+@dataclass(frozen=True)
+class Startup:
+    """Where start-up went: seconds from ``fit``/``test`` entry to every site ready, and the layout used."""
+
+    seconds: float
+    workers: int
+    layout: str
+    warm: bool  # every worker was reused from an earlier run of the same layout
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A federated ``fit``: every site's end state, the global model, federated metrics and timings."""
+
+    sites: dict[str, SiteFit]
+    global_model: Optional[GlobalModel]
+    metrics: dict[str, float]  # the last federated ``fl/...`` values
+    round_seconds: list[float]
+    aggregate_seconds: list[float]
+    fit_seconds: float
+    startup: Startup
+    privacy: Optional[PrivacyReport] = None
+
+    @property
+    def sync_seconds(self) -> dict[str, list[float]]:
+        return {name: s.sync_seconds for name, s in self.sites.items()}
+
+
+@dataclass(frozen=True)
+class SiteEvaluation:
+    """One site's ``test``/``validate`` of a model on its own data."""
+
+    site: str
+    scalars: dict[str, float]  # what the module logged (``test_loss``, ...)
+    num_samples: int
+    metrics: Optional[dict[str, Any]]  # mergeable metric states (never predictions)
+    values: dict[str, Any]  # lightning-fed's metrics at this site (accuracy, AUROC, confusion matrix, ...)
+    note: Optional[str] = None
+
+    def report(self) -> dict[str, Any]:
+        """What merging needs (:func:`lightning_fed.metric_states.merge_reports`)."""
+        return {"scalars": self.scalars, "num_samples": self.num_samples, "metrics": self.metrics}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model tested (or validated) at every site on its own data, and over all of them merged.
+
+    ``federated`` is the metrics of every site's predictions pooled: scalars sample-weighted, classification
+    metrics from summed states, never averaged values.
+    """
+
+    stage: str  # "test" | "validate"
+    sites: dict[str, SiteEvaluation]
+    federated: dict[str, Any]  # fl/<split>_<metric> -> value
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def split(self) -> str:
+        return "test" if self.stage == "test" else "val"
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """One row per site and ``"federated"``, keys without the split prefix (``loss``, ``auroc``, ...)."""
+        prefix = self.split
+        rows = {name: {**{k.removeprefix(f"{prefix}_"): v for k, v in r.scalars.items()}, **r.values} for name, r in self.sites.items()}
+        rows["federated"] = {k.removeprefix(f"fl/{prefix}_"): v for k, v in self.federated.items()}
+        return rows
+
+    def metrics(self) -> dict[str, float]:
+        """The flat scalar dict ``trainer.test()``/``validate()`` return: ``fl/...`` and ``site/<name>/...``."""
+        out: dict[str, float] = {k: v for k, v in self.federated.items() if isinstance(v, float)}
+        for name, result in self.sites.items():
+            out.update({f"site/{name}/{k}": v for k, v in result.scalars.items()})
+            out.update({f"site/{name}/{self.split}_{k}": v for k, v in result.values.items() if isinstance(v, float)})
+        return out
+
+    @property
+    def confusion_matrices(self) -> dict[str, Any]:
+        return {**{n: r.values.get("confusion_matrix") for n, r in self.sites.items()},
+                "federated": self.federated.get(f"fl/{self.split}_confusion_matrix")}
