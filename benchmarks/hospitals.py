@@ -1,11 +1,20 @@
-"""Study B's federation two ways: a plain single-process PyTorch loop, and lightning-fed on Ray.
+"""Study B's federation four ways, side by side and interleaved in one invocation.
 
-Same data (HospitalsDataModule's draw), model (SmallCNN), optimizer (Adam, one per site, kept across rounds),
-batch size, epochs and FedAvg. Prints wall time, start-up time and per-round sync overhead of each, and the
-small hospitals' mean test recall / precision / AUROC of each (a sanity check that both trained the same thing).
+- ``plain``: a plain PyTorch loop in one process: each hospital trains its epoch in turn, FedAvg by hand;
+- ``pooled``: a plain Lightning Trainer on the five hospitals' training data together (same steps per epoch);
+- ``flower``: Flower's simulation engine, 2 CPUs per client (``benchmarks/flower_hospitals.py``, in its own
+  environment: ``--flower-python``, default ``.venv-flower/bin/python``; skipped with a note when it is missing);
+- ``lightning_fed``: ``lightning-fed fit --config recipes/hospitals.yaml`` as a user runs it (loggers off, the
+  test of the global model on every hospital after fit, as the recipe does).
 
-    python benchmarks/hospitals.py                       # 10 epochs, as the recipe
-    python benchmarks/hospitals.py --epochs 2 --skip-plain
+Same data (HospitalsDataModule's draw), model (SmallCNN), optimizer (Adam), batch size, epochs and FedAvg. Every run
+is a fresh process; the arms take turns (A B C D A B C D ...) so that a noisy machine slows them alike. For each
+arm: wall (launch to exit), start-up (launch to the first round), median round, and the ratios. Start-up of
+lightning-fed is split into the driver's own start (imports, recipe, Ray), the federation's (workers and sites
+ready) and the first round's extra (each site's fit set-up).
+
+    python benchmarks/hospitals.py                                  # 10 epochs, 2 repetitions, every arm
+    python benchmarks/hospitals.py --epochs 3 --repeats 1 --arms plain,lightning_fed
 
 Data: $LIGHTNING_FED_DATA/fashion_mnist (or --data-dir).
 """
@@ -14,26 +23,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+
+ARMS = ("plain", "pooled", "flower", "lightning_fed")
+REPO = Path(__file__).resolve().parents[1]
 
 
-
-def plain_loop(args: argparse.Namespace) -> dict:
-    t0 = time.perf_counter()
+# -- the arms (each runs in its own process and prints one JSON line last) ------------------------
+def plain_arm(args: argparse.Namespace) -> dict:
     import torch
     from torch.nn import functional as F
-    from torchmetrics.classification import BinaryAUROC, BinaryPrecision, BinaryRecall
 
     from lightning_fed.data.fashion_mnist import PooledIndexData
     from lightning_fed.models import SmallCNN
-    from lightning_fed.strategies.fedavg import weighted_average
     from lightning_fed.strategies.base import SiteUpdate
+    from lightning_fed.strategies.fedavg import weighted_average
     from lightning_fed.strategies.site import load_weights, state_to_numpy
 
     torch.manual_seed(args.seed)
-    dm = hospitals(args)
-    sites = {name: PooledIndexData(dm.data_dir, idx, args.batch_size) for name, idx in dm.site_indices().items()}
+    sites = {name: PooledIndexData(args.data_dir, idx, args.batch_size) for name, idx in hospitals(args).site_indices().items()}
     for site in sites.values():
         site.setup("fit")
     global_model = SmallCNN()
@@ -41,10 +55,8 @@ def plain_loop(args: argparse.Namespace) -> dict:
     for m in models.values():
         m.load_state_dict(global_model.state_dict())
     optims = {n: torch.optim.Adam(m.parameters(), lr=1e-3) for n, m in models.items()}
-    startup = time.perf_counter() - t0
-    rounds, syncs = [], []
+    first_round_at, round_ends = time.time(), []
     for _ in range(args.epochs):
-        r0 = time.perf_counter()
         updates = []
         for name, site in sites.items():
             model, opt = models[name], optims[name]
@@ -53,103 +65,177 @@ def plain_loop(args: argparse.Namespace) -> dict:
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
-        s0 = time.perf_counter()
-        for name, model in models.items():
-            updates.append(SiteUpdate(name, state_to_numpy(model.state_dict()), len(sites[name].datasets["train"])))
+            updates.append(SiteUpdate(name, state_to_numpy(model.state_dict()), len(site.datasets["train"])))
         averaged = weighted_average(updates)
         for model in models.values():
             load_weights(model, averaged)
-        syncs.append(time.perf_counter() - s0)
-        rounds.append(time.perf_counter() - r0)
+        round_ends.append(time.time())
     load_weights(global_model, averaged)
-    global_model.eval()
-    small = {}
+    return {"first_round_at": first_round_at, "round_ends": round_ends, "small": small_metrics(global_model, sites)}
+
+
+def pooled_arm(args: argparse.Namespace) -> dict:
+    import lightning as L
+    import torch
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    from lightning_fed.data.fashion_mnist import PooledIndexData
+    from lightning_fed.models import SmallCNN
+
+    class Clock(L.Callback):
+        def __init__(self) -> None:
+            self.first_round_at, self.round_ends = None, []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.first_round_at = self.first_round_at or time.time()
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.round_ends.append(time.time())
+
+    torch.manual_seed(args.seed)
+    sites = {name: PooledIndexData(args.data_dir, idx, args.batch_size) for name, idx in hospitals(args).site_indices().items()}
+    for site in sites.values():
+        site.setup("fit")
+    train = DataLoader(ConcatDataset([s.datasets["train"] for s in sites.values()]), batch_size=args.batch_size, shuffle=True)
+    clock, model = Clock(), SmallCNN()
+    trainer = L.Trainer(max_epochs=args.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[clock])
+    trainer.fit(model, train_dataloaders=train)
+    return {"first_round_at": clock.first_round_at, "round_ends": clock.round_ends, "small": small_metrics(model, sites)}
+
+
+def small_metrics(model, sites: dict) -> dict:
+    import torch
+    from torchmetrics.classification import BinaryAUROC, BinaryPrecision, BinaryRecall
+
+    model.eval()
+    out = {}
     for name, site in sites.items():
         if name == "large":
             continue
         rec, prec, auc = BinaryRecall(), BinaryPrecision(), BinaryAUROC(thresholds=1000)
         with torch.no_grad():
             for x, y in site.test_dataloader():
-                p = global_model(x).softmax(-1)[:, 1]
+                p = model(x).softmax(-1)[:, 1]
                 for m in (rec, prec, auc):
                     m.update(p, y)
-        small[name] = {"recall": float(rec.compute()), "precision": float(prec.compute()), "auroc": float(auc.compute())}
-    return {"wall": time.perf_counter() - t0, "startup": startup, "rounds": rounds, "syncs": syncs, "small": small}
-
-
-def lightning_fed_run(args: argparse.Namespace) -> dict:
-    t0 = time.perf_counter()
-    import lightning as L
-
-    from lightning_fed import FederatedStrategy
-    from lightning_fed.models import SmallCNN
-
-    L.seed_everything(args.seed, verbose=False)
-    strategy = FederatedStrategy(aggregator="fedavg", sync_every=1, checkpoint_every=args.checkpoint_every, progress=False)
-    trainer = L.Trainer(strategy=strategy, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.root)
-    model = SmallCNN()
-    dm = hospitals(args)
-    trainer.fit(model, datamodule=dm)
-    fit = strategy.last_fit
-    trainer.test(model, datamodule=dm, verbose=False)
-    small = {n: {k: v for k, v in r.items() if k in ("recall", "precision", "auroc")}
-             for n, r in strategy.last_evaluation["sites"].items() if n.startswith("small")}
-    sync = fit["sync_seconds"]  # per site, per round: time inside the hand-over, waiting for slower sites included
-    strategy.shutdown()
-    return {"wall": time.perf_counter() - t0, "startup": fit["startup_seconds"], "fit": fit["fit_seconds"],
-            "rounds": fit["round_seconds"], "sync_by_site": sync, "aggregate": fit["aggregate_seconds"], "small": small}
+        out[name] = {"recall": float(rec.compute()), "precision": float(prec.compute()), "auroc": float(auc.compute())}
+    return out
 
 
 def hospitals(args: argparse.Namespace):
     from lightning_fed.data import HospitalsDataModule
 
-    return HospitalsDataModule(data_dir=args.data_dir, batch_size=args.batch_size, seed=args.seed,
-                               site_cpus=[args.large_site_cpus, 1, 1, 1, 1])
+    return HospitalsDataModule(data_dir=args.data_dir, batch_size=args.batch_size, seed=args.seed)
 
 
-def mean_small(small: dict) -> dict:
-    return {k: statistics.mean(v[k] for v in small.values()) for k in ("recall", "precision", "auroc")}
+def write_split(args: argparse.Namespace, path: Path) -> None:
+    """The hospitals' index split, for the Flower arm's environment (which has no lightning-fed)."""
+    import numpy as np
+
+    from lightning_fed.data.fashion_mnist import fashion_mnist_root
+
+    indices = hospitals(args).site_indices()
+    arrays = {f"{site}/{split}": idx for site, parts in indices.items() for split, idx in parts.items()}
+    np.savez(path, sites=np.array(list(indices)), data_dir=str(fashion_mnist_root(args.data_dir)), **arrays)
+
+
+# -- the parent: launch, time, compare ------------------------------------------------------------
+def launch(arm: str, args: argparse.Namespace, scratch: Path, repeat: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+    if arm == "flower":
+        command = [args.flower_python, str(REPO / "benchmarks" / "flower_hospitals.py"), "--split-file", str(scratch / "split.npz"), *common]
+    elif arm == "lightning_fed":
+        root = scratch / f"lightning_fed_{repeat}"
+        command = [str(Path(sys.executable).parent / "lightning-fed"), "fit", "--config", str(REPO / "recipes" / "hospitals.yaml"),
+                   "--trainer.logger=false", f"--trainer.max_epochs={args.epochs}", f"--trainer.default_root_dir={root}",
+                   f"--data.init_args.batch_size={args.batch_size}", f"--seed_everything={args.seed}",
+                   f"--data.init_args.seed={args.seed}", "--trainer.strategy.init_args.progress=false"]
+        if args.data_dir:
+            command.append(f"--data.init_args.data_dir={args.data_dir}")
+    else:
+        command = [sys.executable, __file__, "--arm", arm, *common, *(["--data-dir", args.data_dir] if args.data_dir else [])]
+    launched = time.time()
+    proc = subprocess.run(command, env=env, cwd=scratch, capture_output=True, text=True)
+    wall = time.time() - launched
+    if proc.returncode != 0:
+        raise SystemExit(f"{arm} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    if arm == "lightning_fed":
+        report = json.loads(next(root.rglob("results.json")).read_text())
+        rounds = report["round_seconds"]
+        first = report["fit_started_unix"]
+        small = {s: report["test"]["sites"][s] for s in report["test"]["sites"] if s.startswith("small")}
+        extra = {"driver_ready": first - report["startup_seconds"] - launched, "federation_start": report["startup_seconds"],
+                 "first_round_extra": rounds[0] - statistics.median(rounds[1:] or rounds), "layout": report.get("layout")}
+    else:
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        first, ends = out["first_round_at"], out["round_ends"]
+        rounds = [b - a for a, b in zip([first, *ends[:-1]], ends)]
+        small, extra = out["small"], {}
+    return {"wall": wall, "startup": first - launched, "rounds": rounds, "median_round": statistics.median(rounds[1:] or rounds),
+            "small": {k: statistics.mean(v[k] for v in small.values()) for k in ("recall", "precision", "auroc")}, **extra}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="round checkpoints in the lightning-fed run (0: off)")
-    parser.add_argument("--root", default="runs/benchmark")
-    parser.add_argument("--large-site-cpus", type=float, default=1.0, help="CPUs (and torch threads) of the large hospital's actor")
-    parser.add_argument("--skip-plain", action="store_true")
-    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
+    parser.add_argument("--flower-python", default=str(REPO / ".venv-flower" / "bin" / "python"))
+    parser.add_argument("--json", default=None, help="also write every run's figures to this file")
+    parser.add_argument("--arm", choices=("plain", "pooled"), help=argparse.SUPPRESS)  # one arm, in this process
     args = parser.parse_args()
+    if args.arm:
+        result = plain_arm(args) if args.arm == "plain" else pooled_arm(args)
+        print(json.dumps(result))
+        return
 
-    out = {}
-    if not args.skip_plain:
-        plain = plain_loop(args)
-        out["plain"] = plain
-        print(f"plain PyTorch loop : wall {plain['wall']:.1f}s  start-up {plain['startup']:.1f}s  "
-              f"round {statistics.mean(plain['rounds']):.2f}s  sync {1000 * statistics.mean(plain['syncs']):.0f} ms/round "
-              f"({100 * statistics.mean(plain['syncs']) / statistics.mean(plain['rounds']):.2f} %)")
-        print(f"  small hospitals mean: {json.dumps({k: round(v, 3) for k, v in mean_small(plain['small']).items()})}")
-    fed = lightning_fed_run(args)
-    out["lightning_fed"] = fed
-    rounds = fed["rounds"]
-    # the site that reaches the barrier last waits only for aggregation + transfer: that is the hand-over's cost
-    overhead = [min(site[r] for site in fed["sync_by_site"].values()) for r in range(len(rounds))]
-    print(f"lightning-fed      : wall {fed['wall']:.1f}s  start-up {fed['startup']:.1f}s (Ray + {len(fed['sync_by_site'])} site actors + data)  "
-          f"fit {fed['fit']:.1f}s  round {statistics.mean(rounds[1:] or rounds):.2f}s (first {rounds[0]:.2f}s)")
-    print(f"  per-round hand-over overhead (last site's wait: aggregate + transfer + load): "
-          f"{1000 * statistics.mean(overhead):.0f} ms/round = {100 * statistics.mean(overhead) / statistics.mean(rounds):.2f} % of a round; "
-          f"aggregation alone {1000 * statistics.mean(fed['aggregate']):.1f} ms")
-    print(f"  small hospitals mean: {json.dumps({k: round(v, 3) for k, v in mean_small(fed['small']).items()})}")
-    if "plain" in out:
-        print(f"ratio lightning-fed / plain wall time: {fed['wall'] / out['plain']['wall']:.2f}x "
-              f"(fit only: {fed['fit'] / (out['plain']['wall'] - out['plain']['startup']):.2f}x)")
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}: choose from {', '.join(ARMS)}")
+    if "flower" in arms and not Path(args.flower_python).is_file():
+        print(f"note: no Flower environment at {args.flower_python} (see benchmarks/flower_hospitals.py): Flower skipped")
+        arms.remove("flower")
+    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+    with tempfile.TemporaryDirectory(prefix="hospitals-bench-") as tmp:
+        scratch = Path(tmp)
+        if "flower" in arms:
+            write_split(args, scratch / "split.npz")
+        for repeat in range(args.repeats):
+            for arm in arms:
+                run = launch(arm, args, scratch, repeat)
+                runs[arm].append(run)
+                print(f"[{repeat + 1}/{args.repeats}] {arm:14s} wall {run['wall']:6.1f}s  start-up {run['startup']:5.1f}s  "
+                      f"median round {run['median_round']:.2f}s", flush=True)
+    report(runs, args)
+
+
+def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    med = {arm: {k: statistics.median(r[k] for r in rs) for k in ("wall", "startup", "median_round")} for arm, rs in runs.items()}
+    print(f"\nStudy B, {args.epochs} rounds, {args.repeats} run(s) per arm, medians:")
+    print(f"{'arm':14s} {'wall s':>8s} {'start-up s':>11s} {'round s':>8s}   small hospitals: recall precision auroc")
+    for arm, m in med.items():
+        small = {k: statistics.mean(r["small"][k] for r in runs[arm]) for k in ("recall", "precision", "auroc")}
+        print(f"{arm:14s} {m['wall']:8.1f} {m['startup']:11.1f} {m['median_round']:8.2f}   "
+              f"{small['recall']:.3f} {small['precision']:.3f} {small['auroc']:.3f}")
+    if "lightning_fed" in runs:
+        fed = runs["lightning_fed"]
+        split = {k: statistics.median(r[k] for r in fed) for k in ("driver_ready", "federation_start", "first_round_extra")}
+        print(f"\nlightning-fed start-up: driver ready (imports, recipe, Ray) {split['driver_ready']:.1f}s, "
+              f"federation (workers + sites ready) {split['federation_start']:.1f}s; first round +{split['first_round_extra']:.1f}s "
+              f"(each site's fit set-up); layout: {fed[0]['layout']}")
+        pairs = [("flower", "wall", "wall"), ("plain", "wall", "wall"), ("pooled", "median_round", "median round")]
+        for other, key, label in pairs:
+            if other in runs:
+                ratios = [a[key] / b[key] for a, b in zip(fed, runs[other])]  # run by run: same moment, same machine load
+                print(f"ratio lightning-fed / {other} {label}: {statistics.median(ratios):.2f}x (runs: {', '.join(f'{r:.2f}' for r in ratios)})")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+        Path(args.json).write_text(json.dumps(runs, indent=2))
 
 
 if __name__ == "__main__":

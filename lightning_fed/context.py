@@ -2,26 +2,23 @@
 its Lightning strategy) talks to the coordinator.
 
 It implements :class:`lightning_fed.strategies.base.SiteContext` for algorithms and adds the calls the machinery
-needs. Every call that waits hands the worker's turn (:mod:`lightning_fed.turn`) to the worker's other sites.
+needs. Every call that waits lets the worker's other sites compute meanwhile (:mod:`lightning_fed.scheduler`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import ray
-
-from lightning_fed.turn import RandomStreams, Turn
+from lightning_fed.scheduler import Scheduler
 
 
 class SiteContext:
-    """A site's line to the federation. Calls that wait hand the worker's turn to its other sites meanwhile."""
+    """A site's line to the federation. Calls that wait let the worker's other sites compute meanwhile."""
 
-    def __init__(self, site: str, coordinator: Any, turn: Turn) -> None:
+    def __init__(self, site: str, coordinator: Any, scheduler: Scheduler) -> None:
         self.site = site
-        self.streams = RandomStreams()  # this site's random generators, swapped in whenever it takes the turn
         self._coordinator = coordinator
-        self._turn = turn
+        self._scheduler = scheduler
 
     def ask(self, method: str, *args: Any) -> Any:
         """Call the coordinator's ``method`` as this site and wait for the answer."""
@@ -30,8 +27,7 @@ class SiteContext:
 
     def fetch(self, ref: Any) -> Any:
         """Wait for an object (e.g. the round's global model) while the worker's other sites compute."""
-        with self._turn.handed_on(self.streams):
-            return ray.get(ref)
+        return self._scheduler.wait(ref)
 
     def tell(self, method: str, *args: Any) -> None:
         """Call the coordinator's ``method`` as this site without waiting (status reports)."""

@@ -39,7 +39,7 @@ from lightning_fed.runtime import RayRuntime
 from lightning_fed.site import SitePlan, TrainerJob
 from lightning_fed.strategies.base import GlobalModel, Weights
 from lightning_fed.strategies.site import state_to_numpy
-from lightning_fed.worker import RemoteWorker, SiteStartError
+from lightning_fed.worker import SPARE_CONCURRENCY, RemoteWorker, SiteStartError
 
 log = logging.getLogger(__name__)
 
@@ -135,19 +135,21 @@ class Federation:
         module: the model every site starts from (its weights are round 0's global model).
         job: the driver Trainer's side of the run (settings, callbacks, loggers), replayed at every site.
         stage: ``"fit"``, ``"test"`` or ``"validate"``: what each site sets its data up for.
+        runtime: the Ray this federation runs on (started or joined by its owner, who also stops it).
         resume: a complete round checkpoint to continue from (fit only).
         pool: warm workers to take over (and hand back at a clean shutdown).
         source_id: identifies the data the sites came from, so a later ``test`` on the same data reuses them.
     """
 
     def __init__(self, config: FederationConfig, sites: list[Site], module: LightningModule, job: TrainerJob, stage: str,
-                 resume: Optional[RoundCheckpoint] = None, pool: Optional[WorkerPool] = None, source_id: Optional[int] = None) -> None:
+                 runtime: RayRuntime, resume: Optional[RoundCheckpoint] = None, pool: Optional[WorkerPool] = None,
+                 source_id: Optional[int] = None) -> None:
         self.config = config
         self.sites = sites
         self.names = [s.name for s in sites]
         self.source_id = source_id
         self.pool = pool
-        self.runtime = RayRuntime(config.cluster.address, config.cluster.init_kwargs)
+        self.runtime = runtime
         self._audit: Optional[list[dict[str, Any]]] = [] if config.audit_messages else None
         self.specs: list[WorkerSpec] = []
         self.workers: list[Any] = []
@@ -183,18 +185,12 @@ class Federation:
         self._check_resources()
         bundles = [spec.bundle() for spec in self.specs]
         warm = self.pool.take(self.specs) if self.pool is not None else None
+        adopted: list[Any] = []
         if warm is None:
             if self.pool is not None:
                 self.pool.make_room(bundles)
             self.pg = placement_group(bundles, strategy="PACK")
-            self.workers = [
-                RemoteWorker.options(
-                    num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=dict(spec.resources) or None,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=spec.index),
-                    max_concurrency=len(spec.sites) + 3,  # one thread per hosted site's call, plus control calls
-                ).remote(spec.index, spec.threads, spec.num_gpus)
-                for spec in self.specs
-            ]
+            self.workers, adopted = self._start_workers(self.runtime.take_spare())
             if self.pool is not None:
                 self.pool.started += len(self.workers)
         else:
@@ -231,12 +227,32 @@ class Federation:
                     f"(available: {_fmt_resources(ray.available_resources())}): free resources, or lower the sites' "
                     "num_cpus/num_gpus or the placement's workers"
                 ) from None
+        ray.get(adopted)  # a spare takes its place in the layout before it hosts anything
         hosted = self._gather_workers({w: self.workers[w].host.remote(plans[w], stage) for w in range(len(self.specs))}, "start")
         self.ready = {name: hosted[self.worker_of[name]][name] for name in self.names}
         empty = [n for n, r in self.ready.items() if r.train_samples == 0]
         if empty and stage == "fit":
             raise FederationConfigError(f"site(s) {empty} have no training samples: give every site data or drop it from the federation")
         return warm is not None
+
+    def _start_workers(self, spare: Any) -> tuple[list[Any], list[Any]]:
+        """One worker per spec; a spare (started before the layout was known) stands in for the first CPU worker
+        it can serve, and its bundle stays reserved for it. Returns the workers and the spare's adoption call."""
+        workers, adopted = [], []
+        for spec in self.specs:
+            if spare is not None and not spec.num_gpus and not spec.resources and len(spec.sites) + 3 <= SPARE_CONCURRENCY:
+                workers.append(spare)
+                adopted.append(spare.adopt.remote(spec.index, spec.threads))
+                spare = None
+                continue
+            workers.append(RemoteWorker.options(
+                num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=dict(spec.resources) or None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=spec.index),
+                max_concurrency=len(spec.sites) + 3,  # one thread per hosted site's call, plus control calls
+            ).remote(spec.index, spec.threads, spec.num_gpus))
+        if spare is not None:
+            _kill(None, [spare])  # no worker it could serve
+        return workers, adopted
 
     def _place(self) -> list[WorkerSpec]:
         free = dict(ray.available_resources())
@@ -357,7 +373,7 @@ class Federation:
                 log_driver_metrics(list(loggers), {**fl, **site_scalars}, step=entry["epoch"])
             progress.update(snap, state["fl"])
 
-        t0 = time.monotonic()
+        t0, started_at = time.monotonic(), time.time()
         ray.get(self.coordinator.start_clock.remote())
         refs = {n: self.workers[self.worker_of[n]].fit.remote(n, str(resume.site_paths[n]) if resume else None) for n in self.names}
         try:
@@ -379,6 +395,7 @@ class Federation:
             fit_seconds=time.monotonic() - t0,
             startup=self.startup,
             privacy=PrivacyReport(private) if private else None,
+            started_at=started_at,
         )
 
     def evaluate(self, stage: str, weights: Weights, exact: bool = False) -> Evaluation:
@@ -403,8 +420,8 @@ class Federation:
 
     # -- shutdown --------------------------------------------------------------------------------
     def shutdown(self, graceful: bool = True, reuse: bool = True) -> None:
-        """Finish site loggers, end every worker this federation started (or hand them back to the pool warm when
-        everything closed cleanly), and stop Ray if it was started here."""
+        """Finish site loggers and end every worker this federation started (or hand them back to the pool warm
+        when everything closed cleanly). Ray stays up for its owner to stop."""
         try:
             atexit.unregister(self.shutdown)
         except Exception:
@@ -419,7 +436,7 @@ class Federation:
             except Exception as err:
                 reuse = False
                 log.warning("lightning-fed: some sites did not close cleanly: %s", err)
-        if reuse and self.pool is not None and self.workers and not self.runtime.started:
+        if reuse and self.pool is not None and self.workers:
             self.pool.give(self.specs, self.pg, self.workers)  # warm for the next run of this layout
         else:
             _kill(self.pg, self.workers)
@@ -429,7 +446,6 @@ class Federation:
             except Exception:
                 pass
         self.workers, self.coordinator, self.pg, self.alive = [], None, None, False
-        self.runtime.shutdown()
 
 
 def layout_cpus(sites: Sequence[Site], placement: Any) -> float:

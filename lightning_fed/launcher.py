@@ -8,6 +8,7 @@ driver's Trainer the way DDP-spawn's launcher does (weights, ``trainer.state``, 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,6 +26,7 @@ from lightning_fed.federation import Federation, FederationConfigError, WorkerPo
 from lightning_fed.loggers import log_driver_metrics, site_logger_specs
 from lightning_fed.progress import results_table
 from lightning_fed.results import Evaluation, FitResult
+from lightning_fed.runtime import RayRuntime
 from lightning_fed.site import TrainerJob
 from lightning_fed.strategies.site import load_weights, state_to_numpy
 
@@ -74,12 +76,14 @@ def _module_loaders(model: LightningModule) -> dict[str, Any]:
 class FederatedLauncher(_Launcher):
     """Runs ``fit``/``validate``/``test`` across the federation instead of in the driver process.
 
-    It owns the live :class:`Federation` (kept between ``fit`` and a later ``test`` on the same data) and the last
-    results; ``FederatedStrategy`` exposes them as ``strategy.federation``, ``last_fit`` and ``last_evaluation``.
+    It owns the live :class:`Federation` (kept between ``fit`` and a later ``test`` on the same data), the Ray it
+    runs on (started once, stopped by :meth:`shutdown`) and the last results; ``FederatedStrategy`` exposes them as
+    ``strategy.federation``, ``last_fit`` and ``last_evaluation``.
     """
 
     def __init__(self, config: FederationConfig) -> None:
         self.config = config
+        self.runtime: Optional[RayRuntime] = None
         self.federation: Optional[Federation] = None
         self.pool: Optional[WorkerPool] = None
         self.last_fit: Optional[FitResult] = None
@@ -117,8 +121,10 @@ class FederatedLauncher(_Launcher):
 
     def start(self, trainer: Trainer, model: LightningModule, sites: list[Site], stage: str, source_id: Optional[int] = None,
               resume: Optional[RoundCheckpoint] = None) -> Federation:
-        """A new federation of ``sites`` for ``stage`` (any previous one is shut down first)."""
-        self.shutdown()
+        """A new federation of ``sites`` for ``stage`` (any previous one is shut down first; Ray stays up)."""
+        self._close_federation()
+        if self.runtime is None or (self.runtime.address, self.runtime.init_kwargs) != self._cluster():
+            self.runtime = RayRuntime(self.config.cluster.address, self.config.cluster.init_kwargs)
         job = TrainerJob(
             module_ref=None, trainer_settings=trainer_settings(trainer), callbacks=user_callbacks(trainer),
             loggers=site_logger_specs(trainer.loggers), root_dir=self.run_root(trainer),
@@ -126,14 +132,24 @@ class FederatedLauncher(_Launcher):
             checkpoint_every=self.config.checkpointing.every_n_rounds, metric_thresholds=self.config.metric_thresholds,
             class_balance=self.config.class_balance,
         )
-        self.federation = Federation(self.config, sites, model, job, stage, resume=resume, pool=self.pool, source_id=source_id)
+        self.federation = Federation(self.config, sites, model, job, stage, self.runtime, resume=resume, pool=self.pool,
+                                     source_id=source_id)
         return self.federation
 
-    def shutdown(self) -> None:
-        """Finish the site loggers and end the workers (and Ray, if it was started for the run)."""
+    def _cluster(self) -> tuple:
+        return (self.config.cluster.address or os.environ.get("RAY_ADDRESS"), dict(self.config.cluster.init_kwargs))
+
+    def _close_federation(self) -> None:
         if self.federation is not None:
             self.federation.shutdown()
             self.federation = None
+
+    def shutdown(self) -> None:
+        """Finish the site loggers, end the workers, and stop Ray if it was started for this strategy."""
+        self._close_federation()
+        if self.runtime is not None:
+            self.runtime.shutdown()
+            self.runtime = None
 
     def run_root(self, trainer: Trainer) -> str:
         """Folder for this run's site logs and checkpoints: the first logger's ``log_dir``, else ``default_root_dir``."""

@@ -46,6 +46,7 @@ class FederatedCLI(LightningCLI):
             if isinstance(strategy, FederatedStrategy) and strategy.last_fit:
                 fit = strategy.last_fit
                 report["startup_seconds"] = fit.startup.seconds
+                report["fit_started_unix"] = fit.started_at
                 report["layout"] = fit.startup.layout
                 report["fit_seconds"] = fit.fit_seconds
                 report["round_seconds"] = fit.round_seconds

@@ -84,6 +84,7 @@ class FitResult:
     fit_seconds: float
     startup: Startup
     privacy: Optional[PrivacyReport] = None
+    started_at: float = 0.0  # wall-clock time (``time.time()``) at which the sites were told to train
 
     @property
     def sync_seconds(self) -> dict[str, list[float]]:

@@ -2,9 +2,10 @@
 submit``), or start a local one for the run and stop it afterwards.
 
 A local Ray takes seconds to start. ``lightning-fed`` starts it in the background as its first act
-(:func:`start_early`), so it comes up while the driver is still importing torch and Lightning; the federation
-then finds it ready. Ray's processes die with the thread that started them (they are spawned with a parent-death
-signal), so that thread stays alive, idle, until Ray is shut down.
+(:func:`start_early`), so it comes up while the driver is still importing torch and Lightning, and starts one
+spare worker right away, whose own imports then overlap the driver's; the federation finds Ray ready and adopts
+the spare. Ray's processes die with the thread that started them (they are spawned with a parent-death signal),
+so that thread stays alive, idle, until Ray is shut down.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ def _local_init_kwargs(num_cpus: float, extra: Mapping[str, Any]) -> dict[str, A
 class _LocalRay:
     """A local Ray started on a thread of its own, which stays alive (idle) until Ray is shut down."""
 
-    def __init__(self, init_kwargs: dict[str, Any]) -> None:
+    def __init__(self, init_kwargs: dict[str, Any], spare: bool = False) -> None:
         self.init_kwargs = init_kwargs
         self.error: Optional[BaseException] = None
+        self.spare: Any = None
+        self._want_spare = spare
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lightning-fed-ray", daemon=True)
@@ -50,6 +53,10 @@ class _LocalRay:
     def _run(self) -> None:
         try:
             ray.init(**self.init_kwargs)
+            if self._want_spare:
+                from lightning_fed.worker import start_spare
+
+                self.spare = start_spare()
         except BaseException as err:  # handed to whoever waits for it
             self.error = err
             self._ready.set()
@@ -66,6 +73,9 @@ class _LocalRay:
         return float(self.init_kwargs["num_cpus"])
 
     def stop(self) -> None:
+        global _spare_source
+        if _spare_source is self:
+            _spare_source = None
         self._ready.wait()
         if self.error is None and ray.is_initialized():
             ray.shutdown()
@@ -73,15 +83,24 @@ class _LocalRay:
         self._thread.join(timeout=10)
 
 
-_early: Optional[_LocalRay] = None
+_early: Optional[_LocalRay] = None  # started, not yet taken over by a runtime
+_spare_source: Optional[_LocalRay] = None  # the early Ray, while it runs: its spare worker is for whoever asks first
+
+
+def take_spare() -> Any:
+    """The spare worker the early local Ray started (once; ``None`` when there is none or that Ray is gone)."""
+    if _spare_source is None or _spare_source.error is not None or not ray.is_initialized():
+        return None
+    spare, _spare_source.spare = _spare_source.spare, None
+    return spare
 
 
 def start_early() -> None:
     """Start a local Ray in the background now, unless this process will join a cluster (``RAY_ADDRESS``) or is
     connected already. The next :class:`RayRuntime` that needs a local Ray takes this one over."""
-    global _early
+    global _early, _spare_source
     if _early is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
-        _early = _LocalRay(_local_init_kwargs(0, {}))
+        _early = _spare_source = _LocalRay(_local_init_kwargs(0, {}), spare=True)
         atexit.register(_stop_early)
 
 
@@ -143,8 +162,9 @@ class RayRuntime:
         local.wait()
         self._local = local
 
-    def cluster_cpus(self) -> float:
-        return float(ray.cluster_resources().get("CPU", 0.0))
+    def take_spare(self) -> Any:
+        """The spare worker started with the early local Ray, if that is the Ray in use (once; else ``None``)."""
+        return take_spare()
 
     def shutdown(self) -> None:
         if self._local is not None:

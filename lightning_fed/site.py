@@ -5,8 +5,9 @@ step counters, EarlyStopping patience, ModelCheckpoint top-k and any privacy acc
 normal ``fit``. Its data is set up inside its worker from the site's own datamodule: samples never leave it.
 
 A site is hosted by a worker process (:mod:`lightning_fed.worker`), alone or with other sites; every method of
-:class:`SiteRuntime` runs while the site holds the worker's turn (:mod:`lightning_fed.turn`). Everything the site
-asks of the coordinator goes through its :class:`SiteContext`, which hands the turn on while it waits.
+:class:`SiteRuntime` runs on the worker's compute thread with the site's own random streams in place
+(:mod:`lightning_fed.scheduler`). Everything the site asks of the coordinator goes through its
+:class:`~lightning_fed.context.SiteContext`, and the worker's other sites compute while it waits.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from lightning_fed.privacy import DPSGD, SiteDPSGD
 from lightning_fed.results import SiteEvaluation, SiteFit, SitePrivacy, SiteReady
 from lightning_fed.strategies.base import GlobalModel, Weights
 from lightning_fed.strategies.site import SiteAlgorithm, load_weights, state_to_numpy
+from lightning_fed.scheduler import Scheduler, SiteState
 from lightning_fed.sync import FederatedSync, RoundClose, scalar_metrics
-from lightning_fed.turn import Turn
 
 
 @dataclass(frozen=True)
@@ -90,18 +91,18 @@ def site_device() -> tuple[str, torch.device]:
 
 
 class SiteRuntime:
-    """One site inside a worker. :meth:`start` and every other method run with the site's turn taken (the worker
-    sees to it), so the site's random streams are in place whenever it computes."""
+    """One site inside a worker. :meth:`start` and every other method run on the worker's compute thread as this
+    site (the worker's :class:`~lightning_fed.scheduler.Scheduler` sees to it), with its own random streams."""
 
-    def __init__(self, plan: SitePlan, turn: Turn, worker: int) -> None:
+    def __init__(self, plan: SitePlan, scheduler: Scheduler, worker: int) -> None:
         self.plan = plan
         self.name = plan.site.name
         self.worker = worker
-        self.context = SiteContext(self.name, plan.coordinator, turn)
-        self.streams = self.context.streams
+        self.state = SiteState()
+        self.context = SiteContext(self.name, plan.coordinator, scheduler)
 
-    def start(self) -> None:
-        """Seed the site's streams, then build its module, datamodule, callbacks and Trainer."""
+    def start(self, stage: str) -> SiteReady:
+        """Seed the site's streams, build its module, datamodule, callbacks and Trainer, and check its data."""
         plan = self.plan
         seed_everything(plan.seed + plan.index, workers=True, verbose=False)
         self.module: LightningModule = ray.get(plan.job.module_ref)
@@ -111,6 +112,7 @@ class SiteRuntime:
         self.sync = FederatedSync(self.context, plan.algorithm, plan.job.sync_every, self.metrics)
         self.privacy = SiteDPSGD(self.name, plan.privacy) if plan.privacy is not None else None
         self.trainer = self._build_trainer()
+        return self.ready(stage)
 
     def _build_trainer(self) -> Trainer:
         job = self.plan.job

@@ -1,28 +1,30 @@
 """A worker: one Ray actor (one process) hosting one or more sites.
 
 Each hosted site is a :class:`~lightning_fed.site.SiteRuntime` with its own Trainer, module, data, callbacks and
-random streams; the worker runs each site's calls on a thread of their own and lets one site compute at a time
-(:class:`~lightning_fed.turn.Turn`), with all of the worker's threads. A site hands the turn on whenever it
-waits for the others, so a worker with several sites trains them one after another, as a plain loop would.
+random streams; the worker runs every site's calls on its one compute thread, one site at a time, with all of the
+worker's torch threads (:class:`~lightning_fed.scheduler.Scheduler`). A site lets the others compute whenever it
+waits for the federation, so a worker with several sites trains them one after another, as a plain loop would.
 
 Where the sites go is decided on the driver (:mod:`lightning_fed.placement`); a worker started for one run can
-host the sites of the next run of the same layout (``host`` replaces its sites).
+host the sites of the next run of the same layout (``host`` replaces its sites). This module imports torch and
+Lightning only inside the worker (in :class:`Worker`'s constructor), so a driver can start workers, and they can
+import, while the driver itself is still importing.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import ray
-import torch
 
-from lightning_fed.loggers import stop_wandb
-from lightning_fed.results import SiteEvaluation, SiteFit, SiteReady
-from lightning_fed.site import SitePlan, SiteRuntime
-from lightning_fed.strategies.base import GlobalModel, Weights
-from lightning_fed.turn import Turn
+if TYPE_CHECKING:
+    from lightning_fed.results import SiteEvaluation, SiteFit, SiteReady
+    from lightning_fed.site import SitePlan, SiteRuntime
+    from lightning_fed.strategies.base import GlobalModel, Weights
+
+SPARE_CONCURRENCY = 64  # calls a spare worker can run at once: it can host up to this many sites, less 3
 
 
 class SiteStartError(RuntimeError):
@@ -49,62 +51,70 @@ class Worker:
     """Hosts sites and runs their calls, one site computing at a time with ``threads`` torch threads."""
 
     def __init__(self, index: int, threads: int, gpu_share: float = 0.0) -> None:
+        import lightning_fed.site  # noqa: F401  (torch and Lightning: imported here, in the worker, at once)
+        from lightning_fed.scheduler import Scheduler
+
         _quiet()
+        self.scheduler = Scheduler(threads)
+        self.sites: dict[str, SiteRuntime] = {}
+        self.adopt(index, threads, gpu_share)
+
+    def adopt(self, index: int, threads: int, gpu_share: float = 0.0) -> None:
+        """Take the place of worker ``index`` in a layout (a spare started early is fitted to it this way)."""
+        import torch
+
         self.index = index
-        torch.set_num_threads(max(1, threads))
+        self.scheduler.set_threads(threads)
         if 0 < gpu_share < 1 and torch.cuda.is_available():
             # Ray's GPU shares are bookkeeping only; this keeps the worker's sites inside theirs
             torch.cuda.set_per_process_memory_fraction(gpu_share)
-        self.turn = Turn()
-        self.sites: dict[str, SiteRuntime] = {}
 
     def host(self, plans: list[SitePlan], stage: str) -> dict[str, SiteReady]:
         """Set up these sites (replacing any hosted before) and check each one's data for ``stage``."""
+        from lightning_fed.site import SiteRuntime
+
         self.sites = {}
         ready = {}
         for plan in plans:
             name = plan.site.name
             try:
-                site = SiteRuntime(plan, self.turn, self.index)
-                with self.turn.taken(site.streams):
-                    site.start()
-                    ready[name] = site.ready(stage)
+                site = SiteRuntime(plan, self.scheduler, self.index)
+                ready[name] = self.scheduler.call(site.state, site.start, stage)
             except Exception as err:
                 first = str(err).strip().splitlines()
                 raise SiteStartError(name, f"{type(err).__name__}: {first[0] if first else ''}") from None
             self.sites[name] = site
         return ready
 
-    def _site(self, name: str) -> SiteRuntime:
-        return self.sites[name]
-
     def fit(self, site: str, ckpt_path: Optional[str] = None) -> SiteFit:
-        runtime = self._site(site)
-        with self.turn.taken(runtime.streams):
-            return runtime.fit(ckpt_path)
+        runtime = self.sites[site]
+        return self.scheduler.call(runtime.state, runtime.fit, ckpt_path)
 
     def evaluate(self, site: str, stage: str, model: GlobalModel, exact: bool = False) -> SiteEvaluation:
-        runtime = self._site(site)
-        with self.turn.taken(runtime.streams):
-            return runtime.evaluate(stage, model, exact)
+        runtime = self.sites[site]
+        return self.scheduler.call(runtime.state, runtime.evaluate, stage, model, exact)
 
     def weights(self, site: str) -> Weights:
-        runtime = self._site(site)
-        with self.turn.taken(runtime.streams):
-            return runtime.weights()
+        runtime = self.sites[site]
+        return self.scheduler.call(runtime.state, runtime.weights)
 
     def close(self) -> None:
         """Finish every hosted site's loggers (W&B runs must end in the process that started them)."""
+        from lightning_fed.loggers import stop_wandb
+
         used_wandb = False
         for runtime in self.sites.values():
-            with self.turn.taken(runtime.streams):
-                used_wandb |= runtime.close()
+            used_wandb |= self.scheduler.call(runtime.state, runtime.close)
         if used_wandb:
             stop_wandb()
-
-    def threads(self) -> int:
-        return torch.get_num_threads()
 
 
 RemoteWorker = ray.remote(max_restarts=0, max_task_retries=0)(Worker)
 """The worker actor. Nothing restarts by itself (Ray's retry would rerun a site's whole fit from epoch 0)."""
+
+
+def start_spare() -> Any:
+    """A worker holding no resources, started before any layout is known so that its imports overlap the
+    driver's; a federation on this machine adopts it for one of its CPU workers (whose bundle it then leaves
+    reserved but idle)."""
+    return RemoteWorker.options(num_cpus=0, max_concurrency=SPARE_CONCURRENCY).remote(-1, 1)

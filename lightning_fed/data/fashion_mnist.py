@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from pathlib import Path
@@ -32,6 +33,13 @@ MEAN, STD = 0.2860, 0.3530
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """An idx file's array (read-only). Sites sharing a worker read the same files: decoded once per process."""
+    stat = path.stat()
+    return _decode_idx(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _decode_idx(path: str, mtime_ns: int, size: int) -> np.ndarray:
     with gzip.open(path, "rb") as fh:
         data = fh.read()
     ndim = data[3]
@@ -162,6 +170,6 @@ class HospitalsDataModule(LightningDataModule):
 
     def federated_sites(self) -> list[Site]:
         return [
-            Site(name, PooledIndexData(self.data_dir, idx, self.batch_size), num_cpus=cpus)
+            Site(name, PooledIndexData(self.data_dir, idx, self.batch_size), num_cpus=cpus, train_size=len(idx["train"]))
             for (name, idx), cpus in zip(self.site_indices().items(), self.site_cpus)
         ]

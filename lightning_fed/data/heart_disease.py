@@ -103,5 +103,5 @@ class HeartDiseaseSites(LightningDataModule):
         return out
 
     def federated_sites(self) -> list[Site]:
-        return [Site(h, HeartDiseaseSiteData(h, self.data_dir, idx, self.batch_size), num_cpus=c)
+        return [Site(h, HeartDiseaseSiteData(h, self.data_dir, idx, self.batch_size), num_cpus=c, train_size=len(idx["train"]))
                 for (h, idx), c in zip(self.site_indices().items(), self.site_cpus)]

@@ -210,6 +210,6 @@ class MedMNISTSites(LightningDataModule):
         return [
             Site(name, MedMNISTSiteData(self.dataset, self.data_dir, idx, self.annotated_labels[k], self.batch_size, self.image_size,
                                         label_map=self.label_map),
-                 num_cpus=self.site_cpus[k])
+                 num_cpus=self.site_cpus[k], train_size=len(idx["train"]))
             for k, (name, idx) in enumerate(self.site_indices().items())
         ]

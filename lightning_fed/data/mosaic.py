@@ -186,7 +186,8 @@ class FashionMosaicSites(LightningDataModule):
 
     def federated_sites(self) -> list[Site]:
         return [
-            Site(name, MosaicSiteData(self.data_dir, plan, self.contrast[k], self.brightness[k], self.batch_size), num_cpus=self.site_cpus[k])
+            Site(name, MosaicSiteData(self.data_dir, plan, self.contrast[k], self.brightness[k], self.batch_size), num_cpus=self.site_cpus[k],
+                 train_size=len(plan["train"]["tiles"]))
             for k, (name, plan) in enumerate(self.site_plans().items())
         ]
 

@@ -67,4 +67,6 @@ class PooledSites(LightningDataModule):
         self.num_gpus = max(s.num_gpus for s in sites)
 
     def federated_sites(self) -> list[Site]:
-        return [Site(POOLED, PooledSiteData(self.sites), num_cpus=self.num_cpus, num_gpus=self.num_gpus)]
+        sizes = [s.train_size for s in self.sites]
+        total = sum(sizes) if all(n is not None for n in sizes) else None
+        return [Site(POOLED, PooledSiteData(self.sites), num_cpus=self.num_cpus, num_gpus=self.num_gpus, train_size=total)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -137,11 +139,16 @@ def rebuild_loader(loader: DataLoader, dataset: Dataset) -> DataLoader:
     )
 
 
+_SOURCE_STAGES: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
+
+
 class SimulatedSiteData(SplitLoaders):
     """One simulated site's share of a single-machine dataset (the unmodified-script path).
 
-    ``source`` is the user's datamodule (set up again inside the actor) or a mapping of stage name to
-    DataLoader; ``indices`` maps ``"train"``/``"val"``/``"test"`` to this site's sample indices.
+    ``source`` is the user's datamodule (set up again inside the worker) or a mapping of stage name to
+    DataLoader; ``indices`` maps ``"train"``/``"val"``/``"test"`` to this site's sample indices. Sites hosted by
+    one worker arrive together and share one ``source``: it is set up once per stage and each site reads its
+    indices from it, so a worker holds the dataset once, however many sites it hosts.
     """
 
     def __init__(self, source: Union[LightningDataModule, Mapping[str, Any]], indices: Mapping[str, np.ndarray]) -> None:
@@ -152,7 +159,10 @@ class SimulatedSiteData(SplitLoaders):
 
     def setup(self, stage: str) -> None:
         if isinstance(self.source, LightningDataModule):
-            self.source.setup(stage)
+            done = _SOURCE_STAGES.setdefault(self.source, set())
+            if stage not in done:
+                self.source.setup(stage)
+                done.add(stage)
 
     def _loader(self, split: str) -> Any:
         if split not in self._loaders:
@@ -169,10 +179,14 @@ def source_loader(source: Union[LightningDataModule, Mapping[str, Any]], split: 
     if isinstance(source, Mapping):
         loader = source.get(split)
     else:
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
         hook = getattr(source, f"{split}_dataloader", None)
+        # LightningDataModule's own hooks for a split the datamodule does not define only raise
+        defined = hook is not None and (not isinstance(source, LightningDataModule) or is_overridden(f"{split}_dataloader", source))
         try:
-            loader = hook() if hook is not None else None
-        except NotImplementedError:  # LightningDataModule's default for a split it does not define
+            loader = hook() if defined else None
+        except NotImplementedError:
             loader = None
     if loader is None or (isinstance(loader, (list, tuple)) and not loader):
         return None
@@ -199,7 +213,10 @@ def simulate_sites(
     out IID with the same seed, so every site is evaluated on its own share and the federated merge covers the
     whole split.
     """
+    shipped = source
     if isinstance(source, LightningDataModule):
+        # what the sites get is the datamodule as configured, not as set up here (its data would travel with it)
+        shipped = copy.deepcopy(source)
         source.prepare_data()
     per_site: list[dict[str, np.ndarray]] = [{} for _ in range(num_sites)]
     seed = getattr(partitioner, "seed", 0)
@@ -219,6 +236,7 @@ def simulate_sites(
     if not any("train" in p for p in per_site) and "train" in splits:
         raise ValueError("the datamodule has no train_dataloader to split across simulated sites")
     return [
-        Site(name=f"site_{k}", datamodule=SimulatedSiteData(source, per_site[k]), num_cpus=site_cpus, num_gpus=site_gpus)
+        Site(name=f"site_{k}", datamodule=SimulatedSiteData(shipped, per_site[k]), num_cpus=site_cpus, num_gpus=site_gpus,
+             train_size=len(per_site[k]["train"]) if "train" in per_site[k] else None)
         for k in range(num_sites)
     ]
