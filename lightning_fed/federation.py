@@ -185,7 +185,7 @@ class Federation:
         self._check_resources()
         bundles = [spec.bundle() for spec in self.specs]
         warm = self.pool.take(self.specs) if self.pool is not None else None
-        adopted: list[Any] = []
+        adopted: dict[int, Any] = {}
         if warm is None:
             if self.pool is not None:
                 self.pool.make_room(bundles)
@@ -227,7 +227,7 @@ class Federation:
                     f"(available: {_fmt_resources(ray.available_resources())}): free resources, or lower the sites' "
                     "num_cpus/num_gpus or the placement's workers"
                 ) from None
-        ray.get(adopted)  # a spare takes its place in the layout before it hosts anything
+        self._gather_workers(adopted, "start")  # a spare takes its place in the layout before it hosts anything
         hosted = self._gather_workers({w: self.workers[w].host.remote(plans[w], stage) for w in range(len(self.specs))}, "start")
         self.ready = {name: hosted[self.worker_of[name]][name] for name in self.names}
         empty = [n for n, r in self.ready.items() if r.train_samples == 0]
@@ -235,14 +235,15 @@ class Federation:
             raise FederationConfigError(f"site(s) {empty} have no training samples: give every site data or drop it from the federation")
         return warm is not None
 
-    def _start_workers(self, spare: Any) -> tuple[list[Any], list[Any]]:
+    def _start_workers(self, spare: Any) -> tuple[list[Any], dict[int, Any]]:
         """One worker per spec; a spare (started before the layout was known) stands in for the first CPU worker
         it can serve, and its bundle stays reserved for it. Returns the workers and the spare's adoption call."""
-        workers, adopted = [], []
+        workers: list[Any] = []
+        adopted: dict[int, Any] = {}
         for spec in self.specs:
             if spare is not None and not spec.num_gpus and not spec.resources and len(spec.sites) + 3 <= SPARE_CONCURRENCY:
                 workers.append(spare)
-                adopted.append(spare.adopt.remote(spec.index, spec.threads))
+                adopted[spec.index] = spare.adopt.remote(spec.index, spec.threads)
                 spare = None
                 continue
             workers.append(RemoteWorker.options(

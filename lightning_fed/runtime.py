@@ -100,7 +100,9 @@ def start_early() -> None:
     connected already. The next :class:`RayRuntime` that needs a local Ray takes this one over."""
     global _early, _spare_source
     if _early is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
-        _early = _spare_source = _LocalRay(_local_init_kwargs(0, {}), spare=True)
+        # started off the main thread, Ray warns that it cannot install its SIGTERM handler: nothing to act on
+        kwargs = {**_local_init_kwargs(0, {}), "logging_level": logging.ERROR}
+        _early = _spare_source = _LocalRay(kwargs, spare=True)
         atexit.register(_stop_early)
 
 
