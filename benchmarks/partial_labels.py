@@ -45,9 +45,9 @@ def run_one(args: argparse.Namespace, aggregator: str, seed: int, weights: Path)
     finally:
         strategy.shutdown()
     evaluation = strategy.last_evaluation
-    sites = {n: {"auroc": r.get("auroc"), "auroc_per_label": r.get("auroc_per_label")} for n, r in evaluation["sites"].items()}
+    sites = {n: {"auroc": r.get("auroc"), "auroc_per_label": r.get("auroc_per_label")} for n, r in evaluation.rows().items()}
     return {"aggregator": aggregator, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
-            "federated": sites.pop("federated"), "sites": sites, "notes": evaluation["notes"]}
+            "federated": sites.pop("federated"), "sites": sites, "notes": evaluation.notes}
 
 
 def _mean_std(values: list[float]) -> str:

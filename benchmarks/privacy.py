@@ -43,16 +43,16 @@ def run_one(args: argparse.Namespace, arm: str, epsilon: float | None) -> dict:
         trainer.test(datamodule=dm, verbose=False)
     finally:
         strategy.shutdown()
-    sites = strategy.last_evaluation["sites"]
-    spent = (strategy.last_fit.get("privacy") or {}).get("sites", {})
+    sites = strategy.last_evaluation.rows()
+    spent = strategy.last_fit.privacy.sites if strategy.last_fit.privacy is not None else {}
     return {
         "arm": arm, "target_epsilon": epsilon, "delta": args.delta, "seconds": round(time.perf_counter() - t0, 1),
         "small_recall": statistics.mean(sites[s]["recall"] for s in SMALL),
         "small_auroc": statistics.mean(sites[s]["auroc"] for s in SMALL),
         "small_precision": statistics.mean(sites[s]["precision"] for s in SMALL),
-        "epsilon_spent": {s: p["epsilon"] for s, p in spent.items()},
-        "max_epsilon": max((p["epsilon"] for p in spent.values()), default=None),
-        "noise_multiplier": {s: p["noise_multiplier"] for s, p in spent.items()},
+        "epsilon_spent": {s: p.epsilon for s, p in spent.items()},
+        "max_epsilon": max((p.epsilon for p in spent.values()), default=None),
+        "noise_multiplier": {s: p.noise_multiplier for s, p in spent.items()},
     }
 
 
