@@ -56,8 +56,10 @@ class Coordinator:
         resume_state: Optional[dict[str, Any]] = None,
         initial_model: Optional[GlobalModel] = None,
         audit: bool = False,
+        layout: Optional[dict[str, Any]] = None,
     ) -> None:
         self.aggregator = aggregator
+        self.layout = layout  # how the sites were placed: a resumed run places them alike (same threads, same floats)
         self._audit: Optional[list[dict[str, Any]]] = [] if audit else None
         self.sites = list(sites)
         self.checkpoint_dir = checkpoint_dir
@@ -252,10 +254,6 @@ class Coordinator:
     def abort_reason(self) -> Optional[str]:
         return self._aborted
 
-    def waiting_sites(self) -> list[str]:
-        """Sites waiting at a barrier now (so not computing): tells which site of a dead worker was at work."""
-        return sorted({site for b in self._barriers.values() if not b.done.is_set() for site in b.values})
-
     def progress(self, since: int = 0) -> dict[str, Any]:
         return {
             "round": self.round,
@@ -282,6 +280,7 @@ class Coordinator:
             "aggregator_state": copy.deepcopy(self.aggregator.state_dict()),
             "global_model": self.global_model,
             "sites": list(self.sites),
+            "layout": self.layout,
         }
 
     def _load_server_state(self, state: dict[str, Any]) -> None:

@@ -210,13 +210,13 @@ class Experiment:
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
             return FederatedCLI(args=args, run=False, save_config_callback=None, parser_kwargs={"prog": "lightning-fed"})
 
-    def _pin_layouts(self, free_cpus: float) -> float:
+    def _pin_layouts(self, cluster_cpus: float) -> float:
         """Fix the sites' worker layout and the pooled run's once, so that the idle workers of both fit the
         cluster together and every run after the first finds them warm. Returns the CPUs they hold together."""
         from lightning_fed.config import Placement
         from lightning_fed.placement import place_sites
 
-        specs = place_sites(self._sites, self._placement, free_cpus)
+        specs = place_sites(self._sites, self._placement, cluster_cpus)
         shared = [spec for spec in specs if not spec.resources]
         sites = self._placement
         if self._placement.automatic and shared:  # the cost model's choice, written down
@@ -235,8 +235,8 @@ class Experiment:
         joined = ray.is_initialized() or bool(self._runtime.address)
         if joined:
             self._runtime.ensure()
-        free = ray.available_resources().get("CPU", 0.0) if joined else float(os.cpu_count() or 1)
-        self._runtime.ensure(self._pin_layouts(free))  # one Ray session for every run: workers can stay warm
+        cpus = ray.cluster_resources().get("CPU", 0.0) if joined else float(os.cpu_count() or 1)
+        self._runtime.ensure(self._pin_layouts(cpus))  # one Ray session for every run: workers can stay warm
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from lightning_fed import COORDINATOR_ROLE_ENV
 from lightning_fed.audit import describe
 from lightning_fed.checkpoint import RoundCheckpoint
-from lightning_fed.config import FederationConfig
+from lightning_fed.config import FederationConfig, Placement
 from lightning_fed.coordinator import RemoteCoordinator
 from lightning_fed.data.sites import Site
 from lightning_fed.loggers import log_driver_metrics
@@ -39,7 +39,7 @@ from lightning_fed.runtime import RayRuntime
 from lightning_fed.site import SitePlan, TrainerJob
 from lightning_fed.strategies.base import GlobalModel, Weights
 from lightning_fed.strategies.site import state_to_numpy
-from lightning_fed.worker import SPARE_CONCURRENCY, RemoteWorker, SiteStartError
+from lightning_fed.worker import SPARE_CONCURRENCY, RemoteWorker, SiteStartError, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,6 @@ class WorkerPool:
             _kill(old[0], old[1])
         self._idle[self.layout(specs)] = (pg, workers, list(specs))
 
-    def held(self) -> dict[str, float]:
-        """Resources the idle workers hold (free for a run that takes them over)."""
-        return _sum_bundles([spec.bundle() for _, _, specs in self._idle.values() for spec in specs])
-
     def make_room(self, bundles: Sequence[dict[str, float]]) -> None:
         """Free idle layouts when the cluster could not otherwise place ``bundles``."""
         free = ray.available_resources()
@@ -111,6 +107,13 @@ class WorkerPool:
         for pg, workers, _ in self._idle.values():
             _kill(pg, workers)
         self._idle.clear()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _kill(pg: Any, actors: Sequence[Any]) -> None:
@@ -178,10 +181,14 @@ class Federation:
             privacy = site_privacy(self.config.privacy, self.names)
         except ValueError as err:
             raise FederationConfigError(str(err)) from None
+        server_state = resume.server_state() if resume is not None else None
         placement = self.config.placement
+        if placement.automatic and server_state is not None and server_state.get("layout"):
+            # the layout the checkpoint was trained with: the same threads per site give the same floats
+            placement = dataclasses.replace(placement, **server_state["layout"])
         # a fixed layout gets the CPUs it asks for from a local Ray; the automatic one fits the machine
         self.runtime.ensure(0.0 if placement.automatic else layout_cpus(self.sites, placement))
-        self.specs = self._place()
+        self.specs = self._place(placement)
         self._check_resources()
         bundles = [spec.bundle() for spec in self.specs]
         warm = self.pool.take(self.specs) if self.pool is not None else None
@@ -205,9 +212,10 @@ class Federation:
             job.checkpoint_dir,
             self.config.checkpointing.keep,
             self.config.barrier_timeout,
-            resume.server_state() if resume is not None else None,
+            server_state,
             GlobalModel(weights=state_to_numpy(module.state_dict()), round=0) if resume is None else None,
             audit=self.config.audit_messages,
+            layout=self._shared_layout(),
         )
         job = dataclasses.replace(job, module_ref=ray.put(module))
         plans: list[list[SitePlan]] = [[] for _ in self.specs]
@@ -255,12 +263,16 @@ class Federation:
             _kill(None, [spare])  # no worker it could serve
         return workers, adopted
 
-    def _place(self) -> list[WorkerSpec]:
-        free = dict(ray.available_resources())
-        if self.pool is not None:  # idle workers of this layout are free for this run
-            for key, value in self.pool.held().items():
-                free[key] = free.get(key, 0.0) + value
-        return place_sites(self.sites, self.config.placement, free.get("CPU", 0.0), free.get("GPU", 0.0))
+    def _place(self, placement: Placement) -> list[WorkerSpec]:
+        # sized to the cluster, not to what happens to be free this instant (Ray reports that late, and a previous
+        # run's workers may still be letting go): the same cluster gives the same layout, so the same floats
+        total = ray.cluster_resources()
+        return place_sites(self.sites, placement, total.get("CPU", 0.0), total.get("GPU", 0.0))
+
+    def _shared_layout(self) -> Optional[dict[str, Any]]:
+        """The pool of workers the unpinned sites share, as :class:`Placement` fields (recorded in checkpoints)."""
+        shared = [spec for spec in self.specs if not spec.resources]
+        return {"workers": len(shared), "worker_cpus": shared[0].num_cpus} if shared else None
 
     def _check_resources(self) -> None:
         total = ray.cluster_resources()
@@ -342,12 +354,10 @@ class Federation:
             # Ray keeps the creation error only as text: its last line is "ExceptionType: message"
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             return f"site {sites[0]!r} failed to start: {lines[-1] if lines else err}"
-        # the sites waiting at a barrier were not computing: the one that was is the likely cause
-        try:
-            waiting = set(ray.get(self.coordinator.waiting_sites.remote(), timeout=2)) if self.coordinator is not None else set()
-        except Exception:
-            waiting = set()
-        suspects = [s for s in hosted if s not in waiting] or hosted
+        # the site that held the worker's compute thread, as the worker noted it on its node, is the cause
+        ready = self.ready.get(hosted[0])
+        computing = read_marker(ready.worker_marker) if ready is not None and ready.worker_marker else None
+        suspects = [computing] if computing in hosted else hosted
         others = [s for s in hosted if s not in suspects]
         also = f" (its worker also hosted {others})" if others else ""
         who = f"site {suspects[0]!r}" if len(suspects) == 1 else f"sites {suspects} (one worker)"
@@ -441,6 +451,8 @@ class Federation:
             self.pool.give(self.specs, self.pg, self.workers)  # warm for the next run of this layout
         else:
             _kill(self.pg, self.workers)
+            for path in {r.worker_marker for r in self.ready.values() if r.worker_marker}:
+                _remove(path)  # the notes of workers that are gone (those on this node)
         if self.coordinator is not None:
             try:
                 ray.kill(self.coordinator, no_restart=True)
@@ -449,7 +461,7 @@ class Federation:
         self.workers, self.coordinator, self.pg, self.alive = [], None, None, False
 
 
-def layout_cpus(sites: Sequence[Site], placement: Any) -> float:
+def layout_cpus(sites: Sequence[Site], placement: Placement) -> float:
     """CPUs the workers of a fixed layout hold together (what a local Ray must have)."""
     return sum(spec.num_cpus for spec in place_sites(sites, placement, os.cpu_count() or 1))
 

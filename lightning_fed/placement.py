@@ -7,7 +7,9 @@ placement changes how fast a federation runs, never what it computes.
 - A site pinned to a node (any custom resource, e.g. ``{"site:hospital_a": 1}``) gets a worker of its own, with
   exactly the resources it asks for: its data is only readable there.
 - The other sites share a pool of workers. ``Placement(sites_per_worker=k)`` or ``Placement(workers=W)`` fix its
-  size (and ``worker_cpus`` what each worker holds); by default it is sized to the cluster's free CPUs (GPUs, for sites that use them) with a small cost model:
+  size (and ``worker_cpus`` what each worker holds); by default it is sized to the cluster's CPUs (GPUs, for sites
+  that use them; all of them, not what is free at the moment, so that a cluster always gives the same layout) with
+  a small cost model:
   for each candidate number of threads per worker, the sites are dealt to the workers largest first (by training
   samples, when a site knows them), and the layout whose busiest worker finishes first wins. A worker with ``T``
   threads is taken to train ``T ** THREAD_EXPONENT`` times as fast as with one (a small CNN on CPU: 1.55x at 2

@@ -22,6 +22,7 @@ class SiteReady:
     device: str
     node: str
     worker: int
+    worker_marker: str = ""  # where the worker notes which site computes (see lightning_fed.worker)
 
 
 @dataclass(frozen=True)

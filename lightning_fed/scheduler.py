@@ -29,36 +29,55 @@ import numpy as np
 import torch
 
 
-class SiteState:
-    """What one site keeps of the process-wide state: random generators and grad mode."""
+def random_state() -> dict[str, Any]:
+    """The process-wide random generators' state (torch CPU and, once initialised, CUDA; numpy's; Python's), in
+    types a ``weights_only`` checkpoint load accepts (tensors, numbers, strings, lists)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": list(random.getstate()),
+    }
 
-    def __init__(self) -> None:
+
+def set_random_state(state: dict[str, Any]) -> None:
+    """Put a :func:`random_state` back."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class SiteState:
+    """What one site keeps of the process-wide state: random generators and grad mode.
+
+    ``announce(True | False)``, if given, is called when the site starts and stops computing (the worker notes it
+    where it outlives the worker, so that a worker's death can be put on the site that was at work).
+    """
+
+    def __init__(self, announce: Optional[Callable[[bool], None]] = None) -> None:
         self._rng: Optional[dict[str, Any]] = None
         self._grad_enabled = True
+        self._announce = announce
 
     def capture(self) -> None:
         """Save the process-wide state as this site's."""
-        self._rng = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        }
+        self._rng = random_state()
         self._grad_enabled = torch.is_grad_enabled()
 
     def restore(self) -> None:
         """Put this site's state back in place."""
         torch.set_grad_enabled(self._grad_enabled)
-        if self._rng is None:
-            return
-        torch.set_rng_state(self._rng["torch"])
-        if self._rng["cuda"] is not None:
-            torch.cuda.set_rng_state_all(self._rng["cuda"])
-        np.random.set_state(self._rng["numpy"])
-        random.setstate(self._rng["python"])
+        if self._rng is not None:
+            set_random_state(self._rng)
 
-    def random_state(self) -> Optional[dict[str, Any]]:
-        return self._rng
+    def computing(self, busy: bool) -> None:
+        if self._announce is not None:
+            self._announce(busy)
 
 
 class Scheduler:
@@ -119,6 +138,7 @@ class Scheduler:
               value: Any = None, error: Optional[BaseException] = None) -> None:
         """Run ``site`` until it finishes or waits again."""
         state.restore()
+        state.computing(True)
         try:
             if start:
                 out = site.switch()
@@ -128,10 +148,12 @@ class Scheduler:
                 out = site.switch(value)
         except BaseException as err:  # the site's call raised
             state.capture()
+            state.computing(False)
             self._busy.discard(id(state))
             done.set_exception(err)
             return
         state.capture()
+        state.computing(False)
         if site.dead:
             self._busy.discard(id(state))
             done.set_result(out)

@@ -17,13 +17,14 @@ import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import ray
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import RunningStage
 
 from lightning_fed.balance import ClassBalance
 from lightning_fed.context import SiteContext
@@ -71,10 +72,17 @@ class SiteStrategy(SingleDeviceStrategy):
     """A site is one device. Decisions that must be the same everywhere (stop, save) are agreed with the other
     sites through the coordinator; barriers and broadcasts are local because each site writes only its own files."""
 
-    def __init__(self, context: SiteContext, device: torch.device) -> None:
+    def __init__(self, context: SiteContext, device: torch.device, sync: FederatedSync) -> None:
         super().__init__(device=device)
         self.context = context
+        self.sync = sync
         self._decisions = 0
+
+    def process_dataloader(self, dataloader: Any) -> Any:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.state.stage == RunningStage.TRAINING:
+            self.sync.restore_sampler_generators(dataloader)  # a resumed fit's loader continues the checkpoint's
+        return super().process_dataloader(dataloader)
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         if self.lightning_module is None or self.lightning_module.trainer.state.fn != "fit":
@@ -94,12 +102,13 @@ class SiteRuntime:
     """One site inside a worker. :meth:`start` and every other method run on the worker's compute thread as this
     site (the worker's :class:`~lightning_fed.scheduler.Scheduler` sees to it), with its own random streams."""
 
-    def __init__(self, plan: SitePlan, scheduler: Scheduler, worker: int) -> None:
+    def __init__(self, plan: SitePlan, scheduler: Scheduler, worker: int, mark: Callable[[str], None], marker: str = "") -> None:
         self.plan = plan
         self.name = plan.site.name
         self.worker = worker
-        self.state = SiteState()
+        self.marker = marker
         self.context = SiteContext(self.name, plan.coordinator, scheduler)
+        self.state = SiteState(announce=lambda busy: mark(self.name if busy else ""))
 
     def start(self, stage: str) -> SiteReady:
         """Seed the site's streams, build its module, datamodule, callbacks and Trainer, and check its data."""
@@ -131,7 +140,7 @@ class SiteRuntime:
         return Trainer(
             accelerator=accelerator,
             devices=1,
-            strategy=SiteStrategy(self.context, device),
+            strategy=SiteStrategy(self.context, device, self.sync),
             callbacks=callbacks,
             logger=loggers or False,
             default_root_dir=str(Path(job.root_dir) / "sites" / self.name),
@@ -152,7 +161,7 @@ class SiteRuntime:
                 n = len(loader.dataset) if hasattr(loader, "dataset") else len(loader)
             except TypeError:
                 n = -1  # iterable dataset: size unknown, trust it
-        return SiteReady(self.name, n, str(site_device()[1]), ray.get_runtime_context().get_node_id(), self.worker)
+        return SiteReady(self.name, n, str(site_device()[1]), ray.get_runtime_context().get_node_id(), self.worker, self.marker)
 
     def fit(self, ckpt_path: Optional[str] = None) -> SiteFit:
         self.context.tell("report", {"status": "training", "epoch": 0})

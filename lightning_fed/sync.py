@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning_fed.checkpoint import site_checkpoint_path
 from lightning_fed.context import SiteContext
 from lightning_fed.metrics import SiteMetrics, federated_metrics
+from lightning_fed.scheduler import random_state, set_random_state
 from lightning_fed.strategies.base import GlobalModel
 from lightning_fed.strategies.site import SiteAlgorithm
 
@@ -36,6 +37,17 @@ def batch_size_of(batch: Any) -> int:
     if isinstance(batch, dict) and batch:
         return batch_size_of(next(iter(batch.values())))
     return 1
+
+
+def sampler_generators(loader: Any) -> list[torch.Generator]:
+    """The random generators a training loader's samplers draw from when the user gave them one (``DataLoader(...,
+    generator=g)``); without one they draw from torch's process-wide generator, which the site's state carries."""
+    found = []
+    for holder in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        generator = getattr(holder, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -65,6 +77,8 @@ class FederatedSync(Callback):
         self._train_samples_last_epoch = 0
         self._epoch_samples = 0
         self._validations = 0
+        self._pending_generators: Optional[list[torch.Tensor]] = None  # restored with the loader a resumed fit builds
+        self.trainer: Optional[Trainer] = None
         self.sync_seconds: list[float] = []  # time inside each hand-over, waiting for slower sites included
 
     # -- the hand-over ---------------------------------------------------------------------------
@@ -132,11 +146,32 @@ class FederatedSync(Callback):
                 trainer.callback_metrics[key] = torch.tensor(value)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"round": self.round, "samples_since_sync": self._samples_since_sync}
+        # saved at the end of a round, while this site computes: the process's random generators are this site's, so
+        # a resumed site draws the numbers (shuffles, dropout, DP noise) the uninterrupted one would have drawn
+        trainer = self.trainer
+        loader = trainer.train_dataloader if trainer is not None else None
+        return {"round": self.round, "samples_since_sync": self._samples_since_sync, "random_state": random_state(),
+                "sampler_generators": [g.get_state() for g in sampler_generators(loader)]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.round = int(state_dict["round"])
         self._samples_since_sync = int(state_dict.get("samples_since_sync", 0))
+        if state_dict.get("random_state") is not None:
+            set_random_state(state_dict["random_state"])
+        self._pending_generators = state_dict.get("sampler_generators") or None
+
+    def restore_sampler_generators(self, loader: Any) -> None:
+        """Called with the training loader a resumed fit builds: its samplers continue where the checkpoint left them."""
+        if self._pending_generators is None:
+            return
+        generators = sampler_generators(loader)
+        if len(generators) == len(self._pending_generators):
+            for generator, state in zip(generators, self._pending_generators):
+                generator.set_state(state)
+        self._pending_generators = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.trainer = trainer
 
 
 class RoundClose(Checkpoint):

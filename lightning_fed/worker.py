@@ -14,6 +14,8 @@ import, while the driver itself is still importing.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import warnings
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -25,6 +27,22 @@ if TYPE_CHECKING:
     from lightning_fed.strategies.base import GlobalModel, Weights
 
 SPARE_CONCURRENCY = 64  # calls a spare worker can run at once: it can host up to this many sites, less 3
+_MARK_BYTES = 256
+
+
+def computing_marker(worker_id: str) -> str:
+    """The file in which a worker notes which of its sites is computing (readable on its node after it died)."""
+    return os.path.join(tempfile.gettempdir(), f"lightning-fed-worker-{worker_id}.computing")
+
+
+def read_marker(path: str) -> Optional[str]:
+    """The site a worker last noted as computing (``None``: no note here, or none was computing)."""
+    try:
+        with open(path, "rb") as fh:
+            name = fh.read(_MARK_BYTES).rstrip(b"\0").decode(errors="replace")
+    except OSError:
+        return None
+    return name or None
 
 
 class SiteStartError(RuntimeError):
@@ -57,7 +75,13 @@ class Worker:
         _quiet()
         self.scheduler = Scheduler(threads)
         self.sites: dict[str, SiteRuntime] = {}
+        self.marker = computing_marker(ray.get_runtime_context().get_actor_id())
+        self._marker_fd = os.open(self.marker, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self.adopt(index, threads, gpu_share)
+
+    def mark(self, site: str) -> None:
+        """Note (a write, no message) the site now computing, or ``""``; read by the driver if this process dies."""
+        os.pwrite(self._marker_fd, site.encode()[:_MARK_BYTES].ljust(_MARK_BYTES, b"\0"), 0)
 
     def adopt(self, index: int, threads: int, gpu_share: float = 0.0) -> None:
         """Take the place of worker ``index`` in a layout (a spare started early is fitted to it this way)."""
@@ -78,7 +102,7 @@ class Worker:
         for plan in plans:
             name = plan.site.name
             try:
-                site = SiteRuntime(plan, self.scheduler, self.index)
+                site = SiteRuntime(plan, self.scheduler, self.index, self.mark, self.marker)
                 ready[name] = self.scheduler.call(site.state, site.start, stage)
             except Exception as err:
                 first = str(err).strip().splitlines()
@@ -107,6 +131,7 @@ class Worker:
             used_wandb |= self.scheduler.call(runtime.state, runtime.close)
         if used_wandb:
             stop_wandb()
+
 
 
 RemoteWorker = ray.remote(max_restarts=0, max_task_retries=0)(Worker)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import lightning as L
 import numpy as np
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_fed.data import HospitalsDataModule, Site
 from lightning_fed.data.fashion_mnist import PooledIndexData
+from lightning_fed.models import SmallCNN
 
 
 def small_hospitals(sizes=(400, 200, 200), ratios=(0.5, 0.1, 0.1), val_fraction=0.2, batch_size=50, seed=0, **kw) -> HospitalsDataModule:
@@ -76,6 +78,17 @@ class UnmodifiedMLP(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
 
 
+class NoisyCNN(SmallCNN):
+    """Draws from every process-wide generator while it trains: torch (dropout), numpy's and Python's."""
+
+    def forward(self, x):
+        return self.classifier(F.dropout(self.features(x).flatten(1), p=0.3, training=self.training))
+
+    def training_step(self, batch, batch_idx):
+        scale = 1.0 + 0.05 * float(np.random.rand()) + 0.05 * random.random()
+        return super().training_step(batch, batch_idx) * scale
+
+
 class FailingDataset(Dataset):
     """Real samples that raise once the site reaches a given epoch: a scanner going offline mid-run."""
 
@@ -95,6 +108,8 @@ class FailingDataset(Dataset):
 
 
 class FailingSiteData(PooledIndexData):
+    """A hospital whose data fails after ``fail_at_access`` samples, shuffled by a generator of its own."""
+
     def __init__(self, *args, fail_at_access: int, mode: str = "raise", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fail_at_access, self.mode = fail_at_access, mode
@@ -102,6 +117,9 @@ class FailingSiteData(PooledIndexData):
     def setup(self, stage):
         super().setup(stage)
         self.datasets["train"] = FailingDataset(self.datasets["train"], self.fail_at_access, self.mode)
+
+    def train_dataloader(self):
+        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(11))
 
 
 class HospitalsWithFailingSite(L.LightningDataModule):

@@ -1,30 +1,16 @@
 """The simulation engine: sites packed onto workers, placement, a coordinator free of torch, grouped options."""
 
-import random
-
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
 
 from lightning_fed import Checkpointing, FederatedStrategy, Placement, Simulation
 from lightning_fed.config import FederationConfig
 from lightning_fed.data.sites import Site
 from lightning_fed.models import SmallCNN
 from lightning_fed.placement import WorkerSpec, deal, place_sites
-from tests.helpers import small_hospitals
-
-
-class NoisyCNN(SmallCNN):
-    """Draws from every process-wide generator while it trains: torch (dropout), numpy's and Python's."""
-
-    def forward(self, x):
-        return self.classifier(F.dropout(self.features(x).flatten(1), p=0.3, training=self.training))
-
-    def training_step(self, batch, batch_idx):
-        scale = 1.0 + 0.05 * float(np.random.rand()) + 0.05 * random.random()
-        return super().training_step(batch, batch_idx) * scale
+from tests.helpers import NoisyCNN, small_hospitals
 
 
 def _fit(tmp_path, placement, sizes=(160, 120, 100, 80)):
