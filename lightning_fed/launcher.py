@@ -177,6 +177,11 @@ class FederatedLauncher(_Launcher):
             self.config.aggregator.check_model(model)
         except ValueError as err:
             raise FederationConfigError(str(err)) from None
+        if trainer.max_epochs is not None and 0 < trainer.max_epochs < self.config.sync_every:
+            raise FederationConfigError(
+                f"sync_every={self.config.sync_every} is more than max_epochs={trainer.max_epochs}: the sites would train "
+                "alone until the very end; lower sync_every or raise max_epochs"
+            )
         resume = self._resume_point(ckpt_path)
         source = datamodule if datamodule is not None else {"train": train_dataloaders, "val": val_dataloaders}
         if isinstance(source, dict) and all(v is None for v in source.values()):

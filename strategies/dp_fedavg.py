@@ -8,15 +8,17 @@
     accounting: the Gaussian mechanism with noise multiplier z, every site every round (sampling rate 1), one
              composition per round, RDP → (ε, δ); reported as ``fl/client_dp_epsilon``.
 
-The inner rule's site half still runs on every site (FedProx's term, FedFBN's frozen BN, FedBN's local BN); its
-server rule is replaced by the noisy uniform mean. The noise comes from numpy's PCG64, not a cryptographic source.
+The inner rule's site half still runs on every site (FedProx's term, FedFBN's frozen BN, FedBN's local BN), and its
+server rule is given the noisy mean as one combined update: an averaging rule keeps it (``w_t + noisy mean``), a
+server optimizer steps on it (``inner="fedadam"``: DP-FedAdam). Rules that need every site's own update (median,
+trimmed_mean, scaffold, local) are refused. The noise comes from numpy's PCG64, not a cryptographic source.
 Site half: :class:`~lightning_fed.strategies.site.dp_fedavg.DPFedAvgSite`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
@@ -45,26 +47,36 @@ class DPFedAvg(Aggregator):
         adaptive: adapt S towards the ``target_quantile`` of the sites' update norms (Andrew et al. 2021).
         target_quantile, clip_learning_rate: γ and η of the adaptive rule.
         clipped_count_stddev: σ_b, noise on the count of unclipped sites (default K/20 once K is known).
-        inner: the averaging rule whose site half runs on the sites (``fedavg``, ``fedprox``, ``fedbn``, ``fedfbn``).
+        inner: the rule it wraps, by name or as an instance: an averaging rule (``fedavg``, ``fedprox``, ``fedbn``,
+            ``fedfbn``) or a server optimizer (``fedadam``, ``fedyogi``, ``fedadagrad``); its site half runs on the sites
+            and its server half gets the noisy mean.
         seed: seed of the noise (None: fresh entropy).
-        inner_kwargs: options of ``inner`` (e.g. ``{"mu": 0.01}``).
+        inner_kwargs: options of a named ``inner`` (e.g. ``{"mu": 0.01}``).
     """
 
     secure_weighting = "uniform"
 
     def __init__(self, noise_multiplier: float = 1.0, clip_norm: float = 1.0, delta: float = 1e-5, adaptive: bool = False,
                  target_quantile: float = 0.5, clip_learning_rate: float = 0.2, clipped_count_stddev: Optional[float] = None,
-                 inner: str = "fedavg", seed: Optional[int] = None, inner_kwargs: Optional[dict[str, Any]] = None) -> None:
+                 inner: Union[str, Aggregator] = "fedavg", seed: Optional[int] = None, inner_kwargs: Optional[dict[str, Any]] = None) -> None:
         if noise_multiplier < 0 or clip_norm <= 0 or not 0 < delta < 1:
             raise ValueError(f"dp_fedavg needs noise_multiplier >= 0, clip_norm > 0 and 0 < delta < 1, got {noise_multiplier}, {clip_norm}, {delta}")
         if not 0 < target_quantile < 1:
             raise ValueError(f"dp_fedavg target_quantile must be in (0, 1), got {target_quantile}")
-        if inner == "dp_fedavg":
-            raise ValueError("dp_fedavg cannot wrap itself: pick an averaging rule such as fedavg or fedprox as inner")
+        if isinstance(inner, Aggregator):
+            if inner_kwargs:
+                raise ValueError("dp_fedavg: inner_kwargs only applies to a named inner rule; configure the instance directly")
+            self.inner = inner
+        else:
+            self.inner = get_aggregator(inner, **(inner_kwargs or {}))
+        inner_name = self.inner.name or type(self.inner).__name__
+        if isinstance(self.inner, DPFedAvg) or self.inner.secure_weighting is None or type(self.inner).__name__ == "SecureAggregation":
+            raise ValueError(f"dp_fedavg cannot wrap {inner_name}: client-level DP hands the inner rule one noisy mean of clipped "
+                             "updates; use an averaging rule (fedavg, fedprox, fedbn, fedfbn) or a server optimizer (fedadam, "
+                             "fedyogi, fedadagrad), and secagg=True for secure aggregation around it")
         self.noise_multiplier, self.clip_norm, self.delta = noise_multiplier, clip_norm, delta
         self.adaptive, self.target_quantile, self.clip_learning_rate = adaptive, target_quantile, clip_learning_rate
-        self.clipped_count_stddev, self.inner_name, self.seed = clipped_count_stddev, inner, seed
-        self.inner = get_aggregator(inner, **(inner_kwargs or {}))
+        self.clipped_count_stddev, self.inner_name, self.seed = clipped_count_stddev, inner_name, seed
         self.rounds = 0
         self._rng = np.random.default_rng(seed)
 
@@ -105,13 +117,16 @@ class DPFedAvg(Aggregator):
             total = sum(u.weights[key].astype(np.float64) * g for u, g in zip(updates, groups))
             noisy = total + self._rng.normal(0.0, z_update * s, size=ref.shape)
             weights[key] = (current[key].astype(np.float64) + noisy / k).astype(ref.dtype)
+        # the inner rule's server half on the noisy mean, as one update standing for every site
+        combined = SiteUpdate("dp-noisy-mean", weights, sum(u.num_samples for u in updates), {"sites": k})
+        inner_model = self.inner.aggregate(round, [combined], current)
         if self.adaptive:
             unclipped = sum(int(u.extras.get("unclipped", 0)) for u in updates) + self._rng.normal(0.0, self.count_stddev(k))
             self.clip_norm = s * math.exp(-self.clip_learning_rate * (unclipped / k - self.target_quantile))
         self.rounds += 1
-        epsilon = self.epsilon()
-        return GlobalModel(weights=weights, round=round,
-                           extras={"clip_norm": self.clip_norm, "metrics": {"client_dp_epsilon": epsilon, "dp_clip_norm": self.clip_norm}})
+        metrics = {**inner_model.extras.get("metrics", {}), "client_dp_epsilon": self.epsilon(), "dp_clip_norm": self.clip_norm}
+        return GlobalModel(weights=inner_model.weights, round=round,
+                           extras={**inner_model.extras, "clip_norm": self.clip_norm, "metrics": metrics})
 
     def epsilon(self) -> float:
         """ε after the rounds so far at ``delta``, from Opacus' RDP accountant (inf without noise)."""

@@ -28,10 +28,10 @@ class FedOpt(Aggregator):
 
     secure_weighting = "samples"
 
-    def __init__(self, eta: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
-        if eta <= 0 or tau <= 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1:
-            raise ValueError(f"need eta > 0, tau > 0, 0 <= beta1, beta2 < 1; got eta={eta}, beta1={beta1}, beta2={beta2}, tau={tau}")
-        self.eta, self.beta1, self.beta2, self.tau = eta, beta1, beta2, tau
+    def __init__(self, eta: float = 1e-2, beta1: float = 0.9, tau: float = 1e-3) -> None:
+        if eta <= 0 or tau <= 0 or not 0 <= beta1 < 1:
+            raise ValueError(f"{self.name or type(self).__name__} needs eta > 0, tau > 0, 0 <= beta1 < 1; got eta={eta}, beta1={beta1}, tau={tau}")
+        self.eta, self.beta1, self.tau = eta, beta1, tau
         self.m: Weights = {}
         self.v: Weights = {}
 
@@ -68,13 +68,23 @@ class FedAdagrad(FedOpt):
         return v + delta**2
 
 
+class _DecayedSecondMoment(FedOpt):
+    """FedAdam and FedYogi weigh the second moment's past with ``beta2`` (FedAdagrad keeps all of it)."""
+
+    def __init__(self, eta: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        super().__init__(eta, beta1, tau)
+        if not 0 <= beta2 < 1:
+            raise ValueError(f"{self.name or type(self).__name__} needs 0 <= beta2 < 1, got {beta2}")
+        self.beta2 = beta2
+
+
 @register_aggregator("fedadam")
-class FedAdam(FedOpt):
+class FedAdam(_DecayedSecondMoment):
     def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         return self.beta2 * v + (1 - self.beta2) * delta**2
 
 
 @register_aggregator("fedyogi")
-class FedYogi(FedOpt):
+class FedYogi(_DecayedSecondMoment):
     def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         return v - (1 - self.beta2) * delta**2 * np.sign(v - delta**2)

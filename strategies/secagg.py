@@ -85,13 +85,13 @@ class SecureAggregation(Aggregator):
     update (the weighted mean, standing for all sites), so the inner rule never sees a single site's update."""
 
     def __init__(self, inner: Aggregator, fractional_bits: int = FRACTIONAL_BITS) -> None:
+        if inner.secure_weighting is None:
+            raise ValueError(f"{inner.name or type(inner).__name__} needs every site's own update, so it cannot run under "
+                             "secure aggregation: use an averaging rule (fedavg, fedprox, fedbn, fedfbn, fedadam, dp_fedavg)")
         self.inner, self.fractional_bits = inner, fractional_bits
         self.name = f"{inner.name or type(inner).__name__}+secagg"
 
     def check_model(self, model: Any) -> None:
-        if self.inner.secure_weighting is None:
-            raise ValueError(f"{self.inner.name or type(self.inner).__name__} needs every site's own update, so it cannot run "
-                             "under secure aggregation: use an averaging rule (fedavg, fedprox, fedbn, fedfbn, fedadam, dp_fedavg)")
         self.inner.check_model(model)
 
     def site_algorithm(self) -> "SecAggSite":
