@@ -46,6 +46,7 @@ _EXPORTS = {
     "Placement": "lightning_fed.config",
     "Checkpointing": "lightning_fed.config",
     "Cluster": "lightning_fed.config",
+    "Reliability": "lightning_fed.config",
     "DPSGD": "lightning_fed.privacy",
     "Site": "lightning_fed.data.sites",
     "IID": "lightning_fed.data.partition",

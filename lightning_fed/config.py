@@ -110,6 +110,28 @@ class Checkpointing:
         _check_int("keep (checkpoints kept)", self.keep, 0)
 
 @dataclass(frozen=True)
+class Reliability:
+    """What a federation tolerates, and how it guards the global model.
+
+    Args:
+        barrier_timeout: seconds a site may wait for the others at a barrier before the run aborts (None: no limit;
+            a failed or dead site aborts at once regardless).
+        max_update_norm_ratio: refuse a site's update whose distance from the round's global model is more than this
+            many times the median over the round's sites (None: no bound). An update holding NaN or Inf is always
+            refused. Needs each site's own update, so not with secure aggregation.
+    """
+
+    barrier_timeout: Optional[float] = None
+    max_update_norm_ratio: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.barrier_timeout is not None and self.barrier_timeout <= 0:
+            raise ValueError(f"barrier_timeout must be > 0 seconds or None, got {self.barrier_timeout}")
+        if self.max_update_norm_ratio is not None and self.max_update_norm_ratio < 1:
+            raise ValueError(f"max_update_norm_ratio must be >= 1 (a multiple of the round's median update norm), got {self.max_update_norm_ratio}")
+
+
+@dataclass(frozen=True)
 class Cluster:
     """Which Ray cluster runs the federation.
 
@@ -136,6 +158,8 @@ def shorthand_groups(
     workers: Optional[int] = None,
     sites_per_worker: Optional[int] = None,
     worker_cpus: Optional[float] = None,
+    barrier_timeout: Optional[float] = None,
+    max_update_norm_ratio: Optional[float] = None,
 ) -> dict[str, dict[str, Any]]:
     """The flat names ``FederatedStrategy`` has always taken, sorted into their groups (only those given).
 
@@ -146,6 +170,7 @@ def shorthand_groups(
         ray_address, ray_init_kwargs: :class:`Cluster`'s ``address`` and ``init_kwargs``.
         placement_timeout, workers, sites_per_worker, worker_cpus: :class:`Placement`'s ``timeout``, ``workers``,
             ``sites_per_worker`` and ``worker_cpus``.
+        barrier_timeout, max_update_norm_ratio: :class:`Reliability`'s fields.
     """
     given = {
         "simulation": {"num_sites": num_sites, "partitioner": partitioner, "site_cpus": site_cpus, "site_gpus": site_gpus},
@@ -153,6 +178,7 @@ def shorthand_groups(
         "cluster": {"address": ray_address, "init_kwargs": ray_init_kwargs},
         "placement": {"timeout": placement_timeout, "workers": workers, "sites_per_worker": sites_per_worker,
                       "worker_cpus": worker_cpus},
+        "reliability": {"barrier_timeout": barrier_timeout, "max_update_norm_ratio": max_update_norm_ratio},
     }
     return {group: {k: v for k, v in values.items() if v is not None} for group, values in given.items()}
 
@@ -178,10 +204,10 @@ class FederationConfig:
     placement: Placement
     checkpointing: Checkpointing
     cluster: Cluster
+    reliability: Reliability = field(default_factory=Reliability)
     privacy: PrivacySpec = None
     class_balance: Optional[str] = None
     audit_messages: bool = False
-    barrier_timeout: Optional[float] = None
     metric_thresholds: int = 1000
     progress: bool = True
 
@@ -191,8 +217,9 @@ class FederationConfig:
             raise ValueError(f"privacy must be a DPSGD or a dict of site name -> DPSGD, got {type(self.privacy).__name__}")
         if self.class_balance not in (None, "loss", "sampler"):
             raise ValueError(f"class_balance must be 'loss', 'sampler' or None, got {self.class_balance!r}")
-        if self.barrier_timeout is not None and self.barrier_timeout <= 0:
-            raise ValueError(f"barrier_timeout must be > 0 seconds or None, got {self.barrier_timeout}")
+        if self.reliability.max_update_norm_ratio is not None and type(self.aggregator).__name__ == "SecureAggregation":
+            raise ValueError("max_update_norm_ratio needs each site's own update, which secure aggregation hides: bound "
+                             "updates on the sites instead (aggregator='dp_fedavg' clips them)")
         _check_int("metric_thresholds", self.metric_thresholds, 2)
 
     def replace(self, **changes: Any) -> "FederationConfig":

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import ray
 
 from lightning_fed.metric_states import merge_reports
+from lightning_fed.screening import screen
 from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate
 
 
@@ -57,6 +58,7 @@ class Coordinator:
         initial_model: Optional[GlobalModel] = None,
         audit: bool = False,
         layout: Optional[dict[str, Any]] = None,
+        max_update_norm_ratio: Optional[float] = None,
     ) -> None:
         self.aggregator = aggregator
         self.layout = layout  # how the sites were placed: a resumed run places them alike (same threads, same floats)
@@ -65,6 +67,7 @@ class Coordinator:
         self.checkpoint_dir = checkpoint_dir
         self.keep_checkpoints = keep_checkpoints
         self.barrier_timeout = barrier_timeout
+        self.max_update_norm_ratio = max_update_norm_ratio
         self.round = 0
         # round 0's global model is the model every site starts from: server optimizers need w_0
         self.global_model: Optional[GlobalModel] = initial_model
@@ -155,6 +158,12 @@ class Coordinator:
         barrier = await self._gather(key, site, update)
         if barrier.result is _PENDING:
             updates = [barrier.values[s] for s in self.sites]  # fixed site order: reproducible aggregation
+            current = self.global_model.weights if self.global_model else None
+            refused = screen(updates, current, self.max_update_norm_ratio)
+            if refused:  # never averaged: the global model would carry it to every site
+                site, why = next(iter(refused.items()))
+                self._abort(f"site {site!r}'s update was refused in round {round}: {why}")
+                self._raise_if_aborted()
             t0 = time.monotonic()
             try:
                 model = self.aggregator.aggregate(round, updates, self.global_model.weights if self.global_model else None)

@@ -211,11 +211,12 @@ class Federation:
             self.names,
             job.checkpoint_dir,
             self.config.checkpointing.keep,
-            self.config.barrier_timeout,
+            self.config.reliability.barrier_timeout,
             server_state,
             GlobalModel(weights=state_to_numpy(module.state_dict()), round=0) if resume is None else None,
             audit=self.config.audit_messages,
             layout=self._shared_layout(),
+            max_update_norm_ratio=self.config.reliability.max_update_norm_ratio,
         )
         job = dataclasses.replace(job, module_ref=ray.put(module))
         plans: list[list[SitePlan]] = [[] for _ in self.specs]

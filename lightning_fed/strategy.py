@@ -8,7 +8,8 @@ from typing import Any, Optional, Union
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
-from lightning_fed.config import Checkpointing, Cluster, FederationConfig, Placement, Simulation, merge_group, shorthand_groups
+from lightning_fed.config import (Checkpointing, Cluster, FederationConfig, Placement, Reliability, Simulation, merge_group,
+                                  shorthand_groups)
 from lightning_fed.data.sites import Site
 from lightning_fed.federation import Federation, WorkerPool
 from lightning_fed.launcher import FederatedLauncher
@@ -52,14 +53,14 @@ class FederatedStrategy(SingleDeviceStrategy):
         cluster: which Ray cluster (:class:`~lightning_fed.config.Cluster`: ``address``, ``init_kwargs``); by default
             ``RAY_ADDRESS`` (as under ``ray job submit``) or a connected Ray, else a local Ray for the run.
         seed: base seed; site ``i`` is seeded with ``seed + i`` (default: ``PL_GLOBAL_SEED`` or 0).
-        barrier_timeout: seconds a site may wait for the others at a barrier before the run aborts (None: no limit;
-            a failed or dead site aborts at once regardless).
+        reliability: what the federation tolerates (:class:`~lightning_fed.config.Reliability`: ``barrier_timeout``,
+            ``max_update_norm_ratio``); an update holding NaN or Inf is always refused, naming its site.
         metric_thresholds: bins for AUROC (binned states merge exactly across sites).
         progress: show the federated progress view on the driver.
         **shorthands: today's flat names, sorted into the groups above: ``num_sites``, ``partitioner``,
             ``site_cpus``, ``site_gpus``, ``checkpoint_dir``, ``checkpoint_every``, ``keep_checkpoints``,
-            ``ray_address``, ``ray_init_kwargs``, ``placement_timeout``, ``workers``, ``sites_per_worker``
-            (:func:`~lightning_fed.config.shorthand_groups`).
+            ``ray_address``, ``ray_init_kwargs``, ``placement_timeout``, ``workers``, ``sites_per_worker``,
+            ``worker_cpus``, ``barrier_timeout``, ``max_update_norm_ratio`` (:func:`~lightning_fed.config.shorthand_groups`).
 
     After a run, ``strategy.last_fit`` (:class:`~lightning_fed.results.FitResult`) and ``strategy.last_evaluation``
     (:class:`~lightning_fed.results.Evaluation`) hold typed results, and ``strategy.federation`` the live
@@ -81,8 +82,8 @@ class FederatedStrategy(SingleDeviceStrategy):
         placement: Optional[Placement] = None,
         checkpointing: Optional[Checkpointing] = None,
         cluster: Optional[Cluster] = None,
+        reliability: Optional[Reliability] = None,
         seed: Optional[int] = None,
-        barrier_timeout: Optional[float] = None,
         metric_thresholds: int = 1000,
         progress: bool = True,
         **shorthands: Any,
@@ -112,10 +113,10 @@ class FederatedStrategy(SingleDeviceStrategy):
             placement=merge_group(placement, Placement, groups["placement"], "placement"),
             checkpointing=merge_group(checkpointing, Checkpointing, groups["checkpointing"], "checkpointing"),
             cluster=merge_group(cluster, Cluster, groups["cluster"], "cluster"),
+            reliability=merge_group(reliability, Reliability, groups["reliability"], "reliability"),
             privacy=privacy,
             class_balance=class_balance,
             audit_messages=audit_messages,
-            barrier_timeout=barrier_timeout,
             metric_thresholds=metric_thresholds,
             progress=progress,
         )

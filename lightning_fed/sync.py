@@ -25,6 +25,7 @@ from lightning_fed.checkpoint import site_checkpoint_path
 from lightning_fed.context import SiteContext
 from lightning_fed.metrics import SiteMetrics, federated_metrics
 from lightning_fed.scheduler import random_state, set_random_state
+from lightning_fed.screening import non_finite_key
 from lightning_fed.strategies.base import GlobalModel
 from lightning_fed.strategies.site import SiteAlgorithm
 
@@ -63,6 +64,16 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def refuse_non_finite(weights: Any, site: str, round_: int, last_loss: Optional[torch.Tensor]) -> None:
+    """A site whose training diverged says so in one line instead of sending NaN or Inf to be averaged."""
+    key = non_finite_key(weights)
+    if key is None:
+        return
+    seen = f"last training loss {float(last_loss):.4g}" if last_loss is not None else "no training loss seen"
+    raise FloatingPointError(f"site {site!r}: training diverged in round {round_}, its update holds NaN or Inf (in {key!r}; "
+                             f"{seen}): lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)) or check its data")
+
+
 class FederatedSync(Callback):
     """Hands this site's update to the coordinator every ``sync_every`` epochs and loads the global model."""
 
@@ -79,12 +90,14 @@ class FederatedSync(Callback):
         self._validations = 0
         self._pending_generators: Optional[list[torch.Tensor]] = None  # restored with the loader a resumed fit builds
         self.trainer: Optional[Trainer] = None
+        self._last_loss: Optional[torch.Tensor] = None  # kept as a tensor: read only when a round's update is broken
         self.sync_seconds: list[float] = []  # time inside each hand-over, waiting for slower sites included
 
     # -- the hand-over ---------------------------------------------------------------------------
     def sync(self, trainer: Trainer, pl_module: LightningModule) -> None:
         t0 = time.perf_counter()
         update = self.algorithm.local_update(trainer, pl_module, self._samples_since_sync)
+        refuse_non_finite(update.weights, self.context.site, self.round + 1, self._last_loss)
         [ref] = self.context.ask("sync", self.round + 1, update)
         model: GlobalModel = self.context.fetch(ref)
         self.algorithm.receive_global(trainer, pl_module, model)
@@ -102,6 +115,8 @@ class FederatedSync(Callback):
         self._epoch_samples = 0
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self._last_loss = loss.detach() if isinstance(loss, torch.Tensor) else self._last_loss
         n = batch_size_of(batch)
         self._samples_since_sync += n
         self._epoch_samples += n

@@ -103,6 +103,9 @@ class FailingDataset(Dataset):
         if self.accesses > self.fail_at_access:
             if self.mode == "die":
                 os._exit(3)
+            if self.mode == "nan":  # a broken scanner: images of NaN
+                x, y = self.base[i]
+                return x * float("nan"), y
             raise RuntimeError("scanner offline at hospital bad")
         return self.base[i]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_fed.strategies.base import SiteUpdate, is_averageable
@@ -31,6 +32,10 @@ class SecAggSite(WrappedSiteAlgorithm):
         update = self.inner.local_update(trainer, pl_module, num_samples)
         self._round += 1
         floating = {k: v for k, v in update.weights.items() if is_averageable(v)}
+        broken = next((k for k, v in floating.items() if not np.all(np.isfinite(v))), None)
+        if broken is not None:  # masked, it could no longer be told from a sound update
+            raise FloatingPointError(f"site {self.context.site!r}: training diverged in round {self._round}, its update holds "
+                                     f"NaN or Inf (in {broken!r}): lower the learning rate, clip gradients or check its data")
         weight = float(num_samples) if self.weighting == "samples" else 1.0
         masked = mask_update(floating, weight, self.context.site, self._secrets, self._round, self.bits)
         counters = {k: v for k, v in update.weights.items() if not is_averageable(v)}
