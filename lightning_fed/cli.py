@@ -10,16 +10,50 @@ offers); ``compare``/``sweep`` are :mod:`lightning_fed.experiments`.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
+
+from lightning_fed.errors import TRACEBACK_ENV, explain, resume_hint
 
 EPILOG = ("Experiments: `lightning-fed compare --config RECIPE --modes pooled,local,federated --repeats N` and "
           "`lightning-fed sweep --config RECIPE --grid KEY=V1,V2`; `lightning-fed compare --help` for details.")
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``lightning-fed fit|validate|test ...`` (LightningCLI) and ``lightning-fed compare|sweep ...`` (experiments)."""
+    """``lightning-fed fit|validate|test ...`` (LightningCLI) and ``lightning-fed compare|sweep ...`` (experiments).
+
+    An error the user can fix ends the command with one line, ``lightning-fed: error: <what> (<how to fix>)``, and
+    exit status 2 (a recipe or flag) or 1 (the run itself); ``--traceback`` or ``LIGHTNING_FED_TRACEBACK=1`` shows
+    the full trace instead."""
     argv = list(sys.argv[1:] if args is None else args)
+    show_trace = "--traceback" in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--traceback"]
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads the command line itself (and warns when given both)
+    command = argv[0] if argv and not argv[0].startswith("-") else "fit"
+    try:
+        _run(argv, from_command_line=args is None)
+    except KeyboardInterrupt:
+        print("lightning-fed: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except SystemExit as done:
+        if isinstance(done.code, str):  # a message from code that exits by itself
+            print(f"lightning-fed: error: {done.code.removeprefix('lightning-fed: ')}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+    except Exception as err:
+        if show_trace:
+            raise
+        line = explain(err, command)
+        checkpoint_dir = getattr(err, "checkpoint_dir", None)
+        if checkpoint_dir is not None or type(err).__name__ == "SiteFailedError":
+            line += resume_hint(checkpoint_dir)
+        print(f"lightning-fed: error: {line}", file=sys.stderr)
+        raise SystemExit(1 if type(err).__name__ == "SiteFailedError" else 2) from None
+
+
+def _run(argv: list[str], from_command_line: bool) -> None:
     if argv and argv[0] in ("compare", "sweep"):
         from lightning_fed.experiments import COMMANDS
 
@@ -27,7 +61,8 @@ def main(args: Optional[list[str]] = None) -> None:
         return
     from lightning_fed.lightning_cli import FederatedCLI
 
-    FederatedCLI(args=args, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "lightning-fed", "epilog": EPILOG})
+    FederatedCLI(args=None if from_command_line else argv, save_config_kwargs={"overwrite": True},
+                 parser_kwargs={"prog": "lightning-fed", "epilog": EPILOG, "exit_on_error": False})
 
 
 if __name__ == "__main__":

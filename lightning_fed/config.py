@@ -114,21 +114,49 @@ class Reliability:
     """What a federation tolerates, and how it guards the global model.
 
     Args:
-        barrier_timeout: seconds a site may wait for the others at a barrier before the run aborts (None: no limit;
-            a failed or dead site aborts at once regardless).
+        on_site_failure: ``"abort"`` (default) ends the run, naming the site, when a site raises, dies, misses
+            ``round_timeout`` or sends an update that is refused; ``"continue"`` leaves that site out of the round
+            (the rule aggregates the sites that reported, weights renormalised), restarts it from its last committed
+            round checkpoint (a new worker process when its worker died) and lets it rejoin at the next round with
+            that round's global model. Sites sharing a worker process fail together when it dies. A site that fails
+            three times without the federation finishing a round in between stays out for the rest of the run.
+        min_sites: with ``"continue"``, the fewest sites a round may aggregate; the run aborts cleanly below it
+            (default: 1).
+        round_timeout: seconds a round may take, from the previous round's global model to the last update; a site
+            that has not handed in its update by then is left out (``"continue"``) or the run aborts naming it
+            (None: no deadline).
+        barrier_timeout: seconds a site may wait for the others at any barrier (syncs, validations, agreed
+            decisions); the sites still missing then are treated like ``round_timeout``'s (None: no limit; a failed
+            or dead site is noticed at once regardless).
         max_update_norm_ratio: refuse a site's update whose distance from the round's global model is more than this
             many times the median over the round's sites (None: no bound). An update holding NaN or Inf is always
             refused. Needs each site's own update, so not with secure aggregation.
     """
 
+    on_site_failure: str = "abort"
+    min_sites: Optional[int] = None
+    round_timeout: Optional[float] = None
     barrier_timeout: Optional[float] = None
     max_update_norm_ratio: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if self.barrier_timeout is not None and self.barrier_timeout <= 0:
-            raise ValueError(f"barrier_timeout must be > 0 seconds or None, got {self.barrier_timeout}")
+        if self.on_site_failure not in ("abort", "continue"):
+            raise ValueError(f"on_site_failure must be 'abort' or 'continue', got {self.on_site_failure!r}")
+        if self.min_sites is not None:
+            _check_int("min_sites", self.min_sites, 1)
+            if self.on_site_failure != "continue":
+                raise ValueError("min_sites applies only with on_site_failure='continue' (an aborting run needs every site)")
+        for name in ("round_timeout", "barrier_timeout"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{name} must be > 0 seconds or None, got {value!r}")
         if self.max_update_norm_ratio is not None and self.max_update_norm_ratio < 1:
             raise ValueError(f"max_update_norm_ratio must be >= 1 (a multiple of the round's median update norm), got {self.max_update_norm_ratio}")
+
+    @property
+    def tolerant(self) -> bool:
+        """Sites that fail are left out and rejoin instead of ending the run."""
+        return self.on_site_failure == "continue"
 
 
 @dataclass(frozen=True)
@@ -160,6 +188,9 @@ def shorthand_groups(
     worker_cpus: Optional[float] = None,
     barrier_timeout: Optional[float] = None,
     max_update_norm_ratio: Optional[float] = None,
+    on_site_failure: Optional[str] = None,
+    min_sites: Optional[int] = None,
+    round_timeout: Optional[float] = None,
 ) -> dict[str, dict[str, Any]]:
     """The flat names ``FederatedStrategy`` has always taken, sorted into their groups (only those given).
 
@@ -170,7 +201,8 @@ def shorthand_groups(
         ray_address, ray_init_kwargs: :class:`Cluster`'s ``address`` and ``init_kwargs``.
         placement_timeout, workers, sites_per_worker, worker_cpus: :class:`Placement`'s ``timeout``, ``workers``,
             ``sites_per_worker`` and ``worker_cpus``.
-        barrier_timeout, max_update_norm_ratio: :class:`Reliability`'s fields.
+        on_site_failure, min_sites, round_timeout, barrier_timeout, max_update_norm_ratio: :class:`Reliability`'s
+            fields.
     """
     given = {
         "simulation": {"num_sites": num_sites, "partitioner": partitioner, "site_cpus": site_cpus, "site_gpus": site_gpus},
@@ -178,7 +210,8 @@ def shorthand_groups(
         "cluster": {"address": ray_address, "init_kwargs": ray_init_kwargs},
         "placement": {"timeout": placement_timeout, "workers": workers, "sites_per_worker": sites_per_worker,
                       "worker_cpus": worker_cpus},
-        "reliability": {"barrier_timeout": barrier_timeout, "max_update_norm_ratio": max_update_norm_ratio},
+        "reliability": {"barrier_timeout": barrier_timeout, "max_update_norm_ratio": max_update_norm_ratio,
+                        "on_site_failure": on_site_failure, "min_sites": min_sites, "round_timeout": round_timeout},
     }
     return {group: {k: v for k, v in values.items() if v is not None} for group, values in given.items()}
 
@@ -217,9 +250,14 @@ class FederationConfig:
             raise ValueError(f"privacy must be a DPSGD or a dict of site name -> DPSGD, got {type(self.privacy).__name__}")
         if self.class_balance not in (None, "loss", "sampler"):
             raise ValueError(f"class_balance must be 'loss', 'sampler' or None, got {self.class_balance!r}")
-        if self.reliability.max_update_norm_ratio is not None and type(self.aggregator).__name__ == "SecureAggregation":
+        if self.reliability.max_update_norm_ratio is not None and self.aggregator.hides_site_updates:
             raise ValueError("max_update_norm_ratio needs each site's own update, which secure aggregation hides: bound "
                              "updates on the sites instead (aggregator='dp_fedavg' clips them)")
+        if self.reliability.tolerant:
+            try:
+                self.aggregator.check_partial_rounds()
+            except ValueError as err:
+                raise ValueError(f"on_site_failure='continue': {err}") from None
         _check_int("metric_thresholds", self.metric_thresholds, 2)
 
     def replace(self, **changes: Any) -> "FederationConfig":

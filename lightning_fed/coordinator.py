@@ -10,7 +10,10 @@ keyed by name so that every site must arrive before any leaves:
   computes the same federated metrics.
 
 A site that fails, dies, or finishes while others wait for it aborts every barrier with the reason, so no
-site ever waits forever. Everything here is numpy: the coordinator's process never imports torch or Lightning
+site ever waits forever; with ``on_site_failure="continue"`` it is left out instead: the barriers it was
+expected at complete without it, and it rejoins at the start of a later round (:meth:`Coordinator.rejoin`).
+Keys carry the epoch they belong to, so a site that rejoins at round ``r`` is expected at exactly the barriers
+of the epochs from round ``r`` on. Everything here is numpy: the coordinator's process never imports torch or Lightning
 (its aggregators are server halves only, checkpoints are committed without torch).
 """
 
@@ -33,6 +36,13 @@ class FederationAborted(RuntimeError):
     """Raised in every waiting site when the federation is stopped (a site failed, died or fell out of step)."""
 
 
+class SiteLeftOut(RuntimeError):
+    """Raised in a site that was left out of the federation (continue mode): its fit ends, and it rejoins."""
+
+
+FAILURES_BEFORE_OUT = 3  # a site failing this many times with no round finished in between stays out
+
+
 _PENDING = object()
 
 
@@ -41,7 +51,19 @@ class _Barrier:
     values: dict[str, Any] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     result: Any = _PENDING
-    readers: int = 0
+    readers: set = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class RejoinPoint:
+    """Where a site that was left out comes back: the round it takes part in next, the global model it starts it
+    from, and what it carried at its last hand-over (e.g. its privacy accountant). ``finished``: the federation
+    ended while it was out; it only loads the final model."""
+
+    round: int
+    model: Optional[list]
+    carry: Any
+    finished: bool
 
 
 class Coordinator:
@@ -59,6 +81,11 @@ class Coordinator:
         audit: bool = False,
         layout: Optional[dict[str, Any]] = None,
         max_update_norm_ratio: Optional[float] = None,
+        tolerant: bool = False,
+        min_sites: int = 1,
+        round_timeout: Optional[float] = None,
+        sync_every: int = 1,
+        parts: Optional[dict[str, tuple[str, int]]] = None,
     ) -> None:
         self.aggregator = aggregator
         self.layout = layout  # how the sites were placed: a resumed run places them alike (same threads, same floats)
@@ -68,9 +95,13 @@ class Coordinator:
         self.keep_checkpoints = keep_checkpoints
         self.barrier_timeout = barrier_timeout
         self.max_update_norm_ratio = max_update_norm_ratio
+        self.tolerant, self.min_sites, self.round_timeout, self.sync_every = tolerant, min_sites, round_timeout, sync_every
         self.round = 0
         # round 0's global model is the model every site starts from: server optimizers need w_0
         self.global_model: Optional[GlobalModel] = initial_model
+        # each site's part in the latest commit, and the round it is from (continue mode: a site out of a round
+        # has its latest part linked into that round's folder)
+        self._parts: dict[str, tuple[str, int]] = dict(parts or {})
         if resume_state is not None:
             self._load_server_state(resume_state)
         self._barriers: dict[tuple, _Barrier] = {}
@@ -83,33 +114,74 @@ class Coordinator:
         self._round_seconds: list[float] = []
         self._aggregate_seconds: list[float] = []
         self._last_sync = time.monotonic()
+        # continue mode: who is out (and why), from which round each site takes part, what each carried last
+        self._out: dict[str, str] = {}
+        self._joins: dict[str, int] = {}
+        self._carry: dict[str, Any] = {}
+        self._rejoining: set[str] = set()
+        self._failures: dict[str, tuple[int, int]] = {}  # site -> (round when it last failed, failures in a row)
+        self._round_event = asyncio.Event()  # set (and replaced) when a round is aggregated or the run ends
+        self._events: list[dict[str, Any]] = []
+        self._round_sites: list[list[str]] = []
+
+    # -- who takes part in what --------------------------------------------------------------------
+    def _expected(self, key: tuple) -> set[str]:
+        """The sites a barrier waits for: every site, less those out, less those that rejoin at a later round."""
+        if key[0] == "round":
+            first = lambda s: self._joins.get(s, 1) <= key[1]  # noqa: E731
+        elif isinstance(key[1], int) and key[0] != "gather":
+            first = lambda s: (self._joins.get(s, 1) - 1) * self.sync_every <= key[1]  # noqa: E731  (key[1] is an epoch)
+        else:
+            first = lambda s: True  # noqa: E731
+        return {s for s in self.sites if s not in self._out and first(s)}
+
+    def _complete_if_ready(self, key: tuple, barrier: _Barrier) -> None:
+        if not barrier.done.is_set() and set(barrier.values) >= self._expected(key):
+            barrier.done.set()
 
     # -- barriers --------------------------------------------------------------------------------
     async def _gather(self, key: tuple, site: str, value: Any) -> _Barrier:
         self._raise_if_aborted()
+        self._raise_if_out(site)
         barrier = self._barriers.setdefault(key, _Barrier())
         barrier.values[site] = value
-        if len(barrier.values) == len(self.sites):
-            barrier.done.set()
-        else:
+        self._complete_if_ready(key, barrier)
+        if not barrier.done.is_set():
             self._check_stragglers()
             self._check_deadlock()
+        timeout = self.barrier_timeout
+        if key[0] == "round" and self.round_timeout is not None:
+            left = self.round_timeout - (time.monotonic() - self._last_sync)
+            timeout = max(0.0, left) if timeout is None else min(timeout, max(0.0, left))
+            what = f"round {key[1]}'s deadline (round_timeout={self.round_timeout:g}s)"
+        else:
+            what = f"{key[0]} {key[1]} within barrier_timeout={self.barrier_timeout}s"
         try:
-            await asyncio.wait_for(barrier.done.wait(), self.barrier_timeout)
+            await asyncio.wait_for(asyncio.shield(barrier.done.wait()), timeout)
         except asyncio.TimeoutError:
-            missing = sorted(set(self.sites) - set(barrier.values))
-            self._abort(f"sites {missing} did not reach {key[0]} {key[1]} within barrier_timeout={self.barrier_timeout}s")
+            missing = sorted(self._expected(key) - set(barrier.values))
+            if self.tolerant:
+                for late in missing:
+                    self._leave_out(late, f"missed {what}")
+            else:
+                self._abort(f"sites {missing} did not reach {what}")
+            await barrier.done.wait()
         self._raise_if_aborted()
+        self._raise_if_out(site)
         return barrier
 
-    def _release(self, key: tuple, barrier: _Barrier) -> None:
-        barrier.readers += 1
-        if barrier.readers == len(self.sites):
+    def _release(self, key: tuple, barrier: _Barrier, site: str) -> None:
+        barrier.readers.add(site)
+        if set(barrier.values) - set(self._out) <= barrier.readers:
             self._barriers.pop(key, None)
+
+    def _present(self, barrier: _Barrier) -> list[str]:
+        """The sites whose values a completed barrier combines, in the federation's site order (reproducible)."""
+        return [s for s in self.sites if s in barrier.values and s not in self._out]
 
     def _check_stragglers(self) -> None:
         for key, barrier in self._barriers.items():
-            gone = sorted(self._finished - set(barrier.values))
+            gone = sorted((self._finished & self._expected(key)) - set(barrier.values))
             if gone and not barrier.done.is_set():
                 waiting = sorted(barrier.values)
                 self._abort(
@@ -121,7 +193,7 @@ class Coordinator:
     def _check_deadlock(self) -> None:
         """Every live site waits, but at different barriers: none can ever complete."""
         waiting = {site: key for key, b in self._barriers.items() if not b.done.is_set() for site in b.values}
-        live = set(self.sites) - self._finished
+        live = set(self.sites) - self._finished - set(self._out) - self._rejoining
         if live and set(waiting) >= live and len({waiting[s] for s in live}) > 1:
             where = ", ".join(f"{s} at {waiting[s][0]} {waiting[s][1]}" for s in sorted(live))
             self._abort(
@@ -134,10 +206,15 @@ class Coordinator:
             self._aborted = reason
         for barrier in self._barriers.values():
             barrier.done.set()
+        self._round_event.set()
 
     def _raise_if_aborted(self) -> None:
         if self._aborted is not None:
             raise FederationAborted(self._aborted)
+
+    def _raise_if_out(self, site: str) -> None:
+        if site in self._out:
+            raise SiteLeftOut(f"site {site!r} was left out of round {self.round + 1}: {self._out[site]}")
 
     def _record(self, method: str, site: str, *payload: Any) -> None:
         if self._audit is not None:
@@ -149,28 +226,123 @@ class Coordinator:
         """The structure of every message sites sent (``audit=True``), in arrival order."""
         return self._audit
 
+    # -- continue mode: leaving out and rejoining --------------------------------------------------
+    def _leave_out(self, site: str, reason: str) -> None:
+        if site in self._out or site not in self.sites or self._aborted is not None:
+            return
+        if not self.tolerant:
+            self._abort(f"site {site!r} {reason}")
+            return
+        self._out[site] = reason
+        self._rejoining.discard(site)
+        self._finished.discard(site)
+        last, count = self._failures.get(site, (-1, 0))
+        count = count + 1 if last == self.round else 1
+        self._failures[site] = (self.round, count)
+        stays_out = count >= FAILURES_BEFORE_OUT
+        self._event(site, "left out" if not stays_out else "out for good", reason)
+        self._status.setdefault(site, {})["status"] = "out" if stays_out else "left out"
+        active = [s for s in self.sites if s not in self._out]
+        if len(active) < self.min_sites:
+            self._abort(f"site {site!r} {reason}; {len(active)} site(s) left, fewer than min_sites={self.min_sites}: "
+                        "the run stops here (resume from its last checkpoint once the sites are back)")
+            return
+        for key, barrier in list(self._barriers.items()):
+            self._complete_if_ready(key, barrier)
+        self._wake_rejoiners_if_over()
+
+    def _event(self, site: str, event: str, reason: str = "") -> None:
+        self._events.append({"round": self.round + 1, "site": site, "event": event, "reason": reason, "time": time.time()})
+
+    def leave_out(self, site: str, reason: str) -> bool:
+        """Leave ``site`` out (the driver saw it fail or its worker die). ``False`` if the run aborts instead, or the
+        site has failed too often to come back."""
+        self._leave_out(site, reason)
+        return self._aborted is None and self.may_rejoin(site)
+
+    def may_rejoin(self, site: str) -> bool:
+        return self._failures.get(site, (0, 0))[1] < FAILURES_BEFORE_OUT
+
+    def _wake_rejoiners_if_over(self) -> None:
+        if self._rejoining and not ({s for s in self.sites if s not in self._out} - self._finished):
+            self._round_event.set()  # every site still in has finished: no round left to rejoin at
+
+    async def rejoin(self, site: str) -> RejoinPoint:
+        """Called by a site that was left out, once restarted: waits for the round in progress to be aggregated and
+        returns where the site comes back in (it takes part in every barrier from the next round on)."""
+        self._record("rejoin", site)
+        self._raise_if_aborted()
+        if site not in self._out:
+            raise ValueError(f"site {site!r} is not out of the federation: nothing to rejoin")
+        self._rejoining.add(site)
+        self._status.setdefault(site, {})["status"] = "rejoining"
+        self._wake_rejoiners_if_over()
+        while True:
+            event = self._round_event
+            await event.wait()
+            self._raise_if_aborted()
+            if site not in self._rejoining:  # admitted when the round was aggregated (see sync)
+                break
+            if not ({s for s in self.sites if s not in self._out} - self._finished):
+                self._rejoining.discard(site)
+                self._out.pop(site, None)
+                self._finished.add(site)
+                self._event(site, "rejoined", "at the end of the run: loads the final model")
+                model = None if self.global_model is None else [ray.put(self.global_model)]
+                return RejoinPoint(self.round, model, self._carry.get(site), finished=True)
+        model = None if self.global_model is None else [ray.put(self.global_model)]
+        return RejoinPoint(self._joins[site], model, self._carry.get(site), finished=False)
+
+    def entry_point(self, site: str) -> RejoinPoint:
+        """Where a resumed run's site comes in whose checkpoint part is older than the round (it was out of it):
+        at the next round, from the round's global model."""
+        self._joins[site] = self.round + 1
+        self._event(site, "rejoined", f"from round {self.round + 1} (its checkpoint part is from an earlier round)")
+        model = None if self.global_model is None else [ray.put(self.global_model)]
+        return RejoinPoint(self.round + 1, model, self._carry.get(site), finished=False)
+
+    def _admit_rejoiners(self, next_round: int) -> None:
+        for site in sorted(self._rejoining):
+            self._out.pop(site, None)
+            self._joins[site] = next_round
+            self._status.setdefault(site, {})["status"] = "training"
+            self._event(site, "rejoined", f"from round {next_round}")
+        self._rejoining.clear()
+        event, self._round_event = self._round_event, asyncio.Event()
+        event.set()
+
     # -- what sites call -------------------------------------------------------------------------
-    async def sync(self, site: str, round: int, update: SiteUpdate) -> list:
-        """Hand in this site's update for ``round``; returns ``[ref]`` to the new :class:`GlobalModel`."""
+    async def sync(self, site: str, round: int, update: SiteUpdate, carry: Any = None) -> list:
+        """Hand in this site's update for ``round``; returns ``[ref]`` to the new :class:`GlobalModel`.
+
+        ``carry``: what the site needs back if it is restarted after this hand-over (its privacy accountant)."""
         self._record("sync", site, round, update)
         update.site = site
         key = ("round", round)
-        barrier = await self._gather(key, site, update)
+        barrier = await self._gather(key, site, (update, carry))
         if barrier.result is _PENDING:
-            updates = [barrier.values[s] for s in self.sites]  # fixed site order: reproducible aggregation
+            present = self._present(barrier)
+            updates = [barrier.values[s][0] for s in present]  # fixed site order: reproducible aggregation
             current = self.global_model.weights if self.global_model else None
             refused = screen(updates, current, self.max_update_norm_ratio)
-            if refused:  # never averaged: the global model would carry it to every site
-                site, why = next(iter(refused.items()))
-                self._abort(f"site {site!r}'s update was refused in round {round}: {why}")
+            for bad, why in refused.items():  # never averaged: the global model would carry it to every site
+                self._leave_out(bad, f"sent an update that was refused in round {round}: {why}")
+            self._raise_if_aborted()
+            present = [s for s in present if s not in refused]
+            if len(present) < self.min_sites:
+                self._abort(f"only {len(present)} site(s) reported in round {round}, fewer than min_sites={self.min_sites}")
                 self._raise_if_aborted()
             t0 = time.monotonic()
             try:
-                model = self.aggregator.aggregate(round, updates, self.global_model.weights if self.global_model else None)
+                model = self.aggregator.aggregate(round, [barrier.values[s][0] for s in present],
+                                                  self.global_model.weights if self.global_model else None)
             except Exception as err:
                 self._abort(f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: {type(err).__name__}: {err}")
                 self._raise_if_aborted()
+            for s in present:
+                self._carry[s] = barrier.values[s][1]
             self.global_model, self.round = model, round
+            self._round_sites.append(present)
             if self.checkpoint_dir is not None:
                 self._pending_checkpoints[round] = self._server_state()
             barrier.result = [ray.put(model)]
@@ -179,17 +351,20 @@ class Coordinator:
             now = time.monotonic()
             self._round_seconds.append(now - self._last_sync)
             self._last_sync = now
-        self._release(key, barrier)
+            self._admit_rejoiners(round + 1)
+            self._raise_if_out(site)
+        self._release(key, barrier, site)
         return barrier.result
 
-    async def agree(self, site: str, key: tuple[str, int], decision: bool, all: bool) -> bool:
+    async def agree(self, site: str, key: tuple, decision: bool, all: bool) -> bool:
         """Every site's decision combined: ``all`` sites agree (``all=True``) or ``any`` site asks.
 
         ``key`` names the moment, e.g. ``("epoch_end", 3)``: every site must ask in the same order."""
         self._record("agree", site, key, decision, all)
         barrier = await self._gather(key, site, bool(decision))
-        result = (all and all_(barrier.values.values())) or (not all and any(barrier.values.values()))
-        self._release(key, barrier)
+        values = [barrier.values[s] for s in self._present(barrier)]
+        result = (all and all_(values)) or (not all and any(values))
+        self._release(key, barrier, site)
         return bool(result)
 
     async def merge_metrics(self, site: str, key: Any, payload: dict[str, Any], epoch: int) -> dict[str, Any]:
@@ -199,7 +374,7 @@ class Coordinator:
         stage = key[0]
         barrier = await self._gather(key, site, payload)
         if barrier.result is _PENDING:
-            payloads = {s: barrier.values[s] for s in self.sites}
+            payloads = {s: barrier.values[s] for s in self._present(barrier)}
             merged = merge_reports(payloads)
             self._history.append(
                 {
@@ -211,46 +386,69 @@ class Coordinator:
                 }
             )
             barrier.result = merged
-        self._release(key, barrier)
+        self._release(key, barrier, site)
         return barrier.result
 
     async def all_gather(self, site: str, key: str, value: Any) -> dict[str, Any]:
         """Every site's ``value`` for ``key`` once all have sent theirs (e.g. public keys for secure aggregation)."""
         self._record("all_gather", site, key, value)
         barrier = await self._gather(("gather", key), site, value)
-        values = dict(barrier.values)
-        self._release(("gather", key), barrier)
+        values = {s: barrier.values[s] for s in self._present(barrier)}
+        self._release(("gather", key), barrier, site)
         return values
 
     def report(self, site: str, status: dict[str, Any]) -> None:
         self._record("report", site, status)
+        if site in self._out and status.get("status") == "training":
+            return  # a late report from a site already left out
         self._status[site] = {**self._status.get(site, {}), **status}
 
     def checkpoint_saved(self, site: str, round: int) -> None:
-        """A site wrote its part of ``round``'s checkpoint; when all have, the round is committed."""
+        """A site wrote its part of ``round``'s checkpoint; when every site in that round has, the round is
+        committed (the part of a site that was out is its latest earlier one)."""
         self._record("checkpoint_saved", site, round)
         saved = self._saved.setdefault(round, set())
         saved.add(site)
-        if saved == set(self.sites) and round in self._pending_checkpoints:
-            state = self._pending_checkpoints.pop(round)
-            from lightning_fed.checkpoint import commit_round
+        self._commit_if_complete(round)
 
-            try:
-                commit_round(self.checkpoint_dir, round, self.sites, state, self.keep_checkpoints)
-            except Exception as err:
-                self._abort(f"checkpoint of round {round} could not be written: {type(err).__name__}: {err}")
-            self._saved.pop(round, None)
-            for older in [r for r in self._pending_checkpoints if r < round]:
-                self._pending_checkpoints.pop(older)
+    def _commit_if_complete(self, round: int) -> None:
+        saved = self._saved.get(round, set())
+        if round not in self._pending_checkpoints or not saved >= self._expected(("round", round)):
+            return
+        # a site out of this round: its latest part, found in the latest committed folder (older ones get pruned)
+        earlier = {s: self._parts[s] for s in self.sites if s not in saved and s in self._parts}
+        missing = [s for s in self.sites if s not in saved and s not in earlier]
+        state = self._pending_checkpoints.pop(round)
+        from lightning_fed.checkpoint import commit_round, site_checkpoint_path
+
+        try:
+            commit_round(self.checkpoint_dir, round, self.sites, state, self.keep_checkpoints, earlier=earlier, absent=missing)
+        except Exception as err:
+            self._abort(f"checkpoint of round {round} could not be written: {type(err).__name__}: {err}")
+        for site in [*saved, *earlier]:
+            self._parts[site] = (str(site_checkpoint_path(self.checkpoint_dir, round, site)), round if site in saved else earlier[site][1])
+        self._saved.pop(round, None)
+        for older in [r for r in self._pending_checkpoints if r < round]:
+            self._pending_checkpoints.pop(older)
 
     def site_finished(self, site: str, error: Optional[str] = None) -> None:
         self._record("site_finished", site, error)
-        self._finished.add(site)
-        self._status.setdefault(site, {})["status"] = "failed" if error else "done"
+        if site in self._out:
+            return  # its fit ended because it was left out: the driver restarts it
         if error:
+            if self.tolerant:
+                self._leave_out(site, f"failed: {error}")
+                return
+            self._finished.add(site)
+            self._status.setdefault(site, {})["status"] = "failed"
             self._abort(f"site {site!r} failed: {error}")
-        else:
-            self._check_stragglers()
+            return
+        self._finished.add(site)
+        self._status.setdefault(site, {})["status"] = "done"
+        self._check_stragglers()
+        self._wake_rejoiners_if_over()
+        for round in list(self._pending_checkpoints):
+            self._commit_if_complete(round)
 
     # -- what the driver calls -------------------------------------------------------------------
     def start_clock(self) -> None:
@@ -272,6 +470,8 @@ class Coordinator:
             "round_seconds": list(self._round_seconds),
             "aggregate_seconds": list(self._aggregate_seconds),
             "aborted": self._aborted,
+            "events": list(self._events),
+            "round_sites": [list(r) for r in self._round_sites],
         }
 
     def final_global(self) -> Optional[list]:
@@ -290,6 +490,7 @@ class Coordinator:
             "global_model": self.global_model,
             "sites": list(self.sites),
             "layout": self.layout,
+            "carry": copy.deepcopy(self._carry),
         }
 
     def _load_server_state(self, state: dict[str, Any]) -> None:
@@ -303,6 +504,7 @@ class Coordinator:
         self.aggregator.load_state_dict(state["aggregator_state"])
         self.global_model = state["global_model"]
         self.round = int(state["round"])
+        self._carry = dict(state.get("carry") or {})
 
 
 def all_(values: Any) -> bool:

@@ -30,9 +30,11 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 import yaml
+
+from lightning_fed.errors import UsageError
 
 METRICS = ("accuracy", "precision", "recall", "auroc")
 MODES = ("pooled", "local", "federated")
@@ -227,12 +229,12 @@ class Experiment:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "Experiment":
-        from lightning_fed.runtime import RayRuntime
+        from lightning_fed.runtime import RayRuntime, local_ray_started
 
         import ray
 
         self._runtime = RayRuntime(self._cluster.address, self._cluster.init_kwargs)
-        joined = ray.is_initialized() or bool(self._runtime.address)
+        joined = (ray.is_initialized() and not local_ray_started()) or bool(self._runtime.address)
         if joined:
             self._runtime.ensure()
         cpus = ray.cluster_resources().get("CPU", 0.0) if joined else float(os.cpu_count() or 1)
@@ -567,8 +569,15 @@ def log_to_wandb(settings: dict[str, Any], kind: str, tables: dict[str, tuple[li
 
 
 # -- commands ------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Bad flags end in one line (the command prints it), not usage plus a message."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
                                      epilog="Any other --key=value is a recipe override, as with `lightning-fed fit` "
                                             "(e.g. --trainer.max_epochs=3).")
     parser.add_argument("--config", action="append", required=True, help="recipe YAML (repeatable, as for fit)")
@@ -591,7 +600,7 @@ def _metrics(text: str) -> list[str]:
     metrics = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in metrics if m not in (*METRICS, "loss")]
     if unknown:
-        raise SystemExit(f"lightning-fed: unknown metric(s) {unknown}: choose from {', '.join((*METRICS, 'loss'))}")
+        raise UsageError(f"unknown metric(s) {unknown}: choose from {', '.join((*METRICS, 'loss'))}")
     return metrics
 
 
@@ -600,7 +609,7 @@ def _experiment(args: argparse.Namespace, overrides: list[str], modes: list[str]
         return Experiment(configs=args.config, overrides=overrides, modes=modes, repeats=args.repeats,
                           vary_data_seed=not args.fixed_data, reuse_sites=not args.no_reuse, progress=args.progress)
     except ValueError as err:
-        raise SystemExit(f"lightning-fed: {err}") from None
+        raise UsageError(str(err)) from None
 
 
 def compare(argv: Sequence[str]) -> dict[str, Any]:
@@ -691,15 +700,15 @@ def sweep(argv: Sequence[str]) -> dict[str, Any]:
                 raise ValueError(f"--x {args.x!r} is not a grid key; the keys are {list(points[0])}")
             points = [{args.x: p[args.x], **p} for p in points]
     except ValueError as err:
-        raise SystemExit(f"lightning-fed: {err}") from None
+        raise UsageError(str(err)) from None
     if not args.grid and not args.zip:
-        raise SystemExit("lightning-fed: sweep needs at least one --grid KEY=V1,V2 (or --zip) axis")
+        raise UsageError("sweep needs at least one --grid KEY=V1,V2 (or --zip) axis (see `lightning-fed sweep --help`)")
     experiment = _experiment(args, overrides, [m.strip() for m in args.modes.split(",") if m.strip()])
     for point in points:  # every override must be valid before hours of training start
         try:
             point_arguments(point, experiment.base_config)
         except ValueError as err:
-            raise SystemExit(f"lightning-fed: {err}") from None
+            raise UsageError(str(err)) from None
     out = _out_dir(args.out, "sweep", args.config)
     t0 = time.monotonic()
     command = ["lightning-fed", "sweep", *argv]

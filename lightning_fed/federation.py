@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import ray
@@ -24,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from lightning_fed import COORDINATOR_ROLE_ENV
 from lightning_fed.audit import describe
-from lightning_fed.checkpoint import RoundCheckpoint
+from lightning_fed.checkpoint import RoundCheckpoint, find_checkpoint
 from lightning_fed.config import FederationConfig, Placement
 from lightning_fed.coordinator import RemoteCoordinator
 from lightning_fed.data.sites import Site
@@ -34,7 +35,7 @@ from lightning_fed.metrics import federated_metrics
 from lightning_fed.placement import WorkerSpec, describe_layout, place_sites
 from lightning_fed.privacy import site_privacy
 from lightning_fed.progress import FederatedProgress
-from lightning_fed.results import Evaluation, FitResult, PrivacyReport, SiteEvaluation, SiteFit, SiteReady, Startup
+from lightning_fed.results import Evaluation, FitResult, PrivacyReport, SiteEvaluation, SiteEvent, SiteFit, SiteReady, Startup
 from lightning_fed.runtime import RayRuntime
 from lightning_fed.site import SitePlan, TrainerJob
 from lightning_fed.strategies.base import GlobalModel, Weights
@@ -44,10 +45,20 @@ from lightning_fed.worker import SPARE_CONCURRENCY, RemoteWorker, SiteStartError
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5  # how often the driver refreshes the progress view while sites train
+_LIVE: "weakref.WeakSet[Federation]" = weakref.WeakSet()  # this process's federations whose workers are up
+
+
+def _first_line(err: Exception) -> str:
+    cause = getattr(err, "cause", None) or err
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
 class SiteFailedError(RuntimeError):
-    """A site raised or died; the federation was stopped and every worker torn down."""
+    """A site raised or died; the federation was stopped and every worker torn down. ``checkpoint_dir``: where its
+    committed rounds are (``fit(ckpt_path=...)`` resumes from there), set once the launcher knows it."""
+
+    checkpoint_dir: Optional[str] = None
 
 
 class FederationConfigError(ValueError):
@@ -160,6 +171,8 @@ class Federation:
         self.coordinator: Any = None
         self.pg: Any = None
         self.ready: dict[str, SiteReady] = {}
+        self.plans: dict[str, SitePlan] = {}
+        self.out: dict[str, str] = {}  # sites left out for good (continue mode), with the reason
         self.startup: Optional[Startup] = None
         self.alive = False
         t0 = time.monotonic()
@@ -188,6 +201,8 @@ class Federation:
             placement = dataclasses.replace(placement, **server_state["layout"])
         # a fixed layout gets the CPUs it asks for from a local Ray; the automatic one fits the machine
         self.runtime.ensure(0.0 if placement.automatic else layout_cpus(self.sites, placement))
+        for other in list(_LIVE):  # one federation trains at a time: an earlier one's idle workers give way
+            other.shutdown()
         self.specs = self._place(placement)
         self._check_resources()
         bundles = [spec.bundle() for spec in self.specs]
@@ -217,15 +232,22 @@ class Federation:
             audit=self.config.audit_messages,
             layout=self._shared_layout(),
             max_update_norm_ratio=self.config.reliability.max_update_norm_ratio,
+            tolerant=self.config.reliability.tolerant,
+            min_sites=self.config.reliability.min_sites or 1,
+            round_timeout=self.config.reliability.round_timeout,
+            sync_every=self.config.sync_every,
+            parts=resume.parts() if resume is not None else None,
         )
         job = dataclasses.replace(job, module_ref=ray.put(module))
         plans: list[list[SitePlan]] = [[] for _ in self.specs]
         for index, site in enumerate(self.sites):
-            plans[self.worker_of[site.name]].append(SitePlan(
+            self.plans[site.name] = SitePlan(
                 site=site, index=index, seed=self.config.seed, job=job, coordinator=self.coordinator,
                 algorithm=self.config.aggregator.site_algorithm(), privacy=privacy[site.name],
-            ))
+            )
+            plans[self.worker_of[site.name]].append(self.plans[site.name])
         self.alive = True
+        _LIVE.add(self)
         atexit.register(self.shutdown)
         if warm is None:
             try:
@@ -255,14 +277,17 @@ class Federation:
                 adopted[spec.index] = spare.adopt.remote(spec.index, spec.threads)
                 spare = None
                 continue
-            workers.append(RemoteWorker.options(
-                num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=dict(spec.resources) or None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=spec.index),
-                max_concurrency=len(spec.sites) + 3,  # one thread per hosted site's call, plus control calls
-            ).remote(spec.index, spec.threads, spec.num_gpus))
+            workers.append(self._new_worker(spec))
         if spare is not None:
             _kill(None, [spare])  # no worker it could serve
         return workers, adopted
+
+    def _new_worker(self, spec: WorkerSpec) -> Any:
+        return RemoteWorker.options(
+            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=dict(spec.resources) or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=spec.index),
+            max_concurrency=len(spec.sites) + 3,  # one thread per hosted site's call, plus control calls
+        ).remote(spec.index, spec.threads, spec.num_gpus)
 
     def _place(self, placement: Placement) -> list[WorkerSpec]:
         # sized to the cluster, not to what happens to be free this instant (Ray reports that late, and a previous
@@ -375,6 +400,11 @@ class Federation:
             snap = ray.get(self.coordinator.progress.remote(state["since"]))
             state["since"] = snap["history_len"]
             state["snapshot"] = snap
+            rounds = snap.get("round_sites", [])
+            for number in range(state.get("rounds_logged", 0), len(rounds)):  # how many sites each round aggregated
+                log_driver_metrics(list(loggers), {"fl/sites_in_round": float(len(rounds[number]))},
+                                   step=(number + 1) * self.config.sync_every - 1)  # the epoch the round ended in
+            state["rounds_logged"] = len(rounds)
             for entry in snap["history"]:
                 fl = federated_metrics(entry["merged"], entry["stage"])
                 state["fl"].update(fl)
@@ -387,9 +417,18 @@ class Federation:
 
         t0, started_at = time.monotonic(), time.time()
         ray.get(self.coordinator.start_clock.remote())
-        refs = {n: self.workers[self.worker_of[n]].fit.remote(n, str(resume.site_paths[n]) if resume else None) for n in self.names}
+        behind = set(resume.behind()) if resume is not None else set()
+        refs = {}
+        for n in self.names:
+            part = str(resume.site_paths[n]) if resume is not None and n in resume.site_paths else None
+            # a site whose part is older than the round (it was out of it) comes in at the round after
+            join = ray.get(self.coordinator.entry_point.remote(n)) if n in behind else None
+            refs[n] = self.workers[self.worker_of[n]].fit.remote(n, part, join)
         try:
-            sites: dict[str, SiteFit] = self._gather(refs, "fit", on_poll=poll)
+            if self.config.reliability.tolerant:
+                sites: dict[str, SiteFit] = self._gather_tolerant(refs, on_poll=poll)
+            else:
+                sites = self._gather(refs, "fit", on_poll=poll)
             poll()
         finally:
             progress.close()
@@ -408,7 +447,52 @@ class Federation:
             startup=self.startup,
             privacy=PrivacyReport(private) if private else None,
             started_at=started_at,
+            events=[SiteEvent(**e) for e in snapshot.get("events", [])],
+            round_sites=list(snapshot.get("round_sites", [])),
         )
+
+    # -- continue mode ---------------------------------------------------------------------------
+    def _gather_tolerant(self, refs: dict[str, Any], on_poll: Callable[[], None]) -> dict[str, SiteFit]:
+        """Every site's fit, leaving out (and restarting) those that fail instead of stopping the federation."""
+        waiting = {ref: (name, self.workers[self.worker_of[name]]) for name, ref in refs.items()}
+        results: dict[str, SiteFit] = {}
+        while waiting:
+            done, _ = ray.wait(list(waiting), num_returns=1, timeout=POLL_SECONDS)
+            for ref in done:
+                name, worker = waiting.pop(ref)
+                try:
+                    results[name] = ray.get(ref)
+                except (RayTaskError, RayActorError) as err:
+                    restarted = self._restart_site(name, worker, err)
+                    if restarted is not None:
+                        waiting[restarted] = (name, self.workers[self.worker_of[name]])
+                    continue
+                if self._audit is not None:
+                    self._audit.append({"method": "fit", "site": name, "payload": describe([results[name]])})
+            on_poll()
+        return {n: results[n] for n in self.names if n in results}
+
+    def _restart_site(self, name: str, worker: Any, err: Exception) -> Optional[Any]:
+        """Leave ``name`` out (the coordinator completes the round without it) and start it again in a worker:
+        a new one if its worker died. Returns the restarted site's fit, or ``None`` if it stays out."""
+        dead = isinstance(err, RayActorError)
+        reason = "died: its worker process exited (killed, out of memory, or a native crash)" if dead else f"failed: {_first_line(err)}"
+        may_rejoin = ray.get(self.coordinator.leave_out.remote(name, reason))
+        aborted = ray.get(self.coordinator.abort_reason.remote())
+        if aborted is not None:
+            self._fail([name], err, "fit")
+        if not may_rejoin:
+            self.out[name] = reason
+            log.warning("lightning-fed: site %r stays out of the federation: it failed %d times in a row (%s)", name, 3, reason)
+            return None
+        index = self.worker_of[name]
+        if dead and self.workers[index] is worker:  # the first of its sites to notice: start its replacement
+            self.workers[index] = self._new_worker(self.specs[index])
+        try:
+            part = find_checkpoint(self.plans[name].job.checkpoint_dir).site_paths.get(name) if self.plans[name].job.checkpoint_dir else None
+        except (FileNotFoundError, ValueError):
+            part = None  # nothing committed yet: it starts afresh from the round's global model
+        return self.workers[index].rejoin.remote(self.plans[name], str(part) if part is not None else None)
 
     def evaluate(self, stage: str, weights: Weights, exact: bool = False) -> Evaluation:
         """``test``/``validate`` the model with ``weights`` at every site on its own data, and merged over all.
@@ -417,7 +501,10 @@ class Federation:
         ``exact`` loads every tensor as given instead (to test a model trained elsewhere, e.g. another site's local
         model, on every site's data)."""
         ref = ray.put(GlobalModel(weights=weights, round=-1))
-        return evaluation_of(stage, self._gather({n: self.workers[self.worker_of[n]].evaluate.remote(n, stage, ref, exact) for n in self.names}, stage))
+        names = [n for n in self.names if n not in self.out]  # a site out for good has nothing to test with
+        evaluation = evaluation_of(stage, self._gather({n: self.workers[self.worker_of[n]].evaluate.remote(n, stage, ref, exact) for n in names}, stage))
+        evaluation.notes.extend(f"site {name!r} not evaluated: it stayed out of the federation ({reason})" for name, reason in self.out.items())
+        return evaluation
 
     def audit(self) -> dict[str, list[dict[str, Any]]]:
         """Structure (never values) of every message sites sent the coordinator and every result they returned
@@ -427,8 +514,8 @@ class Federation:
         return {"coordinator": ray.get(self.coordinator.audit_log.remote()), "driver": list(self._audit)}
 
     def site_weights(self) -> dict[str, Weights]:
-        """Every site's current weights, by site name."""
-        return self._gather({n: self.workers[self.worker_of[n]].weights.remote(n) for n in self.names}, "weights")
+        """Every site's current weights, by site name (sites left out for good excepted)."""
+        return self._gather({n: self.workers[self.worker_of[n]].weights.remote(n) for n in self.names if n not in self.out}, "weights")
 
     # -- shutdown --------------------------------------------------------------------------------
     def shutdown(self, graceful: bool = True, reuse: bool = True) -> None:
@@ -438,6 +525,7 @@ class Federation:
             atexit.unregister(self.shutdown)
         except Exception:
             pass
+        _LIVE.discard(self)
         if not ray.is_initialized():
             self.alive = False
             return

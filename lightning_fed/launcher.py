@@ -22,7 +22,7 @@ from lightning_fed.checkpoint import RoundCheckpoint, find_checkpoint, is_federa
 from lightning_fed.config import FederationConfig
 from lightning_fed.data.sites import Site, describe_sites, simulate_sites
 from lightning_fed.data.partition import IID
-from lightning_fed.federation import Federation, FederationConfigError, WorkerPool, total_rounds
+from lightning_fed.federation import Federation, FederationConfigError, SiteFailedError, WorkerPool, total_rounds
 from lightning_fed.loggers import log_driver_metrics, site_logger_specs
 from lightning_fed.progress import results_table
 from lightning_fed.results import Evaluation, FitResult
@@ -192,8 +192,10 @@ class FederatedLauncher(_Launcher):
             logger.log_hyperparams({**dict(model.hparams), **self.config.hyperparameters()})
         try:
             result = federation.fit(total_rounds(trainer.max_epochs, self.config.sync_every), trainer.loggers, resume)
-        except BaseException:
+        except BaseException as err:
             federation.shutdown(graceful=False)
+            if isinstance(err, SiteFailedError):
+                err.checkpoint_dir = self.checkpoint_dir(trainer, resume)  # where to resume from (the CLI says so)
             raise
         self._bring_home(trainer, model, result)
         self.last_fit = result
@@ -227,8 +229,12 @@ class FederatedLauncher(_Launcher):
                 else:
                     metrics[key if key.startswith("site/") else f"site/{name}/{key}"] = value
         metrics.update(result.metrics)
+        metrics.update(self._own_keys(result, metrics))
         if result.global_model is not None:  # figures the aggregator reports about the global model (e.g. client-level ε)
             metrics.update({f"fl/{k}": float(v) for k, v in result.global_model.extras.get("metrics", {}).items()})
+        if result.events:  # continue mode: rounds the federation aggregated without some sites
+            everyone = len(self.federation.names) if self.federation is not None else len(result.sites)
+            metrics["fl/rounds_with_sites_left_out"] = float(sum(len(r) < everyone for r in result.round_sites))
         if result.privacy is not None:
             # the federation's guarantee is the weakest site's: the max ε, never a mean
             metrics["fl/dp_epsilon_max"] = result.privacy.max_epsilon
@@ -239,6 +245,21 @@ class FederatedLauncher(_Launcher):
         trainer.training = False
         for logger in trainer.loggers:
             logger.save()
+
+    def _own_keys(self, result: FitResult, metrics: dict[str, float]) -> dict[str, float]:
+        """The module's own keys (``val_loss``, ...) as a plain fit would leave them, with federated values: the
+        merged ``fl/<key>`` where the sites merged it, else the mean of the sites' values weighted by training samples."""
+        assert self.federation is not None
+        sizes = {n: max(r.train_samples, 0) for n, r in self.federation.ready.items()}
+        own: dict[str, float] = {}
+        for key in sorted({k for s in result.sites.values() for k in s.callback_metrics if "/" not in k}):
+            if f"fl/{key}" in metrics:
+                own[key] = metrics[f"fl/{key}"]
+                continue
+            values = {n: s.callback_metrics[key] for n, s in result.sites.items() if key in s.callback_metrics}
+            total = sum(sizes.get(n, 0) for n in values)
+            own[key] = (sum(v * sizes.get(n, 0) for n, v in values.items()) / total) if total else sum(values.values()) / len(values)
+        return own
 
     # -- evaluate --------------------------------------------------------------------------------
     def _evaluate(self, trainer: Trainer, stage: str, model: Optional[LightningModule] = None, dataloaders: Any = None,

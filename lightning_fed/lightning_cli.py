@@ -33,6 +33,13 @@ class FederatedCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._t0 = time.monotonic()
+        mean_over = self.config[self.subcommand]["results"]["mean_over"]
+        sites = getattr(self.datamodule, "federated_sites", None)
+        if mean_over and callable(sites):  # checked before hours of training, not after
+            names = [site.name for site in sites()]
+            unknown = sorted(set(mean_over) - set(names))
+            if unknown:
+                raise ValueError(f"results.mean_over names unknown sites {unknown}: the recipe's sites are {names}")
 
     def after_fit(self) -> None:
         trainer, strategy = self.trainer, self.trainer.strategy
@@ -50,6 +57,9 @@ class FederatedCLI(LightningCLI):
                 report["layout"] = fit.startup.layout
                 report["fit_seconds"] = fit.fit_seconds
                 report["round_seconds"] = fit.round_seconds
+                if fit.events:  # continue mode: who was left out of which round, and who came back
+                    report["site_events"] = [dataclasses.asdict(e) for e in fit.events]
+                    report["round_sites"] = fit.round_sites
                 if fit.privacy is not None:
                     report["privacy"] = {"sites": {n: dataclasses.asdict(p) for n, p in fit.privacy.sites.items()},
                                          "max_epsilon": fit.privacy.max_epsilon}

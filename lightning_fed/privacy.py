@@ -98,6 +98,8 @@ def site_dp_optimizer() -> type:
 class SiteDPSGD(Callback):
     """DP-SGD for one site's Trainer: private optimizer, Poisson-sampled data, one accountant for the whole run."""
 
+    carried_by_coordinator = True  # a restarted site's accountant continues from its last released update
+
     def __init__(self, site: str, config: DPSGD) -> None:
         from opacus.accountants import RDPAccountant
 

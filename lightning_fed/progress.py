@@ -29,10 +29,19 @@ class FederatedProgress:
         self._last_line = ""
         self._last_key: tuple = ()
         self._start = time.monotonic()
+        self._events = 0
 
     def update(self, snapshot: dict[str, Any], fl_metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        events = snapshot.get("events", [])[self._events:]  # sites left out or back in: a line each, kept on screen
+        for event in events:
+            reason = f": {event['reason']}" if event.get("reason") else ""
+            self.stream.write(("\r\033[K" if self.tty else "")
+                              + f"[lightning-fed] site {event['site']!r} {event['event']} (round {event['round']}){reason}\n")
+        self._events += len(events)
+        if events and self.tty:
+            self._last_line = ""
         sites = snapshot["sites"]
         parts = [f"{name}: e{info.get('epoch', 0)} {info.get('status', '?')}" for name, info in sites.items()]
         line = f"[lightning-fed] round {snapshot['round']}/{self.total_rounds} | " + " | ".join(parts)

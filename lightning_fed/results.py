@@ -53,6 +53,20 @@ class SiteFit:
 
 
 @dataclass(frozen=True)
+class SiteEvent:
+    """A site left out of, or back in, the federation (``on_site_failure="continue"``)."""
+
+    round: int  # the round it left or rejoins at
+    site: str
+    event: str  # "left out", "out for good" or "rejoined"
+    reason: str
+    time: float  # wall-clock (``time.time()``)
+
+    def line(self) -> str:
+        return f"site {self.site!r} {self.event} (round {self.round}){': ' + self.reason if self.reason else ''}"
+
+
+@dataclass(frozen=True)
 class PrivacyReport:
     """DP-SGD over the federation: each private site's accountant, and the guarantee of the weakest (max ε)."""
 
@@ -86,6 +100,8 @@ class FitResult:
     startup: Startup
     privacy: Optional[PrivacyReport] = None
     started_at: float = 0.0  # wall-clock time (``time.time()``) at which the sites were told to train
+    events: list[SiteEvent] = field(default_factory=list)  # sites left out and rejoined, in order
+    round_sites: list[list[str]] = field(default_factory=list)  # the sites each round aggregated
 
     @property
     def sync_seconds(self) -> dict[str, list[float]]:
@@ -133,8 +149,12 @@ class Evaluation:
         return rows
 
     def metrics(self) -> dict[str, float]:
-        """The flat scalar dict ``trainer.test()``/``validate()`` return: ``fl/...`` and ``site/<name>/...``."""
-        out: dict[str, float] = {k: v for k, v in self.federated.items() if isinstance(v, float)}
+        """The flat scalar dict ``trainer.test()``/``validate()`` return: the module's own keys (``test_acc``, ...)
+        with their federated values, as if one model had seen every site's data, then ``fl/...`` and
+        ``site/<name>/...``."""
+        own = {k for r in self.sites.values() for k in r.scalars}
+        out: dict[str, float] = {k: self.federated[f"fl/{k}"] for k in sorted(own) if isinstance(self.federated.get(f"fl/{k}"), float)}
+        out.update({k: v for k, v in self.federated.items() if isinstance(v, float)})
         for name, result in self.sites.items():
             out.update({f"site/{name}/{k}": v for k, v in result.scalars.items()})
             out.update({f"site/{name}/{self.split}_{k}": v for k, v in result.values.items() if isinstance(v, float)})

@@ -73,9 +73,6 @@ class _LocalRay:
         return float(self.init_kwargs["num_cpus"])
 
     def stop(self) -> None:
-        global _spare_source
-        if _spare_source is self:
-            _spare_source = None
         self._ready.wait()
         if self.error is None and ray.is_initialized():
             ray.shutdown()
@@ -83,92 +80,96 @@ class _LocalRay:
         self._thread.join(timeout=10)
 
 
-_early: Optional[_LocalRay] = None  # started, not yet taken over by a runtime
-_spare_source: Optional[_LocalRay] = None  # the early Ray, while it runs: its spare worker is for whoever asks first
+_local: Optional[_LocalRay] = None  # the local Ray this process started (early, or for a runtime), while it runs
+_users: set[int] = set()  # the runtimes using it: it stops when the last one is done (or at exit)
+
+
+def local_ray_started() -> bool:
+    """Whether this process started the local Ray (early, or for a runtime) and it still runs."""
+    return _local is not None
 
 
 def take_spare() -> Any:
     """The spare worker the early local Ray started (once; ``None`` when there is none or that Ray is gone)."""
-    if _spare_source is None or _spare_source.error is not None or not ray.is_initialized():
+    if _local is None or _local.error is not None or not ray.is_initialized():
         return None
-    spare, _spare_source.spare = _spare_source.spare, None
+    spare, _local.spare = _local.spare, None
     return spare
 
 
 def start_early() -> None:
     """Start a local Ray in the background now, unless this process will join a cluster (``RAY_ADDRESS``) or is
-    connected already. The next :class:`RayRuntime` that needs a local Ray takes this one over."""
-    global _early, _spare_source
-    if _early is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+    connected already. The first :class:`RayRuntime` that needs a local Ray uses this one."""
+    global _local
+    if _local is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
         # started off the main thread, Ray warns that it cannot install its SIGTERM handler: nothing to act on
         kwargs = {**_local_init_kwargs(0, {}), "logging_level": logging.ERROR}
-        _early = _spare_source = _LocalRay(kwargs, spare=True)
-        atexit.register(_stop_early)
+        _local = _LocalRay(kwargs, spare=True)
+        atexit.register(_stop_local)
 
 
-def _stop_early() -> None:
-    global _early
-    if _early is not None:
-        _early.stop()
-        _early = None
+def _stop_local() -> None:
+    global _local
+    if _local is not None:
+        _local.stop()
+        _local = None
+    _users.clear()
 
 
-def _take_early(address: Optional[str], init_kwargs: Mapping[str, Any], cpus_needed: float) -> Optional[_LocalRay]:
-    """The early local Ray, if it serves this request (no cluster address, no own init arguments, enough CPUs);
-    otherwise it is stopped so that the request can be served as asked."""
-    global _early
-    early, _early = _early, None
-    if early is None:
+def _usable_local(address: Optional[str], init_kwargs: Mapping[str, Any], cpus_needed: float) -> Optional[_LocalRay]:
+    """The process's local Ray, if it serves this request. One nobody uses yet that does not fit it (a cluster
+    address, own ``ray.init`` arguments, too few CPUs, a failed start) is stopped, so the request can be served as
+    asked; one in use is shared as it is."""
+    if _local is None:
         return None
-    atexit.unregister(_stop_early)
     try:
-        early.wait()
-    except Exception as err:  # e.g. a port in use: start again below, as asked
+        _local.wait()
+    except Exception as err:  # e.g. a port in use: start again, as asked
         log.warning("lightning-fed: the early local Ray did not start (%s); starting it again", err)
+        _stop_local()
         return None
-    if address or init_kwargs or early.cpus() + 1e-9 < cpus_needed:
-        early.stop()
+    if not _users and (address or init_kwargs or _local.cpus() + 1e-9 < cpus_needed):
+        _stop_local()
         return None
-    return early
+    return _local
 
 
 class RayRuntime:
-    """Joins the Ray cluster the process is connected to (or ``address``, or ``RAY_ADDRESS``), or starts a local
-    one and owns it: :meth:`shutdown` stops only a Ray this runtime started."""
+    """Joins the Ray cluster the process is connected to (or ``address``, or ``RAY_ADDRESS``), or uses the local Ray
+    this process started (starting it if needed). A local Ray is shared by every runtime of the process (several
+    federations in one notebook) and stopped when the last of them shuts down; a joined cluster is left running."""
 
     def __init__(self, address: Optional[str] = None, init_kwargs: Optional[Mapping[str, Any]] = None) -> None:
         self.address = address or os.environ.get("RAY_ADDRESS")
         self.init_kwargs = dict(init_kwargs or {})
-        self._local: Optional[_LocalRay] = None
-
-    @property
-    def started(self) -> bool:
-        """Whether this runtime started (and will stop) the Ray it uses."""
-        return self._local is not None
+        self._uses_local = False
 
     def ensure(self, cpus_needed: float = 0.0) -> None:
-        """Make sure Ray is up: joined, taken over from :func:`start_early`, or started locally with at least
+        """Make sure Ray is up: the process's local Ray, a joined cluster, or a local Ray started now with at least
         ``cpus_needed`` CPUs (and never fewer than the machine has)."""
-        if self._local is not None:
+        global _local
+        if self._uses_local and _local is not None:
             return
-        early = _take_early(self.address, self.init_kwargs, cpus_needed)
-        if early is not None:
-            self._local = early
-            return
-        if ray.is_initialized():
-            return
-        if self.address:
-            ray.init(address=self.address, **self.init_kwargs)
-            return
-        local = _LocalRay(_local_init_kwargs(cpus_needed, self.init_kwargs))
-        local.wait()
-        self._local = local
+        if _usable_local(self.address, self.init_kwargs, cpus_needed) is None:
+            if ray.is_initialized():
+                return  # a Ray the user started: joined, never stopped here
+            if self.address:
+                ray.init(address=self.address, **self.init_kwargs)
+                return
+            _local = _LocalRay(_local_init_kwargs(cpus_needed, self.init_kwargs))
+            _local.wait()
+            atexit.register(_stop_local)
+        _users.add(id(self))
+        self._uses_local = True
 
     def take_spare(self) -> Any:
         """The spare worker started with the early local Ray, if that is the Ray in use (once; else ``None``)."""
         return take_spare()
 
     def shutdown(self) -> None:
-        if self._local is not None:
-            self._local.stop()
-            self._local = None
+        """Stop using Ray; the process's local Ray stops once no runtime uses it."""
+        if self._uses_local:
+            _users.discard(id(self))
+            self._uses_local = False
+            if not _users:
+                _stop_local()

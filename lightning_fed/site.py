@@ -36,7 +36,7 @@ from lightning_fed.results import SiteEvaluation, SiteFit, SitePrivacy, SiteRead
 from lightning_fed.strategies.base import GlobalModel, Weights
 from lightning_fed.strategies.site import SiteAlgorithm, load_weights, state_to_numpy
 from lightning_fed.scheduler import Scheduler, SiteState
-from lightning_fed.sync import FederatedSync, RoundClose, scalar_metrics
+from lightning_fed.sync import FederatedSync, RoundClose, restore_carried, scalar_metrics
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class SiteStrategy(SingleDeviceStrategy):
         super().__init__(device=device)
         self.context = context
         self.sync = sync
-        self._decisions = 0
+        self._decisions, self._decision_epoch = 0, -1
 
     def process_dataloader(self, dataloader: Any) -> Any:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
@@ -87,8 +87,10 @@ class SiteStrategy(SingleDeviceStrategy):
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         if self.lightning_module is None or self.lightning_module.trainer.state.fn != "fit":
             return decision
-        self._decisions += 1
-        return bool(self.context.ask("agree", ("decision", self._decisions), bool(decision), all))
+        epoch = self.lightning_module.trainer.current_epoch
+        self._decisions = self._decisions + 1 if epoch == self._decision_epoch else 1
+        self._decision_epoch = epoch
+        return bool(self.context.ask("agree", ("decision", epoch, self._decisions), bool(decision), all))
 
 
 def site_device() -> tuple[str, torch.device]:
@@ -163,7 +165,17 @@ class SiteRuntime:
                 n = -1  # iterable dataset: size unknown, trust it
         return SiteReady(self.name, n, str(site_device()[1]), ray.get_runtime_context().get_node_id(), self.worker, self.marker)
 
-    def fit(self, ckpt_path: Optional[str] = None) -> SiteFit:
+    def fit(self, ckpt_path: Optional[str] = None, join: Any = None) -> SiteFit:
+        """Train to the end of the run. ``join``: a :class:`~lightning_fed.coordinator.RejoinPoint` (this site was
+        left out and restarts from ``ckpt_path``, or afresh), or ``"ask"`` to wait for the coordinator's."""
+        if join == "ask":
+            join = self.context.ask("rejoin")
+        if join is not None and join.finished:  # the run ended while this site was out: it only takes the last model
+            if join.model:
+                self.plan.algorithm.receive_global(self.trainer, self.module, self.context.fetch(join.model[0]))
+            restore_carried(self.trainer, join.carry)
+            return self._fit_result()
+        self.sync.join = join
         self.context.tell("report", {"status": "training", "epoch": 0})
         try:
             self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=ckpt_path)
@@ -171,6 +183,9 @@ class SiteRuntime:
             self.context.tell("site_finished", describe_error(err))
             raise
         self.context.tell("site_finished", None)
+        return self._fit_result()
+
+    def _fit_result(self) -> SiteFit:
         t = self.trainer
         return SiteFit(
             site=self.name,

@@ -74,6 +74,20 @@ def refuse_non_finite(weights: Any, site: str, round_: int, last_loss: Optional[
                              f"{seen}): lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)) or check its data")
 
 
+def carriers(trainer: Trainer) -> dict[str, Any]:
+    """The site's callbacks whose state must survive a restart exactly as of the site's last hand-over (a privacy
+    accountant: every released update counts), by class name. They implement ``state_dict``/``load_state_dict``
+    and set ``carried_by_coordinator = True``."""
+    return {type(cb).__name__: cb for cb in trainer.callbacks if getattr(cb, "carried_by_coordinator", False)}
+
+
+def restore_carried(trainer: Trainer, carry: Optional[dict[str, Any]]) -> None:
+    """Put back what the site's carriers handed over with its last update (see :func:`carriers`)."""
+    for name, cb in carriers(trainer).items():
+        if carry and name in carry:
+            cb.load_state_dict(carry[name])
+
+
 class FederatedSync(Callback):
     """Hands this site's update to the coordinator every ``sync_every`` epochs and loads the global model."""
 
@@ -87,9 +101,10 @@ class FederatedSync(Callback):
         self._samples_since_sync = 0
         self._train_samples_last_epoch = 0
         self._epoch_samples = 0
-        self._validations = 0
+        self._validations, self._validation_epoch = 0, -1
         self._pending_generators: Optional[list[torch.Tensor]] = None  # restored with the loader a resumed fit builds
         self.trainer: Optional[Trainer] = None
+        self.join: Any = None  # a RejoinPoint: where this site comes back in after it was left out
         self._last_loss: Optional[torch.Tensor] = None  # kept as a tensor: read only when a round's update is broken
         self.sync_seconds: list[float] = []  # time inside each hand-over, waiting for slower sites included
 
@@ -98,7 +113,8 @@ class FederatedSync(Callback):
         t0 = time.perf_counter()
         update = self.algorithm.local_update(trainer, pl_module, self._samples_since_sync)
         refuse_non_finite(update.weights, self.context.site, self.round + 1, self._last_loss)
-        [ref] = self.context.ask("sync", self.round + 1, update)
+        carry = {name: cb.state_dict() for name, cb in carriers(trainer).items()} or None
+        [ref] = self.context.ask("sync", self.round + 1, update, carry)
         model: GlobalModel = self.context.fetch(ref)
         self.algorithm.receive_global(trainer, pl_module, model)
         self.round = model.round
@@ -109,7 +125,26 @@ class FederatedSync(Callback):
     def _due(self, trainer: Trainer) -> bool:
         return (trainer.current_epoch + 1) % self.sync_every == 0
 
+    def rejoin(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Come back in at the start of round ``join.round``: its global model (through the algorithm, e.g. keeping
+        the site's own BatchNorm), the state carried at the last hand-over, and the round's first epoch. The rest
+        (optimizer, LR scheduler, callbacks) is as of the site's last committed round checkpoint, or fresh."""
+        join, self.join = self.join, None
+        if join.model:
+            self.algorithm.receive_global(trainer, pl_module, self.context.fetch(join.model[0]))
+        restore_carried(trainer, join.carry)
+        self.round, self._samples_since_sync = join.round - 1, 0
+        epoch = max(0, (join.round - 1) * self.sync_every)
+        progress = trainer.fit_loop.epoch_progress
+        if progress.current.completed < epoch:  # the rounds it missed: the loop starts at the round's first epoch
+            for counter in (progress.current, progress.total):
+                counter.ready = counter.started = counter.processed = counter.completed = epoch
+
     # -- hooks -----------------------------------------------------------------------------------
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.join is not None:
+            self.rejoin(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.synced_this_epoch = False
         self._epoch_samples = 0
@@ -143,7 +178,8 @@ class FederatedSync(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        self._validations += 1
+        self._validations = self._validations + 1 if self._validation_epoch == trainer.current_epoch else 1
+        self._validation_epoch = trainer.current_epoch
         payload = {
             "scalars": scalar_metrics(trainer.callback_metrics),
             "num_samples": self.metrics.samples("val"),
@@ -154,7 +190,8 @@ class FederatedSync(Callback):
                 **{f"site/{self.context.site}/val_{k}": v for k, v in self.metrics.results.get("val", {}).items() if isinstance(v, float)},
             },
         }
-        merged = self.context.ask("merge_metrics", ("val", self._validations), payload, trainer.current_epoch)
+        # keyed by epoch (and the validation's number in it): a site that rejoins later meets the others there
+        merged = self.context.ask("merge_metrics", ("val", trainer.current_epoch, self._validations), payload, trainer.current_epoch)
         for key, value in federated_metrics(merged, "val").items():
             if isinstance(value, float):
                 # new keys persist in callback_metrics (existing ones are re-read from live results)
@@ -201,11 +238,9 @@ class RoundClose(Checkpoint):
         self.fed_sync = sync
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
-        self._epoch_ends = 0
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._epoch_ends += 1
-        stop = bool(self.context.ask("agree", ("epoch_end", self._epoch_ends), bool(trainer.should_stop), False))
+        stop = bool(self.context.ask("agree", ("epoch_end", trainer.current_epoch), bool(trainer.should_stop), False))
         trainer.should_stop = stop
         round_ = self.fed_sync.round
         if self.checkpoint_dir and self.fed_sync.synced_this_epoch and (round_ % self.checkpoint_every == 0 or stop):

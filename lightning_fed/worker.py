@@ -110,9 +110,25 @@ class Worker:
             self.sites[name] = site
         return ready
 
-    def fit(self, site: str, ckpt_path: Optional[str] = None) -> SiteFit:
+    def fit(self, site: str, ckpt_path: Optional[str] = None, join: Any = None) -> SiteFit:
         runtime = self.sites[site]
-        return self.scheduler.call(runtime.state, runtime.fit, ckpt_path)
+        return self.scheduler.call(runtime.state, runtime.fit, ckpt_path, join)
+
+    def rejoin(self, plan: SitePlan, ckpt_path: Optional[str] = None) -> SiteFit:
+        """Set the site up again (a fresh Trainer, module and data), wait for the coordinator to let it back in at
+        the next round, restore it from ``ckpt_path`` (its last committed part, if any) and train to the end."""
+        from lightning_fed.site import SiteRuntime
+
+        name = plan.site.name
+        self.sites.pop(name, None)
+        try:
+            site = SiteRuntime(plan, self.scheduler, self.index, self.mark, self.marker)
+            self.scheduler.call(site.state, site.start, "fit")
+        except Exception as err:
+            first = str(err).strip().splitlines()
+            raise SiteStartError(name, f"{type(err).__name__}: {first[0] if first else ''}") from None
+        self.sites[name] = site
+        return self.scheduler.call(site.state, site.fit, ckpt_path, "ask")
 
     def evaluate(self, site: str, stage: str, model: GlobalModel, exact: bool = False) -> SiteEvaluation:
         runtime = self.sites[site]

@@ -92,8 +92,16 @@ class Aggregator:
     """How the rule weights sites when it only sees their secure sum: ``"samples"`` (weighted mean),
     ``"uniform"``, or ``None`` when it needs every site's own update (median, SCAFFOLD): then no secure aggregation."""
 
+    hides_site_updates: ClassVar[bool] = False
+    """``True`` when the coordinator only ever sees masked updates (secure aggregation): they cannot be screened."""
+
     def check_model(self, model: Any) -> None:
         """Called on the driver before any site starts: raise ``ValueError`` if this algorithm cannot train ``model``."""
+
+    def check_partial_rounds(self) -> None:
+        """Called when rounds may be aggregated without some sites (``on_site_failure="continue"``): raise
+        ``ValueError`` saying why this rule cannot aggregate such a round. The default rule can: its weights are
+        renormalised over the sites that reported."""
 
     def site_algorithm(self) -> "SiteAlgorithm":
         """A fresh site half, sent to every site at start-up (each site gets its own copy)."""

@@ -70,7 +70,7 @@ class DPFedAvg(Aggregator):
         else:
             self.inner = get_aggregator(inner, **(inner_kwargs or {}))
         inner_name = self.inner.name or type(self.inner).__name__
-        if isinstance(self.inner, DPFedAvg) or self.inner.secure_weighting is None or type(self.inner).__name__ == "SecureAggregation":
+        if isinstance(self.inner, DPFedAvg) or self.inner.secure_weighting is None or self.inner.hides_site_updates:
             raise ValueError(f"dp_fedavg cannot wrap {inner_name}: client-level DP hands the inner rule one noisy mean of clipped "
                              "updates; use an averaging rule (fedavg, fedprox, fedbn, fedfbn) or a server optimizer (fedadam, "
                              "fedyogi, fedadagrad), and secagg=True for secure aggregation around it")
@@ -82,6 +82,9 @@ class DPFedAvg(Aggregator):
 
     def check_model(self, model: Any) -> None:
         self.inner.check_model(model)
+
+    def check_partial_rounds(self) -> None:
+        self.inner.check_partial_rounds()  # the noise is on the sum of clipped updates: fewer sites, same ε per round
 
     def site_algorithm(self) -> "DPFedAvgSite":
         from lightning_fed.strategies.site.dp_fedavg import DPFedAvgSite

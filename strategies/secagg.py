@@ -91,8 +91,14 @@ class SecureAggregation(Aggregator):
         self.inner, self.fractional_bits = inner, fractional_bits
         self.name = f"{inner.name or type(inner).__name__}+secagg"
 
+    hides_site_updates = True
+
     def check_model(self, model: Any) -> None:
         self.inner.check_model(model)
+
+    def check_partial_rounds(self) -> None:
+        raise ValueError("secure aggregation cannot yet recover the masks of a site that drops after masking (the "
+                         "others' sum would stay masked): use on_site_failure='abort' with secagg")
 
     def site_algorithm(self) -> "SecAggSite":
         from lightning_fed.strategies.site.secagg import SecAggSite

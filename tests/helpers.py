@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import random
 
 import lightning as L
@@ -92,17 +93,26 @@ class NoisyCNN(SmallCNN):
 class FailingDataset(Dataset):
     """Real samples that raise once the site reaches a given epoch: a scanner going offline mid-run."""
 
-    def __init__(self, base: Dataset, fail_at_access: int, mode: str = "raise") -> None:
+    def __init__(self, base: Dataset, fail_at_access: int, mode: str = "raise", once_flag: str | None = None) -> None:
         self.base, self.fail_at_access, self.mode, self.accesses = base, fail_at_access, mode, 0
+        self.once_flag = once_flag  # a file: fail only if it does not exist yet, and create it (once per test)
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, i):
         self.accesses += 1
+        if self.accesses > self.fail_at_access and self.once_flag is not None:
+            if os.path.exists(self.once_flag):
+                return self.base[i]
+            open(self.once_flag, "w").close()
         if self.accesses > self.fail_at_access:
             if self.mode == "die":
                 os._exit(3)
+            if self.mode == "stall":  # a network share hanging once for 30 s
+                if self.accesses == self.fail_at_access + 1:
+                    time.sleep(30)
+                return self.base[i]
             if self.mode == "nan":  # a broken scanner: images of NaN
                 x, y = self.base[i]
                 return x * float("nan"), y
@@ -113,13 +123,13 @@ class FailingDataset(Dataset):
 class FailingSiteData(PooledIndexData):
     """A hospital whose data fails after ``fail_at_access`` samples, shuffled by a generator of its own."""
 
-    def __init__(self, *args, fail_at_access: int, mode: str = "raise", **kwargs) -> None:
+    def __init__(self, *args, fail_at_access: int, mode: str = "raise", once_flag: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.fail_at_access, self.mode = fail_at_access, mode
+        self.fail_at_access, self.mode, self.once_flag = fail_at_access, mode, once_flag
 
     def setup(self, stage):
         super().setup(stage)
-        self.datasets["train"] = FailingDataset(self.datasets["train"], self.fail_at_access, self.mode)
+        self.datasets["train"] = FailingDataset(self.datasets["train"], self.fail_at_access, self.mode, self.once_flag)
 
     def train_dataloader(self):
         return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(11))
@@ -128,16 +138,16 @@ class FailingSiteData(PooledIndexData):
 class HospitalsWithFailingSite(L.LightningDataModule):
     """Two healthy hospitals and one ('bad') whose data source fails after ``fail_at_access`` samples."""
 
-    def __init__(self, fail_at_access: int, mode: str = "raise") -> None:
+    def __init__(self, fail_at_access: int, mode: str = "raise", once_flag: str | None = None) -> None:
         super().__init__()
         self.base = small_hospitals(sizes=(300, 200, 200))
-        self.fail_at_access, self.mode = fail_at_access, mode
+        self.fail_at_access, self.mode, self.once_flag = fail_at_access, mode, once_flag
 
     def federated_sites(self):
         sites = self.base.federated_sites()
         bad = sites[-1]
         sites[-1] = Site("bad", FailingSiteData(bad.datamodule.data_dir, bad.datamodule.indices, bad.datamodule.batch_size,
-                                                fail_at_access=self.fail_at_access, mode=self.mode))
+                                                fail_at_access=self.fail_at_access, mode=self.mode, once_flag=self.once_flag))
         return sites
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lightning_fed.experiments import compare, expand_grid, point_arguments, split_values, sweep
+from lightning_fed.errors import UsageError
 
 HEART = ["--config", "recipes/heart_disease.yaml", "--trainer.logger=false", "--data.init_args.site_cpus=0.5"]
 HOSPITALS = ["cleveland", "hungary", "switzerland", "va"]
@@ -129,13 +130,13 @@ def test_sweep_reuses_warm_sites_and_gives_the_same_result_as_a_fresh_start(tmp_
 
 
 def test_compare_and_sweep_refuse_bad_input_in_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="unknown mode\\(s\\) \\['siloed'\\]"):
+    with pytest.raises(UsageError, match="unknown mode\\(s\\) \\['siloed'\\]"):
         compare([*HEART, "--modes", "pooled,siloed", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="needs at least one --grid"):
+    with pytest.raises(UsageError, match="needs at least one --grid"):
         sweep([*HEART, "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="no list at 'data.init_args.sizes'"):
+    with pytest.raises(UsageError, match="no list at 'data.init_args.sizes'"):
         sweep([*HEART, "--grid", "data.init_args.sizes[0]=1,2", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--x 'lr' is not a grid key"):
+    with pytest.raises(UsageError, match="--x 'lr' is not a grid key"):
         sweep([*HEART, "--grid", "model.init_args.lr=0.1,0.2", "--x", "lr", "--out", str(tmp_path)])
 
 

@@ -95,6 +95,9 @@ def test_unmodified_module_via_string_flag_simulates_sites(tmp_path):
         assert {"fl/val_loss", "fl/val_accuracy", "fl/val_auroc"} <= set(trainer.callback_metrics)
         out = trainer.test(model, datamodule=dm, verbose=False)[0]
         assert {"fl/test_loss", "fl/test_accuracy", "fl/test_auroc", "site/site_0/test_auroc", "site/site_1/test_recall"} <= set(out)
+        # the module's own key, as a plain fit returns it, holds the federated value (every site's test data)
+        assert out["test_loss"] == out["fl/test_loss"] and out["test_loss"] != out["site/site_0/test_loss"]
+        assert trainer.callback_metrics["val_loss"] == pytest.approx(trainer.callback_metrics["fl/val_loss"])
         assert out["fl/test_accuracy"] > 0.5  # 10 classes: chance is 0.1
         # federated accuracy over both halves is the sample-weighted mean of the sites' (100 + 100 test images)
         site_acc = [out[f"site/site_{i}/test_accuracy"] for i in range(2)]
@@ -111,6 +114,26 @@ def test_unmodified_module_via_string_flag_simulates_sites(tmp_path):
         assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0125)
     finally:
         strategy.shutdown()
+
+
+def test_three_fits_in_one_process_as_in_a_notebook(tmp_path):
+    # nothing shut down in between: each new federation releases the previous one's workers
+    strategies, first_weights = [], None
+    for run in range(3):
+        torch.manual_seed(0)
+        model = UnmodifiedMLP()
+        trainer = _trainer(tmp_path / str(run), FederatedStrategy(num_sites=2, progress=False, checkpoint_every=0, seed=0),
+                           max_epochs=1, logger=False)
+        trainer.fit(model, datamodule=PlainFashionMNIST(n=200))  # before: "the cluster could not place the sites"
+        assert trainer.global_step == 2 and "val_loss" in trainer.callback_metrics
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        first_weights = weights if first_weights is None else first_weights
+        assert torch.equal(weights, first_weights)  # same seed, same result: nothing carried over between fits
+        strategies.append(trainer.strategy)
+    assert len([a for a in _our_actors_alive() if a["ActorClassName"] == "Worker"]) <= 2
+    # the last fit's federation is still live (trainer.test would reuse it); the earlier ones were let go
+    assert [s.federation is not None and s.federation.alive for s in strategies] == [False, False, True]
+    strategies[-1].shutdown()
 
 
 def test_module_with_its_own_dataloaders_runs_unchanged(tmp_path):

@@ -70,3 +70,75 @@ def test_a_diverging_site_stops_the_run_before_its_update_is_averaged(tmp_path):
     assert "\n" not in message
     assert "site 'bad'" in message and "training diverged in round 2" in message and "NaN or Inf" in message, message
     assert "last training loss nan" in message and "lower the learning rate" in message
+
+
+@pytest.mark.usefixtures("ray_cluster", "fed_data")
+@pytest.mark.parametrize("mode", ["die", "raise"])
+def test_a_failed_site_is_left_out_restarted_and_rejoins_in_continue_mode(tmp_path, mode):
+    # 'bad' (120 training images, DP-SGD) is killed -9 (or its data raises) in its third epoch; its worker is its own
+    strategy = FederatedStrategy(progress=False, seed=3, sites_per_worker=1, on_site_failure="continue",
+                                 checkpoint_dir=str(tmp_path / "ckpt"), privacy={"bad": DPSGD(noise_multiplier=1.0)})
+    trainer = L.Trainer(strategy=strategy, max_epochs=8, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    datamodule = HospitalsWithFailingSite(fail_at_access=290, mode=mode, once_flag=str(tmp_path / "failed-once"))
+    try:
+        trainer.fit(NoisyCNN(), datamodule=datamodule)
+        fit = strategy.last_fit
+        assert trainer.current_epoch == 8 and len(fit.round_sites) == 8
+        assert len(fit.events) == 2, fit.events
+        left, back = fit.events
+        assert (left.site, left.event, left.round) == ("bad", "left out", 3), fit.events
+        assert ("died" if mode == "die" else "scanner offline") in left.reason
+        # it comes back at the first round that starts once it is up again (a new process after kill -9 takes a
+        # few seconds of imports; round 9 means the others finished first and it took the final model)
+        assert (back.site, back.event) == ("bad", "rejoined") and 4 <= back.round <= 9, fit.events
+        if mode == "raise":
+            assert back.round <= 8  # set up again in its own worker: back while the others still train
+        everyone = ["large", "small_1", "bad"]
+        assert fit.round_sites == [everyone] * 2 + [["large", "small_1"]] * (back.round - 3) + [everyone] * (9 - back.round)
+        # its accountant went on from its last released update: the epochs of the rounds it took part in, no more
+        batches = 3  # Poisson sampling: len(loader) steps per epoch, 120 images in batches of 50
+        assert fit.privacy.sites["bad"].steps == batches * (2 + 9 - back.round)
+        # rounds it missed were committed with its latest part linked in
+        import json
+
+        manifest = json.loads((tmp_path / "ckpt" / "round-0008" / "manifest.json").read_text())
+        assert manifest["site_rounds"] == {"large": 8, "small_1": 8, "bad": 8 if back.round <= 8 else 2}
+        # every site, the restarted one included, tests the global model
+        out = trainer.test(NoisyCNN(), datamodule=datamodule, verbose=False)[0]
+        assert all(f"site/{s}/test_accuracy" in out for s in everyone)
+        assert trainer.callback_metrics["fl/rounds_with_sites_left_out"] == back.round - 3
+    finally:
+        strategy.shutdown()
+
+
+@pytest.mark.usefixtures("ray_cluster", "fed_data")
+def test_a_straggler_past_round_timeout_is_left_out_or_aborts_the_run(tmp_path):
+    strategy = FederatedStrategy(progress=False, checkpoint_every=0, sites_per_worker=1, on_site_failure="continue", round_timeout=6)
+    trainer = L.Trainer(strategy=strategy, max_epochs=5, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    try:
+        # 'bad' stalls 30 s in epoch 2 (once)
+        trainer.fit(NoisyCNN(), datamodule=HospitalsWithFailingSite(fail_at_access=150, mode="stall", once_flag=str(tmp_path / "stalled")))
+        fit = strategy.last_fit
+        assert fit.events[0].event == "left out" and fit.events[0].round == 2 and "round_timeout=6s" in fit.events[0].reason
+        assert fit.round_sites[1] == ["large", "small_1"] and trainer.current_epoch == 5
+    finally:
+        strategy.shutdown()
+    # the same straggler with min_sites=3 ends the run, naming it
+    strategy = FederatedStrategy(progress=False, checkpoint_every=0, sites_per_worker=1, on_site_failure="continue",
+                                 round_timeout=6, min_sites=3)
+    trainer = L.Trainer(strategy=strategy, max_epochs=3, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.raises(SiteFailedError, match=r"site 'bad' missed round 2's deadline \(round_timeout=6s\); 2 site\(s\) left, fewer than min_sites=3"):
+        trainer.fit(NoisyCNN(), datamodule=HospitalsWithFailingSite(fail_at_access=150, mode="stall"))
+    strategy.shutdown()
+
+
+def test_continue_mode_refuses_rules_that_need_every_site():
+    with pytest.raises(ValueError, match="on_site_failure='continue': secure aggregation cannot yet recover"):
+        FederatedStrategy(secagg=True, on_site_failure="continue")
+    with pytest.raises(ValueError, match="on_site_failure='continue': scaffold's server control variate"):
+        FederatedStrategy(aggregator="scaffold", on_site_failure="continue")
+    with pytest.raises(ValueError, match="min_sites applies only with on_site_failure='continue'"):
+        FederatedStrategy(min_sites=2)
+    with pytest.raises(ValueError, match="on_site_failure must be 'abort' or 'continue'"):
+        FederatedStrategy(on_site_failure="retry")
+    FederatedStrategy(aggregator="dp_fedavg", on_site_failure="continue", min_sites=2)  # noise on the sum: fine

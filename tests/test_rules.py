@@ -47,13 +47,14 @@ def test_server_optimizers_match_reddi_et_al():
                   FedAdagrad: tau**2 + delta**2,
                   FedYogi: tau**2 - (1 - b2) * delta**2 * np.sign(tau**2 - delta**2)}
     for rule, v in expected_v.items():
-        agg = rule(eta=eta, beta1=b1, beta2=b2, tau=tau)
+        options = dict(eta=eta, beta1=b1, tau=tau) if rule is FedAdagrad else dict(eta=eta, beta1=b1, beta2=b2, tau=tau)
+        agg = rule(**options)
         out = agg.aggregate(1, updates, current)
         assert out.weights["w"][0] == pytest.approx(1.0 + eta * m / (np.sqrt(v) + tau), rel=1e-6), rule.__name__
         assert agg.m["w"][0] == pytest.approx(m) and agg.v["w"][0] == pytest.approx(v)
         assert int(out.weights["n"]) == 9  # integer buffer from the largest site, not averaged
         # the moments are server state: a restored copy continues exactly like the original
-        restored = rule(eta=eta, beta1=b1, beta2=b2, tau=tau)
+        restored = rule(**options)
         restored.load_state_dict(agg.state_dict())
         nxt = agg.aggregate(2, updates, out.weights).weights["w"]
         assert restored.aggregate(2, updates, out.weights).weights["w"][0] == pytest.approx(nxt[0])
