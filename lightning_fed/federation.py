@@ -342,7 +342,8 @@ class Federation:
         return {key: results[key] for key in calls}  # call order (site order), not completion order
 
     def _fail(self, sites: list[str], err: Exception, what: str) -> None:
-        reason = self._coordinator_reason()
+        # a site that raised reports why to the coordinator (it may still be on its way); a dead one cannot
+        reason = self._coordinator_reason(wait=not isinstance(err, RayActorError))
         if reason is None:
             cause = getattr(err, "cause", None)
             if isinstance(cause, SiteStartError):
@@ -358,20 +359,19 @@ class Federation:
         self.shutdown(graceful=False)
         raise SiteFailedError(reason) from None
 
-    def _coordinator_reason(self) -> Optional[str]:
+    def _coordinator_reason(self, wait: bool = True) -> Optional[str]:
         """The site's own one-line report, if it reached the coordinator (it may be in flight: wait briefly)."""
         if self.coordinator is None:
             return None
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + (2.0 if wait else 0.0)
+        while True:
             try:
                 reason = ray.get(self.coordinator.abort_reason.remote(), timeout=2)
             except Exception:
                 return None
-            if reason is not None:
+            if reason is not None or time.monotonic() >= deadline:
                 return reason
             time.sleep(0.1)
-        return None
 
     def _death_reason(self, sites: list[str], what: str, err: RayActorError) -> str:
         worker = self.worker_of.get(sites[0])

@@ -31,6 +31,9 @@ def _local_init_kwargs(num_cpus: float, extra: Mapping[str, Any]) -> dict[str, A
         "num_cpus": max(os.cpu_count() or 1, math.ceil(num_cpus)),
         "include_dashboard": False,
         "logging_level": logging.WARNING,
+        # sites write their console output to their own log files (lightning_fed.console); what Ray would still
+        # forward (its own notes on a worker that died) the driver reports itself, in one line naming the site
+        "log_to_driver": False,
         # workers must import the same modules as the driver (scripts, test helpers)
         "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}},
         **dict(extra),

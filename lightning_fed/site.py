@@ -158,11 +158,7 @@ class SiteRuntime:
         self.datamodule.setup(stage)
         n = -1
         if stage == "fit":
-            loader = self.datamodule.train_dataloader()
-            try:
-                n = len(loader.dataset) if hasattr(loader, "dataset") else len(loader)
-            except TypeError:
-                n = -1  # iterable dataset: size unknown, trust it
+            n = train_samples(self.datamodule.train_dataloader())
         return SiteReady(self.name, n, str(site_device()[1]), ray.get_runtime_context().get_node_id(), self.worker, self.marker)
 
     def fit(self, ckpt_path: Optional[str] = None, join: Any = None) -> SiteFit:
@@ -226,6 +222,19 @@ class SiteRuntime:
     def close(self) -> bool:
         """Flush this site's loggers; ``True`` if one of them was a W&B run (the worker then stops W&B once)."""
         return finish_site_loggers(self.trainer.loggers)
+
+
+def train_samples(loaders: Any) -> int:
+    """Training samples behind a loader, or a list or dict of loaders (-1: unknown, e.g. an iterable dataset)."""
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        counts = [train_samples(loader) for loader in loaders]
+        return -1 if any(c < 0 for c in counts) else sum(counts)
+    try:
+        return len(loaders.dataset) if hasattr(loaders, "dataset") else len(loaders)
+    except TypeError:
+        return -1  # size unknown: trust it
 
 
 def describe_error(err: BaseException) -> str:

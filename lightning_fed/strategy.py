@@ -53,14 +53,17 @@ class FederatedStrategy(SingleDeviceStrategy):
         cluster: which Ray cluster (:class:`~lightning_fed.config.Cluster`: ``address``, ``init_kwargs``); by default
             ``RAY_ADDRESS`` (as under ``ray job submit``) or a connected Ray, else a local Ray for the run.
         seed: base seed; site ``i`` is seeded with ``seed + i`` (default: ``PL_GLOBAL_SEED`` or 0).
-        reliability: what the federation tolerates (:class:`~lightning_fed.config.Reliability`: ``barrier_timeout``,
-            ``max_update_norm_ratio``); an update holding NaN or Inf is always refused, naming its site.
+        reliability: what the federation tolerates (:class:`~lightning_fed.config.Reliability`:
+            ``on_site_failure`` ``"abort"`` or ``"continue"`` (a failed site is left out, restarted and rejoins),
+            ``min_sites``, ``round_timeout``, ``barrier_timeout``, ``max_update_norm_ratio``); an update holding NaN
+            or Inf is always refused, naming its site.
         metric_thresholds: bins for AUROC (binned states merge exactly across sites).
         progress: show the federated progress view on the driver.
         **shorthands: today's flat names, sorted into the groups above: ``num_sites``, ``partitioner``,
             ``site_cpus``, ``site_gpus``, ``checkpoint_dir``, ``checkpoint_every``, ``keep_checkpoints``,
             ``ray_address``, ``ray_init_kwargs``, ``placement_timeout``, ``workers``, ``sites_per_worker``,
-            ``worker_cpus``, ``barrier_timeout``, ``max_update_norm_ratio`` (:func:`~lightning_fed.config.shorthand_groups`).
+            ``worker_cpus``, ``barrier_timeout``, ``max_update_norm_ratio``, ``on_site_failure``, ``min_sites``,
+            ``round_timeout`` (:func:`~lightning_fed.config.shorthand_groups`).
 
     After a run, ``strategy.last_fit`` (:class:`~lightning_fed.results.FitResult`) and ``strategy.last_evaluation``
     (:class:`~lightning_fed.results.Evaluation`) hold typed results, and ``strategy.federation`` the live

@@ -72,7 +72,10 @@ class Worker:
         import lightning_fed.site  # noqa: F401  (torch and Lightning: imported here, in the worker, at once)
         from lightning_fed.scheduler import Scheduler
 
+        from lightning_fed.console import SiteConsole
+
         _quiet()
+        self.console = SiteConsole()
         self.scheduler = Scheduler(threads)
         self.sites: dict[str, SiteRuntime] = {}
         self.marker = computing_marker(ray.get_runtime_context().get_actor_id())
@@ -80,8 +83,10 @@ class Worker:
         self.adopt(index, threads, gpu_share)
 
     def mark(self, site: str) -> None:
-        """Note (a write, no message) the site now computing, or ``""``; read by the driver if this process dies."""
+        """Note (a write, no message) the site now computing, or ``""``; read by the driver if this process dies.
+        Its console output goes to its own log file meanwhile."""
         os.pwrite(self._marker_fd, site.encode()[:_MARK_BYTES].ljust(_MARK_BYTES, b"\0"), 0)
+        self.console.current = site
 
     def adopt(self, index: int, threads: int, gpu_share: float = 0.0) -> None:
         """Take the place of worker ``index`` in a layout (a spare started early is fitted to it this way)."""
@@ -99,6 +104,8 @@ class Worker:
 
         self.sites = {}
         ready = {}
+        if plans:
+            self.console.open(plans[0].job.root_dir, self.index, [p.site.name for p in plans])
         for plan in plans:
             name = plan.site.name
             try:
@@ -121,6 +128,7 @@ class Worker:
 
         name = plan.site.name
         self.sites.pop(name, None)
+        self.console.open(plan.job.root_dir, self.index, [name, *self.sites])
         try:
             site = SiteRuntime(plan, self.scheduler, self.index, self.mark, self.marker)
             self.scheduler.call(site.state, site.start, "fit")
@@ -147,6 +155,7 @@ class Worker:
             used_wandb |= self.scheduler.call(runtime.state, runtime.close)
         if used_wandb:
             stop_wandb()
+        self.console.flush()
 
 
 

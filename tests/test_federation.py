@@ -10,8 +10,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
 
-from lightning_fed import FederatedStrategy, FederationConfigError, SiteFailedError
+from lightning_fed import Dirichlet, FederatedStrategy, FederationConfigError, SiteFailedError
 from lightning_fed.models import SmallCNN
 from tests.helpers import (
     HospitalsWithFailingSite,
@@ -136,6 +137,78 @@ def test_three_fits_in_one_process_as_in_a_notebook(tmp_path):
     strategies[-1].shutdown()
 
 
+def test_sites_console_output_goes_to_their_log_files(tmp_path, capfd):
+    class Chatty(UnmodifiedMLP):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 0:
+                print(f"chatty step at epoch {self.current_epoch}")  # a user's print, on a site
+            return super().training_step(batch, batch_idx)
+
+    strategy = FederatedStrategy(num_sites=2, progress=True, checkpoint_every=0, sites_per_worker=2)
+    trainer = _trainer(tmp_path, strategy, max_epochs=2, logger=False)
+    trainer.fit(Chatty(), datamodule=PlainFashionMNIST(n=200))
+    strategy.shutdown()
+    time.sleep(1.5)  # Ray forwards worker output asynchronously: give it time to show up if it would
+    out, err = capfd.readouterr()
+    assert "chatty step" not in out + err
+    assert "[lightning-fed] round 2/2" in out  # the progress view is the driver's
+    for site in ("site_0", "site_1"):
+        log = (tmp_path / "sites" / site / "console.log").read_text()
+        assert "chatty step at epoch 0" in log and "chatty step at epoch 1" in log, log
+    assert (tmp_path / "sites" / "worker-0.log").is_file()
+
+
+class _Numbered(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from (torch.tensor([100.0 + i]) for i in range(16))
+
+
+class _TwoTrainLoaders(L.LightningDataModule):
+    """Two training loaders (a map-style dataset of 0..15 and an iterable one of 100..115), as Lightning combines them."""
+
+    def train_dataloader(self):
+        return [DataLoader(torch.utils.data.TensorDataset(torch.arange(16.0).unsqueeze(1)), batch_size=2),
+                DataLoader(_Numbered(), batch_size=2)]
+
+    def val_dataloader(self):
+        return DataLoader(torch.utils.data.TensorDataset(torch.arange(8.0).unsqueeze(1)), batch_size=4)
+
+
+class _SeesIds(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        (mapped,), numbered = batch  # one batch from each loader per step
+        self.log("map_ids", mapped.sum(), reduce_fx="sum", on_step=False, on_epoch=True)
+        self.log("iter_ids", numbered.sum(), reduce_fx="sum", on_step=False, on_epoch=True)
+        return (self.w * (mapped.sum() + numbered.sum())).sum() * 1e-3
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", (self.w * batch[0]).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_several_train_loaders_and_iterable_datasets_are_split_across_sites(tmp_path):
+    strategy = FederatedStrategy(num_sites=2, progress=False, checkpoint_every=0)
+    trainer = _trainer(tmp_path, strategy, max_epochs=1, logger=False)
+    trainer.fit(_SeesIds(), datamodule=_TwoTrainLoaders())
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    strategy.shutdown()
+    # every sample of the map-style loader reached exactly one site; the iterable one was dealt round-robin
+    assert metrics["site/site_0/map_ids"] + metrics["site/site_1/map_ids"] == sum(range(16))
+    assert metrics["site/site_0/iter_ids"] == sum(range(100, 116, 2)) and metrics["site/site_1/iter_ids"] == sum(range(101, 116, 2))
+    assert trainer.global_step == 4  # 8 samples a site in each loader, batches of 2
+    # a non-IID split needs indices: an iterable dataset is refused in one line
+    strategy = FederatedStrategy(num_sites=2, partitioner=Dirichlet(alpha=0.5), progress=False, checkpoint_every=0)
+    with pytest.raises(ValueError, match="IterableDataset, which simulation can only deal out round-robin"):
+        _trainer(tmp_path, strategy, max_epochs=1, logger=False).fit(_SeesIds(), datamodule=_TwoTrainLoaders())
+    strategy.shutdown()
+
+
 def test_module_with_its_own_dataloaders_runs_unchanged(tmp_path):
     class SelfContained(UnmodifiedMLP):
         def setup(self, stage):
@@ -200,10 +273,10 @@ def test_failing_site_stops_the_run_with_its_name(tmp_path, mode, expected):
     # failing in epoch 2 would race the other sites' round-1 saves.
     strategy = FederatedStrategy(progress=False)
     trainer = _trainer(tmp_path, strategy, max_epochs=5)
-    t0 = time.monotonic()
+    failed = tmp_path / "failed"  # made by the failing site just before it raises or dies
     with pytest.raises(SiteFailedError, match=rf"site 'bad'.*{expected}") as info:
-        trainer.fit(SmallCNN(), datamodule=HospitalsWithFailingSite(fail_at_access=270, mode=mode))
-    assert time.monotonic() - t0 < 120
+        trainer.fit(SmallCNN(), datamodule=HospitalsWithFailingSite(fail_at_access=270, mode=mode, once_flag=str(failed)))
+    assert time.time() - failed.stat().st_mtime < 30  # the run ended within 30 s of the failure
     assert "\n" not in str(info.value)
     assert strategy.federation is None or not strategy.federation.alive
     deadline = time.monotonic() + 20

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Subset
 
 from lightning_fed.data.partition import IID, Partitioner
 
@@ -82,7 +82,12 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
         values = getattr(dataset, attr, None)
         if values is not None:
             return np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values).reshape(len(dataset), -1)[:, 0]
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
+    try:
+        return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
+    except (IndexError, TypeError, ValueError, KeyError):
+        raise ValueError(f"a split by label needs class labels, but the samples of {type(dataset).__name__} are not "
+                         "(input, label) pairs and it has no targets/labels attribute: use partitioner=IID() or describe "
+                         "sites with federated_sites()") from None
 
 
 def per_site(value: Union[float, Sequence[float]], sites: int, name: str = "site_cpus") -> list[float]:
@@ -125,12 +130,32 @@ class SiteSplits(SplitLoaders):
         return DataLoader(self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """A site's share of an iterable dataset (no indices to split): every ``count``-th item from the ``index``-th."""
+
+    index: int
+    count: int
+
+
+class ShardedIterable(IterableDataset):
+    """Items ``index, index + count, ...`` of ``dataset`` (round-robin), as Lightning would deal it to ranks."""
+
+    def __init__(self, dataset: IterableDataset, shard: Shard) -> None:
+        self.dataset, self.shard = dataset, shard
+
+    def __iter__(self) -> Any:
+        for position, item in enumerate(self.dataset):
+            if position % self.shard.count == self.shard.index:
+                yield item
+
+
 def rebuild_loader(loader: DataLoader, dataset: Dataset) -> DataLoader:
     """A DataLoader like ``loader`` (batch size, workers, collate, shuffling) over another dataset."""
     return DataLoader(
         dataset,
         batch_size=loader.batch_size,
-        shuffle=isinstance(loader.sampler, RandomSampler),
+        shuffle=isinstance(loader.sampler, RandomSampler) and not isinstance(dataset, IterableDataset),
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
@@ -146,12 +171,14 @@ class SimulatedSiteData(SplitLoaders):
     """One simulated site's share of a single-machine dataset (the unmodified-script path).
 
     ``source`` is the user's datamodule (set up again inside the worker) or a mapping of stage name to
-    DataLoader; ``indices`` maps ``"train"``/``"val"``/``"test"`` to this site's sample indices. Sites hosted by
-    one worker arrive together and share one ``source``: it is set up once per stage and each site reads its
-    indices from it, so a worker holds the dataset once, however many sites it hosts.
+    DataLoader(s); ``indices`` maps ``"train"``/``"val"``/``"test"`` to this site's share: its sample indices, or,
+    where the split has several loaders (a list, tuple or dict, which Lightning combines), one share per loader
+    by position or key; a share of an iterable dataset is a :class:`Shard`. Sites hosted by one worker arrive
+    together and share one ``source``: it is set up once per stage and each site reads its share from it, so a
+    worker holds the dataset once, however many sites it hosts.
     """
 
-    def __init__(self, source: Union[LightningDataModule, Mapping[str, Any]], indices: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, source: Union[LightningDataModule, Mapping[str, Any]], indices: Mapping[str, Any]) -> None:
         super().__init__()
         self.source = source
         self.indices = dict(indices)
@@ -166,37 +193,69 @@ class SimulatedSiteData(SplitLoaders):
 
     def _loader(self, split: str) -> Any:
         if split not in self._loaders:
-            original = source_loader(self.source, split)
+            original = source_loaders(self.source, split)
             if original is None or split not in self.indices:
                 self._loaders[split] = []
+            elif isinstance(original, DataLoader):
+                self._loaders[split] = _site_share(original, self.indices[split])
             else:
-                self._loaders[split] = rebuild_loader(original, Subset(original.dataset, self.indices[split].tolist()))
+                share = self.indices[split]
+                rebuilt = {key: _site_share(loader, share[key]) for key, loader in _items(original)}
+                self._loaders[split] = rebuilt if isinstance(original, Mapping) else type(original)(rebuilt[k] for k in range(len(original)))
         return self._loaders[split]
+
+
+def _site_share(loader: DataLoader, share: Any) -> DataLoader:
+    if isinstance(share, Shard):
+        return rebuild_loader(loader, ShardedIterable(loader.dataset, share))
+    return rebuild_loader(loader, Subset(loader.dataset, np.asarray(share).tolist()))
+
+
+def _items(loaders: Any) -> list[tuple[Any, DataLoader]]:
+    return list(loaders.items()) if isinstance(loaders, Mapping) else list(enumerate(loaders))
+
+
+def source_loaders(source: Union[LightningDataModule, Mapping[str, Any]], split: str) -> Any:
+    """What a datamodule or loader mapping provides for ``split``: one DataLoader, or a list, tuple or dict of
+    them (``None`` if it has none)."""
+    loaders = _raw_loaders(source, split)
+    if loaders is None or (isinstance(loaders, (list, tuple, Mapping)) and not loaders):
+        return None
+    if isinstance(loaders, (list, tuple, Mapping)):
+        if len(loaders) == 1 and not isinstance(loaders, Mapping):
+            loaders = loaders[0]
+        else:
+            for key, loader in _items(loaders):
+                if not isinstance(loader, DataLoader):
+                    raise TypeError(f"simulation needs torch DataLoaders for {split}, got {type(loader).__name__} at {key!r}: "
+                                    "describe sites with federated_sites() instead")
+            return loaders
+    if not isinstance(loaders, DataLoader):
+        raise TypeError(f"simulation needs a torch DataLoader for {split} (or a list or dict of them), got "
+                        f"{type(loaders).__name__}: describe sites with federated_sites() instead")
+    return loaders
+
+
+def _raw_loaders(source: Union[LightningDataModule, Mapping[str, Any]], split: str) -> Any:
+    if isinstance(source, Mapping):
+        return source.get(split)
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    hook = getattr(source, f"{split}_dataloader", None)
+    # LightningDataModule's own hooks for a split the datamodule does not define only raise
+    defined = hook is not None and (not isinstance(source, LightningDataModule) or is_overridden(f"{split}_dataloader", source))
+    try:
+        return hook() if defined else None
+    except NotImplementedError:
+        return None
 
 
 def source_loader(source: Union[LightningDataModule, Mapping[str, Any]], split: str) -> Optional[DataLoader]:
     """The single DataLoader that a datamodule or loader mapping provides for ``split`` (``None`` if it has none)."""
-    if isinstance(source, Mapping):
-        loader = source.get(split)
-    else:
-        from lightning.pytorch.utilities.model_helpers import is_overridden
-
-        hook = getattr(source, f"{split}_dataloader", None)
-        # LightningDataModule's own hooks for a split the datamodule does not define only raise
-        defined = hook is not None and (not isinstance(source, LightningDataModule) or is_overridden(f"{split}_dataloader", source))
-        try:
-            loader = hook() if defined else None
-        except NotImplementedError:
-            loader = None
-    if loader is None or (isinstance(loader, (list, tuple)) and not loader):
-        return None
-    if isinstance(loader, (list, tuple)):
-        if len(loader) > 1:
-            raise ValueError(f"simulation splits one {split} DataLoader across sites; got {len(loader)}: describe sites with federated_sites() instead")
-        loader = loader[0]
-    if not isinstance(loader, DataLoader):
-        raise TypeError(f"simulation needs a torch DataLoader for {split}, got {type(loader).__name__}: describe sites with federated_sites() instead")
-    return loader
+    loaders = source_loaders(source, split)
+    if loaders is not None and not isinstance(loaders, DataLoader):
+        raise ValueError(f"this needs one {split} DataLoader per site; got {len(loaders)}: give each site one loader")
+    return loaders
 
 
 def simulate_sites(
@@ -218,25 +277,44 @@ def simulate_sites(
         # what the sites get is the datamodule as configured, not as set up here (its data would travel with it)
         shipped = copy.deepcopy(source)
         source.prepare_data()
-    per_site: list[dict[str, np.ndarray]] = [{} for _ in range(num_sites)]
+    per_site: list[dict[str, Any]] = [{} for _ in range(num_sites)]
+    sizes = [0] * num_sites
     seed = getattr(partitioner, "seed", 0)
     for split in splits:
         if isinstance(source, LightningDataModule):
             source.setup("fit" if split in ("train", "val") else split)
-        loader = source_loader(source, split)
-        if loader is None:
+        loaders = source_loaders(source, split)
+        if loaders is None:
             continue
-        dataset = loader.dataset
-        if split == "train":
-            parts = partitioner(dataset_labels(dataset), num_sites)
-        else:
-            parts = IID(seed=seed)(np.zeros(len(dataset)), num_sites)
-        for site, part in enumerate(parts):
-            per_site[site][split] = part
+        several = not isinstance(loaders, DataLoader)
+        items = _items(loaders) if several else [(None, loaders)]
+        items.sort(key=lambda item: not isinstance(item[1].dataset, IterableDataset))  # refusals before label reads
+        for key, loader in items:
+            parts = _split(loader.dataset, split, partitioner if split == "train" else IID(seed=seed), num_sites)
+            for site, part in enumerate(parts):
+                if several:
+                    per_site[site].setdefault(split, {})[key] = part
+                else:
+                    per_site[site][split] = part
+                if split == "train":
+                    sizes[site] += len(part) if not isinstance(part, Shard) else 0
     if not any("train" in p for p in per_site) and "train" in splits:
         raise ValueError("the datamodule has no train_dataloader to split across simulated sites")
     return [
         Site(name=f"site_{k}", datamodule=SimulatedSiteData(shipped, per_site[k]), num_cpus=site_cpus, num_gpus=site_gpus,
-             train_size=len(per_site[k]["train"]) if "train" in per_site[k] else None)
+             train_size=sizes[k] if "train" in per_site[k] and sizes[k] else None)
         for k in range(num_sites)
     ]
+
+
+def _split(dataset: Dataset, split: str, partitioner: Partitioner, num_sites: int) -> list[Any]:
+    """Each site's share of one loader's dataset: indices by ``partitioner``, or a round-robin :class:`Shard` of an
+    iterable dataset (which has no indices; only an IID split can be dealt that way)."""
+    if isinstance(dataset, IterableDataset):
+        if not isinstance(partitioner, IID):
+            raise ValueError(f"the {split} loader's dataset is an IterableDataset, which simulation can only deal out "
+                             f"round-robin (IID), not by {type(partitioner).__name__}: use partitioner=IID() or describe "
+                             "sites with federated_sites()")
+        return [Shard(k, num_sites) for k in range(num_sites)]
+    labels = dataset_labels(dataset) if not isinstance(partitioner, IID) else np.zeros(len(dataset))
+    return partitioner(labels, num_sites)
