@@ -19,9 +19,11 @@ alone in its own process, which is what makes results the same however sites are
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import queue
 import random
 import threading
+import time
 from typing import Any, Callable, Optional
 
 import greenlet
@@ -80,13 +82,34 @@ class SiteState:
             self._announce(busy)
 
 
+POLL_SECONDS = 0.05  # how often an idle compute thread checks, itself, whether what a site waits for has arrived
+log = logging.getLogger(__name__)
+
+
+class _Waiting:
+    """A site's greenlet waiting for a Ray object."""
+
+    __slots__ = ("site", "state", "done", "ref", "since")
+
+    def __init__(self, site: greenlet.greenlet, state: SiteState, done: concurrent.futures.Future, ref: Any) -> None:
+        self.site, self.state, self.done, self.ref, self.since = site, state, done, ref, time.monotonic()
+
+
 class Scheduler:
-    """The worker's compute thread and the greenlets of its sites' calls."""
+    """The worker's compute thread and the greenlets of its sites' calls.
+
+    A waiting site is resumed by the completion callback of the object it waits for; when every site waits, the
+    compute thread also asks Ray itself (``ray.wait``) every :data:`POLL_SECONDS`, so a completion whose callback
+    never comes (seen with objects another process put in the object store) cannot leave the worker waiting
+    forever."""
 
     def __init__(self, threads: int) -> None:
         self._inbox: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         self._hub: Optional[greenlet.greenlet] = None
         self._busy: set[int] = set()
+        self._waiting: dict[int, _Waiting] = {}
+        self._waits = 0
+        self.polled_resumes = 0  # resumed by the compute thread's own check, not by the callback
         self._thread = threading.Thread(target=self._loop, args=(threads,), name="lightning-fed-sites", daemon=True)
         self._thread.start()
 
@@ -119,7 +142,11 @@ class Scheduler:
         self._hub = greenlet.getcurrent()
         torch.set_num_threads(max(1, threads))
         while True:
-            item = self._inbox.get()
+            try:
+                item = self._inbox.get(timeout=POLL_SECONDS if self._waiting else None)
+            except queue.Empty:
+                self._resume_arrived()
+                continue
             if item[0] == "threads":
                 torch.set_num_threads(max(1, item[1]))
                 item[2].set_result(None)
@@ -130,9 +157,27 @@ class Scheduler:
                     continue
                 self._busy.add(id(state))
                 self._step(greenlet.greenlet(lambda fn=fn, args=args: fn(*args)), state, done, start=True)
-            else:  # "ready": what a site waited for has arrived
-                _, site, state, done, value, error = item
-                self._step(site, state, done, value=value, error=error)
+            else:  # "ready": what a site waited for has arrived (unless the site was resumed by polling already)
+                _, key, value, error = item
+                waiting = self._waiting.pop(key, None)
+                if waiting is not None:
+                    self._step(waiting.site, waiting.state, waiting.done, value=value, error=error)
+
+    def _resume_arrived(self) -> None:
+        import ray
+
+        by_ref = {w.ref: key for key, w in self._waiting.items()}
+        ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=0)
+        for ref in ready:
+            waiting = self._waiting.pop(by_ref[ref])
+            try:
+                value, error = ray.get(ref, timeout=0), None
+            except Exception as err:  # the call it waited for failed: the site gets the error, as from the callback
+                value, error = None, err
+            if time.monotonic() - waiting.since > 1.0:
+                self.polled_resumes += 1
+                log.warning("lightning-fed: a Ray completion callback did not come within 1 s; the site was resumed by polling")
+            self._step(waiting.site, waiting.state, waiting.done, value=value, error=error)
 
     def _step(self, site: greenlet.greenlet, state: SiteState, done: concurrent.futures.Future, start: bool = False,
               value: Any = None, error: Optional[BaseException] = None) -> None:
@@ -159,7 +204,10 @@ class Scheduler:
             done.set_result(out)
             return
         _, ref = out
-        ref.future().add_done_callback(lambda f: self._inbox.put(("ready", site, state, done, *_outcome(f))))
+        self._waits += 1
+        key = self._waits  # one per wait: a late callback can never resume a later wait
+        self._waiting[key] = _Waiting(site, state, done, ref)
+        ref.future().add_done_callback(lambda f: self._inbox.put(("ready", key, *_outcome(f))))
 
 
 def _outcome(future: concurrent.futures.Future) -> tuple[Any, Optional[BaseException]]:
