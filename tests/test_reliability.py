@@ -142,3 +142,30 @@ def test_continue_mode_refuses_rules_that_need_every_site():
     with pytest.raises(ValueError, match="on_site_failure must be 'abort' or 'continue'"):
         FederatedStrategy(on_site_failure="retry")
     FederatedStrategy(aggregator="dp_fedavg", on_site_failure="continue", min_sites=2)  # noise on the sum: fine
+
+
+@pytest.mark.usefixtures("ray_cluster", "fed_data")
+def test_resuming_a_round_a_site_missed_brings_it_in_at_the_next_round(tmp_path):
+    ckpt = tmp_path / "ckpt"
+
+    def fit(epochs, datamodule, resume=None):
+        strategy = FederatedStrategy(progress=False, seed=3, sites_per_worker=1, on_site_failure="continue", checkpoint_dir=str(ckpt))
+        trainer = L.Trainer(strategy=strategy, max_epochs=epochs, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+        try:
+            trainer.fit(NoisyCNN(), datamodule=datamodule, ckpt_path=resume)
+            return trainer, strategy.last_fit
+        finally:
+            strategy.shutdown()
+
+    # 'bad' fails in its fourth (last) epoch: round 4 is committed with its part from round 3
+    trainer, first = fit(4, HospitalsWithFailingSite(fail_at_access=400, once_flag=str(tmp_path / "failed")))
+    assert [e.event for e in first.events] == ["left out", "rejoined"] and first.round_sites[-1] == ["large", "small_1"]
+    import json
+
+    manifest = json.loads((ckpt / "round-0004" / "manifest.json").read_text())
+    assert manifest["site_rounds"] == {"large": 4, "small_1": 4, "bad": 3}
+    # two more rounds from there: 'bad' comes in at round 5 from round 4's global model, and every round has all three
+    trainer, resumed = fit(6, HospitalsWithFailingSite(fail_at_access=10**9), resume=str(ckpt))
+    assert trainer.current_epoch == 6 and resumed.round_sites == [["large", "small_1", "bad"]] * 2
+    [event] = resumed.events
+    assert (event.site, event.event, event.round) == ("bad", "rejoined", 5) and "earlier round" in event.reason
