@@ -84,10 +84,6 @@ class SiteConsole:
     def target(self) -> IO[str]:
         return self._files.get(self.current) or self._worker or sys.__stderr__
 
-    def path(self, site: str) -> Optional[str]:
-        handle = self._files.get(site)
-        return handle.name if handle is not None else None
-
     def flush(self) -> None:
         for handle in [*self._files.values(), *([self._worker] if self._worker else [])]:
             handle.flush()

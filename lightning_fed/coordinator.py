@@ -288,18 +288,15 @@ class Coordinator:
                 self._out.pop(site, None)
                 self._finished.add(site)
                 self._event(site, "rejoined", "at the end of the run: loads the final model")
-                model = None if self.global_model is None else [ray.put(self.global_model)]
-                return RejoinPoint(self.round, model, self._carry.get(site), finished=True)
-        model = None if self.global_model is None else [ray.put(self.global_model)]
-        return RejoinPoint(self._joins[site], model, self._carry.get(site), finished=False)
+                return RejoinPoint(self.round, self.final_global(), self._carry.get(site), finished=True)
+        return RejoinPoint(self._joins[site], self.final_global(), self._carry.get(site), finished=False)
 
     def entry_point(self, site: str) -> RejoinPoint:
         """Where a resumed run's site comes in whose checkpoint part is older than the round (it was out of it):
         at the next round, from the round's global model."""
         self._joins[site] = self.round + 1
         self._event(site, "rejoined", f"from round {self.round + 1} (its checkpoint part is from an earlier round)")
-        model = None if self.global_model is None else [ray.put(self.global_model)]
-        return RejoinPoint(self.round + 1, model, self._carry.get(site), finished=False)
+        return RejoinPoint(self.round + 1, self.final_global(), self._carry.get(site), finished=False)
 
     def _admit_rejoiners(self, next_round: int) -> None:
         for site in sorted(self._rejoining):
@@ -475,6 +472,7 @@ class Coordinator:
         }
 
     def final_global(self) -> Optional[list]:
+        """``[ref]`` to the current global model (``None`` before there is one)."""
         return None if self.global_model is None else [ray.put(self.global_model)]
 
     def server_state(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from lightning_fed import COORDINATOR_ROLE_ENV
 from lightning_fed.audit import describe
 from lightning_fed.checkpoint import RoundCheckpoint, find_checkpoint
 from lightning_fed.config import FederationConfig, Placement
-from lightning_fed.coordinator import RemoteCoordinator
+from lightning_fed.coordinator import FAILURES_BEFORE_OUT, RemoteCoordinator
 from lightning_fed.data.sites import Site
 from lightning_fed.loggers import log_driver_metrics
 from lightning_fed.metric_states import merge_reports
@@ -48,7 +48,8 @@ POLL_SECONDS = 0.5  # how often the driver refreshes the progress view while sit
 _LIVE: "weakref.WeakSet[Federation]" = weakref.WeakSet()  # this process's federations whose workers are up
 
 
-def _first_line(err: Exception) -> str:
+def _first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` of what a site raised (Ray's wrapper unwrapped)."""
     cause = getattr(err, "cause", None) or err
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0] if lines else ''}"
@@ -351,9 +352,7 @@ class Federation:
             elif isinstance(err, RayActorError):
                 reason = self._death_reason(sites, what, err)
             else:
-                cause = cause or err
-                first = str(cause).strip().splitlines()
-                reason = f"site {sites[0]!r} failed during {what}: {type(cause).__name__}: {first[0] if first else ''}"
+                reason = f"site {sites[0]!r} failed during {what}: {_first_line(err)}"
             if self.coordinator is not None:
                 self.coordinator.abort.remote(reason)
         self.shutdown(graceful=False)
@@ -483,7 +482,8 @@ class Federation:
             self._fail([name], err, "fit")
         if not may_rejoin:
             self.out[name] = reason
-            log.warning("lightning-fed: site %r stays out of the federation: it failed %d times in a row (%s)", name, 3, reason)
+            log.warning("lightning-fed: site %r stays out of the federation: it failed %d times in a row (%s)", name,
+                        FAILURES_BEFORE_OUT, reason)
             return None
         index = self.worker_of[name]
         if dead and self.workers[index] is worker:  # the first of its sites to notice: start its replacement

@@ -109,7 +109,6 @@ class Scheduler:
         self._busy: set[int] = set()
         self._waiting: dict[int, _Waiting] = {}
         self._waits = 0
-        self.polled_resumes = 0  # resumed by the compute thread's own check, not by the callback
         self._thread = threading.Thread(target=self._loop, args=(threads,), name="lightning-fed-sites", daemon=True)
         self._thread.start()
 
@@ -175,7 +174,6 @@ class Scheduler:
             except Exception as err:  # the call it waited for failed: the site gets the error, as from the callback
                 value, error = None, err
             if time.monotonic() - waiting.since > 1.0:
-                self.polled_resumes += 1
                 log.warning("lightning-fed: a Ray completion callback did not come within 1 s; the site was resumed by polling")
             self._step(waiting.site, waiting.state, waiting.done, value=value, error=error)
 

@@ -36,7 +36,7 @@ from lightning_fed.results import SiteEvaluation, SiteFit, SitePrivacy, SiteRead
 from lightning_fed.strategies.base import GlobalModel, Weights
 from lightning_fed.strategies.site import SiteAlgorithm, load_weights, state_to_numpy
 from lightning_fed.scheduler import Scheduler, SiteState
-from lightning_fed.sync import FederatedSync, RoundClose, restore_carried, scalar_metrics
+from lightning_fed.sync import EpochCount, FederatedSync, RoundClose, restore_carried, scalar_metrics
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class SiteStrategy(SingleDeviceStrategy):
         super().__init__(device=device)
         self.context = context
         self.sync = sync
-        self._decisions, self._decision_epoch = 0, -1
+        self._decisions = EpochCount()
 
     def process_dataloader(self, dataloader: Any) -> Any:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
@@ -87,10 +87,8 @@ class SiteStrategy(SingleDeviceStrategy):
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         if self.lightning_module is None or self.lightning_module.trainer.state.fn != "fit":
             return decision
-        epoch = self.lightning_module.trainer.current_epoch
-        self._decisions = self._decisions + 1 if epoch == self._decision_epoch else 1
-        self._decision_epoch = epoch
-        return bool(self.context.ask("agree", ("decision", epoch, self._decisions), bool(decision), all))
+        key = self._decisions.key("decision", self.lightning_module.trainer.current_epoch)
+        return bool(self.context.ask("agree", key, bool(decision), all))
 
 
 def site_device() -> tuple[str, torch.device]:

@@ -74,11 +74,29 @@ def refuse_non_finite(weights: Any, site: str, round_: int, last_loss: Optional[
                              f"{seen}): lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)) or check its data")
 
 
+class EpochCount:
+    """The how-manieth call within the current epoch: with the epoch, a barrier key every site (a rejoining one
+    too) computes alike, e.g. ``("val", epoch, 2)`` for an epoch's second validation."""
+
+    def __init__(self) -> None:
+        self.epoch, self.count = -1, 0
+
+    def key(self, kind: str, epoch: int) -> tuple[str, int, int]:
+        self.count = self.count + 1 if epoch == self.epoch else 1
+        self.epoch = epoch
+        return (kind, epoch, self.count)
+
+
 def carriers(trainer: Trainer) -> dict[str, Any]:
     """The site's callbacks whose state must survive a restart exactly as of the site's last hand-over (a privacy
     accountant: every released update counts), by class name. They implement ``state_dict``/``load_state_dict``
     and set ``carried_by_coordinator = True``."""
     return {type(cb).__name__: cb for cb in trainer.callbacks if getattr(cb, "carried_by_coordinator", False)}
+
+
+def carried_state(trainer: Trainer) -> Optional[dict[str, Any]]:
+    """What the site's carriers hand over with an update (``None`` when it has none)."""
+    return {name: cb.state_dict() for name, cb in carriers(trainer).items()} or None
 
 
 def restore_carried(trainer: Trainer, carry: Optional[dict[str, Any]]) -> None:
@@ -101,7 +119,7 @@ class FederatedSync(Callback):
         self._samples_since_sync = 0
         self._train_samples_last_epoch = 0
         self._epoch_samples = 0
-        self._validations, self._validation_epoch = 0, -1
+        self._validations = EpochCount()
         self._pending_generators: Optional[list[torch.Tensor]] = None  # restored with the loader a resumed fit builds
         self.trainer: Optional[Trainer] = None
         self.join: Any = None  # a RejoinPoint: where this site comes back in after it was left out
@@ -113,8 +131,7 @@ class FederatedSync(Callback):
         t0 = time.perf_counter()
         update = self.algorithm.local_update(trainer, pl_module, self._samples_since_sync)
         refuse_non_finite(update.weights, self.context.site, self.round + 1, self._last_loss)
-        carry = {name: cb.state_dict() for name, cb in carriers(trainer).items()} or None
-        [ref] = self.context.ask("sync", self.round + 1, update, carry)
+        [ref] = self.context.ask("sync", self.round + 1, update, carried_state(trainer))
         model: GlobalModel = self.context.fetch(ref)
         self.algorithm.receive_global(trainer, pl_module, model)
         self.round = model.round
@@ -178,8 +195,6 @@ class FederatedSync(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        self._validations = self._validations + 1 if self._validation_epoch == trainer.current_epoch else 1
-        self._validation_epoch = trainer.current_epoch
         payload = {
             "scalars": scalar_metrics(trainer.callback_metrics),
             "num_samples": self.metrics.samples("val"),
@@ -191,7 +206,7 @@ class FederatedSync(Callback):
             },
         }
         # keyed by epoch (and the validation's number in it): a site that rejoins later meets the others there
-        merged = self.context.ask("merge_metrics", ("val", trainer.current_epoch, self._validations), payload, trainer.current_epoch)
+        merged = self.context.ask("merge_metrics", self._validations.key("val", trainer.current_epoch), payload, trainer.current_epoch)
         for key, value in federated_metrics(merged, "val").items():
             if isinstance(value, float):
                 # new keys persist in callback_metrics (existing ones are re-read from live results)

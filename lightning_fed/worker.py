@@ -100,21 +100,26 @@ class Worker:
 
     def host(self, plans: list[SitePlan], stage: str) -> dict[str, SiteReady]:
         """Set up these sites (replacing any hosted before) and check each one's data for ``stage``."""
-        from lightning_fed.site import SiteRuntime
-
         self.sites = {}
         ready = {}
         if plans:
             self.console.open(plans[0].job.root_dir, self.index, [p.site.name for p in plans])
         for plan in plans:
-            name = plan.site.name
-            try:
-                site = SiteRuntime(plan, self.scheduler, self.index, self.mark, self.marker)
-                ready[name] = self.scheduler.call(site.state, site.start, stage)
-            except Exception as err:
-                first = str(err).strip().splitlines()
-                raise SiteStartError(name, f"{type(err).__name__}: {first[0] if first else ''}") from None
-            self.sites[name] = site
+            ready[plan.site.name] = self._start_site(plan, stage)
+        return ready
+
+    def _start_site(self, plan: SitePlan, stage: str) -> SiteReady:
+        """Build one site (Trainer, module, data) on the compute thread and host it; failures name the site."""
+        from lightning_fed.site import SiteRuntime
+
+        name = plan.site.name
+        try:
+            site = SiteRuntime(plan, self.scheduler, self.index, self.mark, self.marker)
+            ready = self.scheduler.call(site.state, site.start, stage)
+        except Exception as err:
+            first = str(err).strip().splitlines()
+            raise SiteStartError(name, f"{type(err).__name__}: {first[0] if first else ''}") from None
+        self.sites[name] = site
         return ready
 
     def fit(self, site: str, ckpt_path: Optional[str] = None, join: Any = None) -> SiteFit:
@@ -124,18 +129,11 @@ class Worker:
     def rejoin(self, plan: SitePlan, ckpt_path: Optional[str] = None) -> SiteFit:
         """Set the site up again (a fresh Trainer, module and data), wait for the coordinator to let it back in at
         the next round, restore it from ``ckpt_path`` (its last committed part, if any) and train to the end."""
-        from lightning_fed.site import SiteRuntime
-
         name = plan.site.name
         self.sites.pop(name, None)
         self.console.open(plan.job.root_dir, self.index, [name, *self.sites])
-        try:
-            site = SiteRuntime(plan, self.scheduler, self.index, self.mark, self.marker)
-            self.scheduler.call(site.state, site.start, "fit")
-        except Exception as err:
-            first = str(err).strip().splitlines()
-            raise SiteStartError(name, f"{type(err).__name__}: {first[0] if first else ''}") from None
-        self.sites[name] = site
+        self._start_site(plan, "fit")
+        site = self.sites[name]
         return self.scheduler.call(site.state, site.fit, ckpt_path, "ask")
 
     def evaluate(self, site: str, stage: str, model: GlobalModel, exact: bool = False) -> SiteEvaluation:
