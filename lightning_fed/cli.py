@@ -3,9 +3,10 @@
     lightning-fed fit --config recipes/hospitals.yaml          # LightningCLI (also validate, test)
     lightning-fed compare --config RECIPE --modes pooled,local,federated --repeats N
     lightning-fed sweep --config RECIPE --grid KEY=V1,V2
+    lightning-fed inventory --config RECIPE                    # exams per site by vendor, model, kernel
 
 ``fit``/``validate``/``test`` are :class:`~lightning_fed.lightning_cli.FederatedCLI` (everything LightningCLI
-offers); ``compare``/``sweep`` are :mod:`lightning_fed.experiments`.
+offers); ``compare``/``sweep`` are :mod:`lightning_fed.experiments`, ``inventory`` is :mod:`lightning_fed.inventory`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Optional
 from lightning_fed.errors import TRACEBACK_ENV, explain, resume_hint
 
 EPILOG = ("Experiments: `lightning-fed compare --config RECIPE --modes pooled,local,federated --repeats N` and "
-          "`lightning-fed sweep --config RECIPE --grid KEY=V1,V2`; `lightning-fed compare --help` for details.")
+          "`lightning-fed sweep --config RECIPE --grid KEY=V1,V2`; `lightning-fed compare --help` for details. "
+          "Exams per site by vendor, model and kernel: `lightning-fed inventory --config RECIPE`.")
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -58,6 +60,11 @@ def _run(argv: list[str], from_command_line: bool) -> None:
         from lightning_fed.experiments import COMMANDS
 
         COMMANDS[argv[0]](argv[1:])
+        return
+    if argv and argv[0] == "inventory":
+        from lightning_fed.inventory import main as inventory
+
+        inventory(argv[1:])
         return
     from lightning_fed.lightning_cli import FederatedCLI
 

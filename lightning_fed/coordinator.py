@@ -123,6 +123,7 @@ class Coordinator:
         self._round_event = asyncio.Event()  # set (and replaced) when a round is aggregated or the run ends
         self._events: list[dict[str, Any]] = []
         self._round_sites: list[list[str]] = []
+        self._round_metrics: list[dict[str, float]] = []  # what the aggregator reported about each round's model
 
     # -- who takes part in what --------------------------------------------------------------------
     def _expected(self, key: tuple) -> set[str]:
@@ -340,6 +341,7 @@ class Coordinator:
                 self._carry[s] = barrier.values[s][1]
             self.global_model, self.round = model, round
             self._round_sites.append(present)
+            self._round_metrics.append({k: float(v) for k, v in model.extras.get("metrics", {}).items()})
             if self.checkpoint_dir is not None:
                 self._pending_checkpoints[round] = self._server_state()
             barrier.result = [ray.put(model)]
@@ -469,6 +471,7 @@ class Coordinator:
             "aborted": self._aborted,
             "events": list(self._events),
             "round_sites": [list(r) for r in self._round_sites],
+            "round_metrics": [dict(m) for m in self._round_metrics],
         }
 
     def final_global(self) -> Optional[list]:

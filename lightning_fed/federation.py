@@ -399,9 +399,10 @@ class Federation:
             snap = ray.get(self.coordinator.progress.remote(state["since"]))
             state["since"] = snap["history_len"]
             state["snapshot"] = snap
-            rounds = snap.get("round_sites", [])
+            rounds, reported = snap.get("round_sites", []), snap.get("round_metrics", [])
             for number in range(state.get("rounds_logged", 0), len(rounds)):  # how many sites each round aggregated
-                log_driver_metrics(list(loggers), {"fl/sites_in_round": float(len(rounds[number]))},
+                figures = {f"fl/{k}": v for k, v in (reported[number] if number < len(reported) else {}).items()}
+                log_driver_metrics(list(loggers), {"fl/sites_in_round": float(len(rounds[number])), **figures},
                                    step=(number + 1) * self.config.sync_every - 1)  # the epoch the round ended in
             state["rounds_logged"] = len(rounds)
             for entry in snap["history"]:
@@ -448,6 +449,7 @@ class Federation:
             started_at=started_at,
             events=[SiteEvent(**e) for e in snapshot.get("events", [])],
             round_sites=list(snapshot.get("round_sites", [])),
+            round_metrics=list(snapshot.get("round_metrics", [])),
         )
 
     # -- continue mode ---------------------------------------------------------------------------
@@ -559,6 +561,10 @@ def evaluation_of(stage: str, sites: dict[str, SiteEvaluation]) -> Evaluation:
     """Site evaluations and their merge: the metrics of every site's predictions pooled (states summed)."""
     merged = merge_reports({n: r.report() for n, r in sites.items()})
     notes = sorted({r.note for r in sites.values() if r.note})
+    hidden = sorted(name for name, r in sites.items() if r.hidden_labels)
+    if hidden:
+        notes.append(f"sites without labels ({', '.join(hidden)}): their label-based metrics come from labels they never "
+                     "trained on (a simulation's hidden labels), and count in the federated values")
     return Evaluation(stage=stage, sites=sites, federated=federated_metrics(merged, "test" if stage == "test" else "val"), notes=notes)
 
 

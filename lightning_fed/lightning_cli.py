@@ -17,10 +17,10 @@ from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_fed.progress import per_label_table, results_table
+from lightning_fed.progress import per_label_table, report_columns, results_table
 from lightning_fed.strategy import FederatedStrategy
 
-_METRICS = ("loss", "accuracy", "precision", "recall", "auroc")
+
 
 
 class FederatedCLI(LightningCLI):
@@ -57,6 +57,8 @@ class FederatedCLI(LightningCLI):
                 report["layout"] = fit.startup.layout
                 report["fit_seconds"] = fit.fit_seconds
                 report["round_seconds"] = fit.round_seconds
+                if any(fit.round_metrics):
+                    report["round_metrics"] = fit.round_metrics
                 if fit.events:  # continue mode: who was left out of which round, and who came back
                     report["site_events"] = [dataclasses.asdict(e) for e in fit.events]
                     report["round_sites"] = fit.round_sites
@@ -85,12 +87,14 @@ class FederatedCLI(LightningCLI):
             unknown = sorted(set(mean_over) - set(sites))
             if unknown:
                 raise ValueError(f"results.mean_over names unknown sites {unknown}; the sites are {sorted(sites)}")
-            mean = {m: sum(sites[s][m] for s in mean_over) / len(mean_over) for m in _METRICS if all(isinstance(sites[s].get(m), float) for s in mean_over)}
+            mean = {m: sum(sites[s][m] for s in mean_over) / len(mean_over) for m in report_columns(sites) if all(isinstance(sites[s].get(m), float) for s in mean_over)}
             report["test"]["mean_over_sites"] = {"sites": mean_over, **mean}
             rows[f"mean({','.join(mean_over)})"] = mean
         rows["federated"] = table["federated"]
         print("\nTest results (global model, each site's own test split):")
-        print(results_table(rows, _METRICS))
+        print(results_table(rows))
+        for note in evaluation.notes:
+            print(f"note: {note}")
         label_names = _label_names(self.model, self.datamodule)
         labels = per_label_table({**sites, "federated": rows["federated"]}, label_names)
         if labels:

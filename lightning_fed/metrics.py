@@ -1,9 +1,11 @@
-"""Per-site classification metrics and their exact federated merge.
+"""Per-site classification and segmentation metrics and their exact federated merge.
 
 Every site measures accuracy, precision, recall, AUROC and the confusion matrix of the module's own outputs on
-its own evaluation data. What leaves the site is each metric's *state* (confusion counts, binned ROC counts), never
-predictions. The coordinator sums the states, so the federated value equals what pooling every site's predictions
-would give (AUROC with ``thresholds`` bins), which averaging site AUROCs does not.
+its own evaluation data (segmentation: Dice per class and per group, e.g. scanner vendor, and the predictive
+uncertainty per group). What leaves the site is each metric's *state* (confusion counts, binned ROC counts, pixel
+counts and uncertainty sums), never predictions. The coordinator sums the states, so the federated value equals what
+pooling every site's predictions would give (AUROC with ``thresholds`` bins; Dice over all pixels), which averaging
+site scores does not.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import numpy as np
 import torch
 import torchmetrics.classification as tmc
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torchmetrics import Metric
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 DEFAULT_THRESHOLDS = 1000
@@ -28,12 +32,18 @@ IGNORE_INDEX = -1  # unlabelled targets (partial labels) never count as negative
 class TaskSpec:
     """What kind of classification the module's outputs describe, inferred from the first evaluated batch."""
 
-    kind: str  # "binary" | "multiclass" | "multilabel"
+    kind: str  # "binary" | "multiclass" | "multilabel" | "segmentation"
     num_classes: int
     thresholds: int = DEFAULT_THRESHOLDS
+    groups: tuple[str, ...] = ()  # segmentation: names of the batches' ``group`` indices (e.g. vendors)
 
     @staticmethod
-    def infer(logits: torch.Tensor, targets: torch.Tensor, thresholds: int = DEFAULT_THRESHOLDS) -> "TaskSpec":
+    def infer(logits: torch.Tensor, targets: Optional[torch.Tensor], thresholds: int = DEFAULT_THRESHOLDS,
+              groups: tuple[str, ...] = ()) -> "TaskSpec":
+        if logits.dim() >= 3 and (targets is None or tuple(targets.shape) == (logits.shape[0], *logits.shape[2:])):
+            return TaskSpec("segmentation", logits.shape[1], thresholds, tuple(groups))
+        if targets is None:
+            raise ValueError("classification metrics need targets")
         if targets.dim() == 2 and logits.shape == targets.shape:
             return TaskSpec("multilabel", logits.shape[1], thresholds)
         if logits.dim() == 1 or logits.shape[-1] in (1, 2):
@@ -42,6 +52,8 @@ class TaskSpec:
 
     def build(self) -> dict[str, Any]:
         t, common = self.thresholds, {"ignore_index": IGNORE_INDEX}
+        if self.kind == "segmentation":
+            return {"dice": GroupedOverlap(self.num_classes, len(self.groups)), "uncertainty": GroupedUncertainty(len(self.groups))}
         if self.kind == "binary":
             return {
                 "accuracy": tmc.BinaryAccuracy(**common),
@@ -79,8 +91,106 @@ class TaskSpec:
         return logits.sigmoid()
 
 
+class GroupedOverlap(Metric):
+    """Pixel counts of true positives, false positives and false negatives per group and class (all sums).
+
+    Row ``g`` holds the images of group ``g``; the last row those without a known group. Dice of class ``c`` is
+    ``2 tp / (2 tp + fp + fn)`` over every pixel counted, so sites' counts add up to the pooled Dice.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, num_groups: int) -> None:
+        super().__init__()
+        self.num_classes, self.num_groups = num_classes, num_groups
+        for name in ("tp", "fp", "fn"):
+            self.add_state(name, torch.zeros(num_groups + 1, num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> None:
+        c = self.num_classes
+        pred = F.one_hot(preds.long().clamp(0, c - 1), c).flatten(1, -2).double()  # [B, pixels, C]
+        true = F.one_hot(target.long().clamp(0, c - 1), c).flatten(1, -2).double()
+        rows = _group_rows(groups, self.num_groups)
+        self.tp.index_add_(0, rows, (pred * true).sum(1))
+        self.fp.index_add_(0, rows, (pred * (1 - true)).sum(1))
+        self.fn.index_add_(0, rows, ((1 - pred) * true).sum(1))
+
+    def compute(self) -> torch.Tensor:
+        return dice_scores(self.tp.sum(0), self.fp.sum(0), self.fn.sum(0))
+
+
+class GroupedUncertainty(Metric):
+    """Sums of per-pixel entropy, aleatoric entropy and mutual information, and pixel counts, per group."""
+
+    full_state_update = False
+    TERMS = ("entropy", "aleatoric", "mutual_information")
+
+    def __init__(self, num_groups: int) -> None:
+        super().__init__()
+        self.num_groups = num_groups
+        for name in (*self.TERMS, "pixels"):
+            self.add_state(name, torch.zeros(num_groups + 1, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, uncertainty: Any, groups: torch.Tensor) -> None:
+        rows = _group_rows(groups, self.num_groups)
+        for name in self.TERMS:
+            values = getattr(uncertainty, name).double().flatten(1)
+            getattr(self, name).index_add_(0, rows, values.sum(1))
+        self.pixels.index_add_(0, rows, torch.full((len(rows),), float(uncertainty.entropy[0].numel()), dtype=torch.float64, device=rows.device))
+
+    def compute(self) -> torch.Tensor:
+        return self.entropy.sum() / self.pixels.sum().clamp_min(1)
+
+
+def _group_rows(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    rows = groups.long().reshape(-1)
+    return torch.where((rows >= 0) & (rows < num_groups), rows, torch.full_like(rows, num_groups))
+
+
+def dice_scores(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+    """Dice per class from pixel counts; NaN where a class is neither present nor predicted."""
+    denominator = 2 * tp + fp + fn
+    return torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1e-12), torch.full_like(tp, float("nan")))
+
+
+def _mean_foreground(dice: torch.Tensor) -> float:
+    values = [float(v) for v in dice[1:] if not torch.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def metric_key(name: str) -> str:
+    """A group name as it appears in metric keys: lower case, letters, digits and ``_``."""
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_") or "group"
+
+
+def segmentation_values(spec: TaskSpec, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``dice`` (mean over foreground classes), ``dice_per_class``, ``dice_<group>``; ``entropy``, ``aleatoric``,
+    ``mutual_information`` (mean per pixel) and ``<term>_<group>``; groups without images are left out."""
+    overlap, uncertainty = metrics["dice"], metrics["uncertainty"]
+    out: dict[str, Any] = {}
+    labelled = float((overlap.tp + overlap.fn).sum()) > 0
+    if labelled:
+        dice = dice_scores(overlap.tp.sum(0), overlap.fp.sum(0), overlap.fn.sum(0))
+        out["dice"] = _mean_foreground(dice)
+        out["dice_per_class"] = [None if torch.isnan(v) else float(v) for v in dice]
+    pixels = uncertainty.pixels
+    if float(pixels.sum()) > 0:
+        for term in GroupedUncertainty.TERMS:
+            out[term] = float(getattr(uncertainty, term).sum() / pixels.sum())
+    for g, name in enumerate(spec.groups):
+        key = metric_key(name)
+        if labelled and float((overlap.tp[g] + overlap.fn[g]).sum()) > 0:
+            out[f"dice_{key}"] = _mean_foreground(dice_scores(overlap.tp[g], overlap.fp[g], overlap.fn[g]))
+        if float(pixels[g]) > 0:
+            for term in GroupedUncertainty.TERMS:
+                out[f"{term}_{key}"] = float(getattr(uncertainty, term)[g] / pixels[g])
+    return out
+
+
 def compute_metrics(spec: TaskSpec, metrics: dict[str, Any]) -> dict[str, Any]:
     """Scalars as floats, the confusion matrix as nested lists, multi-label AUROC averaged over supported labels."""
+    if spec.kind == "segmentation":
+        return segmentation_values(spec, metrics)
     out: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no positive samples" etc.: reflected in the value, not worth a warning
@@ -136,7 +246,8 @@ def federated_metrics(merged: dict[str, Any], stage: str) -> dict[str, Any]:
     return out
 
 
-def _targets_of(batch: Any) -> Optional[torch.Tensor]:
+def targets_of(batch: Any) -> Optional[torch.Tensor]:
+    """The targets of an ``(inputs, targets)`` batch or of a dict batch (``label``, ``target``, ...), if any."""
     if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
         return batch[1]
     if isinstance(batch, dict):
@@ -146,7 +257,8 @@ def _targets_of(batch: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _inputs_of(batch: Any) -> Any:
+def inputs_of(batch: Any) -> Any:
+    """The inputs of an ``(inputs, targets)`` batch or of a dict batch (``image``, ``input``, ``x``, ...)."""
     if isinstance(batch, (list, tuple)):
         return batch[0]
     if isinstance(batch, dict):
@@ -172,7 +284,10 @@ class SiteMetrics(Callback):
 
     Outputs are captured with a forward hook when ``validation_step``/``test_step`` call the module (no extra
     compute); otherwise the batch's inputs are run through ``forward`` once more. Batches are ``(inputs, targets)``
-    pairs or dicts with a ``target``/``label`` key.
+    pairs or dicts with a ``target``/``label`` key. Outputs shaped ``[B, C, H, W]`` against targets ``[B, H, W]``
+    are a segmentation: Dice per class and per ``group`` (a batch key; names from the datamodule's
+    ``group_names``), and, when the module offers ``predictive_uncertainty(images)``, its uncertainty per group,
+    measured on images alone (so also at a site without labels).
     """
 
     def __init__(self, site: str, thresholds: int = DEFAULT_THRESHOLDS) -> None:
@@ -184,10 +299,13 @@ class SiteMetrics(Callback):
         self._captured: list[torch.Tensor] = []
         self._handle: Optional[RemovableHandle] = None
         self._disabled: Optional[str] = None
+        self.groups: tuple[str, ...] = ()
         self.results: dict[str, dict[str, Any]] = {}
 
     # -- capture ---------------------------------------------------------------------------------
-    def _start(self, pl_module: LightningModule, stage: str) -> None:
+    def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # group names (e.g. vendors) of the batches' ``group`` index, from the site's datamodule
+        self.groups = tuple(getattr(trainer.datamodule, "group_names", None) or ()) if self.spec is None else self.spec.groups
         self._metrics.pop(stage, None)
         self._samples[stage] = 0
         self._captured = []
@@ -203,22 +321,32 @@ class SiteMetrics(Callback):
         captured, self._captured = self._captured, []
         if self._disabled:
             return
-        targets = _targets_of(batch)
-        if targets is None:
+        targets = targets_of(batch)
+        uncertainty = getattr(pl_module, "predictive_uncertainty", None)
+        if targets is None and not callable(uncertainty):
             return self._disable("batches have no recognisable targets (expected (inputs, targets) or a dict with 'label')")
-        logits = next((l for l in map(_logits_of, reversed(captured)) if l is not None and len(l) == len(targets)), None)
+        inputs = inputs_of(batch)
+        count = len(targets) if targets is not None else len(inputs)
+        logits = next((l for l in map(_logits_of, reversed(captured)) if l is not None and len(l) == count), None)
         if logits is None:
             try:
                 with torch.no_grad():
-                    logits = _logits_of(pl_module(_inputs_of(batch)))
+                    logits = _logits_of(pl_module(inputs))
             except Exception as err:  # a module whose forward needs more than the inputs
                 return self._disable(f"forward(inputs) failed ({type(err).__name__}: {err})")
-            if logits is None or len(logits) != len(targets):
+            if logits is None or len(logits) != count:
                 return self._disable("forward(inputs) did not return one row of logits per target")
         if self.spec is None:
-            self.spec = TaskSpec.infer(logits, targets, self.thresholds)
+            try:
+                self.spec = TaskSpec.infer(logits, targets, self.thresholds, self.groups)
+            except ValueError:
+                return self._disable("batches have no targets and the outputs are not a segmentation")
         if stage not in self._metrics:
             self._metrics[stage] = {k: m.to(logits.device) for k, m in self.spec.build().items()}
+        if self.spec.kind == "segmentation":
+            return self._update_segmentation(uncertainty, inputs, logits, targets, batch, stage)
+        if targets is None:
+            return
         probs = self.spec.probabilities(logits)
         target = targets.long()
         if self.spec.kind == "binary":
@@ -226,6 +354,18 @@ class SiteMetrics(Callback):
         for metric in self._metrics[stage].values():
             metric.update(probs, target)
         self._samples[stage] += int((target != IGNORE_INDEX).any(-1).sum()) if target.dim() > 1 else int((target != IGNORE_INDEX).sum())
+
+    def _update_segmentation(self, uncertainty: Any, inputs: torch.Tensor, logits: torch.Tensor, targets: Optional[torch.Tensor],
+                             batch: Any, stage: str) -> None:
+        group = batch.get("group") if isinstance(batch, dict) else None
+        groups = group.to(logits.device) if isinstance(group, torch.Tensor) else torch.full((len(logits),), -1, device=logits.device)
+        metrics = self._metrics[stage]
+        if targets is not None:
+            metrics["dice"].update(logits.argmax(1), targets, groups)
+        if callable(uncertainty):
+            metrics["uncertainty"].update(uncertainty(inputs), groups)
+            self._captured = []  # the extra passes are not this batch's outputs
+        self._samples[stage] += len(logits)
 
     def _disable(self, why: str) -> None:
         self._disabled = why
@@ -254,7 +394,7 @@ class SiteMetrics(Callback):
     # -- Lightning hooks ----------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._start(pl_module, "val")
+            self._start(trainer, pl_module, "val")
 
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking:
@@ -265,7 +405,7 @@ class SiteMetrics(Callback):
             self._finish(pl_module, "val")
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(pl_module, "test")
+        self._start(trainer, pl_module, "test")
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._update(pl_module, batch, "test")

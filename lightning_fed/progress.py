@@ -64,20 +64,33 @@ class FederatedProgress:
             self.stream.flush()
 
 
-def results_table(rows: dict[str, dict[str, Any]], columns: tuple[str, ...] = ("loss", "accuracy", "precision", "recall", "auroc")) -> str:
-    """A plain-text table: one row per site plus the federated row, one column per metric."""
+CLASSIFICATION_COLUMNS = ("loss", "accuracy", "precision", "recall", "auroc")
+SEGMENTATION_COLUMNS = ("loss", "dice", "entropy", "mutual_information")
+
+
+def report_columns(rows: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """Metric columns for a results table: segmentation's when the sites measured Dice or uncertainty."""
+    segmentation = any("dice" in r or "mutual_information" in r for r in rows.values())
+    return SEGMENTATION_COLUMNS if segmentation else CLASSIFICATION_COLUMNS
+
+
+def results_table(rows: dict[str, dict[str, Any]], columns: Optional[tuple[str, ...]] = None) -> str:
+    """A plain-text table: one row per site plus the federated row, one column per metric (by default
+    :func:`report_columns`); a site without labels is marked ``(no labels)``."""
+    columns = columns or report_columns(rows)
     header = ["site", *columns]
     body = []
     for name, values in rows.items():
-        cells = [name]
+        cells = [f"{name} (no labels)" if values.get("labels") == "hidden" else name]
         for col in columns:
             value = values.get(col)
             cells.append(f"{value:.4f}" if isinstance(value, float) else "-")
         body.append(cells)
-    return _format_table(header, body)
+    return text_table(header, body)
 
 
-def _format_table(header: list[str], body: list[list[str]]) -> str:
+def text_table(header: list[str], body: list[list[str]]) -> str:
+    """Columns padded to their widest cell, a rule under the header."""
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
@@ -95,4 +108,4 @@ def per_label_table(rows: dict[str, dict[str, Any]], label_names: Optional[list[
     names = list(label_names) if label_names and len(label_names) == count else [str(i) for i in range(count)]
     header = ["label", *columns]
     body = [[names[i], *(f"{v[i]:.4f}" if i < len(v) and v[i] is not None else "-" for v in columns.values())] for i in range(count)]
-    return _format_table(header, body)
+    return text_table(header, body)

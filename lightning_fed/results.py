@@ -102,6 +102,7 @@ class FitResult:
     started_at: float = 0.0  # wall-clock time (``time.time()``) at which the sites were told to train
     events: list[SiteEvent] = field(default_factory=list)  # sites left out and rejoined, in order
     round_sites: list[list[str]] = field(default_factory=list)  # the sites each round aggregated
+    round_metrics: list[dict[str, float]] = field(default_factory=list)  # the aggregator's figures per round (site weights, ...)
 
     @property
     def sync_seconds(self) -> dict[str, list[float]]:
@@ -118,6 +119,7 @@ class SiteEvaluation:
     metrics: Optional[dict[str, Any]]  # mergeable metric states (never predictions)
     values: dict[str, Any]  # lightning-fed's metrics at this site (accuracy, AUROC, confusion matrix, ...)
     note: Optional[str] = None
+    hidden_labels: bool = False  # a site without ground truth: any label-based value comes from labels it never trained on
 
     def report(self) -> dict[str, Any]:
         """What merging needs (:func:`lightning_fed.metric_states.merge_reports`)."""
@@ -144,7 +146,8 @@ class Evaluation:
     def rows(self) -> dict[str, dict[str, Any]]:
         """One row per site and ``"federated"``, keys without the split prefix (``loss``, ``auroc``, ...)."""
         prefix = self.split
-        rows = {name: {**{k.removeprefix(f"{prefix}_"): v for k, v in r.scalars.items()}, **r.values} for name, r in self.sites.items()}
+        rows = {name: {**{k.removeprefix(f"{prefix}_"): v for k, v in r.scalars.items()}, **r.values,
+                       **({"labels": "hidden"} if r.hidden_labels else {})} for name, r in self.sites.items()}
         rows["federated"] = {k.removeprefix(f"fl/{prefix}_"): v for k, v in self.federated.items()}
         return rows
 

@@ -118,7 +118,7 @@ class SiteRuntime:
         self.datamodule = plan.site.build_datamodule()
         plan.algorithm.bind(self.context)
         self.metrics = SiteMetrics(self.name, plan.job.metric_thresholds)
-        self.sync = FederatedSync(self.context, plan.algorithm, plan.job.sync_every, self.metrics)
+        self.sync = FederatedSync(self.context, plan.algorithm, plan.job.sync_every, self.metrics, labelled=plan.site.labelled)
         self.privacy = SiteDPSGD(self.name, plan.privacy) if plan.privacy is not None else None
         self.trainer = self._build_trainer()
         return self.ready(stage)
@@ -211,6 +211,7 @@ class SiteRuntime:
             metrics=self.metrics.export(split),
             values=dict(self.metrics.results.get(split, {})),
             note=self.plan.algorithm.evaluation_note,
+            hidden_labels=not self.plan.site.labelled,
         )
 
     def weights(self) -> Weights:

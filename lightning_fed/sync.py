@@ -23,11 +23,18 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from lightning_fed.checkpoint import site_checkpoint_path
 from lightning_fed.context import SiteContext
-from lightning_fed.metrics import SiteMetrics, federated_metrics
+from lightning_fed.metrics import SiteMetrics, federated_metrics, targets_of
 from lightning_fed.scheduler import random_state, set_random_state
 from lightning_fed.screening import non_finite_key
 from lightning_fed.strategies.base import GlobalModel
 from lightning_fed.strategies.site import SiteAlgorithm
+
+
+def global_model_loaded(pl_module: LightningModule, round: int) -> None:
+    """Tell a module that offers ``on_global_model_loaded(round)`` that it now holds the global model of ``round``."""
+    hook = getattr(pl_module, "on_global_model_loaded", None)
+    if callable(hook):
+        hook(round)
 
 
 def batch_size_of(batch: Any) -> int:
@@ -109,8 +116,10 @@ def restore_carried(trainer: Trainer, carry: Optional[dict[str, Any]]) -> None:
 class FederatedSync(Callback):
     """Hands this site's update to the coordinator every ``sync_every`` epochs and loads the global model."""
 
-    def __init__(self, context: SiteContext, algorithm: SiteAlgorithm, sync_every: int, metrics: SiteMetrics) -> None:
+    def __init__(self, context: SiteContext, algorithm: SiteAlgorithm, sync_every: int, metrics: SiteMetrics,
+                 labelled: bool = True) -> None:
         self.context = context
+        self.labelled = labelled
         self.algorithm = algorithm
         self.sync_every = sync_every
         self.metrics = metrics
@@ -135,6 +144,7 @@ class FederatedSync(Callback):
         model: GlobalModel = self.context.fetch(ref)
         self.algorithm.receive_global(trainer, pl_module, model)
         self.round = model.round
+        global_model_loaded(pl_module, self.round)
         self._samples_since_sync = 0
         self.synced_this_epoch = True
         self.sync_seconds.append(time.perf_counter() - t0)
@@ -151,6 +161,7 @@ class FederatedSync(Callback):
             self.algorithm.receive_global(trainer, pl_module, self.context.fetch(join.model[0]))
         restore_carried(trainer, join.carry)
         self.round, self._samples_since_sync = join.round - 1, 0
+        global_model_loaded(pl_module, self.round)
         epoch = max(0, (join.round - 1) * self.sync_every)
         progress = trainer.fit_loop.epoch_progress
         if progress.current.completed < epoch:  # the rounds it missed: the loop starts at the round's first epoch
@@ -161,6 +172,13 @@ class FederatedSync(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.join is not None:
             self.rejoin(trainer, pl_module)
+        else:  # every site starts from the same initial model (or, resumed, from its last global one)
+            global_model_loaded(pl_module, self.round)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self.labelled and targets_of(batch) is not None:
+            raise ValueError(f"site {self.context.site!r} is declared labelled=False but its training batches carry "
+                             "targets: leave them out of its training split (its hidden labels may serve evaluation only)")
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.synced_this_epoch = False

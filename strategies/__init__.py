@@ -17,6 +17,7 @@ from lightning_fed.strategies.fedprox import FedProx  # noqa: E402
 from lightning_fed.strategies.local import Local  # noqa: E402
 from lightning_fed.strategies.robust import Median, TrimmedMean  # noqa: E402
 from lightning_fed.strategies.scaffold import Scaffold  # noqa: E402
+from lightning_fed.strategies.uncertainty_weighted import UncertaintyWeighted  # noqa: E402
 from lightning_fed.strategies.dp_fedavg import DPFedAvg  # noqa: E402
 
 _SITE_HALF = ("SiteAlgorithm", "load_weights", "state_to_numpy")
@@ -35,6 +36,7 @@ __all__ = [
     "Median",
     "Scaffold",
     "TrimmedMean",
+    "UncertaintyWeighted",
     "GlobalModel",
     "SiteAlgorithm",
     "SiteContext",

@@ -11,6 +11,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own folder, so what a Trainer writes to its default root (``sites/``,
+    ``lightning_logs/``) never lands in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session, started with explicit resources; the strategy joins it.

@@ -10,7 +10,7 @@ import pytest
 from lightning_fed.experiments import compare, expand_grid, point_arguments, split_values, sweep
 from lightning_fed.errors import UsageError
 
-HEART = ["--config", "recipes/heart_disease.yaml", "--trainer.logger=false", "--data.init_args.site_cpus=0.5"]
+HEART = ["--config", str(Path(__file__).resolve().parents[1] / "recipes" / "heart_disease.yaml"), "--trainer.logger=false", "--data.init_args.site_cpus=0.5"]
 HOSPITALS = ["cleveland", "hungary", "switzerland", "va"]
 
 

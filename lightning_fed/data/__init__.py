@@ -1,5 +1,6 @@
 """Sites, partitioners and dataset loaders."""
 
+from lightning_fed.data.ct_vendors import SimulatedCTHospitals
 from lightning_fed.data.fashion_mnist import FashionMNISTDataModule, HospitalsDataModule, load_fashion_mnist
 from lightning_fed.data.heart_disease import HeartDiseaseSites, load_heart_disease
 from lightning_fed.data.medmnist import MedMNISTSites, load_medmnist
@@ -17,6 +18,7 @@ __all__ = [
     "HospitalsDataModule",
     "Partitioner",
     "Site",
+    "SimulatedCTHospitals",
     "SimulatedSiteData",
     "SizeAndRatio",
     "describe_sites",

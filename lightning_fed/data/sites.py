@@ -35,6 +35,10 @@ class Site:
             the others share workers (:mod:`lightning_fed.placement`).
         train_size: the number of training samples, when it is known without loading the data: sites sharing
             workers are balanced by it (a guess is fine; unknown sizes count as the mean of the known ones).
+        labelled: ``False`` for a site without ground truth: its training batches must carry no targets (the
+            federation checks every batch), so it can never compute a supervised loss; its module learns from
+            images alone (e.g. pseudo-labels). Evaluation results of such a site are marked ``labels: hidden``
+            (simulated data may keep hidden labels for evaluation; real data has none).
     """
 
     name: str
@@ -43,6 +47,7 @@ class Site:
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
     train_size: Optional[int] = None
+    labelled: bool = True
 
     def __post_init__(self) -> None:
         if not _SITE_NAME.match(self.name):

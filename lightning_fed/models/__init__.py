@@ -7,6 +7,8 @@ _EXPORTS = {
     "ImageClassifier": "lightning_fed.models.classifier",
     "create_backbone": "lightning_fed.models.classifier",
     "load_backbone_checkpoint": "lightning_fed.models.classifier",
+    "PixelUncertainty": "lightning_fed.models.segmentation",
+    "SegmentationModel": "lightning_fed.models.segmentation",
     "SmallCNN": "lightning_fed.models.cnn",
     "TabularMLP": "lightning_fed.models.tabular",
 }

@@ -1,0 +1,175 @@
+"""``lightning-fed inventory``: each site's exams by vendor, scanner model and reconstruction kernel.
+
+Study C's first step groups each hospital's CT by acquisition condition before any training. The headers are read
+*inside each site* (a Ray task with the site's resources, so on the hospital's own node when the site is pinned
+there); only the counts travel back, never an image or a patient identifier::
+
+    lightning-fed inventory --config recipes/ct_vendors.yaml       # every site of a recipe, in its own process
+    lightning-fed inventory /data/hospital_a/dicom                  # a folder on this machine
+
+A site's datamodule takes part by offering ``inventory() -> list[dict]`` (rows of :func:`count_exams`);
+:class:`~lightning_fed.data.ct.CTFolderSite` reads DICOM headers with :func:`read_dicom_headers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+FIELDS = ("vendor", "model", "kernel", "exams", "images")
+UNKNOWN = "(not recorded)"
+
+
+def read_dicom_headers(folder: str | Path) -> tuple[list[dict[str, str]], int]:
+    """One record per DICOM file under ``folder`` (``vendor``, ``model``, ``kernel``, ``exam``), read without pixel
+    data; returns ``(records, files that are not DICOM)``."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"DICOM folder {root} does not exist: point the site at its own folder of DICOM files")
+    records, skipped = [], 0
+    tags = ["Manufacturer", "ManufacturerModelName", "ConvolutionKernel", "StudyInstanceUID", "SeriesInstanceUID", "Modality"]
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+        except (InvalidDicomError, OSError, ValueError):
+            skipped += 1
+            continue
+        if "SOPClassUID" not in ds and not any(t in ds for t in tags):
+            skipped += 1
+            continue
+        kernel = ds.get("ConvolutionKernel", "")
+        if isinstance(kernel, (list, tuple)) or type(kernel).__name__ == "MultiValue":
+            kernel = "\\".join(str(k) for k in kernel)
+        records.append({
+            "vendor": normalise_vendor(str(ds.get("Manufacturer", "") or "")),
+            "model": str(ds.get("ManufacturerModelName", "") or "").strip() or UNKNOWN,
+            "kernel": str(kernel).strip() or UNKNOWN,
+            "exam": str(ds.get("StudyInstanceUID", "") or ds.get("SeriesInstanceUID", "") or path),
+            "modality": str(ds.get("Modality", "") or ""),
+        })
+    return records, skipped
+
+
+_VENDOR_NAMES = (("GE", "GE"), ("G.E.", "GE"), ("SIEMENS", "SIEMENS"), ("PHILIPS", "PHILIPS"), ("TOSHIBA", "CANON"),
+                 ("CANON", "CANON"), ("HITACHI", "HITACHI"), ("FUJIFILM", "FUJIFILM"), ("UNITED IMAGING", "UIH"))
+
+
+def normalise_vendor(manufacturer: str) -> str:
+    """One name per vendor (``GE MEDICAL SYSTEMS`` -> ``GE``; Toshiba, now Canon Medical, -> ``CANON``)."""
+    name = manufacturer.strip().upper()
+    if not name:
+        return UNKNOWN
+    for prefix, vendor in _VENDOR_NAMES:
+        if name.startswith(prefix):
+            return vendor
+    return name
+
+
+def count_exams(records: Iterable[dict[str, str]]) -> list[dict[str, Any]]:
+    """Rows ``vendor, model, kernel, exams (distinct exam ids), images (records)``, most exams first."""
+    images: Counter = Counter()
+    exams: dict[tuple[str, str, str], set[str]] = {}
+    for r in records:
+        key = (r["vendor"], r["model"], r["kernel"])
+        images[key] += 1
+        exams.setdefault(key, set()).add(r["exam"])
+    rows = [{"vendor": k[0], "model": k[1], "kernel": k[2], "exams": len(exams[k]), "images": images[k]} for k in images]
+    return sorted(rows, key=lambda r: (-r["exams"], r["vendor"], r["model"], r["kernel"]))
+
+
+def site_inventory(datamodule: Any, site: str) -> list[dict[str, Any]]:
+    """What one site's datamodule reports; a datamodule without ``inventory()`` is named with the way out."""
+    hook = getattr(datamodule, "inventory", None)
+    if not callable(hook):
+        raise ValueError(f"site {site!r}: its datamodule {type(datamodule).__name__} has no inventory() method: "
+                         "use lightning_fed.data.CTFolderSite for real CT, or add inventory() returning count_exams(...) rows")
+    return [{"site": site, **row} for row in hook()]
+
+
+def recipe_inventory(configs: Sequence[str], overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Every site of a recipe, each counted in a Ray task holding that site's resources."""
+    import warnings
+
+    import ray
+
+    from lightning_fed.lightning_cli import FederatedCLI
+    from lightning_fed.runtime import RayRuntime
+
+    args = [a for c in configs for a in ("--config", c)] + list(overrides)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = FederatedCLI(args=args, run=False, save_config_callback=None, parser_kwargs={"prog": "lightning-fed"})
+    strategy = cli.trainer.strategy
+    sites = strategy.sites(cli.datamodule, cli.model)
+    runtime = RayRuntime(strategy.config.cluster.address, strategy.config.cluster.init_kwargs)
+    runtime.ensure(max(s.num_cpus for s in sites))
+    try:
+        count = ray.remote(_count_site)
+        refs = [count.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=s.resources or None).remote(s) for s in sites]
+        return [row for rows in ray.get(refs) for row in rows]
+    finally:
+        runtime.shutdown()
+
+
+def _count_site(site: Any) -> list[dict[str, Any]]:
+    return site_inventory(site.build_datamodule(), site.name)
+
+
+def folder_inventory(folders: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
+    rows, skipped = [], 0
+    for folder in folders:
+        records, n = read_dicom_headers(folder)
+        skipped += n
+        rows += [{"site": Path(folder).name, **row} for row in count_exams(records)]
+    return rows, skipped
+
+
+def print_table(rows: list[dict[str, Any]], file: Any = None) -> None:
+    """Sites x (vendor, model, kernel) with exams and images; totals per site and vendor."""
+    from lightning_fed.progress import text_table
+
+    out = file or sys.stdout
+    header = ["site", *FIELDS]
+    print(text_table(header, [[str(r[h]) for h in header] for r in rows]), file=out)
+    vendors: Counter = Counter()
+    for r in rows:
+        vendors[(r["site"], r["vendor"])] += r["exams"]
+    sites = sorted({r["site"] for r in rows})
+    names = sorted({v for _, v in vendors})
+    print("\nExams per site and vendor:", file=out)
+    print(text_table(["vendor", *sites], [[v, *(str(vendors[(s, v)]) for s in sites)] for v in names]), file=out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="lightning-fed inventory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="*", help="DICOM folders on this machine (each counted as one site)")
+    parser.add_argument("--config", action="append", default=[], help="a recipe: every site counts its own exams")
+    parser.add_argument("--out", default=None, help="write the rows to this CSV file")
+    args, overrides = parser.parse_known_args(argv)
+    if bool(args.folders) == bool(args.config):
+        raise ValueError("give either --config RECIPE (every site of the recipe) or DICOM folders, not both or neither")
+    if args.config:
+        rows = recipe_inventory(args.config, overrides)
+    else:
+        if overrides:
+            raise ValueError(f"unknown arguments {overrides}: overrides need --config")
+        rows, skipped = folder_inventory(args.folders)
+        if skipped:
+            print(f"({skipped} files were not DICOM and are not counted)")
+    print_table(rows)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["site", *FIELDS])
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"\ninventory written to {out}")
+    return rows
