@@ -9,6 +9,9 @@ close does it come to pooling all data?
   model on its own data;
 - ``federated``: the recipe as written.
 
+``--holdout SITE`` trains every mode without that site and tests every model on its test data too: how the models
+do at a hospital they never saw (``--holdout A,B,...`` holds each out in turn: leave-one-site-out).
+
 Repetitions change the seed (``seed_everything`` and, unless ``--fixed-data``, the data split seed) and report
 mean ± std. ``sweep`` runs a grid of recipe overrides (× modes × repetitions) and reports one table and one line plot
 per metric. Both keep the workers of one layout warm between runs (:class:`~lightning_fed.federation.WorkerPool`)
@@ -37,6 +40,8 @@ import yaml
 from lightning_fed.errors import UsageError
 
 METRICS = ("accuracy", "precision", "recall", "auroc")
+SEGMENTATION_METRICS = ("dice", "mutual_information", "entropy")
+_GROUPED = re.compile(r"^(dice|entropy|aleatoric|mutual_information)_[a-z0-9_]+$")  # per group (vendor) values
 MODES = ("pooled", "local", "federated")
 MERGED = "federated"  # the column of every site's test data together (metric states merged)
 _INDEXED = re.compile(r"^(?P<key>[^\[\]]+)\[(?P<index>-?\d*(?::-?\d*)?)\]$")
@@ -155,6 +160,7 @@ class Run:
     startup_seconds: float
     warm: bool
     note: Optional[str] = None
+    holdout: Optional[str] = None  # the site no model of this run trained on
 
 
 @dataclass
@@ -168,6 +174,7 @@ class Experiment:
     vary_data_seed: bool = True
     reuse_sites: bool = True
     progress: bool = False
+    holdout: Optional[str] = None
     runs: list[Run] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -194,10 +201,15 @@ class Experiment:
             data_seed = None
         self.base_data_seed = data_seed if isinstance(data_seed, int) else None
         self.label_names = _label_names(base.model, base.datamodule)
+        self.group_names: Optional[tuple[str, ...]] = tuple(getattr(base.datamodule, "group_names", None) or ()) or None
         self.wandb = _wandb_settings(base.trainer.loggers)
         self._cluster = base.trainer.strategy.config.cluster
         self._placement = base.trainer.strategy.config.placement
         self._sites = base.trainer.strategy.sites(base.datamodule, base.model)
+        if self.holdout is not None:
+            from lightning_fed.data.pooled import HeldOutSites
+
+            HeldOutSites(base.datamodule, self.holdout).federated_sites()  # checked before any training
         self._layouts: dict[str, Any] = {}
         from lightning_fed.federation import WorkerPool
 
@@ -273,9 +285,7 @@ class Experiment:
         return runs
 
     def _run_mode(self, mode: str, extra: list[str], point: dict[str, Any], repeat: int, seed: int) -> Run:
-        from lightning.pytorch.trainer.states import TrainerFn
-
-        from lightning_fed.data.pooled import POOLED, PooledSites
+        from lightning_fed.data.pooled import POOLED, HeldOutSites, PooledSites
         from lightning_fed.federation import evaluation_of
         from lightning_fed.strategies.local import Local
         from lightning_fed.strategies.site import load_weights, state_to_numpy
@@ -289,9 +299,10 @@ class Experiment:
         note = None
         if mode != "federated":
             strategy.reconfigure(aggregator=Local())  # also drops secure aggregation: nothing is exchanged
-        fit_data = datamodule
+        train_data = HeldOutSites(datamodule, self.holdout) if self.holdout is not None else datamodule
+        fit_data = train_data
         if mode == "pooled":
-            fit_data = PooledSites(strategy.sites(datamodule, model))
+            fit_data = PooledSites(strategy.sites(train_data, model))
             privacy = strategy.config.privacy
             if isinstance(privacy, dict):
                 strategy.reconfigure(privacy=privacy.get("*"))
@@ -302,24 +313,44 @@ class Experiment:
             startup = fit.startup.seconds
             federation = strategy.federation
             if mode == "federated":
-                evaluations = {"federated": evaluation_rows_of(federation.evaluate("test", state_to_numpy(model.state_dict())))}
+                global_weights = state_to_numpy(model.state_dict())
+                evaluations = {"federated": evaluation_rows_of(federation.evaluate("test", global_weights))}
+                tested = {"federated": global_weights}
             elif mode == "local":
-                raw = {name: federation.evaluate("test", state, exact=True) for name, state in federation.site_weights().items()}
+                tested = federation.site_weights()
+                raw = {name: federation.evaluate("test", state, exact=True) for name, state in tested.items()}
                 evaluations = {f"local:{name}": evaluation_rows_of(r) for name, r in raw.items()}
                 evaluations["local"] = evaluation_rows_of(evaluation_of("test", {name: raw[name].sites[name] for name in raw}))
+                tested = {f"local:{name}": weights for name, weights in tested.items()}
             else:
-                load_weights(model, federation.site_weights()[POOLED])
-                strategy.reconfigure(placement=self._layouts["sites"])  # tested at every site, on the sites' workers
-                trainer.state.fn = TrainerFn.TESTING
-                test_sites = strategy.sites(datamodule, model, splits=("test",))
-                federation = strategy.federated_launcher.start(trainer, model, test_sites, "test", id(datamodule))
-                startup += federation.startup.seconds
-                evaluations = {"pooled": evaluation_rows_of(federation.evaluate("test", state_to_numpy(model.state_dict()), exact=True))}
+                pooled_weights = federation.site_weights()[POOLED]
+                load_weights(model, pooled_weights)
+                federation, seconds = self._test_federation(strategy, trainer, model, train_data)  # at every site it pooled
+                startup += seconds
+                evaluations = {"pooled": evaluation_rows_of(federation.evaluate("test", pooled_weights, exact=True))}
+                tested = {"pooled": pooled_weights}
+            if self.holdout is not None and tested:  # every model at the site none of them trained on
+                federation, seconds = self._test_federation(strategy, trainer, model, datamodule, only=self.holdout)
+                startup += seconds
+                for label, weights in tested.items():
+                    evaluations[label][self.holdout] = evaluation_rows_of(federation.evaluate("test", weights, exact=True))[self.holdout]
         finally:
             strategy.shutdown()
         warm = self.pool is not None and self.pool.started == started_before  # no new worker process in this run
         return Run(point=point, repeat=repeat, seed=seed, mode=mode, evaluations=evaluations,
-                   fit_seconds=float(fit.fit_seconds), startup_seconds=float(startup), warm=warm, note=note)
+                   fit_seconds=float(fit.fit_seconds), startup_seconds=float(startup), warm=warm, note=note, holdout=self.holdout)
+
+    def _test_federation(self, strategy: Any, trainer: Any, model: Any, datamodule: Any, only: Optional[str] = None) -> tuple[Any, float]:
+        """A test-only federation of the recipe's sites (or of ``only``) on the sites' workers, and its start-up time."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        strategy.reconfigure(placement=self._layouts["sites"])
+        trainer.state.fn = TrainerFn.TESTING
+        sites = strategy.sites(datamodule, model, splits=("test",))
+        if only is not None:
+            sites = [s for s in sites if s.name == only]
+        federation = strategy.federated_launcher.start(trainer, model, sites, "test", id(datamodule))
+        return federation, federation.startup.seconds
 
     # -- reporting ---------------------------------------------------------------------------------
     def startup_report(self) -> dict[str, Any]:
@@ -343,8 +374,14 @@ class Experiment:
 
 def evaluation_rows_of(evaluation: Any) -> dict[str, dict[str, Any]]:
     """An :class:`~lightning_fed.results.Evaluation`'s rows, with the figures compare reports."""
-    keep = (*METRICS, "loss", "confusion_matrix", "auroc_per_label")
-    return {column: {k: v for k, v in row.items() if k in keep} for column, row in evaluation.rows().items()}
+    keep = (*METRICS, *SEGMENTATION_METRICS, "aleatoric", "loss", "confusion_matrix", "auroc_per_label", "dice_per_class", "labels")
+    return {column: {k: v for k, v in row.items() if k in keep or _GROUPED.match(k)} for column, row in evaluation.rows().items()}
+
+
+def reported_metrics(runs: list[Run]) -> tuple[str, ...]:
+    """The metrics a compare reports by default: Dice and uncertainty for segmentation, else classification's."""
+    rows = [row for run in runs for table in run.evaluations.values() for row in table.values()]
+    return SEGMENTATION_METRICS if any("dice" in r or "mutual_information" in r for r in rows) else METRICS
 
 
 def _brief(run: Run, mean_over: Optional[list[str]]) -> str:
@@ -352,14 +389,14 @@ def _brief(run: Run, mean_over: Optional[list[str]]) -> str:
     rows = run.evaluations.get(label, {})
     column = f"mean over {len(mean_over)} sites" if mean_over else "all sites"
     values = _column_values(rows, mean_over)
-    shown = "  ".join(f"{m}={values[m]:.3f}" for m in METRICS if isinstance(values.get(m), float))
+    shown = "  ".join(f"{m}={values[m]:.3f}" for m in (*METRICS, *SEGMENTATION_METRICS) if isinstance(values.get(m), float))
     return f"{column}: {shown}"
 
 
 def _column_values(rows: dict[str, dict[str, Any]], mean_over: Optional[list[str]]) -> dict[str, Any]:
     if not mean_over:
         return rows.get(MERGED, {})
-    return {m: statistics.fmean(rows[s][m] for s in mean_over) for m in METRICS
+    return {m: statistics.fmean(rows[s][m] for s in mean_over) for m in (*METRICS, *SEGMENTATION_METRICS)
             if all(isinstance(rows.get(s, {}).get(m), float) for s in mean_over)}
 
 
@@ -583,7 +620,8 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", action="append", required=True, help="recipe YAML (repeatable, as for fit)")
     parser.add_argument("--repeats", type=int, default=1, help="repetitions per mode, seeds seed_everything + 0..N-1")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<kind>/<recipe>-<time>)")
-    parser.add_argument("--metrics", default=",".join(METRICS), help="metrics in tables and plots")
+    parser.add_argument("--metrics", default=None, help="metrics in tables and plots (default: accuracy, precision, recall, "
+                        "auroc; for segmentation dice, mutual_information, entropy; per vendor e.g. dice_siemens)")
     parser.add_argument("--fixed-data", action="store_true", help="keep the recipe's data split seed in every repetition")
     parser.add_argument("--no-reuse", action="store_true", help="start new site processes for every run (measure the saving)")
     parser.add_argument("--progress", action="store_true", help="show each run's federated progress")
@@ -596,18 +634,22 @@ def _out_dir(out: Optional[str], kind: str, configs: list[str]) -> Path:
     return path
 
 
-def _metrics(text: str) -> list[str]:
+def _metrics(text: Optional[str]) -> Optional[list[str]]:
+    """The ``--metrics`` asked for (``None``: chosen from what the runs measured, :func:`reported_metrics`)."""
+    if text is None:
+        return None
     metrics = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in metrics if m not in (*METRICS, "loss")]
+    known = (*METRICS, *SEGMENTATION_METRICS, "aleatoric", "loss")
+    unknown = [m for m in metrics if m not in known and not _GROUPED.match(m)]
     if unknown:
-        raise UsageError(f"unknown metric(s) {unknown}: choose from {', '.join((*METRICS, 'loss'))}")
+        raise UsageError(f"unknown metric(s) {unknown}: choose from {', '.join(known)} (or a per-vendor one, e.g. dice_siemens)")
     return metrics
 
 
-def _experiment(args: argparse.Namespace, overrides: list[str], modes: list[str]) -> Experiment:
+def _experiment(args: argparse.Namespace, overrides: list[str], modes: list[str], holdout: Optional[str] = None) -> Experiment:
     try:
         return Experiment(configs=args.config, overrides=overrides, modes=modes, repeats=args.repeats,
-                          vary_data_seed=not args.fixed_data, reuse_sites=not args.no_reuse, progress=args.progress)
+                          vary_data_seed=not args.fixed_data, reuse_sites=not args.no_reuse, progress=args.progress, holdout=holdout)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -616,19 +658,64 @@ def compare(argv: Sequence[str]) -> dict[str, Any]:
     """``lightning-fed compare``: pooled / local / federated on every site's test set, mean ± std, plots."""
     parser = _common_parser("lightning-fed compare", "Train the recipe pooled, locally and federated; test every model on every site's test set.")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: pooled, local, federated")
+    parser.add_argument("--holdout", default=None, metavar="SITE[,SITE...]",
+                        help="train without SITE and test every model on it too; several: each held out in turn (leave-one-site-out)")
     args, overrides = parser.parse_known_args(list(argv))
     metrics = _metrics(args.metrics)
-    experiment = _experiment(args, overrides, [m.strip() for m in args.modes.split(",") if m.strip()])
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    holdouts = [h.strip() for h in args.holdout.split(",") if h.strip()] if args.holdout else [None]
+    if len(set(holdouts)) != len(holdouts):
+        raise UsageError(f"--holdout names a site twice: {args.holdout}")
     out = _out_dir(args.out, "compare", args.config)
-    t0 = time.monotonic()
-    with experiment:
-        experiment.run_point()
-    return write_compare(experiment, out, metrics, time.monotonic() - t0, ["lightning-fed", "compare", *argv])
+    command = ["lightning-fed", "compare", *argv]
+    reports = {}
+    for holdout in holdouts:
+        experiment = _experiment(args, overrides, modes, holdout)
+        t0 = time.monotonic()
+        with experiment:
+            experiment.run_point()
+        folder = out if len(holdouts) == 1 else out / f"holdout-{holdout}"
+        folder.mkdir(parents=True, exist_ok=True)
+        reports[holdout] = write_compare(experiment, folder, metrics, time.monotonic() - t0, command)
+    if len(holdouts) == 1:
+        return reports[holdouts[0]]
+    return write_leave_one_out(reports, out, metrics, command)
 
 
-def write_compare(experiment: Experiment, out: Path, metrics: Sequence[str], wall: float, command: list[str]) -> dict[str, Any]:
+def write_leave_one_out(reports: dict[Optional[str], dict[str, Any]], out: Path, metrics: Optional[Sequence[str]], command: list[str]) -> dict[str, Any]:
+    """One table per metric: each model at each held-out site (mean ± std over repetitions)."""
+    first = next(iter(reports.values()))
+    metrics = list(metrics or first["metrics"])
+    held = [h for h in reports if h is not None]
+    models = [m for m in ("pooled", "local", "federated") if any(m in r["summary"] for r in reports.values())]
+    rows = {}
+    for model in models:
+        for h in held:
+            summary = reports[h]["summary"]
+            if model == "local":  # no local model of the held-out site: the mean over the other sites' models
+                values = {m: [v for name, by_column in summary.items() if name.startswith("local:")
+                              for v in (by_column.get(h, {}).get(m) or {}).get("values", [])] for m in metrics}
+                rows.setdefault("local (mean of the site models)", {})[h] = {m: _stats(v) for m, v in values.items() if v}
+            else:
+                rows.setdefault(model, {})[h] = summary.get(model, {}).get(h, {})
+    md = [f"# Leave one site out: {', '.join(held)}", "", f"`{shlex.join(command)}`", "",
+          "Each column: the models trained without that site, tested on its test data (mean ± std over repetitions)."]
+    for metric in metrics:
+        md += ["", f"### {metric}", "", "| model | " + " | ".join(f"{h} (held out)" for h in held) + " |", "|---|" + "---|" * len(held)]
+        md += [f"| {model} | " + " | ".join(_cell(rows[model].get(h, {}).get(metric)) for h in held) + " |" for model in rows]
+    report = {"command": shlex.join(command), "holdouts": held, "metrics": metrics, "rows": rows,
+              "folders": {h: f"holdout-{h}" for h in held}}
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    print("\n" + "\n".join(md[4:]))
+    print(f"\nleave-one-site-out results written to {out}/results.md (each held-out site's full comparison in holdout-<site>/)")
+    return report
+
+
+def write_compare(experiment: Experiment, out: Path, metrics: Optional[Sequence[str]], wall: float, command: list[str]) -> dict[str, Any]:
     runs = experiment.runs
-    sites = [c for c in runs[0].evaluations[next(iter(runs[0].evaluations))] if c != MERGED]
+    metrics = list(metrics or reported_metrics(runs))
+    sites = list(dict.fromkeys(c for run in runs for rows in run.evaluations.values() for c in rows if c != MERGED))
     mean_over = experiment.mean_over
     summary = summarize(runs, metrics, mean_over)
     models = model_order(list(summary), sites)
@@ -638,20 +725,25 @@ def write_compare(experiment: Experiment, out: Path, metrics: Sequence[str], wal
     plots = bar_plots(summary, metrics, columns, models, out, title)
     cm_models = [m for m in ("pooled", "local", "federated") if m in models]
     cm_plot = confusion_plot(totals, cm_models, [*sites, MERGED], out, experiment.label_names)
+    shift = shift_reports(runs, experiment.group_names, sites, out)
     report = {
         "command": shlex.join(command), "recipes": experiment.configs, "overrides": experiment.overrides,
         "modes": list(experiment.modes), "repeats": experiment.repeats,
         "seeds": sorted({r.seed for r in runs}), "sites": sites, "mean_over": mean_over, "columns": columns,
         "models": models, "label_names": experiment.label_names, "summary": summary, "confusion_matrices": totals,
+        "metrics": metrics, "holdout": experiment.holdout,
         "runs": [asdict(r) for r in runs], "startup": experiment.startup_report(), "wall_seconds": wall,
-        "plots": [p.name for p in [*plots, *([cm_plot] if cm_plot else [])]],
+        "plots": [p.name for p in [*plots, *([cm_plot] if cm_plot else []), *shift]],
     }
     md = [f"# {title}: {' / '.join(experiment.modes)}", "", f"`{report['command']}`", "",
           f"Every model tested on every site's own test split; mean ± std over {experiment.repeats} repetition(s) "
           f"(seeds {report['seeds']}). Columns: each site's test set"
           + (f", the mean over {', '.join(mean_over)}" if mean_over else "") + ", and all sites' test data merged. "
           "Rows: the pooled model, each site's own local model on its own data, each site's local model on every site, "
-          "the federated model.", "", markdown_tables(summary, metrics, columns, models)]
+          "the federated model."
+          + (f" No model trained on {experiment.holdout}'s data: its column is a hospital the models never saw; "
+             "'all sites (merged)' covers the sites they trained on." if experiment.holdout else ""),
+          "", markdown_tables(summary, metrics, columns, models)]
     if totals:
         md += ["", "### Confusion matrices (rows: true class, columns: predicted; summed over repetitions)", "",
                "| model | " + " | ".join(_column_title(c) for c in [*sites, MERGED]) + " |", "|---|" + "---|" * (len(sites) + 1)]
@@ -668,6 +760,32 @@ def write_compare(experiment: Experiment, out: Path, metrics: Sequence[str], wal
     print("\n" + "\n".join(md[6:]))
     print(f"\nresults written to {out}/results.md, results.json and {len(report['plots'])} plot(s)")
     return report
+
+
+def shift_reports(runs: list[Run], groups: Optional[Sequence[str]], sites: Sequence[str], out: Path) -> list[Path]:
+    """``shift_<model>.png`` / ``.csv`` for the pooled and federated models: uncertainty (and Dice) per site and
+    group, each cell the mean over repetitions (:mod:`lightning_fed.shift`)."""
+    if not groups:
+        return []
+    from lightning_fed.shift import heat_map, shift_rows
+
+    paths: list[Path] = []
+    for model in ("pooled", "federated"):
+        collected: dict[str, dict[str, list[float]]] = {}
+        for run in runs:
+            for site, values in run.evaluations.get(model, {}).items():
+                for key, value in values.items():
+                    if _GROUPED.match(key) and isinstance(value, float) and math.isfinite(value):
+                        collected.setdefault(site, {}).setdefault(key, []).append(value)
+                if values.get("labels") == "hidden":
+                    collected.setdefault(site, {})["labels"] = "hidden"  # type: ignore[assignment]
+        rows = {site: {k: (v if k == "labels" else statistics.fmean(v)) for k, v in by_key.items()} for site, by_key in collected.items()}
+        table = shift_rows({s: rows[s] for s in sites if s in rows}, groups)
+        if table:
+            held = f"; {runs[0].holdout} held out" if runs[0].holdout else ""
+            paths.append(heat_map(table, groups, out / f"shift_{model}.png",
+                                  f"{model} model: uncertainty per site and vendor (mean of {len({r.repeat for r in runs})} runs{held})"))
+    return paths
 
 
 def _startup_line(startup: dict[str, Any], wall: float) -> str:
@@ -721,9 +839,10 @@ def sweep(argv: Sequence[str]) -> dict[str, Any]:
     return write_sweep(experiment, points, out, metrics, time.monotonic() - t0, command)
 
 
-def write_sweep(experiment: Experiment, points: list[dict[str, Any]], out: Path, metrics: Sequence[str], wall: float, command: list[str],
+def write_sweep(experiment: Experiment, points: list[dict[str, Any]], out: Path, metrics: Optional[Sequence[str]], wall: float, command: list[str],
                 final: bool = True) -> dict[str, Any]:
     keys = list(points[0])
+    metrics = list(metrics or reported_metrics(experiment.runs))
     mean_over = experiment.mean_over
     column = mean_label(mean_over) if mean_over else MERGED
     rows = []

@@ -70,11 +70,30 @@ class FederatedCLI(LightningCLI):
             report["config"] = json.loads(json.dumps(cfg.as_dict(), default=str))
             out = Path(trainer.log_dir or trainer.default_root_dir) / "results.json"
             out.parent.mkdir(parents=True, exist_ok=True)
+            figures = self._figures(strategy, out.parent)
+            if figures:
+                report["figures"] = [p.name for p in figures]
             out.write_text(json.dumps(report, indent=2, default=_jsonable))
-            print(f"\nresults written to {out}")
+            print(f"\nresults written to {out}" + (f" (and {', '.join(p.name for p in figures)})" if figures else ""))
         finally:
             if isinstance(strategy, FederatedStrategy):
                 strategy.shutdown()
+
+    def _figures(self, strategy: Any, out: Path) -> list[Path]:
+        """The shift report (uncertainty per site and group, when the sites measured it) and the aggregation
+        weights per round (when the rule reported them)."""
+        from lightning_fed.shift import weights_plot, write_shift_report
+
+        paths: list[Path] = []
+        groups = getattr(self.datamodule, "group_names", None)
+        evaluation = getattr(strategy, "last_evaluation", None)
+        if groups and evaluation is not None:
+            paths += write_shift_report(evaluation.rows(), groups, out)
+        fit = getattr(strategy, "last_fit", None)
+        if fit is not None and fit.round_metrics:
+            plot = weights_plot(fit.round_metrics, out / "aggregation_weights.png")
+            paths += [plot] if plot else []
+        return paths
 
     def _test_report(self, strategy: Any, mean_over: Optional[list[str]]) -> dict[str, Any]:
         evaluation = strategy.last_evaluation

@@ -19,7 +19,7 @@ from lightning_fed.data.ct_vendors import (
     STUDY_EXAMS,
     VENDORS,
     Exam,
-    SimulatedCTExams,
+    CTSlices,
     SimulatedCTHospitals,
     hospital_exams,
     simulate_exam,
@@ -113,7 +113,7 @@ def test_dice_per_class_group_and_federated_merge_match_hand_computations():
 def _vendor_exams(vendor, n, offset):
     exams = [Exam(offset + i, vendor, SIGNATURES[vendor].models[i % 2], SIGNATURES[vendor].kernels[i % 2].name) for i in range(n)]
     drawn = [simulate_exam(e, 0, "A", 64) for e in exams]
-    return SimulatedCTExams(np.stack([window(h) for h, _ in drawn]), np.stack([l for _, l in drawn]),
+    return CTSlices(np.stack([window(h) for h, _ in drawn]), np.stack([l for _, l in drawn]),
                             np.full(n, VENDORS.index(vendor)), with_labels=True)
 
 
@@ -274,3 +274,97 @@ def test_a_site_declared_unlabelled_whose_batches_carry_labels_is_stopped(ray_cl
                         default_root_dir=tmp_path)
     with pytest.raises(Exception, match="site 'B' is declared labelled=False but its training batches carry targets"):
         trainer.fit(SegmentationModel(mc_samples=2), datamodule=dm)
+
+
+# -- a hospital's own CT folder ---------------------------------------------------------------------------
+def _nifti_folder(root, cases=5, with_labels=True):
+    import nibabel as nib
+
+    (root / "images").mkdir(parents=True)
+    if with_labels:
+        (root / "labels").mkdir()
+    for i in range(cases):
+        volume, mask = np.full((40, 40, 6), -1000.0), np.zeros((40, 40, 6), np.uint8)
+        volume[8:32, 8:32, 1:5], mask[8:32, 8:32, 1:5] = -100, 1  # fat around muscle, on slices 1-4
+        volume[14:26, 14:26, 1:5], mask[14:26, 14:26, 1:5] = 50, 2
+        affine = np.diag([0.8, 0.8, 5.0, 1])
+        nib.save(nib.Nifti1Image(volume.astype(np.int16), affine), root / "images" / f"case{i}.nii.gz")
+        if with_labels:
+            nib.save(nib.Nifti1Image(mask, affine), root / "labels" / f"case{i}.nii.gz")
+    (root / "cases.csv").write_text("case,vendor\n" + "".join(f"case{i},{'GE' if i % 2 else 'Siemens'}\n" for i in range(cases)))
+    return root
+
+
+def test_ct_folder_site_reads_nifti_volumes_by_case(tmp_path):
+    from lightning_fed.data.ct import CTFolderSite
+
+    site = CTFolderSite(str(_nifti_folder(tmp_path / "h")), image_size=32, test_fraction=0.2, val_fraction=0.2)
+    site.setup("fit")
+    splits = site.split_cases()
+    assert sorted(sum(splits.values(), [])) == [f"case{i}" for i in range(5)]  # cases, not slices, are split
+    assert {k: len(v) for k, v in site.datasets.items()} == {k: 4 * len(v) for k, v in splits.items()}  # 4 labelled slices each
+    batch = next(iter(site.train_dataloader()))
+    assert batch["image"].shape[1:] == (1, 32, 32) and float(batch["image"].max()) <= 1 and float(batch["image"].min()) >= 0
+    assert set(batch["label"].unique().tolist()) == {0, 1, 2}
+    assert set(batch["group"].tolist()) <= {VENDORS.index("GE"), VENDORS.index("SIEMENS")}
+    assert site.inventory() == [{"vendor": "SIEMENS", "model": "(not recorded)", "kernel": "(not recorded)", "exams": 3, "images": 3},
+                                {"vendor": "GE", "model": "(not recorded)", "kernel": "(not recorded)", "exams": 2, "images": 2}]
+    unlabelled = CTFolderSite(str(_nifti_folder(tmp_path / "u", with_labels=False)), image_size=32, slice_step=2)
+    unlabelled.setup("fit")
+    assert "label" not in next(iter(unlabelled.train_dataloader()))
+    with pytest.raises(FileNotFoundError, match="has no images/ folder"):
+        CTFolderSite(str(tmp_path / "nothing")).setup("fit")
+
+
+def test_ct_folder_site_reads_a_dicom_series(tmp_path):
+    import copy
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    from lightning_fed.data.ct import CTFolderSite
+
+    series_dir = tmp_path / "h" / "images" / "p1"
+    series_dir.mkdir(parents=True)
+    source, series = pydicom.dcmread(get_testdata_file("CT_small.dcm")), generate_uid()
+    for z in range(3):
+        ds = copy.deepcopy(source)
+        ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = generate_uid(), series, z + 1
+        ds.ImagePositionPatient = [*map(float, source.ImagePositionPatient[:2]), float(source.ImagePositionPatient[2]) + 5 * z]
+        ds.save_as(series_dir / f"{z}.dcm")
+    site = CTFolderSite(str(tmp_path / "h"), image_size=32, spacing=None, slice_step=1)
+    assert site.vendors() == {"p1": "GE"}
+    assert site.inventory() == [{"vendor": "GE", "model": "RHAPSODE", "kernel": "STANDARD", "exams": 1, "images": 3}]
+    images, labels = site._slices("p1", site.cases()["p1"], with_labels=False)
+    assert images.shape == (3, 32, 32) and labels is None and 0 <= images.min() < images.max() <= 1
+
+
+def test_compare_holds_hospitals_out_in_turn(ray_cluster, tmp_path):
+    """Leave-one-hospital-out: no model trains on the held-out hospital, every model is tested there."""
+    from lightning_fed.experiments import compare
+
+    out = tmp_path / "loo"
+    report = compare(["--config", str(RECIPE), "--modes", "pooled,federated", "--holdout", "E,G", "--out", str(out),
+                      "--trainer.logger=false", "--trainer.max_epochs=1", "--data.init_args.hospitals=[A,E,G]",
+                      "--data.init_args.exams=12", "--data.init_args.image_size=32", "--data.init_args.site_cpus=0.5"])
+    assert report["holdouts"] == ["E", "G"] and report["metrics"] == ["dice", "mutual_information", "entropy"]
+    for held in ("E", "G"):
+        single = json.loads((out / f"holdout-{held}" / "results.json").read_text())
+        assert single["holdout"] == held and held in single["columns"]
+        for run in single["runs"]:
+            assert run["holdout"] == held and held in run["evaluations"][run["mode"]]
+        assert report["rows"]["federated"][held]["dice"]["mean"] == single["summary"]["federated"][held]["dice"]["mean"]
+        assert (out / f"holdout-{held}" / "shift_federated.png").is_file()
+    assert "| federated |" in (out / "results.md").read_text() and "E (held out)" in (out / "results.md").read_text()
+
+
+def test_held_out_sites_leave_exactly_one_hospital_out():
+    from lightning_fed.data.pooled import HeldOutSites
+
+    dm = SimulatedCTHospitals(hospitals=["A", "E", "G"], exams=12)
+    assert [s.name for s in HeldOutSites(dm, "E").federated_sites()] == ["A", "G"]
+    with pytest.raises(ValueError, match="'K' is not a site of the recipe"):
+        HeldOutSites(dm, "K").federated_sites()
+    with pytest.raises(ValueError, match="needs a datamodule that names its sites"):
+        HeldOutSites(L.LightningDataModule(), "A").federated_sites()

@@ -1,5 +1,6 @@
 """Sites, partitioners and dataset loaders."""
 
+from lightning_fed.data.ct import CTFolderSite, CTFolderSites
 from lightning_fed.data.ct_vendors import SimulatedCTHospitals
 from lightning_fed.data.fashion_mnist import FashionMNISTDataModule, HospitalsDataModule, load_fashion_mnist
 from lightning_fed.data.heart_disease import HeartDiseaseSites, load_heart_disease
@@ -9,6 +10,8 @@ from lightning_fed.data.partition import IID, Dirichlet, Partitioner, SizeAndRat
 from lightning_fed.data.sites import Site, SimulatedSiteData, describe_sites, simulate_sites
 
 __all__ = [
+    "CTFolderSite",
+    "CTFolderSites",
     "HeartDiseaseSites",
     "IID",
     "MedMNISTSites",

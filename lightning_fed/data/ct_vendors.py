@@ -175,8 +175,8 @@ def simulate_exam(exam: Exam, seed: int, hospital: str, size: int = 64) -> tuple
     return image[0].numpy(), label
 
 
-class SimulatedCTExams(Dataset):
-    """A hospital's exams as dicts (``image``, ``label`` unless hidden, ``group``), windowed to [0, 1]."""
+class CTSlices(Dataset):
+    """2-D CT slices as dicts (``image`` windowed to [0, 1], ``label`` unless hidden, ``group``)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, groups: np.ndarray, with_labels: bool) -> None:
         self.images, self.labels, self.groups, self.with_labels = images, labels, groups, with_labels
@@ -235,7 +235,7 @@ class SimulatedCTHospital(SiteSplits):
         for split, idx in self.split_indices().items():
             # a hospital without labels trains on images alone; its hidden labels serve evaluation only
             with_labels = self.labelled or split != "train"
-            self.datasets[split] = SimulatedCTExams(images[idx], labels[idx], groups[idx], with_labels)
+            self.datasets[split] = CTSlices(images[idx], labels[idx], groups[idx], with_labels)
 
 
 class SimulatedCTHospitals(LightningDataModule):

@@ -43,14 +43,17 @@ class PooledSiteData(SplitLoaders):
 
     def _loader(self, split: str) -> Any:
         if split not in self._loaders:
-            loaders = [loader for loader in (source_loader(dm, split) for dm in self._parts()) if loader is not None]
+            # sites without labels have no training targets to pool: the pooled reference learns from the labelled ones
+            parts = [dm for site, dm in zip(self.sites, self._parts()) if split != "train" or site.labelled]
+            loaders = [loader for loader in (source_loader(dm, split) for dm in parts) if loader is not None]
             datasets = [loader.dataset for loader in loaders if len(loader.dataset) > 0]
             self._loaders[split] = rebuild_loader(loaders[0], ConcatDataset(datasets)) if datasets else []
         return self._loaders[split]
 
 
 class PooledSites(LightningDataModule):
-    """One site named ``"pooled"`` holding the union of ``sites``' data (simulation baseline only).
+    """One site named ``"pooled"`` holding the union of ``sites``' data (simulation baseline only); the training
+    data of sites without labels (``labelled=False``) is left out: there is nothing to supervise it with.
 
     Sites pinned to their own machines (``resources={"site:...": 1}``) cannot be pooled: their data is, by design,
     only readable there.
@@ -70,3 +73,26 @@ class PooledSites(LightningDataModule):
         sizes = [s.train_size for s in self.sites]
         total = sum(sizes) if all(n is not None for n in sizes) else None
         return [Site(POOLED, PooledSiteData(self.sites), num_cpus=self.num_cpus, num_gpus=self.num_gpus, train_size=total)]
+
+
+class HeldOutSites(LightningDataModule):
+    """A datamodule's sites except ``holdout``: what ``lightning-fed compare --holdout SITE`` trains on, so that the
+    held-out site's test data measures how the models do at a hospital they never saw."""
+
+    def __init__(self, datamodule: Any, holdout: str) -> None:
+        super().__init__()
+        self.datamodule, self.holdout = datamodule, holdout
+
+    def federated_sites(self) -> list[Site]:
+        from lightning_fed.data.sites import describe_sites
+
+        sites = describe_sites(self.datamodule)
+        if sites is None:
+            raise ValueError(f"--holdout needs a datamodule that names its sites (federated_sites()); "
+                             f"{type(self.datamodule).__name__} is split by simulation, so no site is a hospital to hold out")
+        names = [s.name for s in sites]
+        if self.holdout not in names:
+            raise ValueError(f"--holdout {self.holdout!r} is not a site of the recipe: its sites are {names}")
+        if len(sites) < 2:
+            raise ValueError("--holdout needs at least two sites: one to hold out, one to train on")
+        return [s for s in sites if s.name != self.holdout]

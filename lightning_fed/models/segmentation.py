@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.nn import functional as F
 
@@ -206,6 +208,9 @@ class SegmentationModel(StagedModule):
         self.log(f"{stage}_loss", loss, prog_bar=stage != "test", on_step=False, on_epoch=True, batch_size=len(images))
         return loss
 
+    def configure_callbacks(self) -> list[Callback]:
+        return [SegmentationOverlays(self.hparams.class_names)]
+
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self.predictive_uncertainty(batch["image"] if isinstance(batch, dict) else batch).probs
 
@@ -231,3 +236,69 @@ def _kl_to_uniform_dirichlet(alpha: torch.Tensor) -> torch.Tensor:
     total = alpha.sum(1)
     return (torch.lgamma(total) - torch.lgamma(alpha).sum(1) - math.lgamma(k)
             + ((alpha - 1) * (torch.digamma(alpha) - torch.digamma(total)[:, None])).sum(1))
+
+
+class SegmentationOverlays(Callback):
+    """After each test: the first ``count`` test images with the labels, the prediction and the mutual information
+    side by side, as ``overlays/test.png`` in the trainer's log folder and as an image in its W&B run.
+
+    In a federation this runs inside each site, so the images stay where the site keeps its logs (its own folder
+    and W&B run on its own node): patients' images never travel to the driver.
+    """
+
+    def __init__(self, class_names: Optional[Sequence[str]] = None, count: int = 4) -> None:
+        self.class_names, self.count = class_names, count
+        self._shown: Optional[dict[str, torch.Tensor]] = None
+        self.path: Optional[Path] = None
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._shown = None
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+                          dataloader_idx: int = 0) -> None:
+        if self._shown is not None or not isinstance(batch, dict) or not callable(getattr(pl_module, "predictive_uncertainty", None)):
+            return
+        images = batch["image"][: self.count]
+        u = pl_module.predictive_uncertainty(images)
+        self._shown = {"image": images.detach().cpu(), "prediction": u.probs.argmax(1).cpu(), "mi": u.mutual_information.cpu()}
+        if "label" in batch:
+            self._shown["label"] = batch["label"][: self.count].cpu()
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._shown is None or trainer.sanity_checking:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        shown, classes = self._shown, int(pl_module.hparams.get("num_classes", 4))
+        rows = [("image", "image"), *([("label", "labels")] if "label" in shown else []), ("prediction", "prediction"),
+                ("mi", "mutual information")]
+        n = len(shown["image"])
+        fig, axes = plt.subplots(len(rows), n, figsize=(1.7 * n, 1.7 * len(rows)), squeeze=False)
+        for r, (key, title) in enumerate(rows):
+            for c in range(n):
+                ax = axes[r][c]
+                ax.axis("off")
+                ax.imshow(shown["image"][c, 0], cmap="gray", vmin=0, vmax=1)
+                if key in ("label", "prediction"):
+                    ax.imshow(torch.where(shown[key][c] > 0, shown[key][c], 0).numpy(), cmap="tab10", vmin=0, vmax=9,
+                              alpha=(shown[key][c] > 0).float().numpy() * 0.45, interpolation="nearest")
+                elif key == "mi":
+                    ax.imshow(shown["mi"][c], cmap="magma", alpha=0.8)
+                if c == 0:
+                    ax.set_title(title, fontsize=8, loc="left")
+        names = ", ".join(f"{i}={n}" for i, n in enumerate(self.class_names or range(classes)))
+        fig.suptitle(f"classes {names}", fontsize=7)
+        fig.tight_layout()
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "overlays"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "test.png"
+        fig.savefig(self.path, dpi=90)
+        plt.close(fig)
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="test/overlays", images=[str(self.path)])
