@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Reproduces every table and plot in docs/results.md (measured on a 2-core CPU machine; see the times there).
-# Usage: LIGHTNING_FED_DATA=/path/to/data bash benchmarks/results.sh [study_a|heart|study_b|sweeps|reuse]...
+# Usage: LIGHTNING_FED_DATA=/path/to/data bash benchmarks/results.sh [study_a|heart|study_b|sweeps|reuse|study_c|study_c_rules|study_c_holdout]...
 set -euo pipefail
 out=${OUT:-docs/results}
 quiet=(--trainer.logger=false)   # per-run CSV/W&B logs off: the tables, plots and results.json are the record
 ratios=0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.45,0.5
+ct_metrics=dice,dice_canon,dice_ge,dice_philips,dice_siemens,mutual_information
 run() { echo "+ $*"; "$@"; }
 for part in "${@:-study_a heart study_b sweeps reuse}"; do for p in $part; do case $p in
   study_a)
@@ -29,5 +30,27 @@ for part in "${@:-study_a heart study_b sweeps reuse}"; do for p in $part; do ca
     # the same compare with and without warm site processes: the wall-time difference is what reuse saves
     run lightning-fed compare --config recipes/heart_disease.yaml --repeats 3 --out "$out/reuse_warm" "${quiet[@]}"
     run lightning-fed compare --config recipes/heart_disease.yaml --repeats 3 --out "$out/reuse_cold" --no-reuse "${quiet[@]}" ;;
-  *) echo "unknown part $p (study_a, heart, study_b, sweeps, reuse)"; exit 2 ;;
+  study_c)
+    # simulated multi-vendor CT: local, pooled and FedAvg, Dice per hospital and per vendor, 3 repetitions
+    run lightning-fed compare --config recipes/ct_vendors.yaml --repeats 3 --modes local,pooled,federated \
+      --metrics "$ct_metrics" --out "$out/study_c" "${quiet[@]}" ;;
+  study_c_rules)
+    # the federated rules side by side (each its own compare, same seeds), then three hospitals without labels
+    for rule in fedbn uncertainty_weighted fiva; do
+      run lightning-fed compare --config recipes/ct_vendors.yaml --repeats 3 --modes federated --metrics "$ct_metrics" \
+        --trainer.strategy.init_args.aggregator=$rule --out "$out/study_c_$rule" "${quiet[@]}"
+    done
+    for rule in fedavg uncertainty_weighted; do
+      run lightning-fed compare --config recipes/ct_vendors.yaml --repeats 3 --modes federated --metrics "$ct_metrics" \
+        --trainer.strategy.init_args.aggregator=$rule "--data.init_args.unlabelled=[C,G,J]" \
+        --out "$out/study_c_unlabelled_$rule" "${quiet[@]}"
+    done ;;
+  study_c_holdout)
+    # hospitals the models never saw: E (CANON only), G (a quarter SIEMENS), J (half PHILIPS), each held out in turn
+    for rule in fedavg uncertainty_weighted; do
+      run lightning-fed compare --config recipes/ct_vendors.yaml --repeats 3 --modes "$([ $rule = fedavg ] && echo pooled,federated || echo federated)" \
+        --holdout E,G,J --metrics dice,mutual_information --trainer.strategy.init_args.aggregator=$rule \
+        --out "$out/study_c_holdout_$rule" "${quiet[@]}"
+    done ;;
+  *) echo "unknown part $p (study_a, heart, study_b, sweeps, reuse, study_c, study_c_rules, study_c_holdout)"; exit 2 ;;
 esac; done; done

@@ -18,6 +18,7 @@ from lightning_fed.strategies.local import Local  # noqa: E402
 from lightning_fed.strategies.robust import Median, TrimmedMean  # noqa: E402
 from lightning_fed.strategies.scaffold import Scaffold  # noqa: E402
 from lightning_fed.strategies.uncertainty_weighted import UncertaintyWeighted  # noqa: E402
+from lightning_fed.strategies.fiva import Fiva  # noqa: E402
 from lightning_fed.strategies.dp_fedavg import DPFedAvg  # noqa: E402
 
 _SITE_HALF = ("SiteAlgorithm", "load_weights", "state_to_numpy")
@@ -32,6 +33,7 @@ __all__ = [
     "FedFBN",
     "FedProx",
     "FedYogi",
+    "Fiva",
     "Local",
     "Median",
     "Scaffold",

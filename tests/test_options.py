@@ -17,7 +17,9 @@ def _updates(round_: int, count: int = 5) -> list[SiteUpdate]:
     for k in range(count):
         w = {"w": rng.normal(size=3).astype(np.float32), "b": rng.normal(size=2).astype(np.float32), "n": np.array(7 + k)}
         extras = {"delta_c": {"w": rng.normal(size=3).astype(np.float32), "b": rng.normal(size=2).astype(np.float32)},
-                  "unclipped": bool(k % 2)}
+                  "unclipped": bool(k % 2),
+                  "uncertainty": {"epistemic": float(rng.uniform(0.01, 0.1)), "aleatoric": float(rng.uniform(0.05, 0.5))},
+                  "precision": {"w": rng.uniform(0, 5, size=3), "b": rng.uniform(0, 5, size=2)}}
         out.append(SiteUpdate(f"s{k}", w, num_samples=10 * (k + 1), extras=extras))
     return out
 
@@ -56,6 +58,9 @@ OPTIONS = {
     "fedadagrad": {"eta": (0.1, {}, aggregated), "beta1": (0.5, {}, aggregated), "tau": (0.1, {}, aggregated)},
     "scaffold": {"eta_g": (0.5, {}, aggregated)},
     "trimmed_mean": {"beta": (0.25, {}, aggregated)},
+    "uncertainty_weighted": {"score": ("epistemic", {}, aggregated), "min_weight": (0.3, {}, aggregated),
+                             "max_images": (1, {}, site_half("max_images"))},
+    "fiva": {"prior": (1e3, {}, site_half("prior"))},
     "dp_fedavg": {
         "noise_multiplier": (0.3, {"seed": 0}, aggregated),
         "clip_norm": (3.0, {"seed": 0}, aggregated),

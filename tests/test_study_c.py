@@ -368,3 +368,27 @@ def test_held_out_sites_leave_exactly_one_hospital_out():
         HeldOutSites(dm, "K").federated_sites()
     with pytest.raises(ValueError, match="needs a datamodule that names its sites"):
         HeldOutSites(L.LightningDataModule(), "A").federated_sites()
+
+
+def test_fiva_weights_each_parameter_by_its_precision():
+    updates = [SiteUpdate("a", {"w": np.array([1.0, 1.0], np.float32), "bn": np.array([1.0], np.float32)}, 10,
+                          {"precision": {"w": np.array([3.0, 1e-8])}}),
+               SiteUpdate("b", {"w": np.array([3.0, 5.0], np.float32), "bn": np.array([5.0], np.float32)}, 30,
+                          {"precision": {"w": np.array([1.0, 2.0])}})]
+    out = get_aggregator("fiva").aggregate(1, updates, None).weights
+    assert out["w"] == pytest.approx([(3 * 1 + 1 * 3) / 4, 5.0], rel=1e-6)  # a parameter site a never moved: b's
+    assert out["bn"] == pytest.approx([0.25 * 1 + 0.75 * 5])  # no precision (a buffer): sample-weighted
+    with pytest.raises(ValueError, match="sent no precisions"):
+        get_aggregator("fiva").aggregate(1, [SiteUpdate("x", {"w": np.ones(1, np.float32)}, 1)], None)
+
+
+def test_fiva_site_half_sends_n_times_the_mean_squared_gradient():
+    from lightning_fed.strategies.site.fiva import FisherPrecision
+
+    module = torch.nn.Linear(2, 1, bias=False)
+    site = FisherPrecision(prior=0.5)
+    for grad in ([1.0, 2.0], [3.0, 0.0]):
+        module.weight.grad = torch.tensor([grad])
+        site.on_after_backward(None, module)
+    update = site.local_update(None, module, num_samples=8)
+    assert update.extras["precision"]["weight"] == pytest.approx(np.array([[8 * (1 + 9) / 2 + 0.5, 8 * 4 / 2 + 0.5]]))
