@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces every table and plot in docs/results.md (measured on a 2-core CPU machine; see the times there).
-# Usage: LIGHTNING_FED_DATA=/path/to/data bash benchmarks/results.sh [study_a|heart|study_b|sweeps|reuse|study_c|study_c_rules|study_c_holdout]...
+# Usage: LIGHTNING_FED_DATA=/path/to/data bash benchmarks/results.sh [study_a|heart|study_b|sweeps|reuse|study_c|study_c_rules|study_c_epistemic|study_c_holdout|study_c_fit]...
 set -euo pipefail
 out=${OUT:-docs/results}
 quiet=(--trainer.logger=false)   # per-run CSV/W&B logs off: the tables, plots and results.json are the record
@@ -45,6 +45,18 @@ for part in "${@:-study_a heart study_b sweeps reuse}"; do for p in $part; do ca
         --trainer.strategy.init_args.aggregator=$rule "--data.init_args.unlabelled=[C,G,J]" \
         --out "$out/study_c_unlabelled_$rule" "${quiet[@]}"
     done ;;
+  study_c_epistemic)
+    # uncertainty weighting by the global model's epistemic uncertainty only (no local aleatoric term), three unlabelled
+    run lightning-fed compare --config recipes/ct_vendors.yaml --repeats 3 --modes federated --metrics "$ct_metrics" \
+      --trainer.strategy.init_args.aggregator=uncertainty_weighted "--trainer.strategy.init_args.aggregator_kwargs={score: epistemic}" \
+      "--data.init_args.unlabelled=[C,G,J]" --out "$out/study_c_unlabelled_epistemic" "${quiet[@]}" ;;
+  study_c_fit)
+    # one fit with the shift report and the per-round weights (FedEvi score, three hospitals unlabelled)
+    run lightning-fed fit --config recipes/ct_vendors.yaml --trainer.strategy.init_args.aggregator=uncertainty_weighted \
+      "--data.init_args.unlabelled=[C,G,J]" --trainer.logger=false --trainer.default_root_dir=runs/study_c_fit
+    mkdir -p "$out/study_c_fit"
+    cp runs/study_c_fit/{results.json,shift_report.csv,shift_report.png,aggregation_weights.png} "$out/study_c_fit/"
+    cp runs/study_c_fit/sites/G/overlays/test.png "$out/study_c_fit/overlays_G.png" ;;
   study_c_holdout)
     # hospitals the models never saw: E (CANON only), G (a quarter SIEMENS), J (half PHILIPS), each held out in turn
     for rule in fedavg uncertainty_weighted; do
@@ -52,5 +64,5 @@ for part in "${@:-study_a heart study_b sweeps reuse}"; do for p in $part; do ca
         --holdout E,G,J --metrics dice,mutual_information --trainer.strategy.init_args.aggregator=$rule \
         --out "$out/study_c_holdout_$rule" "${quiet[@]}"
     done ;;
-  *) echo "unknown part $p (study_a, heart, study_b, sweeps, reuse, study_c, study_c_rules, study_c_holdout)"; exit 2 ;;
+  *) echo "unknown part $p (study_a, heart, study_b, sweeps, reuse, study_c, study_c_rules, study_c_epistemic, study_c_holdout, study_c_fit)"; exit 2 ;;
 esac; done; done

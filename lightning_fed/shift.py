@@ -102,6 +102,9 @@ def weights_plot(round_metrics: list[dict[str, float]], path: Path, prefix: str 
     for site in sites:
         ax.plot(rounds, [m.get(prefix + site, float("nan")) for m in round_metrics], marker=".", label=site)
     ax.axhline(1 / len(sites), color="grey", lw=0.8, ls=":", label="equal share")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("aggregation weight")
     ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.02, 1), loc="upper left", frameon=False)
