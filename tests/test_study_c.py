@@ -206,7 +206,7 @@ def _dicom_sites(tmp_path):
 
 
 def test_inventory_reads_vendor_model_and_kernel_from_dicom_headers(tmp_path):
-    from lightning_fed.inventory import count_exams, read_dicom_headers
+    from lightning_fed.data.dicom import count_exams, read_dicom_headers
 
     a, b = _dicom_sites(tmp_path)
     records, skipped = read_dicom_headers(a)

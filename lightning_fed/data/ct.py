@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from lightning_fed.data.ct_vendors import VENDORS, WINDOW_HU, CTSlices
+from lightning_fed.data.dicom import UNKNOWN, count_exams, normalise_vendor, read_dicom_headers
 from lightning_fed.data.partition import split_fractions, train_val_test
 from lightning_fed.data.sites import Site, SiteSplits
 
@@ -90,14 +91,12 @@ class CTFolderSite(SiteSplits):
 
     def vendors(self) -> dict[str, str]:
         """Case -> vendor, from ``cases.csv`` or the DICOM headers of each series."""
-        from lightning_fed.inventory import UNKNOWN, read_dicom_headers
-
         table = self.root / "cases.csv"
         out: dict[str, str] = {}
         if table.is_file():
             with table.open() as f:
                 for row in csv.DictReader(f):
-                    out[row["case"]] = row.get("vendor", "").strip().upper() or UNKNOWN
+                    out[row["case"]] = normalise_vendor(row.get("vendor") or "")
         for case, path in self.cases().items():
             if case not in out and path.is_dir():
                 records, _ = read_dicom_headers(path)
@@ -106,8 +105,6 @@ class CTFolderSite(SiteSplits):
 
     def inventory(self) -> list[dict[str, Any]]:
         """Exams by vendor, model and kernel: from the DICOM headers, or ``cases.csv`` for NIfTI volumes."""
-        from lightning_fed.inventory import UNKNOWN, count_exams, read_dicom_headers
-
         records = []
         vendors = self.vendors()
         for case, path in self.cases().items():

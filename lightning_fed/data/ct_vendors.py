@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import Dataset
 
+from lightning_fed.data.dicom import count_exams
 from lightning_fed.data.partition import split_fractions, train_val_test
 from lightning_fed.data.sites import Site, SiteSplits, per_site
 
@@ -219,9 +220,7 @@ class SimulatedCTHospital(SiteSplits):
         return dict(zip(("train", "val", "test"), parts))
 
     def inventory(self) -> list[dict[str, Any]]:
-        """Exams by vendor, model and kernel, as :func:`lightning_fed.inventory.tabulate` would read them from headers."""
-        from lightning_fed.inventory import count_exams
-
+        """Exams by vendor, model and kernel, as :func:`~lightning_fed.data.dicom.count_exams` counts them from headers."""
         return count_exams([{"vendor": e.vendor, "model": e.model, "kernel": e.kernel, "exam": str(e.index)} for e in self.exam_list()])
 
     def setup(self, stage: str) -> None:
