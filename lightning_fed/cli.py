@@ -4,6 +4,7 @@
     lightning-fed compare --config RECIPE --modes pooled,local,federated --repeats N
     lightning-fed sweep --config RECIPE --grid KEY=V1,V2
     lightning-fed inventory --config RECIPE                    # exams per site by vendor, model, kernel
+    lightning-fed replot runs/compare/FOLDER                   # redraw a compare's or sweep's figures
 
 ``fit``/``validate``/``test`` are :class:`~lightning_fed.lightning_cli.FederatedCLI` (everything LightningCLI
 offers); ``compare``/``sweep`` are :mod:`lightning_fed.experiments`, ``inventory`` is :mod:`lightning_fed.inventory`.
@@ -56,7 +57,7 @@ def main(args: Optional[list[str]] = None) -> None:
 
 
 def _run(argv: list[str], from_command_line: bool) -> None:
-    if argv and argv[0] in ("compare", "sweep"):
+    if argv and argv[0] in ("compare", "sweep", "replot"):
         from lightning_fed.experiments import COMMANDS
 
         COMMANDS[argv[0]](argv[1:])

@@ -471,6 +471,13 @@ def _column_title(column: str) -> str:
     return "all sites (merged)" if column == MERGED else column
 
 
+def _axis_label(column: str) -> str:
+    """A test set's name on a figure axis: a long ``mean(a,b,c,...)`` becomes ``mean of N sites``."""
+    if column.startswith("mean(") and len(column) > 16:
+        return f"mean of {column.count(',') + 1} sites"
+    return _column_title(column)
+
+
 def _model_title(model: str) -> str:
     if model == "local":
         return "local (each site's own model)"
@@ -496,23 +503,81 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
     return path
 
 
-def bar_plots(summary: dict[str, Any], metrics: Sequence[str], columns: Sequence[str], models: Sequence[str], out: Path, title: str) -> list[Path]:
-    """``<metric>.png``: one group of bars per test set, one bar per model, error bars = std over repetitions."""
+MAX_FIGURE_INCHES = (10.0, 5.0)  # at 110 dpi: at most 1100 x 550 pixels, a laptop screen or a paper column
+_MARKERS = "osD^vP*Xhp<>"
+
+
+def fitted_limits(lows: Sequence[float], highs: Sequence[float], pad: float = 0.08, floor: float = 0.02) -> tuple[float, float]:
+    """A value axis around the data (error bars included) with ``pad`` of its span on each side, never narrower
+    than ``floor``: the differences between models fill the plot, not the distance from zero."""
+    lo, hi = min(lows), max(highs)
+    span = max(hi - lo, floor)
+    middle = (lo + hi) / 2
+    return middle - span * (0.5 + pad), middle + span * (0.5 + pad)
+
+
+def dot_plots(summary: dict[str, Any], metrics: Sequence[str], columns: Sequence[str], models: Sequence[str], out: Path, title: str) -> list[Path]:
+    """``<metric>.png``: one column of dots per test set, one dot per model (error bar = std over repetitions), the
+    value axis fitted to the data, the legend beside the plot."""
     plt = _pyplot()
     paths = []
     for metric in metrics:
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) * max(1, len(models)) / 3), 4))
-        width = 0.8 / max(1, len(models))
+        points = {m: [summary.get(m, {}).get(c, {}).get(metric) for c in columns] for m in models}
+        values = [s for stats in points.values() for s in stats if s]
+        if not values:
+            continue
+        fig, ax = plt.subplots(figsize=(min(MAX_FIGURE_INCHES[0], 3.2 + 0.75 * len(columns)), 3.6))
+        spread = 0.6 / max(1, len(models))
         for i, model in enumerate(models):
-            stats = [summary.get(model, {}).get(c, {}).get(metric) for c in columns]
-            xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(columns))]
-            ax.bar(xs, [s["mean"] if s else math.nan for s in stats], width, yerr=[s["std"] if s else 0 for s in stats],
-                   label=_model_title(model), capsize=2)
-        ax.set_xticks(range(len(columns)), [_column_title(c) for c in columns], rotation=20, ha="right")
+            xs = [j + (i - (len(models) - 1) / 2) * spread for j, st in enumerate(points[model]) if st]
+            stats = [st for st in points[model] if st]
+            if stats:
+                ax.errorbar(xs, [st["mean"] for st in stats], yerr=[st["std"] for st in stats], fmt=_MARKERS[i % len(_MARKERS)],
+                            ms=5, capsize=2, lw=1, label=_model_title(model))
+        ax.set_ylim(*fitted_limits([v["mean"] - v["std"] for v in values], [v["mean"] + v["std"] for v in values]))
+        ax.set_xticks(range(len(columns)), [_axis_label(c) for c in columns], rotation=20 if len(columns) > 4 else 0, ha="right" if len(columns) > 4 else "center")
+        for j in range(1, len(columns)):
+            ax.axvline(j - 0.5, color="0.9", lw=0.8, zorder=0)
+        ax.grid(axis="y", alpha=0.3)
         ax.set_ylabel(metric)
-        ax.set_title(f"{title}: {metric} on each test set")
-        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"{title}: {metric} on each test set (mean ± std)", fontsize=9)
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
         paths.append(_save(plt, fig, out / f"{metric}.png"))
+    return paths
+
+
+def model_site_matrix(summary: dict[str, Any], metric: str, models: Sequence[str], columns: Sequence[str]) -> list[list[Optional[float]]]:
+    """Mean ``metric`` of every model (rows) on every test set (columns); ``None`` where a model was not tested."""
+    return [[(summary.get(m, {}).get(c, {}).get(metric) or {}).get("mean") for c in columns] for m in models]
+
+
+def heat_maps(summary: dict[str, Any], metrics: Sequence[str], columns: Sequence[str], models: Sequence[str], out: Path, title: str) -> list[Path]:
+    """``<metric>_models_by_site.png``: every model (rows: pooled, local, each site only, federated) tested on every
+    site (columns), each cell its mean over repetitions."""
+    plt = _pyplot()
+    import numpy as np
+
+    paths = []
+    for metric in metrics:
+        matrix = model_site_matrix(summary, metric, models, columns)
+        grid = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+        if np.isnan(grid).all():
+            continue
+        width = min(MAX_FIGURE_INCHES[0], 2.4 + 0.85 * len(columns))
+        fig, ax = plt.subplots(figsize=(width, min(MAX_FIGURE_INCHES[1], 1.0 + 0.36 * len(models))))
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+        middle = np.nanmean(grid)
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                if value is not None:
+                    ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7, color="black" if value > middle else "white")
+        ax.set_xticks(range(len(columns)), [_axis_label(c) for c in columns], rotation=20 if len(columns) > 4 else 0,
+                      ha="right" if len(columns) > 4 else "center", fontsize=8)
+        ax.set_yticks(range(len(models)), [_model_title(m) for m in models], fontsize=8)
+        ax.set_xlabel("test set")
+        fig.colorbar(image, ax=ax, fraction=0.04, label=metric)
+        ax.set_title(f"{title}: {metric}, every model on every test set", fontsize=9)
+        paths.append(_save(plt, fig, out / f"{metric}_models_by_site.png"))
     return paths
 
 
@@ -552,11 +617,15 @@ def line_plots(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Sequenc
     if not keys:
         return []
     plt = _pyplot()
-    x_key, rest = keys[0], keys[1:]
+    x_key = keys[0]
+    tied = [k for k in keys[1:] if _moves_with(rows, x_key, k)]  # zipped with the x axis: not a line of its own
+    rest = [k for k in keys[1:] if k not in tied]
     paths = []
     for metric in metrics:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, ax = plt.subplots(figsize=(8.0, 3.8))
         lines: dict[tuple, list[tuple[Any, dict[str, Any]]]] = {}
+        lows: list[float] = []
+        highs: list[float] = []
         for row in rows:
             lines.setdefault((row["model"], *[json.dumps(row["point"][k]) for k in rest]), []).append((row["point"][x_key], row["metrics"].get(metric)))
         for line, points in lines.items():
@@ -565,13 +634,23 @@ def line_plots(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Sequenc
                 continue
             label = ", ".join([_model_title(line[0]), *[f"{_short(k)}={v}" for k, v in zip(rest, line[1:])]])
             xs = [x if isinstance(x, (int, float)) else str(x) for x, _ in points]
-            ax.errorbar(xs, [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points], marker="o", capsize=2, label=label)
-        ax.set_xlabel(_short(x_key))
-        ax.set_ylabel(f"{metric} ({_column_title(column)})")
-        ax.legend(fontsize=7)
+            ax.errorbar(xs, [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points], marker="o", ms=4, capsize=2, lw=1, label=label)
+            lows += [s["mean"] - s["std"] for _, s in points]
+            highs += [s["mean"] + s["std"] for _, s in points]
+        if lows:
+            ax.set_ylim(*fitted_limits(lows, highs))
+        ax.set_xlabel(_short(x_key) + (f" ({', '.join(map(_short, tied))} with it)" if tied else ""))
+        ax.set_ylabel(f"{metric} ({_axis_label(column)})")
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
         ax.grid(alpha=0.3)
         paths.append(_save(plt, fig, out / f"{metric}.png"))
     return paths
+
+
+def _moves_with(rows: list[dict[str, Any]], x_key: str, key: str) -> bool:
+    """``key`` takes one value per value of ``x_key`` (a ``--zip`` partner of the x axis) and more than one overall."""
+    pairs = {(json.dumps(r["point"][x_key]), json.dumps(r["point"][key])) for r in rows}
+    return len(pairs) == len({x for x, _ in pairs}) and len({v for _, v in pairs}) > 1
 
 
 # -- W&B -----------------------------------------------------------------------------------------
@@ -722,7 +801,7 @@ def write_compare(experiment: Experiment, out: Path, metrics: Optional[Sequence[
     columns = [*sites, *([mean_label(mean_over)] if mean_over else []), MERGED]
     totals = confusion_totals(runs)
     title = Path(experiment.configs[-1]).stem
-    plots = bar_plots(summary, metrics, columns, models, out, title)
+    plots = dot_plots(summary, metrics, columns, models, out, title) + heat_maps(summary, metrics, columns, models, out, title)
     cm_models = [m for m in ("pooled", "local", "federated") if m in models]
     cm_plot = confusion_plot(totals, cm_models, [*sites, MERGED], out, experiment.label_names)
     shift = shift_reports(runs, experiment.group_names, sites, out)
@@ -882,6 +961,50 @@ def write_sweep(experiment: Experiment, points: list[dict[str, Any]], out: Path,
     return report
 
 
+def replot(folder: Path) -> list[Path]:
+    """Draw a compare's or sweep's figures again from its ``results.json`` (no training); a leave-one-site-out
+    folder has each held-out site's comparison redrawn."""
+    report = json.loads((folder / "results.json").read_text())
+    if "holdouts" in report:
+        return [p for name in report["folders"].values() for p in replot(folder / name)]
+    title = Path(report["recipes"][-1]).stem
+    if "grid" in report:
+        rows = report["rows"]
+        metrics = list(dict.fromkeys(m for r in rows for m in r["metrics"]))
+        return line_plots(rows, report["grid"], metrics, folder, report["column"])
+    summary, columns, models = report["summary"], report["columns"], report["models"]
+    known = [m for m in (*METRICS, *SEGMENTATION_METRICS, "loss") if any(m in by_metric for by_column in summary.values() for by_metric in by_column.values())]
+    metrics = report.get("metrics") or known
+    paths = dot_plots(summary, metrics, columns, models, folder, title) + heat_maps(summary, metrics, columns, models, folder, title)
+    totals = report.get("confusion_matrices") or {}
+    cm_models = [m for m in ("pooled", "local", "federated") if m in models]
+    plot = confusion_plot(totals, cm_models, [*report["sites"], MERGED], folder, report.get("label_names"))
+    return paths + ([plot] if plot else [])
+
+
+def replot_command(argv: Sequence[str]) -> list[Path]:
+    """``lightning-fed replot FOLDER...``: redraw the figures of compare/sweep output folders from their results.json."""
+    parser = _Parser(prog="lightning-fed replot", description=replot_command.__doc__)
+    parser.add_argument("folders", nargs="+", help="folders written by lightning-fed compare or sweep")
+    args = parser.parse_args(list(argv))
+    paths, skipped = [], []
+    for name in args.folders:
+        folder = Path(name)
+        if not (folder / "results.json").is_file():
+            raise UsageError(f"{folder} holds no results.json: give a folder that lightning-fed compare or sweep wrote")
+        report = json.loads((folder / "results.json").read_text())
+        if not any(key in report for key in ("summary", "grid", "holdouts")):
+            skipped.append(str(folder))  # a fit's results: its figures are drawn by the fit itself
+            continue
+        paths += replot(folder)
+    if skipped and not paths:
+        raise UsageError(f"{', '.join(skipped)}: results.json is not a compare's or sweep's (a fit's?): give a folder "
+                         "that lightning-fed compare or sweep wrote")
+    print(f"redrew {len(paths)} figure(s) in {len(args.folders) - len(skipped)} folder(s)"
+          + (f"; skipped {len(skipped)} that hold a fit's results ({', '.join(skipped)})" if skipped else ""))
+    return paths
+
+
 def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_suffix(path.suffix + ".partial")
     partial.write_text(text)
@@ -894,7 +1017,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-COMMANDS = {"compare": compare, "sweep": sweep}
+COMMANDS = {"compare": compare, "sweep": sweep, "replot": replot_command}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -24,7 +24,7 @@ from lightning_fed.data.sites import Site, describe_sites, simulate_sites
 from lightning_fed.data.partition import IID
 from lightning_fed.federation import Federation, FederationConfigError, SiteFailedError, WorkerPool, total_rounds
 from lightning_fed.loggers import log_driver_metrics, site_logger_specs
-from lightning_fed.progress import results_table
+from lightning_fed.progress import results_cells, show_table
 from lightning_fed.results import Evaluation, FitResult
 from lightning_fed.runtime import RayRuntime
 from lightning_fed.site import TrainerJob
@@ -290,8 +290,8 @@ class FederatedLauncher(_Launcher):
         log_driver_metrics(trainer.loggers, output, step=None)
         self.last_evaluation = evaluation
         if verbose:
-            print(f"\n{stage} results (each site on its own data; 'federated' merges every site's metric states):")
-            print(results_table(evaluation.rows()))
+            show_table(*results_cells(evaluation.rows()),
+                       title=f"\n{stage} results (each site on its own data; 'federated' merges every site's metric states):")
             for note in evaluation.notes:
                 print(f"note: {note}")
         trainer.state.status = TrainerStatus.FINISHED

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_fed.progress import per_label_table, report_columns, results_table
+from lightning_fed.progress import per_label_table, report_columns, results_cells, show_table
 from lightning_fed.strategy import FederatedStrategy
 
 
@@ -110,8 +110,7 @@ class FederatedCLI(LightningCLI):
             report["test"]["mean_over_sites"] = {"sites": mean_over, **mean}
             rows[f"mean({','.join(mean_over)})"] = mean
         rows["federated"] = table["federated"]
-        print("\nTest results (global model, each site's own test split):")
-        print(results_table(rows))
+        show_table(*results_cells(rows), title="\nTest results (global model, each site's own test split):")
         for note in evaluation.notes:
             print(f"note: {note}")
         label_names = _label_names(self.model, self.datamodule)

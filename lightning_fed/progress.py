@@ -15,53 +15,98 @@ def _fmt_metrics(metrics: dict[str, Any], limit: int = 6) -> str:
 
 
 class FederatedProgress:
-    """Prints ``round r/N``, each site's epoch and status, and the latest federated metrics.
+    """The federation's progress on the driver: one view, never one progress bar per site.
 
-    On a terminal one status line is rewritten in place; elsewhere (CI logs, ``ray job logs``) a line is printed
-    whenever the round or a site's status changes, so logs stay readable.
+    On a terminal a `rich <https://github.com/Textualize/rich>`_ table updates in place: round ``r/N``, elapsed and
+    estimated time left, and per site its epoch, step, status and last training loss, with the latest federated
+    metrics under it. Elsewhere (CI logs, ``ray job logs``, a file) a line is printed whenever the round or a site's
+    status changes, so logs stay readable. Sites left out or back in get a line of their own either way.
     """
 
-    def __init__(self, total_rounds: int, stream: Optional[TextIO] = None, enabled: bool = True) -> None:
+    def __init__(self, total_rounds: int, stream: Optional[TextIO] = None, enabled: bool = True,
+                 console: Optional[Any] = None) -> None:
         self.total_rounds = total_rounds
         self.stream = stream or sys.stdout
         self.enabled = enabled
-        self.tty = self.stream.isatty()
-        self._last_line = ""
+        self.console = console  # a rich Console to draw the live table on (tests pass one); default: on a terminal
+        self.tty = console is not None or self.stream.isatty()
+        self._live: Any = None
         self._last_key: tuple = ()
         self._start = time.monotonic()
+        self._round_started: dict[int, float] = {}
         self._events = 0
 
     def update(self, snapshot: dict[str, Any], fl_metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        events = snapshot.get("events", [])[self._events:]  # sites left out or back in: a line each, kept on screen
+        events = snapshot.get("events", [])[self._events:]
+        self._events += len(events)
         for event in events:
             reason = f": {event['reason']}" if event.get("reason") else ""
-            self.stream.write(("\r\033[K" if self.tty else "")
-                              + f"[lightning-fed] site {event['site']!r} {event['event']} (round {event['round']}){reason}\n")
-        self._events += len(events)
-        if events and self.tty:
-            self._last_line = ""
+            self._say(f"[lightning-fed] site {event['site']!r} {event['event']} (round {event['round']}){reason}")
+        self._round_started.setdefault(int(snapshot["round"]), time.monotonic())
+        if self.tty:
+            self._draw(snapshot, fl_metrics)
+            return
         sites = snapshot["sites"]
-        parts = [f"{name}: e{info.get('epoch', 0)} {info.get('status', '?')}" for name, info in sites.items()]
-        line = f"[lightning-fed] round {snapshot['round']}/{self.total_rounds} | " + " | ".join(parts)
+        metrics = _fmt_metrics(fl_metrics)
+        key = (snapshot["round"], tuple(sorted((n, i.get("status"), i.get("epoch")) for n, i in sites.items())), metrics)
+        if key != self._last_key:
+            parts = [f"{name}: e{info.get('epoch', 0)} {info.get('status', '?')}" for name, info in sites.items()]
+            line = f"[lightning-fed] round {snapshot['round']}/{self.total_rounds} | " + " | ".join(parts)
+            self.stream.write(f"{line}{f' | {metrics}' if metrics else ''}  ({time.monotonic() - self._start:.0f}s)\n")
+            self.stream.flush()
+            self._last_key = key
+
+    def _say(self, line: str) -> None:
+        if self._live is not None:
+            self._live.console.print(line, markup=False, highlight=False)  # above the live table, kept on screen
+        else:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def eta(self, round_: int) -> Optional[float]:
+        """Seconds left at the mean pace of the rounds finished so far (``None`` before the first one)."""
+        if round_ <= 0 or round_ >= self.total_rounds:
+            return None if round_ <= 0 else 0.0
+        return (time.monotonic() - self._start) / round_ * (self.total_rounds - round_)
+
+    def table(self, snapshot: dict[str, Any], fl_metrics: dict[str, Any]) -> Any:
+        """The live view as a rich renderable."""
+        from rich.table import Table
+
+        round_ = int(snapshot["round"])
+        elapsed = time.monotonic() - self._start
+        eta = self.eta(round_)
+        title = f"round {round_}/{self.total_rounds} · {elapsed:.0f} s" + (f" · about {eta:.0f} s left" if eta else "")
+        table = Table(title=title, title_justify="left", expand=False, pad_edge=False)
+        for column, justify in (("site", "left"), ("epoch", "right"), ("step", "right"), ("status", "left"), ("loss", "right")):
+            table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        for name, info in snapshot["sites"].items():
+            loss = next((v for k, v in (info.get("metrics") or {}).items() if "loss" in k and "train" in k), None)
+            status = str(info.get("status", "?"))
+            style = "red" if status in ("failed", "left out", "out") else ("green" if status == "done" else None)
+            table.add_row(name, str(info.get("epoch", 0)), str(info.get("global_step", "")), status,
+                          f"{loss:.4f}" if isinstance(loss, float) else "", style=style)
         metrics = _fmt_metrics(fl_metrics)
         if metrics:
-            line += f" | {metrics}"
-        key = (snapshot["round"], tuple(sorted((n, i.get("status"), i.get("epoch")) for n, i in sites.items())), metrics)
-        if self.tty:
-            if line != self._last_line:
-                self.stream.write("\r\033[K" + line[: 400])
-                self.stream.flush()
-        elif key != self._last_key:
-            self.stream.write(f"{line}  ({time.monotonic() - self._start:.0f}s)\n")
-            self.stream.flush()
-        self._last_line, self._last_key = line, key
+            table.caption, table.caption_justify = metrics, "left"
+        return table
+
+    def _draw(self, snapshot: dict[str, Any], fl_metrics: dict[str, Any]) -> None:
+        if self._live is None:
+            from rich.console import Console
+            from rich.live import Live
+
+            console = self.console or Console(file=self.stream)
+            self._live = Live(console=console, auto_refresh=False, transient=False)
+            self._live.start()
+        self._live.update(self.table(snapshot, fl_metrics), refresh=True)
 
     def close(self) -> None:
-        if self.enabled and self.tty and self._last_line:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
 
 
 CLASSIFICATION_COLUMNS = ("loss", "accuracy", "precision", "recall", "auroc")
@@ -74,9 +119,9 @@ def report_columns(rows: dict[str, dict[str, Any]]) -> tuple[str, ...]:
     return SEGMENTATION_COLUMNS if segmentation else CLASSIFICATION_COLUMNS
 
 
-def results_table(rows: dict[str, dict[str, Any]], columns: Optional[tuple[str, ...]] = None) -> str:
-    """A plain-text table: one row per site plus the federated row, one column per metric (by default
-    :func:`report_columns`); a site without labels is marked ``(no labels)``."""
+def results_cells(rows: dict[str, dict[str, Any]], columns: Optional[tuple[str, ...]] = None) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of a results table: one row per site plus the federated row, one column per metric (by
+    default :func:`report_columns`); a site without labels is marked ``(no labels)``."""
     columns = columns or report_columns(rows)
     header = ["site", *columns]
     body = []
@@ -86,7 +131,34 @@ def results_table(rows: dict[str, dict[str, Any]], columns: Optional[tuple[str, 
             value = values.get(col)
             cells.append(f"{value:.4f}" if isinstance(value, float) else "-")
         body.append(cells)
-    return text_table(header, body)
+    return header, body
+
+
+def results_table(rows: dict[str, dict[str, Any]], columns: Optional[tuple[str, ...]] = None) -> str:
+    """:func:`results_cells` as plain text."""
+    return text_table(*results_cells(rows, columns))
+
+
+def show_table(header: list[str], body: list[list[str]], title: Optional[str] = None, stream: Optional[TextIO] = None) -> None:
+    """Print a table: drawn with rich on a terminal, plain text (:func:`text_table`) when piped or logged."""
+    stream = stream or sys.stdout
+    if title and title.startswith("\n"):
+        print(file=stream)
+        title = title.lstrip("\n")
+    if stream.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in body:
+            table.add_row(*row)
+        Console(file=stream).print(table)
+        return
+    if title:
+        print(title, file=stream)
+    print(text_table(header, body), file=stream)
 
 
 def text_table(header: list[str], body: list[list[str]]) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, Subset
 
