@@ -73,6 +73,7 @@ class CTFolderSite(SiteSplits):
         self.image_size, self.slice_step, self.seed = image_size, slice_step, seed
         self.fractions = train_val_test(test_fraction, val_fraction)
         self.labelled, self.group_names = labelled, tuple(group_names)
+        self._pipelines: dict[tuple[str, ...], Any] = {}  # MONAI transforms, built once per set of keys
 
     # -- what is there ---------------------------------------------------------------------------
     def cases(self) -> dict[str, Path]:
@@ -134,7 +135,10 @@ class CTFolderSite(SiteSplits):
             if mask is None:
                 raise FileNotFoundError(f"case {case!r} has no mask in {self.root / 'labels'}: add {case}.nii.gz or remove the labels/ folder")
             item["label"] = str(mask)
-        data = self._transforms(list(item))(item)
+        keys = tuple(item)
+        if keys not in self._pipelines:
+            self._pipelines[keys] = self._transforms(list(keys))
+        data = self._pipelines[keys](item)
         image = torch.as_tensor(data["image"])[0]  # [X, Y, Z]
         label = torch.as_tensor(data["label"])[0].round().long() if with_labels else None
         if label is not None:

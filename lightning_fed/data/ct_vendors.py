@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from lightning_fed.data.dicom import count_exams
 from lightning_fed.data.partition import split_fractions, train_val_test
-from lightning_fed.data.sites import Site, SiteSplits, per_site
+from lightning_fed.data.sites import Site, SiteSplits, chosen_sites, per_site
 
 VENDORS = ("CANON", "GE", "PHILIPS", "SIEMENS")
 CLASSES = ("background", "fat", "muscle", "bone")
@@ -266,11 +266,9 @@ class SimulatedCTHospitals(LightningDataModule):
         site_cpus: Union[float, Sequence[float]] = 1.0,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(hospitals) - set(STUDY_EXAMS)) or sorted(set(unlabelled) - set(hospitals))
-        if unknown or not hospitals:
-            raise ValueError(f"unknown hospitals {unknown}: pick from {sorted(STUDY_EXAMS)} (unlabelled ones among the hospitals taking part)")
-        if len(set(hospitals)) != len(hospitals):
-            raise ValueError(f"hospitals {list(hospitals)} name a hospital twice: each hospital is one site")
+        hospitals = chosen_sites(hospitals, list(STUDY_EXAMS))
+        if unlabelled:
+            chosen_sites(unlabelled, hospitals, "unlabelled hospitals")
         if set(unlabelled) == set(hospitals):
             raise ValueError("every hospital is unlabelled: at least one hospital needs ground truth to learn from")
         counts = [int(exams)] * len(hospitals) if isinstance(exams, int) else [int(e) for e in exams]

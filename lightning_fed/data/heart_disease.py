@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_fed.data.download import data_root, ensure_files
 from lightning_fed.data.partition import split_fractions, train_val_test
-from lightning_fed.data.sites import Site, SiteSplits, per_site
+from lightning_fed.data.sites import Site, SiteSplits, chosen_sites, per_site
 
 HOSPITALS = {
     "cleveland": ("processed.cleveland.data", "2d91a8ff69cfd9616aa47b59d6f843db"),
@@ -79,11 +79,7 @@ class HeartDiseaseSites(LightningDataModule):
         site_cpus: Union[float, Sequence[float]] = 1.0,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(hospitals) - set(HOSPITALS))
-        if unknown or not hospitals:
-            raise ValueError(f"unknown hospitals {unknown}: pick from {sorted(HOSPITALS)}")
-        if len(set(hospitals)) != len(hospitals):
-            raise ValueError(f"hospitals {list(hospitals)} name a hospital twice: each hospital is one site")
+        hospitals = chosen_sites(hospitals, list(HOSPITALS))
         train_val_test(test_fraction, val_fraction)
         self.data_dir, self.hospitals = data_dir, list(hospitals)
         self.test_fraction, self.val_fraction, self.batch_size, self.seed = test_fraction, val_fraction, batch_size, seed

@@ -95,6 +95,16 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
                          "sites with federated_sites()") from None
 
 
+def chosen_sites(chosen: Sequence[str], known: Sequence[str], what: str = "hospitals") -> list[str]:
+    """``chosen`` checked against the ``known`` names: none unknown, none twice, at least one."""
+    unknown = sorted(set(chosen) - set(known))
+    if unknown or not chosen:
+        raise ValueError(f"unknown {what} {unknown}: pick from {sorted(known)}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"{what} {list(chosen)} name a site twice: each is one site")
+    return list(chosen)
+
+
 def per_site(value: Union[float, Sequence[float]], sites: int, name: str = "site_cpus") -> list[float]:
     """One number for every site, or one per site (checked)."""
     values = [float(value)] * sites if isinstance(value, (int, float)) else [float(v) for v in value]

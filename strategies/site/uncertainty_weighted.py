@@ -45,9 +45,9 @@ class UncertaintyScores(SiteAlgorithm):
 
     def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
         update = super().local_update(trainer, pl_module, num_samples)
-        aleatoric = self._mean_uncertainty(trainer, pl_module)["aleatoric"]
-        epistemic = self.epistemic if self.epistemic is not None else self._mean_uncertainty(trainer, pl_module)["epistemic"]
-        update.extras[SCORE_KEY] = {"epistemic": epistemic, "aleatoric": aleatoric}
+        local = self._mean_uncertainty(trainer, pl_module)
+        epistemic = self.epistemic if self.epistemic is not None else local["epistemic"]
+        update.extras[SCORE_KEY] = {"epistemic": epistemic, "aleatoric": local["aleatoric"]}
         return update
 
     def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
