@@ -30,6 +30,7 @@ import ray
 from lightning_fed.metric_states import merge_reports
 from lightning_fed.screening import screen
 from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate
+from lightning_fed.traffic import TrafficLedger, wire_size
 
 
 class FederationAborted(RuntimeError):
@@ -102,6 +103,7 @@ class Coordinator:
         # each site's part in the latest commit, and the round it is from (continue mode: a site out of a round
         # has its latest part linked into that round's folder)
         self._parts: dict[str, tuple[str, int]] = dict(parts or {})
+        self._traffic = TrafficLedger()  # bytes per site and round (lightning_fed.traffic)
         if resume_state is not None:
             self._load_server_state(resume_state)
         self._barriers: dict[tuple, _Barrier] = {}
@@ -272,6 +274,7 @@ class Coordinator:
         """Called by a site that was left out, once restarted: waits for the round in progress to be aggregated and
         returns where the site comes back in (it takes part in every barrier from the next round on)."""
         self._record("rejoin", site)
+        self._traffic.sent(site, wire_size((site,)))
         self._raise_if_aborted()
         if site not in self._out:
             raise ValueError(f"site {site!r} is not out of the federation: nothing to rejoin")
@@ -290,6 +293,9 @@ class Coordinator:
                 self._finished.add(site)
                 self._event(site, "rejoined", "at the end of the run: loads the final model")
                 return RejoinPoint(self.round, self.final_global(), self._carry.get(site), finished=True)
+        self._traffic.joins_at(site, self._joins[site])
+        if self.global_model is not None:  # the global model it starts from
+            self._traffic.received(site, wire_size(self.global_model))
         return RejoinPoint(self._joins[site], self.final_global(), self._carry.get(site), finished=False)
 
     def entry_point(self, site: str) -> RejoinPoint:
@@ -315,14 +321,20 @@ class Coordinator:
 
         ``carry``: what the site needs back if it is restarted after this hand-over (its privacy accountant)."""
         self._record("sync", site, round, update)
+        self._traffic.sent(site, wire_size((site, round, update, carry)), update=True)
         update.site = site
         key = ("round", round)
         barrier = await self._gather(key, site, (update, carry))
         if barrier.result is _PENDING:
             present = self._present(barrier)
-            updates = [barrier.values[s][0] for s in present]  # fixed site order: reproducible aggregation
             current = self.global_model.weights if self.global_model else None
-            refused = screen(updates, current, self.max_update_norm_ratio)
+            received, refused = {}, {}
+            for s in present:  # fixed site order: reproducible aggregation
+                try:
+                    received[s] = self.aggregator.receive(barrier.values[s][0], current)
+                except ValueError as err:
+                    refused[s] = str(err)
+            refused.update(screen(list(received.values()), current, self.max_update_norm_ratio))
             for bad, why in refused.items():  # never averaged: the global model would carry it to every site
                 self._leave_out(bad, f"sent an update that was refused in round {round}: {why}")
             self._raise_if_aborted()
@@ -332,8 +344,7 @@ class Coordinator:
                 self._raise_if_aborted()
             t0 = time.monotonic()
             try:
-                model = self.aggregator.aggregate(round, [barrier.values[s][0] for s in present],
-                                                  self.global_model.weights if self.global_model else None)
+                model = self.aggregator.aggregate(round, [received[s] for s in present], current)
             except Exception as err:
                 self._abort(f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: {type(err).__name__}: {err}")
                 self._raise_if_aborted()
@@ -345,6 +356,10 @@ class Coordinator:
             if self.checkpoint_dir is not None:
                 self._pending_checkpoints[round] = self._server_state()
             barrier.result = [ray.put(model)]
+            model_bytes = wire_size(model)
+            for s in present:  # the model every site of the round fetches, counted in the round
+                self._traffic.received(s, model_bytes)
+                self._traffic.round_ended(s, round)
             self._aggregate_seconds.append(time.monotonic() - t0)
             barrier.values = {s: None for s in barrier.values}  # free the updates, keep who arrived
             now = time.monotonic()
@@ -360,16 +375,19 @@ class Coordinator:
 
         ``key`` names the moment, e.g. ``("epoch_end", 3)``: every site must ask in the same order."""
         self._record("agree", site, key, decision, all)
+        self._traffic.sent(site, wire_size((site, key, decision, all)))
         barrier = await self._gather(key, site, bool(decision))
         values = [barrier.values[s] for s in self._present(barrier)]
-        result = (all and all_(values)) or (not all and any(values))
+        result = bool((all and all_(values)) or (not all and any(values)))
         self._release(key, barrier, site)
-        return bool(result)
+        self._traffic.received(site, wire_size(result))
+        return result
 
     async def merge_metrics(self, site: str, key: Any, payload: dict[str, Any], epoch: int) -> dict[str, Any]:
         """This validation merged over every site: sample-weighted scalars and summed metric states
         (:func:`~lightning_fed.metric_states.merge_reports`), from which each site computes the federated metrics."""
         self._record("merge_metrics", site, key, payload, epoch)
+        self._traffic.sent(site, wire_size((site, key, payload, epoch)))
         stage = key[0]
         barrier = await self._gather(key, site, payload)
         if barrier.result is _PENDING:
@@ -386,18 +404,22 @@ class Coordinator:
             )
             barrier.result = merged
         self._release(key, barrier, site)
+        self._traffic.received(site, wire_size(barrier.result))
         return barrier.result
 
     async def all_gather(self, site: str, key: str, value: Any) -> dict[str, Any]:
         """Every site's ``value`` for ``key`` once all have sent theirs (e.g. public keys for secure aggregation)."""
         self._record("all_gather", site, key, value)
+        self._traffic.sent(site, wire_size((site, key, value)))
         barrier = await self._gather(("gather", key), site, value)
         values = {s: barrier.values[s] for s in self._present(barrier)}
         self._release(("gather", key), barrier, site)
+        self._traffic.received(site, wire_size(values))
         return values
 
     def report(self, site: str, status: dict[str, Any]) -> None:
         self._record("report", site, status)
+        self._traffic.sent(site, wire_size((site, status)))
         if site in self._out and status.get("status") == "training":
             return  # a late report from a site already left out
         self._status[site] = {**self._status.get(site, {}), **status}
@@ -406,6 +428,7 @@ class Coordinator:
         """A site wrote its part of ``round``'s checkpoint; when every site in that round has, the round is
         committed (the part of a site that was out is its latest earlier one)."""
         self._record("checkpoint_saved", site, round)
+        self._traffic.sent(site, wire_size((site, round)))
         saved = self._saved.setdefault(round, set())
         saved.add(site)
         self._commit_if_complete(round)
@@ -432,6 +455,7 @@ class Coordinator:
 
     def site_finished(self, site: str, error: Optional[str] = None) -> None:
         self._record("site_finished", site, error)
+        self._traffic.sent(site, wire_size((site, error)))
         if site in self._out:
             return  # its fit ended because it was left out: the driver restarts it
         if error:
@@ -472,7 +496,12 @@ class Coordinator:
             "events": list(self._events),
             "round_sites": [list(r) for r in self._round_sites],
             "round_metrics": [dict(m) for m in self._round_metrics],
+            "traffic": self._traffic.per_site(self.round + 1),  # the last entry: the round in progress
         }
+
+    def traffic(self) -> dict[str, dict[str, list[int]]]:
+        """Bytes each site sent and received per round, the messages after the last round counted in it."""
+        return self._traffic.per_site(self.round)
 
     def final_global(self) -> Optional[list]:
         """``[ref]`` to the current global model (``None`` before there is one)."""
@@ -492,6 +521,7 @@ class Coordinator:
             "sites": list(self.sites),
             "layout": self.layout,
             "carry": copy.deepcopy(self._carry),
+            "traffic": self._traffic.state(),
         }
 
     def _load_server_state(self, state: dict[str, Any]) -> None:
@@ -506,6 +536,7 @@ class Coordinator:
         self.global_model = state["global_model"]
         self.round = int(state["round"])
         self._carry = dict(state.get("carry") or {})
+        self._traffic = TrafficLedger(state.get("traffic"))
 
 
 def all_(values: Any) -> bool:

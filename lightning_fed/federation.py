@@ -35,7 +35,8 @@ from lightning_fed.metrics import federated_metrics
 from lightning_fed.placement import WorkerSpec, describe_layout, place_sites
 from lightning_fed.privacy import site_privacy
 from lightning_fed.progress import FederatedProgress
-from lightning_fed.results import Evaluation, FitResult, PrivacyReport, SiteEvaluation, SiteEvent, SiteFit, SiteReady, Startup
+from lightning_fed.results import (Evaluation, FitResult, PrivacyReport, SiteEvaluation, SiteEvent, SiteFit, SiteReady, Startup,
+                                   TrafficReport)
 from lightning_fed.runtime import RayRuntime
 from lightning_fed.site import SitePlan, TrainerJob
 from lightning_fed.strategies.base import GlobalModel, Weights
@@ -399,11 +400,18 @@ class Federation:
             snap = ray.get(self.coordinator.progress.remote(state["since"]))
             state["since"] = snap["history_len"]
             state["snapshot"] = snap
-            rounds, reported = snap.get("round_sites", []), snap.get("round_metrics", [])
-            for number in range(state.get("rounds_logged", 0), len(rounds)):  # how many sites each round aggregated
+            rounds, reported, traffic = snap.get("round_sites", []), snap.get("round_metrics", []), snap.get("traffic", {})
+            for number in range(state.get("rounds_logged", 0), len(rounds)):  # each round once aggregated
+                index = int(snap["round"]) - len(rounds) + number  # the round's number - 1 (a resumed run starts later)
                 figures = {f"fl/{k}": v for k, v in (reported[number] if number < len(reported) else {}).items()}
-                log_driver_metrics(list(loggers), {"fl/sites_in_round": float(len(rounds[number])), **figures},
-                                   step=(number + 1) * self.config.sync_every - 1)  # the epoch the round ended in
+                figures["fl/sites_in_round"] = float(len(rounds[number]))
+                # bytes per round: complete the moment the round is aggregated (lightning_fed.traffic)
+                crossed = {s: (v["sent"][index], v["received"][index]) for s, v in traffic.items() if index < len(v["sent"])}
+                for s, (sent, received) in crossed.items():
+                    figures[f"site/{s}/bytes_sent"], figures[f"site/{s}/bytes_received"] = float(sent), float(received)
+                figures["fl/bytes_sent"] = float(sum(v[0] for v in crossed.values()))
+                figures["fl/bytes_received"] = float(sum(v[1] for v in crossed.values()))
+                log_driver_metrics(list(loggers), figures, step=(index + 1) * self.config.sync_every - 1)  # the round's last epoch
             state["rounds_logged"] = len(rounds)
             for entry in snap["history"]:
                 fl = federated_metrics(entry["merged"], entry["stage"])
@@ -433,6 +441,7 @@ class Federation:
         finally:
             progress.close()
         final = ray.get(self.coordinator.final_global.remote())
+        traffic = TrafficReport.from_ledger(ray.get(self.coordinator.traffic.remote()))
         global_model = ray.get(final[0]) if final else None
         snapshot = state["snapshot"] or {}
         private = {n: s.privacy for n, s in sites.items() if s.privacy is not None}
@@ -450,6 +459,7 @@ class Federation:
             events=[SiteEvent(**e) for e in snapshot.get("events", [])],
             round_sites=list(snapshot.get("round_sites", [])),
             round_metrics=list(snapshot.get("round_metrics", [])),
+            traffic=traffic,
         )
 
     # -- continue mode ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_fed.progress import per_label_table, report_columns, results_cells, show_table
+from lightning_fed.progress import format_bytes, per_label_table, report_columns, results_cells, show_table
 from lightning_fed.strategy import FederatedStrategy
 
 
@@ -57,6 +57,12 @@ class FederatedCLI(LightningCLI):
                 report["layout"] = fit.startup.layout
                 report["fit_seconds"] = fit.fit_seconds
                 report["round_seconds"] = fit.round_seconds
+                if fit.traffic is not None:
+                    report["traffic"] = fit.traffic.as_dict()
+                    sent, received = fit.traffic.per_site_round()
+                    print(f"\ntraffic: {format_bytes(fit.traffic.total_sent)} sent to the coordinator, "
+                          f"{format_bytes(fit.traffic.total_received)} received from it ({format_bytes(sent)} sent and "
+                          f"{format_bytes(received)} received per site and round)")
                 if any(fit.round_metrics):
                     report["round_metrics"] = fit.round_metrics
                 if fit.events:  # continue mode: who was left out of which round, and who came back

@@ -9,6 +9,14 @@ from typing import Any, Optional, TextIO
 _SHOWN = ("loss", "acc", "auroc", "recall", "precision")
 
 
+def format_bytes(n: float) -> str:
+    """``1.2 MB``-style (decimal units, as network figures are quoted)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.{1 if abs(n) >= 10 * size else 2}f} {unit}"
+    return f"{n:.0f} B"
+
+
 def _fmt_metrics(metrics: dict[str, Any], limit: int = 6) -> str:
     keys = [k for k in metrics if isinstance(metrics[k], float) and any(s in k for s in _SHOWN)]
     return "  ".join(f"{k}={metrics[k]:.4f}" for k in sorted(keys)[:limit])
@@ -18,9 +26,9 @@ class FederatedProgress:
     """The federation's progress on the driver: one view, never one progress bar per site.
 
     On a terminal a `rich <https://github.com/Textualize/rich>`_ table updates in place: round ``r/N``, elapsed and
-    estimated time left, and per site its epoch, step, status and last training loss, with the latest federated
-    metrics under it. Elsewhere (CI logs, ``ray job logs``, a file) a line is printed whenever the round or a site's
-    status changes, so logs stay readable. Sites left out or back in get a line of their own either way.
+    estimated time left, and per site its epoch, step, status, last training loss and the bytes it has sent and
+    received, with the latest federated metrics under it. Elsewhere (CI logs, ``ray job logs``, a file) a line is
+    printed whenever the round or a site's status changes (with the bytes sent so far), so logs stay readable. Sites left out or back in get a line of their own either way.
     """
 
     def __init__(self, total_rounds: int, stream: Optional[TextIO] = None, enabled: bool = True,
@@ -53,7 +61,9 @@ class FederatedProgress:
         key = (snapshot["round"], tuple(sorted((n, i.get("status"), i.get("epoch")) for n, i in sites.items())), metrics)
         if key != self._last_key:
             parts = [f"{name}: e{info.get('epoch', 0)} {info.get('status', '?')}" for name, info in sites.items()]
+            sent = sum(sum(v.get("sent", [])) for v in snapshot.get("traffic", {}).values())
             line = f"[lightning-fed] round {snapshot['round']}/{self.total_rounds} | " + " | ".join(parts)
+            line += f" | {format_bytes(sent)} sent" if sent else ""
             self.stream.write(f"{line}{f' | {metrics}' if metrics else ''}  ({time.monotonic() - self._start:.0f}s)\n")
             self.stream.flush()
             self._last_key = key
@@ -80,14 +90,18 @@ class FederatedProgress:
         eta = self.eta(round_)
         title = f"round {round_}/{self.total_rounds} · {elapsed:.0f} s" + (f" · about {eta:.0f} s left" if eta else "")
         table = Table(title=title, title_justify="left", expand=False, pad_edge=False)
-        for column, justify in (("site", "left"), ("epoch", "right"), ("step", "right"), ("status", "left"), ("loss", "right")):
+        for column, justify in (("site", "left"), ("epoch", "right"), ("step", "right"), ("status", "left"), ("loss", "right"),
+                                ("sent", "right"), ("received", "right")):
             table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        traffic = snapshot.get("traffic", {})
         for name, info in snapshot["sites"].items():
+            crossed = traffic.get(name, {})
             loss = next((v for k, v in (info.get("metrics") or {}).items() if "loss" in k and "train" in k), None)
             status = str(info.get("status", "?"))
             style = "red" if status in ("failed", "left out", "out") else ("green" if status == "done" else None)
             table.add_row(name, str(info.get("epoch", 0)), str(info.get("global_step", "")), status,
-                          f"{loss:.4f}" if isinstance(loss, float) else "", style=style)
+                          f"{loss:.4f}" if isinstance(loss, float) else "", format_bytes(sum(crossed.get("sent", []))),
+                          format_bytes(sum(crossed.get("received", []))), style=style)
         metrics = _fmt_metrics(fl_metrics)
         if metrics:
             table.caption, table.caption_justify = metrics, "left"

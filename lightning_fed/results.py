@@ -78,6 +78,55 @@ class PrivacyReport:
 
 
 @dataclass(frozen=True)
+class TrafficReport:
+    """Bytes that crossed between each site and the coordinator, per round (serialized sizes, see
+    :mod:`lightning_fed.traffic`): ``sent[site][r]`` and ``received[site][r]`` for round ``r + 1``; ``update_sent``:
+    the part of ``sent`` that was the site's hand-over (its update), the rest being metric states, agreed
+    decisions, status reports and key exchanges."""
+
+    sent: dict[str, list[int]]
+    received: dict[str, list[int]]
+    update_sent: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def rounds(self) -> int:
+        return max((len(v) for v in self.sent.values()), default=0)
+
+    @property
+    def total_sent(self) -> int:
+        return sum(sum(v) for v in self.sent.values())
+
+    @property
+    def total_received(self) -> int:
+        return sum(sum(v) for v in self.received.values())
+
+    def per_site_round(self) -> tuple[float, float]:
+        """Mean bytes one site sends and receives in one round."""
+        slots = sum(len(v) for v in self.sent.values()) or 1
+        return self.total_sent / slots, self.total_received / slots
+
+    def update_per_site_round(self) -> float:
+        """Mean bytes of one site's update (its hand-over) in one round."""
+        slots = sum(len(v) for v in self.update_sent.values()) or 1
+        return sum(sum(v) for v in self.update_sent.values()) / slots
+
+    def as_dict(self) -> dict[str, Any]:
+        """What ``results.json`` holds: per site and round, and the totals."""
+        sites = {s: {"bytes_sent": self.sent[s], "bytes_received": self.received.get(s, []),
+                     "update_bytes_sent": self.update_sent.get(s, []),
+                     "total_sent": sum(self.sent[s]), "total_received": sum(self.received.get(s, []))} for s in self.sent}
+        per_round = self.per_site_round()
+        return {"sites": sites, "bytes_sent": self.total_sent, "bytes_received": self.total_received,
+                "bytes_sent_per_site_round": per_round[0], "bytes_received_per_site_round": per_round[1],
+                "update_bytes_per_site_round": self.update_per_site_round()}
+
+    @classmethod
+    def from_ledger(cls, per_site: dict[str, dict[str, list[int]]]) -> "TrafficReport":
+        return cls({s: list(v["sent"]) for s, v in per_site.items()}, {s: list(v["received"]) for s, v in per_site.items()},
+                   {s: list(v.get("update_sent", [])) for s, v in per_site.items()})
+
+
+@dataclass(frozen=True)
 class Startup:
     """Where start-up went: seconds from ``fit``/``test`` entry to every site ready, and the layout used."""
 
@@ -103,6 +152,7 @@ class FitResult:
     events: list[SiteEvent] = field(default_factory=list)  # sites left out and rejoined, in order
     round_sites: list[list[str]] = field(default_factory=list)  # the sites each round aggregated
     round_metrics: list[dict[str, float]] = field(default_factory=list)  # the aggregator's figures per round (site weights, ...)
+    traffic: Optional[TrafficReport] = None  # bytes each site sent and received per round
 
     @property
     def sync_seconds(self) -> dict[str, list[float]]:

@@ -109,6 +109,12 @@ class Aggregator:
 
         return SiteAlgorithm()
 
+    def receive(self, update: SiteUpdate, current: Weights | None) -> SiteUpdate:
+        """Called by the coordinator on each site's update as the round closes, before it is screened and
+        aggregated: turn what travelled into what the rule reads (e.g. decode a compressed update). Raise
+        ``ValueError`` to refuse the update (the message names the site)."""
+        return update
+
     def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:
         raise NotImplementedError
 
