@@ -5,6 +5,7 @@
     lightning-fed sweep --config RECIPE --grid KEY=V1,V2
     lightning-fed inventory --config RECIPE                    # exams per site by vendor, model, kernel
     lightning-fed replot runs/compare/FOLDER                   # redraw a compare's or sweep's figures
+    lightning-fed keys --sites a,b,c --out keys/               # per-site identity keys for secure aggregation
 
 ``fit``/``validate``/``test`` are :class:`~lightning_fed.lightning_cli.FederatedCLI` (everything LightningCLI
 offers); ``compare``/``sweep`` are :mod:`lightning_fed.experiments`, ``inventory`` is :mod:`lightning_fed.inventory`.
@@ -61,6 +62,11 @@ def _run(argv: list[str], from_command_line: bool) -> None:
         from lightning_fed.experiments import COMMANDS
 
         COMMANDS[argv[0]](argv[1:])
+        return
+    if argv and argv[0] == "keys":
+        from lightning_fed.keys import main as keys
+
+        keys(argv[1:])
         return
     if argv and argv[0] == "inventory":
         from lightning_fed.inventory import main as inventory

@@ -29,7 +29,7 @@ import ray
 
 from lightning_fed.metric_states import merge_reports
 from lightning_fed.screening import screen
-from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate
+from lightning_fed.strategies.base import Aggregator, FollowUp, GlobalModel, SiteUpdate
 from lightning_fed.traffic import TrafficLedger, wire_size
 
 
@@ -53,6 +53,8 @@ class _Barrier:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     result: Any = _PENDING
     readers: set = field(default_factory=set)
+    question: Any = None  # the aggregator's follow-up question of a round barrier, while the sites answer it
+    pending: Any = None  # that round's (sites, decoded updates), kept until the answers are in
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ class Coordinator:
     # -- who takes part in what --------------------------------------------------------------------
     def _expected(self, key: tuple) -> set[str]:
         """The sites a barrier waits for: every site, less those out, less those that rejoin at a later round."""
-        if key[0] == "round":
+        if key[0] in ("round", "answer"):
             first = lambda s: self._joins.get(s, 1) <= key[1]  # noqa: E731
         elif isinstance(key[1], int) and key[0] != "gather":
             first = lambda s: (self._joins.get(s, 1) - 1) * self.sync_every <= key[1]  # noqa: E731  (key[1] is an epoch)
@@ -316,8 +318,9 @@ class Coordinator:
         event.set()
 
     # -- what sites call -------------------------------------------------------------------------
-    async def sync(self, site: str, round: int, update: SiteUpdate, carry: Any = None) -> list:
-        """Hand in this site's update for ``round``; returns ``[ref]`` to the new :class:`GlobalModel`.
+    async def sync(self, site: str, round: int, update: SiteUpdate, carry: Any = None) -> Any:
+        """Hand in this site's update for ``round``; returns ``[ref]`` to the new :class:`GlobalModel`, or a
+        :class:`FollowUp` when the aggregator needs one more answer from the round's sites first (:meth:`follow_up`).
 
         ``carry``: what the site needs back if it is restarted after this hand-over (its privacy accountant)."""
         self._record("sync", site, round, update)
@@ -325,50 +328,95 @@ class Coordinator:
         update.site = site
         key = ("round", round)
         barrier = await self._gather(key, site, (update, carry))
+        if barrier.result is _PENDING and barrier.question is None:
+            self._close_round(round, barrier)
+        if barrier.result is _PENDING:  # the aggregator asked the round's sites a question
+            asked = FollowUp(round, barrier.question)
+            self._traffic.received(site, wire_size(asked))
+            return asked
+        self._raise_if_out(site)
+        self._release(key, barrier, site)
+        return barrier.result
+
+    async def follow_up(self, site: str, round: int, answer: Any) -> list:
+        """This site's answer to the aggregator's question of ``round``; returns ``[ref]`` to the new global model
+        once every site of the round that is still in has answered."""
+        self._record("follow_up", site, round, answer)
+        self._traffic.sent(site, wire_size((site, round, answer)))
+        key = ("round", round)
+        barrier = self._barriers.get(key)
+        if barrier is None or barrier.question is None:
+            raise ValueError(f"site {site!r} answered a question of round {round} that was never asked")
+        answers = await self._gather(("answer", round), site, answer)
         if barrier.result is _PENDING:
-            present = self._present(barrier)
-            current = self.global_model.weights if self.global_model else None
-            received, refused = {}, {}
-            for s in present:  # fixed site order: reproducible aggregation
-                try:
-                    received[s] = self.aggregator.receive(barrier.values[s][0], current)
-                except ValueError as err:
-                    refused[s] = str(err)
-            refused.update(screen(list(received.values()), current, self.max_update_norm_ratio))
-            for bad, why in refused.items():  # never averaged: the global model would carry it to every site
-                self._leave_out(bad, f"sent an update that was refused in round {round}: {why}")
-            self._raise_if_aborted()
-            present = [s for s in present if s not in refused]
-            if len(present) < self.min_sites:
-                self._abort(f"only {len(present)} site(s) reported in round {round}, fewer than min_sites={self.min_sites}")
-                self._raise_if_aborted()
-            t0 = time.monotonic()
+            present, received = barrier.pending
+            given = {s: answers.values[s] for s in self._present(answers)}
             try:
-                model = self.aggregator.aggregate(round, [received[s] for s in present], current)
+                self.aggregator.receive_answers(round, given)
             except Exception as err:
                 self._abort(f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: {type(err).__name__}: {err}")
                 self._raise_if_aborted()
-            for s in present:
-                self._carry[s] = barrier.values[s][1]
-            self.global_model, self.round = model, round
-            self._round_sites.append(present)
-            self._round_metrics.append({k: float(v) for k, v in model.extras.get("metrics", {}).items()})
-            if self.checkpoint_dir is not None:
-                self._pending_checkpoints[round] = self._server_state()
-            barrier.result = [ray.put(model)]
-            model_bytes = wire_size(model)
-            for s in present:  # the model every site of the round fetches, counted in the round
-                self._traffic.received(s, model_bytes)
-                self._traffic.round_ended(s, round)
-            self._aggregate_seconds.append(time.monotonic() - t0)
-            barrier.values = {s: None for s in barrier.values}  # free the updates, keep who arrived
-            now = time.monotonic()
-            self._round_seconds.append(now - self._last_sync)
-            self._last_sync = now
-            self._admit_rejoiners(round + 1)
-            self._raise_if_out(site)
+            self._aggregate_round(round, barrier, present, received)
+        self._release(("answer", round), answers, site)
+        self._raise_if_out(site)
         self._release(key, barrier, site)
         return barrier.result
+
+    def _close_round(self, round: int, barrier: _Barrier) -> None:
+        """Every update of ``round`` is in: decode, screen, and aggregate (or ask the sites the aggregator's question)."""
+        present = self._present(barrier)
+        current = self.global_model.weights if self.global_model else None
+        received, refused = {}, {}
+        for s in present:  # fixed site order: reproducible aggregation
+            try:
+                received[s] = self.aggregator.receive(barrier.values[s][0], current)
+            except ValueError as err:
+                refused[s] = str(err)
+        refused.update(screen(list(received.values()), current, self.max_update_norm_ratio))
+        for bad, why in refused.items():  # never averaged: the global model would carry it to every site
+            self._leave_out(bad, f"sent an update that was refused in round {round}: {why}")
+        self._raise_if_aborted()
+        present = [s for s in present if s not in refused]
+        if len(present) < self.min_sites:
+            self._abort(f"only {len(present)} site(s) reported in round {round}, fewer than min_sites={self.min_sites}")
+            self._raise_if_aborted()
+        try:
+            question = self.aggregator.follow_up(round, [received[s] for s in present])
+        except Exception as err:
+            self._abort(f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: {type(err).__name__}: {err}")
+            self._raise_if_aborted()
+        if question is not None:
+            barrier.question, barrier.pending = question, (present, received)
+            return
+        self._aggregate_round(round, barrier, present, received)
+
+    def _aggregate_round(self, round: int, barrier: _Barrier, present: list[str], received: dict[str, SiteUpdate]) -> None:
+        current = self.global_model.weights if self.global_model else None
+        t0 = time.monotonic()
+        try:
+            model = self.aggregator.aggregate(round, [received[s] for s in present], current)
+        except Exception as err:
+            self._abort(f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: {type(err).__name__}: {err}")
+            self._raise_if_aborted()
+        for s in present:
+            self._carry[s] = barrier.values[s][1]
+        self.global_model, self.round = model, round
+        self._round_sites.append(present)
+        self._round_metrics.append({k: float(v) for k, v in model.extras.get("metrics", {}).items()})
+        if self.checkpoint_dir is not None:
+            self._pending_checkpoints[round] = self._server_state()
+        barrier.result = [ray.put(model)]
+        barrier.pending = None
+        model_bytes = wire_size(model)
+        for s in present:  # the model every site of the round fetches, counted in the round
+            self._traffic.received(s, model_bytes)
+            self._traffic.round_ended(s, round)
+        self._aggregate_seconds.append(time.monotonic() - t0)
+        barrier.values = {s: None for s in barrier.values}  # free the updates, keep who arrived
+        now = time.monotonic()
+        self._round_seconds.append(now - self._last_sync)
+        self._last_sync = now
+        self._admit_rejoiners(round + 1)
 
     async def agree(self, site: str, key: tuple, decision: bool, all: bool) -> bool:
         """Every site's decision combined: ``all`` sites agree (``all=True``) or ``any`` site asks.

@@ -196,6 +196,10 @@ class Federation:
             privacy = site_privacy(self.config.privacy, self.names)
         except ValueError as err:
             raise FederationConfigError(str(err)) from None
+        try:
+            self.config.aggregator.prepare(list(self.names))  # e.g. secure aggregation's identity keys
+        except ValueError as err:
+            raise FederationConfigError(str(err)) from None
         server_state = resume.server_state() if resume is not None else None
         placement = self.config.placement
         if placement.automatic and server_state is not None and server_state.get("layout"):

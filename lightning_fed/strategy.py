@@ -37,9 +37,14 @@ class FederatedStrategy(SingleDeviceStrategy):
             ``{site name: DPSGD | None}`` (``"*"`` for the rest) to make only some sites private. Each private
             site keeps one accountant for the whole run; ``trainer.callback_metrics["fl/dp_epsilon_max"]`` and
             ``strategy.last_fit.privacy`` report ε per site and the max over sites.
-        secagg: secure aggregation: sites mask their (fixed-point) updates with pairwise masks agreed by
-            Diffie-Hellman, so the coordinator sees only masked updates and their true sum. Works with averaging
-            rules (``fedavg``, ``fedprox``, ``fedbn``, ``fedfbn``, server optimizers, ``dp_fedavg``).
+        secagg: secure aggregation: every round, sites agree fresh keys (X25519, signed with per-site Ed25519
+            identity keys) and mask their fixed-point updates with pairwise ChaCha20 masks, so the coordinator sees
+            only masked updates and their true sum; a site that drops after masking has its masks rebuilt from
+            Shamir shares held by the others. Works with averaging rules (``fedavg``, ``fedprox``, ``fedbn``,
+            ``fedfbn``, server optimizers, ``dp_fedavg``).
+        secagg_kwargs: options of secure aggregation: ``threshold`` (shares needed to rebuild a dropped site's
+            mask key; default a majority of the round's sites), ``identity_dir`` (a folder of per-site identity keys
+            made by ``lightning-fed keys``; default: keys made for the run), ``fractional_bits``.
         compression: send each update as an encoded difference from the global model: ``"fp16"`` (half
             precision), ``"int8"`` (8-bit with a scale per block of 256 values) or ``"topk"`` (the 1 % largest values
             of each tensor, with error feedback); options in ``compression_kwargs`` (``{"fraction": 0.05}``,
@@ -86,6 +91,7 @@ class FederatedStrategy(SingleDeviceStrategy):
         aggregator_kwargs: Optional[dict[str, Any]] = None,
         privacy: PrivacySpec = None,
         secagg: bool = False,
+        secagg_kwargs: Optional[dict[str, Any]] = None,
         compression: Union[str, Codec, None] = None,
         compression_kwargs: Optional[dict[str, Any]] = None,
         class_balance: Optional[str] = None,
@@ -120,7 +126,12 @@ class FederatedStrategy(SingleDeviceStrategy):
         if secagg:  # the coordinator then only ever sees masked updates and their true sum
             from lightning_fed.strategies.secagg import SecureAggregation
 
-            rule = SecureAggregation(rule)
+            try:
+                rule = SecureAggregation(rule, **(secagg_kwargs or {}))
+            except TypeError as err:
+                raise ValueError(f"bad secagg_kwargs: {err} (threshold, identity_dir, fractional_bits)") from None
+        elif secagg_kwargs:
+            raise ValueError("secagg_kwargs given without secagg=True: turn secure aggregation on or drop its options")
         self._config = FederationConfig(
             aggregator=rule,
             sync_every=sync_every,

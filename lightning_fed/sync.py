@@ -26,7 +26,7 @@ from lightning_fed.context import SiteContext
 from lightning_fed.metrics import SiteMetrics, federated_metrics, targets_of
 from lightning_fed.scheduler import random_state, set_random_state
 from lightning_fed.screening import non_finite_key
-from lightning_fed.strategies.base import GlobalModel
+from lightning_fed.strategies.base import FollowUp, GlobalModel
 from lightning_fed.strategies.site import SiteAlgorithm
 
 
@@ -140,7 +140,11 @@ class FederatedSync(Callback):
         t0 = time.perf_counter()
         update = self.algorithm.local_update(trainer, pl_module, self._samples_since_sync)
         refuse_non_finite(update.weights, self.context.site, self.round + 1, self._last_loss)
-        [ref] = self.context.ask("sync", self.round + 1, update, carried_state(trainer))
+        answer = self.context.ask("sync", self.round + 1, update, carried_state(trainer))
+        if isinstance(answer, FollowUp):  # the aggregator needs one more thing from this round's sites
+            reply = self.algorithm.answer_follow_up(trainer, pl_module, answer.question)
+            answer = self.context.ask("follow_up", answer.round, reply)
+        [ref] = answer
         model: GlobalModel = self.context.fetch(ref)
         self.algorithm.receive_global(trainer, pl_module, model)
         self.round = model.round

@@ -46,6 +46,16 @@ class GlobalModel:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FollowUp:
+    """The coordinator's answer to a site's hand-over when the aggregator needs one more thing from the round's
+    sites before it can aggregate (secure aggregation: shares of a dropped site's mask key). The site's half answers
+    ``question`` (:meth:`~lightning_fed.strategies.site.SiteAlgorithm.answer_follow_up`)."""
+
+    round: int
+    question: Any
+
+
 class SiteContext(Protocol):
     """What a site half may know of the federation: where it runs, and exchanges with the other sites.
 
@@ -108,6 +118,20 @@ class Aggregator:
         from lightning_fed.strategies.site import SiteAlgorithm
 
         return SiteAlgorithm()
+
+    def prepare(self, sites: list[str]) -> None:
+        """Called on the driver once the federation's sites are known, before any of them starts (e.g. to check
+        or provision per-site keys). Raise ``ValueError`` to refuse the federation."""
+
+    def follow_up(self, round: int, updates: list[SiteUpdate]) -> Any:
+        """Called once the round's updates are in (decoded and screened): ``None`` to aggregate them now, or a
+        question every site of the round answers first (:meth:`receive_answers` gets the answers, then
+        :meth:`aggregate` runs). Secure aggregation asks for shares of the masks of a site that dropped."""
+        return None
+
+    def receive_answers(self, round: int, answers: dict[str, Any]) -> None:
+        """The sites' answers to this round's :meth:`follow_up` question, by site."""
+        raise NotImplementedError(f"{type(self).__name__} asked a follow-up question it does not read the answers of")
 
     def receive(self, update: SiteUpdate, current: Weights | None) -> SiteUpdate:
         """Called by the coordinator on each site's update as the round closes, before it is screened and

@@ -240,6 +240,15 @@ class Compressed(Aggregator):
         extras = {k: v for k, v in update.extras.items() if k not in ("compressed", "compressed_difference")}
         return SiteUpdate(update.site, weights, update.num_samples, extras)
 
+    def follow_up(self, round: int, updates: list[SiteUpdate]) -> Any:
+        return self.inner.follow_up(round, updates)
+
+    def receive_answers(self, round: int, answers: dict[str, Any]) -> None:
+        self.inner.receive_answers(round, answers)
+
+    def prepare(self, sites: list[str]) -> None:
+        self.inner.prepare(sites)
+
     def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:
         return self.inner.aggregate(round, updates, current)
 

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_fed.data import HospitalsDataModule, Site
 from lightning_fed.data.fashion_mnist import PooledIndexData
 from lightning_fed.models import SmallCNN
+from lightning_fed.strategies.fedavg import FedAvg
+from lightning_fed.strategies.site import SiteAlgorithm
 
 
 def small_hospitals(sizes=(400, 200, 200), ratios=(0.5, 0.1, 0.1), val_fraction=0.2, batch_size=50, seed=0, **kw) -> HospitalsDataModule:
@@ -208,3 +210,31 @@ def assert_sites_hold(model: nn.Module, site_weights: dict, skip: set = frozense
         for key, value in state.items():
             if key not in skip:
                 np.testing.assert_array_equal(value, driver[key], err_msg=f"{site}:{key}")
+
+
+class _DropsOnce(SiteAlgorithm):
+    """FedAvg's site half, except that ``site`` fails once in ``round`` when its update is due: after secure
+    aggregation agreed that round's keys and shares (the wrapper does that first), before the update leaves."""
+
+    def __init__(self, site: str, round: int, once_flag: str) -> None:
+        self.site, self.fail_round, self.once_flag, self.round = site, round, once_flag, 0
+
+    def receive_global(self, trainer, pl_module, model):
+        super().receive_global(trainer, pl_module, model)
+        self.round = model.round
+
+    def local_update(self, trainer, pl_module, num_samples):
+        if self.context.site == self.site and self.round + 1 == self.fail_round and not os.path.exists(self.once_flag):
+            open(self.once_flag, "w").close()
+            raise RuntimeError("hospital network down after masking")
+        return super().local_update(trainer, pl_module, num_samples)
+
+
+class DropsAfterMasking(FedAvg):
+    """FedAvg whose site ``site`` drops once in ``round`` after the masks were agreed."""
+
+    def __init__(self, site: str, round: int, once_flag: str) -> None:
+        self.site, self.round, self.once_flag = site, round, once_flag
+
+    def site_algorithm(self):
+        return _DropsOnce(self.site, self.round, self.once_flag)

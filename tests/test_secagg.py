@@ -1,4 +1,8 @@
-"""Secure aggregation: masks cancel in the sum, single masked updates look like noise, and a real federation."""
+"""Secure aggregation on the cryptography library: the real site halves exchanging keys and shares through a stand-in
+coordinator (threads), dropout recovery, forged keys, and real federations (with a site dropping after masking)."""
+
+import threading
+from collections import defaultdict
 
 import lightning as L
 import numpy as np
@@ -7,45 +11,187 @@ import torch
 
 from lightning_fed import FederatedStrategy
 from lightning_fed.strategies import SiteUpdate, get_aggregator
-from lightning_fed.strategies.secagg import FRACTIONAL_BITS, SecureAggregation, key_pair, mask_update, shared_secret, unmask_sum
+from lightning_fed.strategies.masking import (FRACTIONAL_BITS, SecAggError, combine_shares, from_fixed, private_key, public_of,
+                                              split_secret, to_fixed, write_identities)
+from lightning_fed.strategies.secagg import SecureAggregation
+from lightning_fed.strategies.site import SiteAlgorithm
+from lightning_fed.strategies.site.secagg import SecAggSite
 from tests.helpers import small_hospitals
 
 
-def _pairwise_secrets(names):
-    keys = {n: key_pair() for n in names}
-    return {n: {p: shared_secret(keys[n][0], keys[p][1]) for p in names if p != n} for n in names}
+class Exchange:
+    """The coordinator's all_gather, in threads: every site's value once all have sent theirs; ``tamper`` may alter
+    what is handed back (a malicious coordinator)."""
+
+    def __init__(self, sites, tamper=None, timeout=20.0):
+        self.sites, self.tamper, self.timeout = set(sites), tamper, timeout
+        self.values = defaultdict(dict)
+        self.cond = threading.Condition()
+
+    def all_gather(self, site, key, value):
+        with self.cond:
+            self.values[key][site] = value
+            self.cond.notify_all()
+            assert self.cond.wait_for(lambda: set(self.values[key]) >= self.sites, timeout=self.timeout), key
+            out = dict(self.values[key])
+        return self.tamper(site, key, out) if self.tamper else out
 
 
-def test_masks_cancel_and_the_sum_is_fedavgs_within_quantisation_error():
+class Context:
+    def __init__(self, site, exchange):
+        self.site, self.exchange = site, exchange
+
+    def all_gather(self, key, value):
+        return self.exchange.all_gather(self.site, key, value)
+
+
+class Offline(SiteAlgorithm):
+    """A site that agreed its round's keys and shares, then failed before its update left."""
+
+    def local_update(self, trainer, pl_module, num_samples):
+        raise RuntimeError("scanner offline")
+
+
+def _round(tmp_path, weights, samples, failing=(), threshold=None, tamper=None):
+    """One round of the real site halves; returns their updates (or errors) and the halves."""
+    names = sorted(weights)
+    identities = tmp_path / "identities"
+    if not identities.exists():
+        write_identities(names, identities)
+    exchange = Exchange(names, tamper, timeout=2.0 if tamper else 20.0)  # a site that stops leaves the others waiting
+    halves = {n: SecAggSite(Offline() if n in failing else SiteAlgorithm(), "samples", FRACTIONAL_BITS, threshold, str(identities))
+              for n in names}
+    out = {}
+
+    def run(name):
+        halves[name].bind(Context(name, exchange))
+        module = torch.nn.Linear(8, 3).double()
+        with torch.no_grad():
+            for key, p in module.state_dict().items():
+                p.copy_(torch.from_numpy(weights[name][key]))
+        try:
+            update = halves[name].local_update(None, module, samples[name])
+            update.site = name
+            out[name] = update
+        except Exception as err:  # noqa: BLE001  (the test looks at it)
+            out[name] = err
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out, halves
+
+
+def _weights(rng, names):
+    return {n: {"weight": rng.normal(size=(3, 8)), "bias": rng.normal(size=3)} for n in names}
+
+
+def _exact_mean(weights, samples, names):
+    """What the masked sum must decode to: Σ round(2^f n_i w_i) in the ring, over Σ n_i."""
+    out = {}
+    for key in weights[names[0]]:
+        ring = sum((to_fixed(weights[n][key] * samples[n]) for n in names[1:]), to_fixed(weights[names[0]][key] * samples[names[0]]))
+        out[key] = from_fixed(ring) / sum(samples[n] for n in names)
+    return out
+
+
+def test_masks_cancel_and_single_updates_look_like_noise(tmp_path):
     rng = np.random.default_rng(0)
-    names, samples = ["a", "b", "c"], [300, 120, 45]
-    updates = [{"w": rng.normal(size=(64, 32)).astype(np.float32), "b": rng.normal(size=32).astype(np.float32)} for _ in names]
-    agreed = _pairwise_secrets(names)
-    assert agreed["a"]["b"] == agreed["b"]["a"]  # Diffie-Hellman: both ends derive the same secret
-    masked = [mask_update(u, n, me, agreed[me], round_=1) for u, n, me in zip(updates, samples, names)]
-    total = unmask_sum(masked)
+    names = ["a", "b", "c"]
+    weights, samples = _weights(rng, names), {"a": 300, "b": 120, "c": 45}
+    updates, _ = _round(tmp_path, weights, samples)
     rule = SecureAggregation(get_aggregator("fedavg"))
-    plain = get_aggregator("fedavg").aggregate(1, [SiteUpdate(n, u, s) for n, u, s in zip(names, updates, samples)], None)
-    secure = rule.aggregate(1, [SiteUpdate(n, m, s, {"secagg": {"w": "float32", "b": "float32"}}) for n, m, s in zip(names, masked, samples)], None)
-    bound = len(names) * 2.0 ** -FRACTIONAL_BITS  # each site rounds once, to 2^-24 of n_k·w
-    for key in ("w", "b"):
-        assert np.abs(total[key] - sum(n * u[key].astype(np.float64) for n, u in zip(samples, updates))).max() <= bound
-        assert np.abs(secure.weights[key] - plain.weights[key]).max() <= bound + 1e-6  # + float32 rounding of the mean
-    # what the coordinator holds of one site says nothing about that site's update
-    for update, n, m in zip(updates, samples, masked):
-        real = update["w"].ravel().astype(np.float64)
-        seen = m["w"].ravel().view(np.int64).astype(np.float64)
-        assert abs(np.corrcoef(real, seen)[0, 1]) < 0.06  # 2048 values: |r| of independent data ~ 0.02
-        assert np.abs(np.diff(np.sort(m["w"].ravel().astype(np.float64) / 2.0**64))).max() < 0.05  # spread over the ring
-    # masks are fresh every round: the same update masked in round 2 shares nothing with round 1
-    again = mask_update(updates[0], samples[0], "a", agreed["a"], round_=2)
-    assert not np.any(again["w"] == masked[0]["w"])
+    assert rule.follow_up(1, list(updates.values())) is None  # nobody dropped: nothing to ask
+    model = rule.aggregate(1, [updates[n] for n in names], None)
+    expected = _exact_mean(weights, samples, names)
+    plain = get_aggregator("fedavg").aggregate(1, [SiteUpdate(n, weights[n], samples[n]) for n in names], None)
+    for key in expected:
+        np.testing.assert_array_equal(model.weights[key], expected[key])  # the ring sum, exactly
+        assert np.abs(model.weights[key] - plain.weights[key]).max() <= 3 * 2.0 ** -FRACTIONAL_BITS
+    for n in names:  # what the coordinator holds of one site says nothing about that site's update
+        seen = updates[n].weights["weight"].ravel()
+        assert seen.dtype == np.uint64
+        real = to_fixed(weights[n]["weight"] * samples[n]).ravel()
+        assert not np.any(seen == real)
+        assert np.abs(seen.astype(np.float64) / 2.0 ** 64 - 0.5).max() < 0.5  # spread over the ring
+    again, _ = _round(tmp_path, weights, samples)  # fresh keys every round: fresh masks
+    assert not np.any(again["a"].weights["weight"] == updates["a"].weights["weight"])
 
 
-def test_rules_that_need_each_sites_update_refuse_secure_aggregation():
-    for name in ("median", "trimmed_mean"):
+def test_a_site_dropping_after_masking_leaves_the_exact_sum_of_the_others(tmp_path):
+    rng = np.random.default_rng(1)
+    names = ["a", "b", "c", "d"]
+    weights, samples = _weights(rng, names), {"a": 50, "b": 70, "c": 20, "d": 90}
+    updates, halves = _round(tmp_path, weights, samples, failing={"c"})
+    assert isinstance(updates["c"], RuntimeError)  # c agreed keys and handed out shares, then failed
+    arrived = [updates[n] for n in ("a", "b", "d")]
+    assert arrived[0].extras["secagg"]["sites"] == names  # the others masked with c too
+    rule = SecureAggregation(get_aggregator("fedavg"))
+    question = rule.follow_up(1, arrived)
+    assert question == {"round": 1, "dropped": ["c"], "present": ["a", "b", "d"]}
+    answers = {n: halves[n].answer_follow_up(None, None, question) for n in ("a", "b", "d")}
+    assert all(set(a) == {"c"} for a in answers.values())  # shares of c's mask key, of nobody else's
+    rule.receive_answers(1, answers)
+    model = rule.aggregate(1, arrived, None)
+    expected = _exact_mean(weights, samples, ["a", "b", "d"])
+    for key in expected:
+        np.testing.assert_array_equal(model.weights[key], expected[key])
+    # without enough shares the sum stays masked, and the rule says so
+    rule.follow_up(1, arrived)
+    rule.receive_answers(1, {"a": answers["a"], "b": {}, "d": {}})
+    with pytest.raises(ValueError, match="only 1 site.*revealed shares.*fewer than threshold=3"):
+        rule.aggregate(1, arrived, None)
+
+
+def test_a_site_never_reveals_shares_of_a_site_whose_update_arrived(tmp_path):
+    rng = np.random.default_rng(2)
+    names = ["a", "b", "c"]
+    updates, halves = _round(tmp_path, _weights(rng, names), {n: 10 for n in names})
+    # a coordinator that asks for b's shares while b's update arrived learns nothing
+    assert halves["a"].answer_follow_up(None, None, {"round": 1, "dropped": ["b"], "present": ["a", "b", "c"]}) == {}
+    with pytest.raises(SecAggError, match="counts it as dropped"):
+        halves["a"].answer_follow_up(None, None, {"round": 1, "dropped": ["a"], "present": ["b", "c"]})
+    with pytest.raises(SecAggError, match="holds those of round 1"):
+        halves["a"].answer_follow_up(None, None, {"round": 7, "dropped": ["b"], "present": ["a", "c"]})
+
+
+def test_a_swapped_public_key_is_detected(tmp_path):
+    rng = np.random.default_rng(3)
+    names = ["a", "b", "c"]
+    forged = public_of(private_key())
+
+    def swap(site, key, values):  # the coordinator hands site a its own key in place of b's
+        if key.endswith("/keys") and site == "a":
+            values = {**values, "b": {**values["b"], "mask": forged}}
+        return values
+
+    updates, _ = _round(tmp_path, _weights(rng, names), {n: 10 for n in names}, tamper=swap)
+    assert isinstance(updates["a"], SecAggError)
+    assert "public keys of site 'b' for round 1 are not signed by its identity key" in str(updates["a"])
+
+
+def test_shamir_shares_rebuild_the_key_from_any_threshold_and_not_from_fewer():
+    secret = private_key()
+    raw = secret.private_bytes_raw()
+    shares = split_secret(raw, 5, 3)
+    assert combine_shares([shares[0], shares[2], shares[4]]) == raw
+    assert combine_shares([shares[3], shares[1], shares[0]]) == raw
+    with pytest.raises(ValueError, match="do not rebuild a key"):
+        combine_shares(shares[:2])
+
+
+def test_rules_that_need_each_sites_update_or_compression_refuse_secure_aggregation():
+    for name in ("median", "trimmed_mean", "scaffold"):
         with pytest.raises(ValueError, match="cannot run under secure aggregation"):
-            SecureAggregation(get_aggregator(name)).check_model(torch.nn.Linear(2, 2))
+            SecureAggregation(get_aggregator(name))
+    with pytest.raises(ValueError, match="compression cannot go with secure aggregation"):
+        FederatedStrategy(secagg=True, compression="int8")
+    with pytest.raises(ValueError, match="threshold=5 is more than the federation's 3 sites"):
+        SecureAggregation(get_aggregator("fedavg"), threshold=5).prepare(["a", "b", "c"])
+    with pytest.raises(ValueError, match="no public identity key for site 'c'"):
+        SecureAggregation(get_aggregator("fedavg"), identity_dir="/nonexistent").prepare(["c"])
 
 
 @pytest.mark.usefixtures("fed_data")
@@ -69,22 +215,33 @@ def test_secure_federation_trains_like_fedavg(tmp_path, ray_cluster):
         assert torch.allclose(plain[key], secure[key], atol=1e-5), key  # same training, sum exact to 2^-24
     synced = [m for m in audit if m["method"] == "sync"]
     assert synced and all(dtype == "uint64" for m in synced for path, kind, _s, dtype in m["payload"] if kind == "array")
-    assert any(m["method"] == "all_gather" for m in audit)  # public keys went through the coordinator, nothing more
+    assert sum(m["method"] == "all_gather" for m in audit) == 2 * 3  # signed keys and sealed shares, once per site
 
 
-def test_client_level_dp_runs_on_the_secure_sum():
-    # dp_fedavg under secagg: sites clip (on the site) and mask; the server sees only the sum, adds noise, divides by K
-    rng = np.random.default_rng(1)
-    names = ["a", "b", "c", "d"]
-    deltas = [{"w": rng.normal(size=100)} for _ in names]
-    agreed = _pairwise_secrets(names)
-    masked = [SiteUpdate(n, mask_update(d, 1.0, n, agreed[n], round_=1), 10, {"secagg": {"w": "float64"}, "unclipped": True})
-              for n, d in zip(names, deltas)]
-    quiet = SecureAggregation(get_aggregator("dp_fedavg", noise_multiplier=0.0, clip_norm=100.0, adaptive=True, clipped_count_stddev=0.0))
-    out = quiet.aggregate(1, masked, {"w": np.zeros(100)})
-    assert np.abs(out.weights["w"] - np.mean([d["w"] for d in deltas], axis=0)).max() <= 4 * 2.0 ** -FRACTIONAL_BITS
-    assert quiet.inner.clip_norm == pytest.approx(100.0 * np.exp(-0.2 * (1.0 - 0.5)))  # the summed unclipped count (4 of 4)
-    noisy = SecureAggregation(get_aggregator("dp_fedavg", noise_multiplier=1.0, clip_norm=2.0, seed=0))
-    zeros = [SiteUpdate(n, mask_update({"w": np.zeros(50_000)}, 1.0, n, agreed[n], round_=1), 10, {"secagg": {"w": "float64"}}) for n in names]
-    noise = noisy.aggregate(1, zeros, {"w": np.zeros(50_000)}).weights["w"]
-    assert abs(noise.std() - 1.0 * 2.0 / 4) < 0.02 * 0.5  # noise z·S on the sum of 4 sites, then / K
+@pytest.mark.usefixtures("fed_data")
+def test_a_federation_survives_a_site_dropping_after_masking(tmp_path, ray_cluster):
+    from lightning_fed.models import SmallCNN
+    from tests.helpers import DropsAfterMasking
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    flag = tmp_path / "dropped-once"
+    strategy = FederatedStrategy(aggregator=DropsAfterMasking(site="small_2", round=2, once_flag=str(flag)), secagg=True,
+                                 on_site_failure="continue", progress=False, checkpoint_every=1,
+                                 checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
+    trainer = L.Trainer(strategy=strategy, max_epochs=4, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    data = small_hospitals(sizes=(400, 200, 200))
+    try:
+        trainer.fit(model, datamodule=data)
+        fit = strategy.last_fit
+        trainer.test(model, datamodule=data, verbose=False)
+        auroc = strategy.last_evaluation.federated["fl/test_auroc"]
+    finally:
+        strategy.shutdown()
+    assert flag.exists()
+    everyone = ["large", "small_1", "small_2"]
+    rounds = [sorted(r) for r in fit.round_sites]
+    assert rounds[0] == everyone and rounds[1] == ["large", "small_1"] and rounds[-1] == everyone  # it came back with new keys
+    assert [(e.site, e.event) for e in fit.events] == [("small_2", "left out"), ("small_2", "rejoined")]
+    assert "hospital network down after masking" in fit.events[0].reason
+    assert auroc > 0.85  # round 2's masked sum of the two others was unmasked: the model trained on

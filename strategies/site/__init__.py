@@ -7,6 +7,8 @@ process never loads torch or Lightning.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -54,6 +56,10 @@ class SiteAlgorithm(Callback):
         """Called right after aggregation, before validation: load the global model into this site's module."""
         load_weights(pl_module, model.weights)
 
+    def answer_follow_up(self, trainer: Trainer, pl_module: LightningModule, question: Any) -> Any:
+        """Called when the server half asks one more thing before it aggregates the round (its ``follow_up``)."""
+        raise NotImplementedError(f"{type(self).__name__} got a follow-up question from the coordinator it cannot answer")
+
 
 def load_weights(module: torch.nn.Module, weights: Weights, skip: set[str] | None = None) -> None:
     """Copy ``weights`` into ``module`` in place (keeping dtype and device), except the keys in ``skip``."""
@@ -90,6 +96,9 @@ class WrappedSiteAlgorithm(SiteAlgorithm):
 
     def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
         self.inner.receive_global(trainer, pl_module, model)
+
+    def answer_follow_up(self, trainer: Trainer, pl_module: LightningModule, question: Any) -> Any:
+        return self.inner.answer_follow_up(trainer, pl_module, question)
 
     def state_dict(self) -> dict:
         return {"inner": self.inner.state_dict()}
