@@ -6,6 +6,7 @@
     lightning-fed inventory --config RECIPE                    # exams per site by vendor, model, kernel
     lightning-fed replot runs/compare/FOLDER                   # redraw a compare's or sweep's figures
     lightning-fed keys --sites a,b,c --out keys/               # per-site identity keys for secure aggregation
+    lightning-fed certs --out certs/ --node head=10.0.0.1 ...  # TLS certificates for the Ray links
 
 ``fit``/``validate``/``test`` are :class:`~lightning_fed.lightning_cli.FederatedCLI` (everything LightningCLI
 offers); ``compare``/``sweep`` are :mod:`lightning_fed.experiments`, ``inventory`` is :mod:`lightning_fed.inventory`.
@@ -63,10 +64,11 @@ def _run(argv: list[str], from_command_line: bool) -> None:
 
         COMMANDS[argv[0]](argv[1:])
         return
-    if argv and argv[0] == "keys":
+    if argv and argv[0] in ("keys", "certs"):
         from lightning_fed.keys import main as keys
+        from lightning_fed.tls import main as certs
 
-        keys(argv[1:])
+        {"keys": keys, "certs": certs}[argv[0]](argv[1:])
         return
     if argv and argv[0] == "inventory":
         from lightning_fed.inventory import main as inventory

@@ -218,5 +218,3 @@ def public_of(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(*RAW)
 
 
-def optional_identities(folder: Optional[str], sites: Iterable[str]) -> dict[str, Ed25519PublicKey]:
-    return {s: load_identity_public(folder, s) for s in sites} if folder else {}
