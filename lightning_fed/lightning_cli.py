@@ -71,7 +71,7 @@ class FederatedCLI(LightningCLI):
                 if fit.privacy is not None:
                     report["privacy"] = {"sites": {n: dataclasses.asdict(p) for n, p in fit.privacy.sites.items()},
                                          "max_epsilon": fit.privacy.max_epsilon}
-                    sites = ", ".join(f"{n} ε={p.epsilon:.3g} (δ={p.delta:g})" for n, p in fit.privacy.sites.items())
+                    sites = ", ".join(f"{n} ε={p.epsilon:.3g} (δ={p.delta:g}, {p.accountant.upper()})" for n, p in fit.privacy.sites.items())
                     print(f"\nDP-SGD, from each site's accountant: {sites}; federation: max ε={fit.privacy.max_epsilon:.3g}")
             report["config"] = json.loads(json.dumps(cfg.as_dict(), default=str))
             out = Path(trainer.log_dir or trainer.default_root_dir) / "results.json"

@@ -5,8 +5,9 @@
 
 Inside the site's Trainer, :class:`SiteDPSGD` makes the user's LightningModule and optimizer private without
 touching them: per-sample gradients (Opacus ``GradSampleModule`` hooks), clipping to ``max_grad_norm``, Gaussian
-noise ``noise_multiplier * max_grad_norm``, Poisson-sampled batches, and an RDP accountant that lives as long as
-the site (saved in the site's checkpoints, so ε keeps growing across rounds and resumes). Trainable BatchNorm
+noise ``noise_multiplier * max_grad_norm``, Poisson-sampled batches, and an accountant (RDP, or PRV for a tighter
+ε) that lives as long as the site (saved in the site's checkpoints, so ε keeps growing across rounds and resumes).
+Trainable BatchNorm
 is refused (it mixes samples); frozen BatchNorm (FedFBN) is fine.
 """
 
@@ -21,6 +22,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 DEFAULT_DELTA = 1e-5
+ACCOUNTANTS = ("rdp", "prv")  # upper bounds on ε; Opacus' "gdp" is a central-limit approximation, not offered
 
 
 @dataclass
@@ -35,6 +37,10 @@ class DPSGD:
         max_grad_norm: per-sample gradient clipping norm C.
         poisson_sampling: Poisson-sample every batch (what the accountant assumes); ``False`` keeps the loader's
             batches (the reported ε is then only an approximation).
+        accountant: how ε is computed, and ``target_epsilon`` calibrated: ``"rdp"`` (Rényi DP, Opacus'
+            ``RDPAccountant``) or ``"prv"`` (privacy random variables, Opacus' ``PRVAccountant``: numerically
+            composes the privacy loss distribution, a tighter ε for the same noise, or less noise for the same ε).
+            Kept in the site's checkpoints: a run resumes with the accountant it started with.
     """
 
     target_epsilon: Optional[float] = None
@@ -42,8 +48,11 @@ class DPSGD:
     delta: float = DEFAULT_DELTA
     max_grad_norm: float = 1.0
     poisson_sampling: bool = True
+    accountant: str = "rdp"
 
     def __post_init__(self) -> None:
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"DPSGD accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("DPSGD needs exactly one of target_epsilon and noise_multiplier")
         if self.target_epsilon is not None and self.target_epsilon <= 0:
@@ -101,10 +110,10 @@ class SiteDPSGD(Callback):
     carried_by_coordinator = True  # a restarted site's accountant continues from its last released update
 
     def __init__(self, site: str, config: DPSGD) -> None:
-        from opacus.accountants import RDPAccountant
+        from opacus.accountants import create_accountant
 
         self.site, self.config = site, config
-        self.accountant = RDPAccountant()
+        self.accountant = create_accountant(config.accountant)
         self.noise_multiplier: Optional[float] = None
         self.sample_rate: Optional[float] = None
         self.epsilon_history: list[float] = []
@@ -164,7 +173,7 @@ class SiteDPSGD(Callback):
         from opacus.accountants.utils import get_noise_multiplier
 
         return float(get_noise_multiplier(target_epsilon=self.config.target_epsilon, target_delta=self.config.delta,
-                                          sample_rate=self.sample_rate, epochs=trainer.max_epochs, accountant="rdp"))
+                                          sample_rate=self.sample_rate, epochs=trainer.max_epochs, accountant=self.config.accountant))
 
     def _check_module(self, pl_module: LightningModule) -> None:
         from opacus.validators import ModuleValidator
@@ -204,13 +213,18 @@ class SiteDPSGD(Callback):
     def report(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "delta": self.config.delta, "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "max_grad_norm": self.config.max_grad_norm,
-                "steps": sum(steps for _, _, steps in self.accountant.history), "epsilon_per_epoch": list(self.epsilon_history)}
+                "steps": sum(steps for _, _, steps in self.accountant.history), "epsilon_per_epoch": list(self.epsilon_history),
+                "accountant": self.config.accountant}
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.accountant.history), "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate, "epsilon_history": list(self.epsilon_history)}
+                "sample_rate": self.sample_rate, "epsilon_history": list(self.epsilon_history), "accountant": self.config.accountant}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("accountant", "rdp")
+        if saved != self.config.accountant:
+            raise ValueError(f"site {self.site!r}: its checkpoint's privacy was accounted with {saved!r}, this run uses "
+                             f"{self.config.accountant!r}: resume with DPSGD(accountant={saved!r}) (σ was calibrated with it)")
         self.accountant.history = [tuple(h) for h in state_dict.get("history", [])]
         self.noise_multiplier = state_dict.get("noise_multiplier")
         self.epsilon_history = list(state_dict.get("epsilon_history", []))

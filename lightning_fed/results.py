@@ -36,6 +36,7 @@ class SitePrivacy:
     max_grad_norm: float
     steps: int
     epsilon_per_epoch: list[float]
+    accountant: str = "rdp"
 
 
 @dataclass(frozen=True)

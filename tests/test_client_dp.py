@@ -78,6 +78,15 @@ def test_client_level_epsilon_is_the_accountants_and_survives_a_restart():
     b = restored.aggregate(4, _updates([np.ones(2)] * 3), {"w": np.zeros(2)})
     assert np.array_equal(a.weights["w"], b.weights["w"])  # same noise stream after a restart
     assert b.extras["metrics"]["client_dp_epsilon"] > eps[-1]
+    from opacus.accountants import PRVAccountant
+
+    tighter = get_aggregator("dp_fedavg", noise_multiplier=1.1, clip_norm=1.0, delta=1e-5, seed=3, accountant="prv")
+    for r in range(1, 4):
+        prv = tighter.aggregate(r, _updates([np.ones(2)] * 3), {"w": np.zeros(2)}).extras["metrics"]["client_dp_epsilon"]
+    independent = PRVAccountant()
+    independent.history = [(1.1, 1.0, 3)]
+    with np.errstate(divide="ignore"):
+        assert prv == pytest.approx(independent.get_epsilon(1e-5), rel=1e-6) and prv < eps[-1]
 
 
 @pytest.mark.usefixtures("fed_data")
