@@ -135,7 +135,9 @@ def point_arguments(point: dict[str, Any], base: dict[str, Any]) -> list[str]:
                 target[int(index)] = value
         except IndexError:
             raise ValueError(f"grid key {raw!r}: index out of range for {key!r} (length {len(target)})") from None
-    return [f"--{k}={json.dumps(v)}" for k, v in values.items()]
+    # a string goes as it was given (YAML read it as a string, and reads it back so); quoted, a str-typed option
+    # such as compression or aggregator would keep the quotes
+    return [f"--{k}={v if isinstance(v, str) and yaml.safe_load(v) == v else json.dumps(v)}" for k, v in values.items()]
 
 
 def point_label(point: dict[str, Any]) -> str:
@@ -161,6 +163,7 @@ class Run:
     warm: bool
     note: Optional[str] = None
     holdout: Optional[str] = None  # the site no model of this run trained on
+    traffic: Optional[dict[str, float]] = None  # federated runs: mean bytes per site and round (sent, received, update)
 
 
 @dataclass
@@ -338,7 +341,8 @@ class Experiment:
             strategy.shutdown()
         warm = self.pool is not None and self.pool.started == started_before  # no new worker process in this run
         return Run(point=point, repeat=repeat, seed=seed, mode=mode, evaluations=evaluations,
-                   fit_seconds=float(fit.fit_seconds), startup_seconds=float(startup), warm=warm, note=note, holdout=self.holdout)
+                   fit_seconds=float(fit.fit_seconds), startup_seconds=float(startup), warm=warm, note=note, holdout=self.holdout,
+                   traffic=traffic_of(fit) if mode == "federated" else None)
 
     def _test_federation(self, strategy: Any, trainer: Any, model: Any, datamodule: Any, only: Optional[str] = None) -> tuple[Any, float]:
         """A test-only federation of the recipe's sites (or of ``only``) on the sites' workers, and its start-up time."""
@@ -376,6 +380,30 @@ def evaluation_rows_of(evaluation: Any) -> dict[str, dict[str, Any]]:
     """An :class:`~lightning_fed.results.Evaluation`'s rows, with the figures compare reports."""
     keep = (*METRICS, *SEGMENTATION_METRICS, "aleatoric", "loss", "confusion_matrix", "auroc_per_label", "dice_per_class", "labels")
     return {column: {k: v for k, v in row.items() if k in keep or _GROUPED.match(k)} for column, row in evaluation.rows().items()}
+
+
+def traffic_of(fit: Any) -> Optional[dict[str, float]]:
+    """Mean bytes one site sent, received, and sent as its update, per round of a federated fit."""
+    if fit.traffic is None or not fit.traffic.rounds:
+        return None
+    sent, received = fit.traffic.per_site_round()
+    return {"sent": sent, "received": received, "update": fit.traffic.update_per_site_round()}
+
+
+TRAFFIC = {"sent": "MB sent", "received": "MB received", "update": "MB of update"}
+
+
+def traffic_summary(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """``{"sent"|"received"|"update": stats}`` of the federated runs' bytes per site and round (empty without any)."""
+    measured = [r.traffic for r in runs if r.traffic]
+    return {kind: _stats([t[kind] for t in measured]) for kind in TRAFFIC} if measured else {}
+
+
+def traffic_table(summary: dict[str, dict[str, Any]]) -> str:
+    """The communication of the federated model: MB per site and round."""
+    cells = " | ".join(f"{summary[k]['mean'] / 1e6:.4f}" for k in TRAFFIC)
+    return "\n".join(["### communication (federated, per site and round)", "",
+                      "| " + " | ".join(TRAFFIC.values()) + " |", "|" + "---|" * len(TRAFFIC), f"| {cells} |"])
 
 
 def reported_metrics(runs: list[Run]) -> tuple[str, ...]:
@@ -647,6 +675,36 @@ def line_plots(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Sequenc
     return paths
 
 
+def _megabytes(traffic: Optional[dict[str, Any]]) -> str:
+    return f"{traffic['sent']['mean'] / 1e6:.4f}" if traffic else "-"
+
+
+def bytes_plots(rows: list[dict[str, Any]], metrics: Sequence[str], out: Path, column: str) -> list[Path]:
+    """``<metric>_vs_bytes.png`` for a sweep whose federated runs sent different amounts: the metric against the MB a
+    site sends per round (log scale), one labelled point per grid point."""
+    measured = [r for r in rows if r.get("traffic")]
+    if len({round(r["traffic"]["sent"]["mean"]) for r in measured}) < 2:
+        return []
+    plt = _pyplot()
+    paths = []
+    for metric in metrics:
+        points = [(r["traffic"]["sent"]["mean"] / 1e6, r["metrics"].get(metric), point_label(r["point"])) for r in measured]
+        points = [(x, s, label) for x, s, label in points if s]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(7.0, 3.8))
+        for x, stats, label in points:
+            ax.errorbar([x], [stats["mean"]], yerr=[stats["std"]], marker="o", ms=5, capsize=2, lw=1)
+            ax.annotate(label, (x, stats["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_ylim(*fitted_limits([s["mean"] - s["std"] for _, s, _ in points], [s["mean"] + s["std"] for _, s, _ in points]))
+        ax.set_xlabel("MB a site sends per round (federated)")
+        ax.set_ylabel(f"{metric} ({_axis_label(column)})")
+        ax.grid(alpha=0.3, which="both")
+        paths.append(_save(plt, fig, out / f"{metric}_vs_bytes.png"))
+    return paths
+
+
 def _moves_with(rows: list[dict[str, Any]], x_key: str, key: str) -> bool:
     """``key`` takes one value per value of ``x_key`` (a ``--zip`` partner of the x axis) and more than one overall."""
     pairs = {(json.dumps(r["point"][x_key]), json.dumps(r["point"][key])) for r in rows}
@@ -812,7 +870,7 @@ def write_compare(experiment: Experiment, out: Path, metrics: Optional[Sequence[
         "models": models, "label_names": experiment.label_names, "summary": summary, "confusion_matrices": totals,
         "metrics": metrics, "holdout": experiment.holdout,
         "runs": [asdict(r) for r in runs], "startup": experiment.startup_report(), "wall_seconds": wall,
-        "plots": [p.name for p in [*plots, *([cm_plot] if cm_plot else []), *shift]],
+        "plots": [p.name for p in [*plots, *([cm_plot] if cm_plot else []), *shift]], "traffic": traffic_summary(runs),
     }
     md = [f"# {title}: {' / '.join(experiment.modes)}", "", f"`{report['command']}`", "",
           f"Every model tested on every site's own test split; mean ± std over {experiment.repeats} repetition(s) "
@@ -823,6 +881,8 @@ def write_compare(experiment: Experiment, out: Path, metrics: Optional[Sequence[
           + (f" No model trained on {experiment.holdout}'s data: its column is a hospital the models never saw; "
              "'all sites (merged)' covers the sites they trained on." if experiment.holdout else ""),
           "", markdown_tables(summary, metrics, columns, models)]
+    if report["traffic"]:
+        md += ["", traffic_table(report["traffic"])]
     if totals:
         md += ["", "### Confusion matrices (rows: true class, columns: predicted; summed over repetitions)", "",
                "| model | " + " | ".join(_column_title(c) for c in [*sites, MERGED]) + " |", "|---|" + "---|" * (len(sites) + 1)]
@@ -932,11 +992,14 @@ def write_sweep(experiment: Experiment, points: list[dict[str, Any]], out: Path,
         for model in model_order(list(summary), sites):
             if model.startswith("local:"):
                 continue  # the sweep table keeps pooled / local / federated; compare shows every local model
-            rows.append({"point": point, "model": model, "metrics": {m: summary[model].get(column, {}).get(m) for m in metrics}})
-    plots = line_plots(rows, keys, metrics, out, column)
+            rows.append({"point": point, "model": model, "metrics": {m: summary[model].get(column, {}).get(m) for m in metrics},
+                         "traffic": traffic_summary(runs) if model == "federated" else {}})
+    plots = line_plots(rows, keys, metrics, out, column) + bytes_plots(rows, metrics, out, column)
     title = Path(experiment.configs[-1]).stem
-    header = "| " + " | ".join([*map(_short, keys), "model", *metrics]) + " |"
-    body = ["| " + " | ".join([*[json.dumps(r["point"][k]) for k in keys], _model_title(r["model"]), *[_cell(r["metrics"][m]) for m in metrics]]) + " |" for r in rows]
+    measured = any(r.get("traffic") for r in rows)
+    header = "| " + " | ".join([*map(_short, keys), "model", *metrics, *(["MB sent / site / round"] if measured else [])]) + " |"
+    body = ["| " + " | ".join([*[json.dumps(r["point"][k]) for k in keys], _model_title(r["model"]), *[_cell(r["metrics"][m]) for m in metrics],
+                               *([_megabytes(r.get("traffic"))] if measured else [])]) + " |" for r in rows]
     report = {
         "command": shlex.join(command), "recipes": experiment.configs, "overrides": experiment.overrides, "grid": keys,
         "points": points, "modes": list(experiment.modes), "repeats": experiment.repeats, "column": column,
@@ -945,7 +1008,7 @@ def write_sweep(experiment: Experiment, points: list[dict[str, Any]], out: Path,
     }
     md = [f"# {title}: sweep over {', '.join(map(_short, keys))}" + ("" if final else " (in progress)"), "", f"`{report['command']}`", "",
           f"{len(points)} grid point(s) × {len(experiment.modes)} mode(s) × {experiment.repeats} repetition(s); metrics on "
-          f"{_column_title(column)} test data, mean ± std over repetitions.", "", header, "|" + "---|" * (len(keys) + 1 + len(metrics)), *body,
+          f"{_column_title(column)} test data, mean ± std over repetitions.", "", header, "|" + "---|" * (len(keys) + 1 + len(metrics) + measured), *body,
           "", _startup_line(report["startup"], wall)]
     _write_atomically(out / "results.md", "\n".join(md) + "\n")
     _write_atomically(out / "results.json", json.dumps(report, indent=2, default=_jsonable))
@@ -971,7 +1034,7 @@ def replot(folder: Path) -> list[Path]:
     if "grid" in report:
         rows = report["rows"]
         metrics = list(dict.fromkeys(m for r in rows for m in r["metrics"]))
-        return line_plots(rows, report["grid"], metrics, folder, report["column"])
+        return line_plots(rows, report["grid"], metrics, folder, report["column"]) + bytes_plots(rows, metrics, folder, report["column"])
     summary, columns, models = report["summary"], report["columns"], report["models"]
     known = [m for m in (*METRICS, *SEGMENTATION_METRICS, "loss") if any(m in by_metric for by_column in summary.values() for by_metric in by_column.values())]
     metrics = report.get("metrics") or known
