@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Reproduces every table and plot in docs/results.md (measured on a 2-core CPU machine; see the times there).
-# Usage: LIGHTNING_FED_DATA=/path/to/data bash benchmarks/results.sh [study_a|heart|study_b|sweeps|reuse|study_c|study_c_rules|study_c_epistemic|study_c_holdout|study_c_fit]...
+# Usage: LIGHTNING_FED_DATA=/path/to/data bash benchmarks/results.sh [study_a|heart|study_b|sweeps|reuse|study_c|study_c_rules|study_c_epistemic|study_c_holdout|study_c_fit|wire|privacy_dp]...
 set -euo pipefail
 out=${OUT:-docs/results}
 quiet=(--trainer.logger=false)   # per-run CSV/W&B logs off: the tables, plots and results.json are the record
 ratios=0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.45,0.5
 ct_metrics=dice,dice_canon,dice_ge,dice_philips,dice_siemens,mutual_information
 run() { echo "+ $*"; "$@"; }
+# every codec against full updates: fp16, int8 (a scale per 256 values), top-k 10 % and 1 % (error feedback)
+codecs=(--zip "trainer.strategy.init_args.compression=null,fp16,int8,topk,topk"
+        --zip "trainer.strategy.init_args.compression_kwargs=null,null,null,{fraction: 0.1},{fraction: 0.01}")
 for part in "${@:-study_a heart study_b sweeps reuse}"; do for p in $part; do case $p in
   study_a)
     run lightning-fed compare --config recipes/retinamnist.yaml --repeats 6 --out "$out/study_a" "${quiet[@]}"
@@ -57,6 +60,19 @@ for part in "${@:-study_a heart study_b sweeps reuse}"; do for p in $part; do ca
     mkdir -p "$out/study_c_fit"
     cp runs/study_c_fit/{results.json,shift_report.csv,shift_report.png,aggregation_weights.png} "$out/study_c_fit/"
     cp runs/study_c_fit/sites/G/overlays/test.png "$out/study_c_fit/overlays_G.png" ;;
+  wire)
+    # accuracy against the bytes a site sends per round, for each codec: study B and the CT recipe
+    run lightning-fed sweep --config recipes/hospitals.yaml --repeats 2 --modes federated --metrics recall,precision,auroc \
+      "${codecs[@]}" --out "$out/wire_study_b" "${quiet[@]}"
+    run lightning-fed sweep --config recipes/ct_vendors.yaml --repeats 2 --modes federated --metrics dice,mutual_information \
+      "${codecs[@]}" --out "$out/wire_ct" "${quiet[@]}" ;;
+  privacy_dp)
+    # study B's last DP experiment: DP on every hospital vs the large hospital alone with DP, same ε grid; then the
+    # PRV accountant on every hospital (its noise calibrated for the same ε)
+    run python benchmarks/privacy.py --arms all large --epsilons 0.5 1 2 4 8 --json "$out/privacy_dp/results.json" \
+      --png "$out/privacy_dp/federated_vs_large_alone.png" --title "Study B: federated + DP vs the large hospital alone + DP"
+    run python benchmarks/privacy.py --arms all --accountant prv --epsilons 0.5 1 2 4 8 --json "$out/privacy_dp/results.json" \
+      --png "$out/privacy_dp/rdp_vs_prv.png" --title "Study B, DP on every hospital: RDP vs PRV accountant" ;;
   study_c_holdout)
     # hospitals the models never saw: E (CANON only), G (a quarter SIEMENS), J (half PHILIPS), each held out in turn
     for rule in fedavg uncertainty_weighted; do

@@ -4,17 +4,19 @@
   every site holds every site's public key, and the coordinator never needs either;
 - key agreement: X25519, fresh pairs every round, each round's public keys signed with the site's identity key;
 - key derivation: HKDF-SHA256 of the X25519 secret, bound to the round and the pair of sites;
-- masks: the ChaCha20 keystream under the derived key (a stream cipher as the pseudo-random generator);
+- masks: the ChaCha20 keystream under the derived key (a stream cipher as the pseudo-random generator), over the
+  ring Z_2^64, or Z_2^32 when every update's norm is bounded (DP-FedAvg's clip norm) so that the sum cannot wrap;
 - secret sharing: Shamir's scheme over the prime field GF(2⁵²¹ − 1) (room for a 256-bit key), each
   share encrypted for its holder with ChaCha20-Poly1305 (authenticated: a share altered on the way is refused).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -174,39 +176,53 @@ def private_from_bytes(data: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(data)
 
 
-# -- fixed point in the ring Z_2^64 ------------------------------------------------------------------
+# -- fixed point in the ring Z_2^64 (or Z_2^32) ------------------------------------------------------
 FRACTIONAL_BITS = 24
+RINGS = {64: (np.uint64, np.int64), 32: (np.uint32, np.int32)}
 
 
-def to_fixed(values: np.ndarray, bits: int = FRACTIONAL_BITS) -> np.ndarray:
-    scaled = np.rint(values.astype(np.float64) * (1 << bits))
-    if np.abs(scaled).max(initial=0.0) >= 2.0 ** 62:
-        raise ValueError(f"secagg: a value too large for {bits}-bit fixed point (|x| ~ {np.abs(values).max():.3g}): lower fractional_bits")
-    return scaled.astype(np.int64).view(np.uint64)
+def to_fixed(values: np.ndarray, bits: int = FRACTIONAL_BITS, ring: int = 64) -> np.ndarray:
+    unsigned, signed = RINGS[ring]
+    scaled = np.rint(values.astype(np.float64) * 2.0 ** bits)
+    if np.abs(scaled).max(initial=0.0) >= 2.0 ** (ring - 2):
+        raise ValueError(f"secagg: a value too large for {bits}-bit fixed point in the {ring}-bit ring "
+                         f"(|x| ~ {np.abs(values).max():.3g}): lower fractional_bits")
+    return scaled.astype(signed).view(unsigned)
 
 
 def from_fixed(total: np.ndarray, bits: int = FRACTIONAL_BITS) -> np.ndarray:
-    return total.view(np.int64).astype(np.float64) / (1 << bits)
+    """The signed value of a ring sum (its dtype says the ring), over 2^bits."""
+    signed = {np.dtype(u): s for u, s in RINGS.values()}[total.dtype]
+    return total.view(signed).astype(np.float64) / 2.0 ** bits
 
 
-def pair_masks(key: bytes, me: str, peer: str, tensors: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def bounded_ring_bits(sites: int, norm_bound: float) -> int | None:
+    """Fractional bits for the 32-bit ring when every update's L2 norm is at most ``norm_bound`` (so is each value):
+    the most with which the sum of ``sites`` such updates cannot wrap, or ``None`` if fewer than 8 would fit."""
+    room = (2.0 ** 31 / max(sites, 1) - 1) / norm_bound
+    bits = math.floor(math.log2(room)) if room > 1 else -1
+    return min(bits, 30) if bits >= 8 else None
+
+
+def pair_masks(key: bytes, me: str, peer: str, tensors: dict[str, tuple[int, ...]], ring: int = 64) -> dict[str, np.ndarray]:
     """The masks ``me`` adds for ``peer`` (``+`` when ``me < peer``, ``−`` otherwise), flat, in tensor order; the two
     ends' masks cancel in the sum."""
+    unsigned = RINGS[ring][0]
     out = {}
     for index, (name, shape) in enumerate(tensors.items()):
-        m = mask_stream(key, index, int(np.prod(shape, dtype=np.int64)))
-        out[name] = m if me < peer else (np.uint64(0) - m)
+        m = mask_stream(key, index, int(np.prod(shape, dtype=np.int64)), unsigned)
+        out[name] = m if me < peer else (unsigned(0) - m)
     return out
 
 
 def mask_update(values: dict[str, np.ndarray], weight: float, me: str, pair_keys: dict[str, bytes],
-                bits: int = FRACTIONAL_BITS) -> dict[str, np.ndarray]:
+                bits: int = FRACTIONAL_BITS, ring: int = 64) -> dict[str, np.ndarray]:
     """``weight · values`` in fixed point plus, for every peer, the pairwise mask that its own update cancels."""
     shapes = {k: v.shape for k, v in values.items()}
-    out = {k: to_fixed(v.astype(np.float64) * weight, bits).reshape(-1) for k, v in values.items()}
+    out = {k: to_fixed(v.astype(np.float64) * weight, bits, ring).reshape(-1) for k, v in values.items()}
     for peer, key in pair_keys.items():
-        for name, m in pair_masks(key, me, peer, shapes).items():
-            out[name] = out[name] + m  # uint64 arithmetic wraps: everything is mod 2^64
+        for name, m in pair_masks(key, me, peer, shapes, ring).items():
+            out[name] = out[name] + m  # unsigned arithmetic wraps: everything is mod 2^ring
     return {k: v.reshape(shapes[k]) for k, v in out.items()}
 
 

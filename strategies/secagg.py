@@ -6,7 +6,8 @@ only masked updates, and their true sum, even when a site drops after the masks 
                   identity key and exchanged through the coordinator; a site refuses any key its owner did not sign
       2. shares:  s_i's private key split t-of-n (Shamir), each share sealed for its holder (ChaCha20-Poly1305 under
                   HKDF(X25519(c_i, c_j))); U = the sites that sent shares
-      3. masking: x_i = round(2^f · c_i · w_i) mod 2^64,  c_i = n_i (or 1 for uniform rules)
+      3. masking: x_i = round(2^f · c_i · w_i) mod 2^64,  c_i = n_i (or 1 for uniform rules); in the ring 2^32
+                  instead when c_i = 1 and ||w_i|| ≤ S (DP-FedAvg's clipped Δ): f chosen so K·2^f·S < 2^31
                   y_i = x_i + Σ_{j∈U, j>i} m_ij − Σ_{j∈U, j<i} m_ij,   m_ij = ChaCha20(HKDF(X25519(s_i, s_j), t))
     server:  P = the sites whose y_i arrived.  D = U \\ P empty: Σ_P y_i = Σ_P x_i (the masks cancel).
              Otherwise it asks P for their shares of each s_d (d ∈ D), rebuilds s_d from t of them, removes the
@@ -17,6 +18,8 @@ Site half: :class:`~lightning_fed.strategies.site.secagg.SecAggSite`. Threat mod
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -83,7 +86,9 @@ class SecureAggregation(Aggregator):
         if self.threshold is not None and self.threshold > len(sites):
             raise ValueError(f"secagg threshold={self.threshold} is more than the federation's {len(sites)} sites")
         if self.identity_dir is None:  # simulation: every site on this machine, keys made for the run
-            self._identities = str(write_identities(sites, tempfile.mkdtemp(prefix="lightning-fed-identities-")))
+            folder = tempfile.mkdtemp(prefix="lightning-fed-identities-")
+            atexit.register(shutil.rmtree, folder, True)  # private keys never outlive the driver
+            self._identities = str(write_identities(sites, folder))
             return
         try:
             for site in sites:
@@ -105,9 +110,9 @@ class SecureAggregation(Aggregator):
         info = updates[0].extras["secagg"]
         for u in updates:
             mine = u.extras.get("secagg") or {}
-            if mine.get("round") != round or mine.get("sites") != info["sites"]:
-                raise ValueError(f"site {u.site!r} masked for round {mine.get('round')} with sites {mine.get('sites')}, "
-                                 f"the others for round {round} with {info['sites']}")
+            if [mine.get(k) for k in ("round", "sites", "ring", "bits")] != [round, *(info[k] for k in ("sites", "ring", "bits"))]:
+                raise ValueError(f"site {u.site!r} masked for round {mine.get('round')} with sites {mine.get('sites')} in the "
+                                 f"{mine.get('ring')}-bit ring, the others for round {round} with {info['sites']} in the {info['ring']}-bit ring")
         return info
 
     def follow_up(self, round: int, updates: list[SiteUpdate]) -> Any:
@@ -133,7 +138,7 @@ class SecureAggregation(Aggregator):
         samples = sum(u.num_samples for u in updates)
         divisor = samples if self.inner.secure_weighting == "samples" else len(updates)
         largest = max(updates, key=lambda u: u.num_samples)
-        weights = {k: (from_fixed(total[k], self.fractional_bits) / divisor).astype(dtypes[k]) if k in dtypes else np.array(v, copy=True)
+        weights = {k: (from_fixed(total[k], info["bits"]) / divisor).astype(dtypes[k]) if k in dtypes else np.array(v, copy=True)
                    for k, v in largest.weights.items()}
         extras = {"sites": len(updates)}
         for key in {k for u in updates for k in u.extras} - {"secagg"}:
@@ -158,7 +163,7 @@ class SecureAggregation(Aggregator):
         shapes = {k: total[k].shape for k in info["dtypes"]}
         for site in present:
             pair_key = derive(key, info["mask_keys"][site], round, b"mask", (dropped, site))
-            for name, m in pair_masks(pair_key, site, dropped, shapes).items():
+            for name, m in pair_masks(pair_key, site, dropped, shapes, info["ring"]).items():
                 total[name] = total[name] - m.reshape(shapes[name])  # what ``site`` added for ``dropped``: nothing cancels it
 
     def state_dict(self) -> dict[str, Any]:

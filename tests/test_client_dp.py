@@ -36,6 +36,18 @@ def test_sites_send_clipped_differences_from_the_global_model():
     assert np.array_equal(small["w"], np.array([0.1, 0.2], dtype=np.float32)) and norm == pytest.approx(math.sqrt(0.05))
 
 
+def test_the_first_rounds_anchor_does_not_follow_the_training():
+    module = torch.nn.Linear(3, 2)
+    site = DPFedAvgSite(SiteAlgorithm(), clip_norm=100.0)
+    site.on_fit_start(None, module)  # round 1: the model every site starts from
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        module.weight.add_(1.0)  # training moves the live parameters
+    update = site.local_update(None, module, num_samples=5)
+    np.testing.assert_allclose(update.weights["weight"], (module.weight - start["weight"]).detach().numpy(), rtol=1e-6)
+    assert np.abs(update.weights["weight"]).min() > 0.99  # Δ = 1, not 0
+
+
 def test_server_noise_has_the_configured_scale_and_sites_count_equally():
     z, s, k, n = 1.3, 2.0, 4, 200_000
     rule = get_aggregator("dp_fedavg", noise_multiplier=z, clip_norm=s, seed=0)

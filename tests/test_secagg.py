@@ -52,20 +52,24 @@ class Offline(SiteAlgorithm):
         raise RuntimeError("scanner offline")
 
 
-def _round(tmp_path, weights, samples, failing=(), threshold=None, tamper=None):
+def _round(tmp_path, weights, samples, failing=(), threshold=None, tamper=None, inner=SiteAlgorithm, weighting="samples"):
     """One round of the real site halves; returns their updates (or errors) and the halves."""
     names = sorted(weights)
     identities = tmp_path / "identities"
     if not identities.exists():
         write_identities(names, identities)
     exchange = Exchange(names, tamper, timeout=2.0 if tamper else 20.0)  # a site that stops leaves the others waiting
-    halves = {n: SecAggSite(Offline() if n in failing else SiteAlgorithm(), "samples", FRACTIONAL_BITS, threshold, str(identities))
+    halves = {n: SecAggSite(Offline() if n in failing else inner(), weighting, FRACTIONAL_BITS, threshold, str(identities))
               for n in names}
     out = {}
 
     def run(name):
         halves[name].bind(Context(name, exchange))
         module = torch.nn.Linear(8, 3).double()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.zero_()
+        halves[name].inner.on_fit_start(None, module)  # the round starts from zeros (DP-FedAvg's half sends w − 0)
         with torch.no_grad():
             for key, p in module.state_dict().items():
                 p.copy_(torch.from_numpy(weights[name][key]))
@@ -143,6 +147,29 @@ def test_a_site_dropping_after_masking_leaves_the_exact_sum_of_the_others(tmp_pa
     rule.receive_answers(1, {"a": answers["a"], "b": {}, "d": {}})
     with pytest.raises(ValueError, match="only 1 site.*revealed shares.*fewer than threshold=3"):
         rule.aggregate(1, arrived, None)
+
+
+def test_clipped_updates_travel_in_the_32_bit_ring_and_sum_exactly(tmp_path):
+    from lightning_fed.strategies.site.dp_fedavg import DPFedAvgSite
+
+    rng = np.random.default_rng(4)
+    names = ["a", "b", "c", "d"]
+    weights = _weights(rng, names)
+    zeros = {k: np.zeros_like(v) for k, v in weights["a"].items()}
+    clipped, _ = _round(tmp_path, weights, {n: 10 for n in names}, inner=lambda: DPFedAvgSite(SiteAlgorithm(), clip_norm=1.0),
+                        weighting="uniform")
+    wide, _ = _round(tmp_path, weights, {n: 10 for n in names}, weighting="uniform")
+    info = clipped["a"].extras["secagg"]
+    assert info["ring"] == 32 and clipped["a"].weights["weight"].dtype == np.uint32  # 4 bytes a value, not 8
+    assert 24 <= info["bits"] <= 30 and 4 * (2 ** info["bits"] * 1.0 + 1) < 2 ** 31  # four sites of norm ≤ 1 cannot wrap
+    assert wide["a"].extras["secagg"]["ring"] == 64
+    assert 2 * sum(v.nbytes for v in clipped["a"].weights.values()) == sum(v.nbytes for v in wide["a"].weights.values())
+    rule = SecureAggregation(get_aggregator("dp_fedavg", noise_multiplier=0.0, clip_norm=1.0))
+    model = rule.aggregate(1, [clipped[n] for n in names], zeros)
+    norms = {n: np.sqrt(sum(np.sum(w ** 2) for w in weights[n].values())) for n in names}
+    for key in zeros:  # the mean of the clipped differences (the module started at zero, so w itself is the Δ)
+        expected = np.mean([weights[n][key] * min(1.0, 1.0 / norms[n]) for n in names], axis=0)
+        assert np.abs(model.weights[key] - expected).max() <= 4 * 2.0 ** -info["bits"]
 
 
 def test_a_site_never_reveals_shares_of_a_site_whose_update_arrived(tmp_path):
@@ -229,7 +256,7 @@ def test_a_federation_survives_a_site_dropping_after_masking(tmp_path, ray_clust
     strategy = FederatedStrategy(aggregator=DropsAfterMasking(site="small_2", round=2, once_flag=str(flag)), secagg=True,
                                  on_site_failure="continue", progress=False, checkpoint_every=1,
                                  checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
-    trainer = L.Trainer(strategy=strategy, max_epochs=4, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(strategy=strategy, max_epochs=6, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
     data = small_hospitals(sizes=(400, 200, 200))
     try:
         trainer.fit(model, datamodule=data)
@@ -241,7 +268,8 @@ def test_a_federation_survives_a_site_dropping_after_masking(tmp_path, ray_clust
     assert flag.exists()
     everyone = ["large", "small_1", "small_2"]
     rounds = [sorted(r) for r in fit.round_sites]
-    assert rounds[0] == everyone and rounds[1] == ["large", "small_1"] and rounds[-1] == everyone  # it came back with new keys
+    assert rounds[0] == everyone and rounds[1] == ["large", "small_1"]  # round 2: the others' sum, unmasked
+    assert rounds[-1] == everyone  # it came back, with fresh keys (how many rounds its restart takes varies)
     assert [(e.site, e.event) for e in fit.events] == [("small_2", "left out"), ("small_2", "rejoined")]
     assert "hospital network down after masking" in fit.events[0].reason
     assert auroc > 0.85  # round 2's masked sum of the two others was unmasked: the model trained on

@@ -23,7 +23,8 @@ class DPFedAvgSite(WrappedSiteAlgorithm):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.inner.on_fit_start(trainer, pl_module)
         if not self.anchor:  # round 1: every site starts from the same model; on resume the anchor is restored
-            self.anchor = state_to_numpy(pl_module.state_dict())
+            # copies: the arrays of state_to_numpy share the live parameters' memory and would follow the training
+            self.anchor = {k: v.copy() for k, v in state_to_numpy(pl_module.state_dict()).items()}
 
     def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
         update = self.inner.local_update(trainer, pl_module, num_samples)

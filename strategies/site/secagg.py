@@ -8,7 +8,7 @@ import numpy as np
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_fed.strategies.base import GlobalModel, SiteUpdate, is_averageable
-from lightning_fed.strategies.masking import (FRACTIONAL_BITS, SecAggError, advertise, derive, load_identity, load_identity_public,
+from lightning_fed.strategies.masking import (FRACTIONAL_BITS, SecAggError, advertise, bounded_ring_bits, derive, load_identity, load_identity_public,
                                               mask_update, private_bytes, private_key, seal, share_to_bytes, split_secret,
                                               unseal, verify)
 from lightning_fed.strategies.secagg import majority
@@ -80,10 +80,15 @@ class SecAggSite(WrappedSiteAlgorithm):
             raise FloatingPointError(f"site {self.context.site!r}: training diverged in round {round_}, its update holds "
                                      f"NaN or Inf (in {broken!r}): lower the learning rate, clip gradients or check its data")
         weight = float(num_samples) if self.weighting == "samples" else 1.0
-        masked = mask_update(floating, weight, self.context.site, pair_keys, self.bits)
+        ring, bits = 64, self.bits
+        bound = update.extras.get("norm_bound")
+        if bound is not None and self.weighting == "uniform":  # |each value| ≤ S: the sum of K fits 32 bits
+            narrow = bounded_ring_bits(len(self._share_sites), float(bound))
+            ring, bits = (32, narrow) if narrow is not None else (64, self.bits)
+        masked = mask_update(floating, weight, self.context.site, pair_keys, bits, ring)
         counters = {k: v for k, v in update.weights.items() if not is_averageable(v)}
         protocol = {"round": round_, "sites": self._share_sites, "threshold": self._threshold, "mask_keys": self._mask_keys,
-                    "dtypes": {k: str(v.dtype) for k, v in floating.items()}}
+                    "dtypes": {k: str(v.dtype) for k, v in floating.items()}, "ring": ring, "bits": bits}
         return SiteUpdate(site="", weights={**masked, **counters}, num_samples=num_samples,
                           extras={**update.extras, "secagg": protocol})
 
