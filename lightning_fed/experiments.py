@@ -679,27 +679,46 @@ def _megabytes(traffic: Optional[dict[str, Any]]) -> str:
     return f"{traffic['sent']['mean'] / 1e6:.4f}" if traffic else "-"
 
 
+def _point_title(point: dict[str, Any]) -> str:
+    """A short name for a grid point: the last part of each key, dict values flattened (``compression=topk,
+    fraction=0.1``); keys left at None are left out, unless all are."""
+    parts = []
+    for key, value in point.items():
+        if isinstance(value, dict):
+            parts += [f"{k}={v}" for k, v in value.items()]
+        elif value is not None:
+            parts.append(f"{_short(key).rsplit('.', 1)[-1]}={value}")
+    if not parts and point:
+        key = next(iter(point))
+        parts.append(f"{_short(key).rsplit('.', 1)[-1]}=None")
+    return ", ".join(parts) or "recipe"
+
+
 def bytes_plots(rows: list[dict[str, Any]], metrics: Sequence[str], out: Path, column: str) -> list[Path]:
     """``<metric>_vs_bytes.png`` for a sweep whose federated runs sent different amounts: the metric against the MB a
-    site sends per round (log scale), one labelled point per grid point."""
+    site sends per round (log scale), one point per grid point, named in the legend."""
     measured = [r for r in rows if r.get("traffic")]
     if len({round(r["traffic"]["sent"]["mean"]) for r in measured}) < 2:
         return []
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     paths = []
     for metric in metrics:
-        points = [(r["traffic"]["sent"]["mean"] / 1e6, r["metrics"].get(metric), point_label(r["point"])) for r in measured]
+        points = [(r["traffic"]["sent"]["mean"] / 1e6, r["metrics"].get(metric), _point_title(r["point"])) for r in measured]
         points = [(x, s, label) for x, s, label in points if s]
         if not points:
             continue
-        fig, ax = plt.subplots(figsize=(7.0, 3.8))
+        fig, ax = plt.subplots(figsize=(8.0, 3.6))
         for x, stats, label in points:
-            ax.errorbar([x], [stats["mean"]], yerr=[stats["std"]], marker="o", ms=5, capsize=2, lw=1)
-            ax.annotate(label, (x, stats["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            ax.errorbar([x], [stats["mean"]], yerr=[stats["std"]], marker="o", ms=5, capsize=2, lw=1, label=label)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(*fitted_limits([s["mean"] - s["std"] for _, s, _ in points], [s["mean"] + s["std"] for _, s, _ in points]))
-        ax.set_xlabel("MB a site sends per round (federated)")
+        ax.set_xlabel("MB a site sends per round (federated, log scale)")
         ax.set_ylabel(f"{metric} ({_axis_label(column)})")
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
         ax.grid(alpha=0.3, which="both")
         paths.append(_save(plt, fig, out / f"{metric}_vs_bytes.png"))
     return paths

@@ -7,7 +7,8 @@
 An update that already is a difference (DP-FedAvg's clipped Δ) is encoded as it is, and one that carries a norm
 bound (DP-FedAvg's clip norm S, its sensitivity) keeps it: if decoding would exceed S, the encoded update is scaled
 down, so the noise calibrated for S still covers it and the accountant is unchanged. Integer buffers
-(``num_batches_tracked``) travel as they are. Codecs, each tensor on its own:
+(``num_batches_tracked``) and buffers that are not parameters (BatchNorm's running statistics: small, and a top-k
+residual added to a running variance could make it negative) travel as they are. Codecs, each parameter on its own:
 
     fp16   IEEE half precision                           2 bytes a value;       |error| ≤ 2⁻¹¹·|x| (+ 2⁻²⁵ near 0)
     int8   blocks of B values, s = max|x_block| / 127,
@@ -236,7 +237,7 @@ class Compressed(Aggregator):
                     raise ValueError(f"its compressed update has a tensor {key!r} the global model lacks")
                 values = reference.astype(np.float64) + values
             weights[key] = values.astype(dtype)
-        weights.update(update.weights)  # integer buffers, sent as they are
+        weights.update(update.weights)  # buffers (BatchNorm statistics, counters), sent as they are
         extras = {k: v for k, v in update.extras.items() if k not in ("compressed", "compressed_difference")}
         return SiteUpdate(update.site, weights, update.num_samples, extras)
 

@@ -54,6 +54,13 @@ def test_cli_fit_writes_results_json(tmp_path, ray_cluster):
     assert "small_1" in proc.stdout and "federated" in proc.stdout  # the per-site table was printed
     assert set(results["privacy"]["sites"]) == {"small_1"} and 0.9 < results["privacy"]["max_epsilon"] <= 1.0
     assert "DP-SGD, from each site's accountant: small_1" in proc.stdout
+    traffic = results["traffic"]  # what crossed, per site and round (1 round here), and the totals
+    assert set(traffic["sites"]) == {"large", "small_1", "small_2"}
+    for site in traffic["sites"].values():
+        assert len(site["bytes_sent"]) == len(site["bytes_received"]) == 1
+        assert 0 < site["update_bytes_sent"][0] < site["bytes_sent"][0] == site["total_sent"]
+    assert traffic["bytes_sent"] == sum(s["total_sent"] for s in traffic["sites"].values())
+    assert "traffic:" in proc.stdout and "sent to the coordinator" in proc.stdout
 
 
 def test_cli_print_config_and_bad_recipe(tmp_path, ray_cluster):

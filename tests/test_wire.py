@@ -89,6 +89,24 @@ def test_error_feedback_carries_what_topk_dropped():
         np.testing.assert_array_equal(restored.residual[k], site.residual[k])
 
 
+def test_statistics_travel_as_they_are_and_only_parameters_are_encoded():
+    from lightning_fed.strategies.site import SiteAlgorithm
+    from lightning_fed.strategies.site.compression import CompressedSite
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
+    site = CompressedSite(SiteAlgorithm(), TopK(fraction=0.2))
+    site.on_fit_start(None, module)
+    module.train()
+    module(torch.randn(16, 4))  # BatchNorm's running statistics move
+    update = site.local_update(None, module, 16)
+    assert set(update.extras["compressed"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    assert set(update.weights) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    np.testing.assert_array_equal(update.weights["1.running_var"], module[1].running_var.numpy())
+    current = {k: v.copy() for k, v in site.anchor.items()}
+    decoded = Compressed(get_aggregator("fedavg"), TopK(fraction=0.2)).receive(update, current)
+    assert np.all(decoded.weights["1.running_var"] > 0) and set(decoded.weights) == set(module.state_dict())
+
+
 @pytest.mark.parametrize("codec", [Float16(), Int8Blocks(block=16), TopK(fraction=0.3)], ids=lambda c: c.name)
 def test_compressed_update_stays_within_a_clip_norm(codec):
     rng = np.random.default_rng(2)

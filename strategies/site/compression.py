@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -9,13 +10,14 @@ from lightning.pytorch import LightningModule, Trainer
 
 from lightning_fed.screening import non_finite_key
 from lightning_fed.strategies.base import GlobalModel, SiteUpdate, Weights, is_averageable
-from lightning_fed.strategies.compression import Codec, encode_update
+from lightning_fed.strategies.compression import Codec, encode_update, l2_norm
 from lightning_fed.strategies.site import SiteAlgorithm, WrappedSiteAlgorithm, state_to_numpy
 
 
 class CompressedSite(WrappedSiteAlgorithm):
-    """Sends what the inner site half would send, encoded with ``codec``; with error feedback, what decoding loses
-    (``residual``) is added to the next round's update. Anchor and residual are in the site's checkpoints."""
+    """Sends what the inner site half would send, its parameters' update encoded with ``codec`` (buffers such as
+    BatchNorm statistics and counters as they are); with error feedback, what decoding loses (``residual``) is added
+    to the next round's update. Anchor and residual are in the site's checkpoints."""
 
     def __init__(self, inner: SiteAlgorithm, codec: Codec) -> None:
         super().__init__(inner)
@@ -31,23 +33,29 @@ class CompressedSite(WrappedSiteAlgorithm):
     def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
         update = self.inner.local_update(trainer, pl_module, num_samples)
         is_difference = bool(update.extras.get("delta"))  # DP-FedAvg already sends w − w_t
-        values = {}
+        parameters = {name for name, _ in pl_module.named_parameters()}
+        values, as_is = {}, {}
         for key, array in update.weights.items():
-            if not is_averageable(array):
+            if not is_averageable(array) or key not in parameters:
+                # counters, and statistics such as BatchNorm's running variance: small, and a top-k residual added
+                # to them could make a variance negative; they travel as they are
+                as_is[key] = array
                 continue
             x = array.astype(np.float64) if is_difference else array.astype(np.float64) - self.anchor[key]
             if self.codec.error_feedback and key in self.residual:
                 x = x + self.residual[key]
             values[key] = x
-        broken = non_finite_key(values)
+        broken = non_finite_key({**values, **as_is})
         if broken is not None:  # encoded, it could no longer be told from a sound update
             raise FloatingPointError(f"site {self.context.site if self.context else '?'!r}: training diverged, its update holds "
                                      f"NaN or Inf (in {broken!r}): lower the learning rate, clip gradients or check its data")
-        encoded, decoded = encode_update(self.codec, values, update.extras.get("norm_bound"))
+        bound = update.extras.get("norm_bound")
+        if bound is not None:  # what the statistics sent as they are leave of the clip norm, for the parameters
+            bound = math.sqrt(max(float(bound) ** 2 - l2_norm(v for v in as_is.values() if is_averageable(v)) ** 2, 0.0))
+        encoded, decoded = encode_update(self.codec, values, bound)
         if self.codec.error_feedback:
             self.residual = {k: values[k] - decoded[k] for k in values}
-        counters = {k: v for k, v in update.weights.items() if not is_averageable(v)}
-        return SiteUpdate(site="", weights=counters, num_samples=num_samples,
+        return SiteUpdate(site="", weights=as_is, num_samples=num_samples,
                           extras={**update.extras, "compressed": encoded, "compressed_difference": is_difference})
 
     def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
