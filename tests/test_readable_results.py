@@ -100,7 +100,9 @@ def test_replot_command_says_what_it_needs(tmp_path):
 
 SNAPSHOT = {"round": 2, "events": [],
             "sites": {"large": {"status": "training", "epoch": 3, "global_step": 120, "metrics": {"train_loss": 0.4321}},
-                      "small_1": {"status": "done", "epoch": 4, "global_step": 40, "metrics": {}}}}
+                      "small_1": {"status": "done", "epoch": 4, "global_step": 40, "metrics": {}}},
+            "traffic": {"large": {"sent": [1_500_000, 500_000], "received": [2_000_000, 1_000_000]},
+                        "small_1": {"sent": [12_000, 8_000], "received": [2_000_000, 1_000_000]}}}
 
 
 def test_live_progress_table_on_a_terminal():
@@ -113,7 +115,7 @@ def test_live_progress_table_on_a_terminal():
     progress.close()
     text = buffer.getvalue()
     assert "round 2/4" in text and "left" in text  # the title: round, elapsed, time left
-    for cell in ("large", "120", "training", "0.4321", "small_1", "done", "fl/val_loss=0.2500"):
+    for cell in ("large", "120", "training", "0.4321", "small_1", "done", "fl/val_loss=0.2500", "2.00 MB", "3.00 MB", "20.0 kB"):
         assert cell in text, cell
     assert "[lightning-fed] site 'small_1' left out (round 3): died" in text  # events stay above the table
     assert "\x1b[1A" in text  # redrawn in place: the cursor goes back up over the previous table
@@ -126,7 +128,7 @@ def test_progress_falls_back_to_lines_without_a_terminal():
     progress.update(SNAPSHOT, {"fl/val_loss": 0.25})  # nothing changed: no new line
     progress.close()
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("[lightning-fed] round 2/4 | large: e3 training | small_1: e4 done")
+    assert len(lines) == 1 and lines[0].startswith("[lightning-fed] round 2/4 | large: e3 training | small_1: e4 done | 2.02 MB sent")
     assert "┏" not in stream.getvalue() and "\x1b" not in stream.getvalue()
 
 

@@ -13,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
 
 from lightning_fed.tls import ray_tls_env, write_certificates
 
