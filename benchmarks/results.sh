@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces every table and plot in docs/results.md (measured on a 2-core CPU machine; see the times there).
-# Usage: LIGHTNING_FED_DATA=/path/to/data bash benchmarks/results.sh [study_a|heart|study_b|sweeps|reuse|study_c|study_c_rules|study_c_epistemic|study_c_holdout|study_c_fit|wire|privacy_dp]...
+# Usage: LIGHTNING_FED_DATA=/path/to/data bash benchmarks/results.sh [study_a|heart|study_b|sweeps|reuse|study_c|study_c_rules|study_c_epistemic|study_c_holdout|study_c_fit|wire_study_b|wire_ct|privacy_dp]...
 set -euo pipefail
 out=${OUT:-docs/results}
 quiet=(--trainer.logger=false)   # per-run CSV/W&B logs off: the tables, plots and results.json are the record
@@ -60,10 +60,11 @@ for part in "${@:-study_a heart study_b sweeps reuse}"; do for p in $part; do ca
     mkdir -p "$out/study_c_fit"
     cp runs/study_c_fit/{results.json,shift_report.csv,shift_report.png,aggregation_weights.png} "$out/study_c_fit/"
     cp runs/study_c_fit/sites/G/overlays/test.png "$out/study_c_fit/overlays_G.png" ;;
-  wire)
-    # accuracy against the bytes a site sends per round, for each codec: study B and the CT recipe
+  wire_study_b)
+    # accuracy against the bytes a site sends per round, for each codec: study B, then the CT recipe
     run lightning-fed sweep --config recipes/hospitals.yaml --repeats 2 --modes federated --metrics recall,precision,auroc \
-      "${codecs[@]}" --out "$out/wire_study_b" "${quiet[@]}"
+      "${codecs[@]}" --out "$out/wire_study_b" "${quiet[@]}" ;;
+  wire_ct)
     run lightning-fed sweep --config recipes/ct_vendors.yaml --repeats 2 --modes federated --metrics dice,mutual_information \
       "${codecs[@]}" --out "$out/wire_ct" "${quiet[@]}" ;;
   privacy_dp)

@@ -72,6 +72,7 @@ OPTIONS = {
         "inner": ("fedprox", {}, inner_site_type),
         "seed": (1, {"seed": 0}, aggregated),
         "inner_kwargs": ({"mu": 0.7}, {"inner": "fedprox"}, site_half("inner.mu")),
+        "accountant": ("prv", {"seed": 0}, dp_state),
     },
 }
 

@@ -107,6 +107,32 @@ class WrappedSiteAlgorithm(SiteAlgorithm):
         self.inner.load_state_dict(state_dict.get("inner", {}))
 
 
+class AnchoredSiteAlgorithm(WrappedSiteAlgorithm):
+    """A wrapper whose update is a difference from ``anchor``, the global model this round started from (a copy,
+    in the site's checkpoints): DP-FedAvg's clipped difference, compression's encoded one."""
+
+    def __init__(self, inner: SiteAlgorithm) -> None:
+        super().__init__(inner)
+        self.anchor: Weights = {}
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.inner.on_fit_start(trainer, pl_module)
+        if not self.anchor:  # round 1: every site starts from the same model; on resume the anchor is restored
+            # copies: the arrays of state_to_numpy share the live parameters' memory and would follow the training
+            self.anchor = {k: v.copy() for k, v in state_to_numpy(pl_module.state_dict()).items()}
+
+    def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
+        self.inner.receive_global(trainer, pl_module, model)
+        self.anchor.update({k: np.array(v, copy=True) for k, v in model.weights.items()})
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "anchor": self.anchor}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.anchor = dict(state_dict.get("anchor", {}))
+
+
 def _forward(hook: str):
     def forward(self, *args, **kwargs):
         return getattr(self.inner, hook)(*args, **kwargs)

@@ -9,12 +9,12 @@ import numpy as np
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_fed.screening import non_finite_key
-from lightning_fed.strategies.base import GlobalModel, SiteUpdate, Weights, is_averageable
+from lightning_fed.strategies.base import SiteUpdate, Weights, is_averageable
 from lightning_fed.strategies.compression import Codec, encode_update, l2_norm
-from lightning_fed.strategies.site import SiteAlgorithm, WrappedSiteAlgorithm, state_to_numpy
+from lightning_fed.strategies.site import AnchoredSiteAlgorithm, SiteAlgorithm
 
 
-class CompressedSite(WrappedSiteAlgorithm):
+class CompressedSite(AnchoredSiteAlgorithm):
     """Sends what the inner site half would send, its parameters' update encoded with ``codec`` (buffers such as
     BatchNorm statistics and counters as they are); with error feedback, what decoding loses (``residual``) is added
     to the next round's update. Anchor and residual are in the site's checkpoints."""
@@ -22,13 +22,7 @@ class CompressedSite(WrappedSiteAlgorithm):
     def __init__(self, inner: SiteAlgorithm, codec: Codec) -> None:
         super().__init__(inner)
         self.codec = codec
-        self.anchor: Weights = {}  # w_t, the global model this round started from
         self.residual: Weights = {}  # e_k: what earlier rounds' encodings left out
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.inner.on_fit_start(trainer, pl_module)
-        if not self.anchor:  # round 1: every site starts from the same model; on resume the anchor is restored
-            self.anchor = {k: v.copy() for k, v in state_to_numpy(pl_module.state_dict()).items()}
 
     def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
         update = self.inner.local_update(trainer, pl_module, num_samples)
@@ -58,14 +52,9 @@ class CompressedSite(WrappedSiteAlgorithm):
         return SiteUpdate(site="", weights=as_is, num_samples=num_samples,
                           extras={**update.extras, "compressed": encoded, "compressed_difference": is_difference})
 
-    def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
-        self.inner.receive_global(trainer, pl_module, model)
-        self.anchor.update({k: np.array(v, copy=True) for k, v in model.weights.items()})
-
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "anchor": self.anchor, "residual": self.residual}
+        return {**super().state_dict(), "residual": self.residual}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.anchor = dict(state_dict.get("anchor", {}))
         self.residual = dict(state_dict.get("residual", {}))

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from lightning.pytorch import LightningModule, Trainer
 
-from lightning_fed.strategies.base import GlobalModel, SiteUpdate, Weights, is_averageable
+from lightning_fed.strategies.base import GlobalModel, SiteUpdate, is_averageable
 from lightning_fed.strategies.dp_fedavg import clip
-from lightning_fed.strategies.site import SiteAlgorithm, WrappedSiteAlgorithm, state_to_numpy
+from lightning_fed.strategies.site import AnchoredSiteAlgorithm, SiteAlgorithm
 
 
-class DPFedAvgSite(WrappedSiteAlgorithm):
-    """Sends the inner site half's update as a clipped difference from the last global model."""
+class DPFedAvgSite(AnchoredSiteAlgorithm):
+    """Sends the inner site half's update as a clipped difference from the last global model (``anchor``)."""
 
     def __init__(self, inner: SiteAlgorithm, clip_norm: float) -> None:
         super().__init__(inner)
         self.clip_norm = clip_norm
-        self.anchor: Weights = {}  # w_t, the global model this round started from
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.inner.on_fit_start(trainer, pl_module)
-        if not self.anchor:  # round 1: every site starts from the same model; on resume the anchor is restored
-            # copies: the arrays of state_to_numpy share the live parameters' memory and would follow the training
-            self.anchor = {k: v.copy() for k, v in state_to_numpy(pl_module.state_dict()).items()}
 
     def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
         update = self.inner.local_update(trainer, pl_module, num_samples)
@@ -36,14 +28,12 @@ class DPFedAvgSite(WrappedSiteAlgorithm):
                                   "norm_bound": self.clip_norm})
 
     def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
-        self.inner.receive_global(trainer, pl_module, model)
-        self.anchor.update({k: np.array(v, copy=True) for k, v in model.weights.items()})
+        super().receive_global(trainer, pl_module, model)
         self.clip_norm = float(model.extras.get("clip_norm", self.clip_norm))
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "anchor": self.anchor, "clip_norm": self.clip_norm}
+        return {**super().state_dict(), "clip_norm": self.clip_norm}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.anchor = dict(state_dict.get("anchor", {}))
         self.clip_norm = float(state_dict.get("clip_norm", self.clip_norm))
