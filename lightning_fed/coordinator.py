@@ -55,6 +55,7 @@ class _Barrier:
     readers: set = field(default_factory=set)
     question: Any = None  # the aggregator's follow-up question of a round barrier, while the sites answer it
     pending: Any = None  # that round's (sites, decoded updates), kept until the answers are in
+    result_bytes: int = 0  # the serialized size of ``result`` (what each reader receives)
 
 
 @dataclass(frozen=True)
@@ -354,13 +355,16 @@ class Coordinator:
             try:
                 self.aggregator.receive_answers(round, given)
             except Exception as err:
-                self._abort(f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: {type(err).__name__}: {err}")
+                self._aggregator_failed(round, err)
                 self._raise_if_aborted()
             self._aggregate_round(round, barrier, present, received)
         self._release(("answer", round), answers, site)
         self._raise_if_out(site)
         self._release(key, barrier, site)
         return barrier.result
+
+    def _aggregator_failed(self, round: int, err: Exception) -> None:
+        self._abort(f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: {type(err).__name__}: {err}")
 
     def _close_round(self, round: int, barrier: _Barrier) -> None:
         """Every update of ``round`` is in: decode, screen, and aggregate (or ask the sites the aggregator's question)."""
@@ -383,7 +387,7 @@ class Coordinator:
         try:
             question = self.aggregator.follow_up(round, [received[s] for s in present])
         except Exception as err:
-            self._abort(f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: {type(err).__name__}: {err}")
+            self._aggregator_failed(round, err)
             self._raise_if_aborted()
         if question is not None:
             barrier.question, barrier.pending = question, (present, received)
@@ -396,7 +400,7 @@ class Coordinator:
         try:
             model = self.aggregator.aggregate(round, [received[s] for s in present], current)
         except Exception as err:
-            self._abort(f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: {type(err).__name__}: {err}")
+            self._aggregator_failed(round, err)
             self._raise_if_aborted()
         for s in present:
             self._carry[s] = barrier.values[s][1]
@@ -451,8 +455,9 @@ class Coordinator:
                 }
             )
             barrier.result = merged
+            barrier.result_bytes = wire_size(merged)  # every site receives the same merge: measured once
         self._release(key, barrier, site)
-        self._traffic.received(site, wire_size(barrier.result))
+        self._traffic.received(site, barrier.result_bytes)
         return barrier.result
 
     async def all_gather(self, site: str, key: str, value: Any) -> dict[str, Any]:
