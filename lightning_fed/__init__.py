@@ -14,9 +14,10 @@ import sys
 from importlib import import_module
 from typing import Any, Optional
 
+from lightning_fed.role import COORDINATOR_ROLE, COORDINATOR_ROLE_ENV  # lightning_fed.COORDINATOR_ROLE_ENV as before
+
 __version__ = "0.1.0"
 
-COORDINATOR_ROLE_ENV = "LIGHTNING_FED_ROLE"
 _RUNS_A_JOB = ("fit", "validate", "test", "compare", "sweep")
 
 
@@ -30,7 +31,7 @@ def _command_args() -> Optional[list[str]]:
     return None
 
 
-if os.environ.get(COORDINATOR_ROLE_ENV) != "coordinator":
+if os.environ.get(COORDINATOR_ROLE_ENV) != COORDINATOR_ROLE:
     _args = _command_args()
     if _args and _args[0] in _RUNS_A_JOB and not any(a in ("-h", "--help") or a.startswith("--print_config") for a in _args):
         import_module("lightning_fed.runtime").start_early()
@@ -40,14 +41,16 @@ if os.environ.get(COORDINATOR_ROLE_ENV) != "coordinator":
 
 _EXPORTS = {
     "FederatedStrategy": "lightning_fed.strategy",
-    "FederationConfigError": "lightning_fed.federation",
-    "SiteFailedError": "lightning_fed.federation",
+    "FederationConfigError": "lightning_fed.errors",
+    "RunFailedError": "lightning_fed.errors",
+    "SiteFailedError": "lightning_fed.errors",
+    "CoordinatorDiedError": "lightning_fed.errors",
     "Simulation": "lightning_fed.config",
     "Placement": "lightning_fed.config",
     "Checkpointing": "lightning_fed.config",
     "Cluster": "lightning_fed.config",
     "Reliability": "lightning_fed.config",
-    "DPSGD": "lightning_fed.privacy",
+    "DPSGD": "lightning_fed.privacy_settings",
     "Site": "lightning_fed.data.sites",
     "IID": "lightning_fed.data.partition",
     "Dirichlet": "lightning_fed.data.partition",
@@ -56,6 +59,7 @@ _EXPORTS = {
     "SiteAlgorithm": "lightning_fed.strategies",
     "available_aggregators": "lightning_fed.strategies",
     "register_aggregator": "lightning_fed.strategies",
+    "warm_workers": "lightning_fed.warm",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Optional
 
-from lightning_fed.errors import TRACEBACK_ENV, explain, resume_hint
+from lightning_fed.errors import TRACEBACK_ENV, RunFailedError, explain, run_failure
 
 EPILOG = ("Experiments: `lightning-fed compare --config RECIPE --modes pooled,local,federated --repeats N` and "
           "`lightning-fed sweep --config RECIPE --grid KEY=V1,V2`; `lightning-fed compare --help` for details. "
@@ -29,8 +29,9 @@ def main(args: Optional[list[str]] = None) -> None:
     """``lightning-fed fit|validate|test ...`` (LightningCLI) and ``lightning-fed compare|sweep ...`` (experiments).
 
     An error the user can fix ends the command with one line, ``lightning-fed: error: <what> (<how to fix>)``, and
-    exit status 2 (a recipe or flag) or 1 (the run itself); ``--traceback`` or ``LIGHTNING_FED_TRACEBACK=1`` shows
-    the full trace instead."""
+    exit status 2 (a recipe or flag). A run that fails once started (a site raised, a site's worker or the
+    coordinator died) ends with one line naming what failed and the round to resume from, and exit status 1.
+    ``--traceback`` or ``LIGHTNING_FED_TRACEBACK=1`` shows the full trace instead."""
     argv = list(sys.argv[1:] if args is None else args)
     show_trace = "--traceback" in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--traceback"]
@@ -50,12 +51,9 @@ def main(args: Optional[list[str]] = None) -> None:
     except Exception as err:
         if show_trace:
             raise
-        line = explain(err, command)
-        checkpoint_dir = getattr(err, "checkpoint_dir", None)
-        if checkpoint_dir is not None or type(err).__name__ == "SiteFailedError":
-            line += resume_hint(checkpoint_dir)
-        print(f"lightning-fed: error: {line}", file=sys.stderr)
-        raise SystemExit(1 if type(err).__name__ == "SiteFailedError" else 2) from None
+        failed = isinstance(err, RunFailedError)  # not the user's input: no pointer to --help, where to resume instead
+        print(f"lightning-fed: error: {run_failure(err) if failed else explain(err, command)}", file=sys.stderr)
+        raise SystemExit(1 if failed else 2) from None
 
 
 def _run(argv: list[str], from_command_line: bool) -> None:

@@ -12,18 +12,21 @@
 
 Today's flat names still work as shorthands (``FederatedStrategy(num_sites=4, checkpoint_every=0)`` and the same keys
 in recipes); :func:`shorthand_groups` maps them onto the groups. Nothing below the strategy reads the strategy: the
-launcher, the federation and the workers get one frozen :class:`FederationConfig`.
+launcher, the federation and the workers get one frozen :class:`FederationConfig`; the coordinator gets the groups it
+needs. This module never imports torch: the coordinator's process reads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from lightning_fed.data.partition import Partitioner
-from lightning_fed.privacy import DPSGD, PrivacySpec
+from lightning_fed.privacy_settings import DPSGD, PrivacySpec
 from lightning_fed.strategies.base import Aggregator
+
+if TYPE_CHECKING:  # importing lightning_fed.data loads torch; jsonargparse still resolves the name from this block
+    from lightning_fed.data.partition import Partitioner
 
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -4,6 +4,11 @@
 Recipe errors reach the command wrapped by jsonargparse, which tries every type a value could have and lists
 why each failed; :func:`explain` picks the reason that names the problem (lightning-fed's own checks say what
 to do) and drops the type-by-type noise.
+
+The errors lightning-fed raises itself live here too, torch-free, so the command can tell them apart without
+importing the machinery: :class:`FederationConfigError` (nothing started; exit status 2, like a bad recipe) and
+:class:`RunFailedError` (a run failed once started: a site, a site's worker process or the coordinator; exit status
+1, with :func:`run_failure`'s line naming what failed and the round to resume from).
 """
 
 from __future__ import annotations
@@ -25,6 +30,30 @@ _HINT = re.compile(r"\((see|check|use|give|pass|run|set|choose|resume|start|lowe
 
 class UsageError(ValueError):
     """A command line or recipe the command cannot run; its message says what to change."""
+
+
+class FederationConfigError(ValueError):
+    """The federation cannot start as configured (sites, resources, checkpoint); nothing was trained."""
+
+
+class RunFailedError(RuntimeError):
+    """A run that had started could not go on: a site raised, or a process died (a site's worker, the coordinator).
+    Every worker was torn down. ``checkpoint_dir``: where its committed rounds are (``fit(ckpt_path=...)`` resumes
+    from the last one; the command names it)."""
+
+    checkpoint_dir: Optional[str] = None
+
+    def __init__(self, message: str, checkpoint_dir: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.checkpoint_dir = checkpoint_dir
+
+
+class SiteFailedError(RunFailedError):
+    """A site raised or died (its worker process exited); the message names it."""
+
+
+class CoordinatorDiedError(RunFailedError):
+    """The coordinator's process died (killed, out of memory, a crash): the sites lost their barrier and aggregator."""
 
 
 def _chain(err: BaseException) -> list[BaseException]:
@@ -84,6 +113,12 @@ def explain(err: BaseException, command: str = "fit") -> str:
         parsed = ", --print_config shows what was parsed" if command in ("fit", "validate", "test") else ""
         line += f" (see `lightning-fed {command} --help`{parsed})"
     return line
+
+
+def run_failure(err: RunFailedError) -> str:
+    """One line for a run that failed: what failed (its first line), then where to resume from."""
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__) + resume_hint(err.checkpoint_dir)
 
 
 def resume_hint(checkpoint_dir: Optional[str]) -> str:

@@ -38,12 +38,15 @@ def site_inventory(datamodule: Any, site: str) -> list[dict[str, Any]]:
 
 
 def recipe_inventory(configs: Sequence[str], overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Every site of a recipe, each counted in a Ray task holding that site's resources."""
+    """Every site of a recipe, counted inside the site: a site pinned to its hospital's node (``resources``) in a
+    Ray task on that node; the sites simulated on this cluster's shared workers together in one task (one process
+    importing the data stack instead of one per site), holding the most any of them asks for."""
     import warnings
 
     import ray
 
     from lightning_fed.lightning_cli import FederatedCLI
+    from lightning_fed.pool import make_room
     from lightning_fed.runtime import RayRuntime
 
     args = [a for c in configs for a in ("--config", c)] + list(overrides)
@@ -55,15 +58,24 @@ def recipe_inventory(configs: Sequence[str], overrides: Sequence[str] = ()) -> l
     runtime = RayRuntime(strategy.config.cluster.address, strategy.config.cluster.init_kwargs)
     runtime.ensure(max(s.num_cpus for s in sites))
     try:
-        count = ray.remote(_count_site)
-        refs = [count.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=s.resources or None).remote(s) for s in sites]
-        return [row for rows in ray.get(refs) for row in rows]
+        count = ray.remote(_count_sites)
+        pinned = [s for s in sites if s.resources]
+        shared = [s for s in sites if not s.resources]
+        groups = [[s] for s in pinned] + ([shared] if shared else [])
+        make_room([{"CPU": max(s.num_cpus for s in group)} for group in groups])  # warm workers of this process give way
+        refs = [
+            count.options(num_cpus=max(s.num_cpus for s in group), num_gpus=max(s.num_gpus for s in group),
+                          resources=group[0].resources or None).remote(group)
+            for group in groups
+        ]
+        counted = {row_site: rows for result in ray.get(refs) for row_site, rows in result}
+        return [row for s in sites for row in counted[s.name]]  # in the recipe's site order
     finally:
         runtime.shutdown()
 
 
-def _count_site(site: Any) -> list[dict[str, Any]]:
-    return site_inventory(site.build_datamodule(), site.name)
+def _count_sites(sites: Sequence[Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    return [(site.name, site_inventory(site.build_datamodule(), site.name)) for site in sites]
 
 
 def folder_inventory(folders: Sequence[str]) -> tuple[list[dict[str, Any]], int]:

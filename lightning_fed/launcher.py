@@ -28,6 +28,7 @@ from lightning_fed.progress import results_cells, show_table
 from lightning_fed.results import Evaluation, FitResult
 from lightning_fed.runtime import RayRuntime
 from lightning_fed.site import TrainerJob
+from lightning_fed.warm import current_pool
 from lightning_fed.strategies.site import load_weights, state_to_numpy
 
 _STAGES = {TrainerFn.FITTING: "fit", TrainerFn.TESTING: "test", TrainerFn.VALIDATING: "validate"}
@@ -132,7 +133,8 @@ class FederatedLauncher(_Launcher):
             checkpoint_every=self.config.checkpointing.every_n_rounds, metric_thresholds=self.config.metric_thresholds,
             class_balance=self.config.class_balance,
         )
-        self.federation = Federation(self.config, sites, model, job, stage, self.runtime, resume=resume, pool=self.pool,
+        self.federation = Federation(self.config, sites, model, job, stage, self.runtime, resume=resume,
+                                     pool=self.pool if self.pool is not None else current_pool(),
                                      source_id=source_id)
         return self.federation
 

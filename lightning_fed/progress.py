@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Any, Optional, TextIO
 
+from lightning_fed.results import ProgressSnapshot
+
 _SHOWN = ("loss", "acc", "auroc", "recall", "precision")
 
 
@@ -44,25 +46,25 @@ class FederatedProgress:
         self._round_started: dict[int, float] = {}
         self._events = 0
 
-    def update(self, snapshot: dict[str, Any], fl_metrics: dict[str, Any]) -> None:
+    def update(self, snapshot: ProgressSnapshot, fl_metrics: dict[str, Any]) -> None:
+        """Show ``snapshot`` (the coordinator's view of the run) with the latest federated metrics."""
         if not self.enabled:
             return
-        events = snapshot.get("events", [])[self._events:]
+        events = snapshot.events[self._events:]
         self._events += len(events)
         for event in events:
-            reason = f": {event['reason']}" if event.get("reason") else ""
-            self._say(f"[lightning-fed] site {event['site']!r} {event['event']} (round {event['round']}){reason}")
-        self._round_started.setdefault(int(snapshot["round"]), time.monotonic())
+            self._say(f"[lightning-fed] {event.line()}")
+        self._round_started.setdefault(snapshot.round, time.monotonic())
         if self.tty:
             self._draw(snapshot, fl_metrics)
             return
-        sites = snapshot["sites"]
+        sites = snapshot.sites
         metrics = _fmt_metrics(fl_metrics)
-        key = (snapshot["round"], tuple(sorted((n, i.get("status"), i.get("epoch")) for n, i in sites.items())), metrics)
+        key = (snapshot.round, tuple(sorted((n, i.get("status"), i.get("epoch")) for n, i in sites.items())), metrics)
         if key != self._last_key:
             parts = [f"{name}: e{info.get('epoch', 0)} {info.get('status', '?')}" for name, info in sites.items()]
-            sent = sum(sum(v.get("sent", [])) for v in snapshot.get("traffic", {}).values())
-            line = f"[lightning-fed] round {snapshot['round']}/{self.total_rounds} | " + " | ".join(parts)
+            sent = sum(sum(v.get("sent", [])) for v in snapshot.traffic.values())
+            line = f"[lightning-fed] round {snapshot.round}/{self.total_rounds} | " + " | ".join(parts)
             line += f" | {format_bytes(sent)} sent" if sent else ""
             self.stream.write(f"{line}{f' | {metrics}' if metrics else ''}  ({time.monotonic() - self._start:.0f}s)\n")
             self.stream.flush()
@@ -81,11 +83,11 @@ class FederatedProgress:
             return None if round_ <= 0 else 0.0
         return (time.monotonic() - self._start) / round_ * (self.total_rounds - round_)
 
-    def table(self, snapshot: dict[str, Any], fl_metrics: dict[str, Any]) -> Any:
+    def table(self, snapshot: ProgressSnapshot, fl_metrics: dict[str, Any]) -> Any:
         """The live view as a rich renderable."""
         from rich.table import Table
 
-        round_ = int(snapshot["round"])
+        round_ = snapshot.round
         elapsed = time.monotonic() - self._start
         eta = self.eta(round_)
         title = f"round {round_}/{self.total_rounds} · {elapsed:.0f} s" + (f" · about {eta:.0f} s left" if eta else "")
@@ -93,8 +95,8 @@ class FederatedProgress:
         for column, justify in (("site", "left"), ("epoch", "right"), ("step", "right"), ("status", "left"), ("loss", "right"),
                                 ("sent", "right"), ("received", "right")):
             table.add_column(column, justify=justify)  # type: ignore[arg-type]
-        traffic = snapshot.get("traffic", {})
-        for name, info in snapshot["sites"].items():
+        traffic = snapshot.traffic
+        for name, info in snapshot.sites.items():
             crossed = traffic.get(name, {})
             loss = next((v for k, v in (info.get("metrics") or {}).items() if "loss" in k and "train" in k), None)
             status = str(info.get("status", "?"))
@@ -107,7 +109,7 @@ class FederatedProgress:
             table.caption, table.caption_justify = metrics, "left"
         return table
 
-    def _draw(self, snapshot: dict[str, Any], fl_metrics: dict[str, Any]) -> None:
+    def _draw(self, snapshot: ProgressSnapshot, fl_metrics: dict[str, Any]) -> None:
         if self._live is None:
             from rich.console import Console
             from rich.live import Live

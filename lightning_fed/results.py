@@ -68,6 +68,35 @@ class SiteEvent:
 
 
 @dataclass(frozen=True)
+class MergedValidation:
+    """One validation merged over the sites (metric states summed, scalars sample-weighted)."""
+
+    stage: str  # "val"
+    epoch: int
+    round: int  # rounds aggregated when it ran
+    merged: dict[str, Any]  # what :func:`~lightning_fed.metric_states.merge_reports` returned
+    sites: dict[str, dict[str, Any]]  # each site's own scalars and values, by site
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    """Where a running federation stands, as the coordinator sees it: what the driver's progress view and loggers
+    read while the sites train (``Coordinator.progress``)."""
+
+    round: int  # rounds aggregated so far
+    sites: dict[str, dict[str, Any]]  # each site's last report: status, epoch, global_step, metrics
+    history: list[MergedValidation] = field(default_factory=list)  # merged validations from the poll's ``since`` on
+    history_len: int = 0  # merged validations so far: the next poll's ``since``
+    round_seconds: list[float] = field(default_factory=list)
+    aggregate_seconds: list[float] = field(default_factory=list)
+    aborted: Optional[str] = None  # why the run stopped, if it did
+    events: list[SiteEvent] = field(default_factory=list)  # sites left out and rejoined, in order
+    round_sites: list[list[str]] = field(default_factory=list)  # the sites each aggregated round combined
+    round_metrics: list[dict[str, float]] = field(default_factory=list)  # the aggregator's figures per round
+    traffic: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # bytes per site and round, the round in progress last
+
+
+@dataclass(frozen=True)
 class PrivacyReport:
     """DP-SGD over the federation: each private site's accountant, and the guarantee of the weakest (max ε)."""
 

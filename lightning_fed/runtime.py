@@ -111,6 +111,19 @@ def start_early() -> None:
         atexit.register(_stop_local)
 
 
+def hold_local_ray(holder: object) -> None:
+    """Keep the process's local Ray (the one running, or the next one started) up for ``holder`` after the runtimes
+    using it shut down, until :func:`release_local_ray` (warm workers live in it)."""
+    _users.add(id(holder))
+
+
+def release_local_ray(holder: object) -> None:
+    """``holder`` no longer needs the local Ray: it stops now if no runtime uses it."""
+    _users.discard(id(holder))
+    if not _users:
+        _stop_local()
+
+
 def _stop_local() -> None:
     global _local
     if _local is not None:

@@ -68,7 +68,8 @@ def heat_map(table: list[dict[str, Any]], groups: Sequence[str], path: Path, tit
         grid[i, j] = r["mutual_information"]
         dice = f"\nDice {r['dice']:.2f}" if isinstance(r.get("dice"), float) else ""
         text[i][j] = f"{r['mutual_information']:.4f}{dice}"
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(used), 0.9 + 0.42 * len(sites)))
+    width = 1.6 + 1.5 * len(used)
+    fig, ax = plt.subplots(figsize=(width, max(0.9 + 0.42 * len(sites), width / 3 + 0.05)))  # never wider than 3:1
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="magma_r", aspect="auto")
     for i in range(len(sites)):
         for j in range(len(used)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Union
 
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
 from lightning_fed.config import (Checkpointing, Cluster, FederationConfig, Placement, Reliability, Simulation, merge_group,
@@ -33,7 +33,7 @@ class FederatedStrategy(SingleDeviceStrategy):
         aggregator: a registered name (``"fedavg"``, ...) or an :class:`~lightning_fed.strategies.Aggregator`.
         sync_every: epochs between weight hand-overs (k).
         aggregator_kwargs: options for a named aggregator, e.g. ``{"mu": 0.01}``.
-        privacy: sample-level DP-SGD (Opacus): one :class:`~lightning_fed.privacy.DPSGD` for every site, or a dict
+        privacy: sample-level DP-SGD (Opacus): one :class:`~lightning_fed.privacy_settings.DPSGD` for every site, or a dict
             ``{site name: DPSGD | None}`` (``"*"`` for the rest) to make only some sites private. Each private
             site keeps one accountant for the whole run; ``trainer.callback_metrics["fl/dp_epsilon_max"]`` and
             ``strategy.last_fit.privacy`` report ε per site and the max over sites.
@@ -202,6 +202,22 @@ class FederatedStrategy(SingleDeviceStrategy):
     def sites(self, source: Any, model: LightningModule, splits: tuple[str, ...] = ("train", "val", "test")) -> list[Site]:
         """The sites a datamodule (or its simulation) gives, as a federation of this strategy would run them."""
         return self.federated_launcher.sites(source, model, splits)
+
+    def start_federation(self, trainer: Trainer, model: LightningModule, sites: list[Site], stage: str,
+                         source_id: Optional[int] = None) -> Federation:
+        """Start a federation of ``sites`` for ``stage`` (``"fit"``, ``"validate"`` or ``"test"``) outside
+        ``trainer.fit``/``trainer.test``, and return it: ``compare`` tests a trained model this way at sites it did
+        not train on (``federation.evaluate("test", weights)``).
+
+        ``trainer`` is put in that stage, as ``trainer.test(...)`` would be, and its loop settings, callbacks and
+        loggers are what every site replays. Any live federation of this strategy is shut down first (Ray stays up);
+        the new one runs on this strategy's :attr:`worker_pool` when it has one and stays reachable as
+        :attr:`federation` until :meth:`shutdown`. ``source_id`` names the data the sites came from (e.g.
+        ``id(datamodule)``), so that a later ``trainer.test`` on the same data reuses the federation."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        trainer.state.fn = TrainerFn(stage)
+        return self.federated_launcher.start(trainer, model, sites, stage, source_id)
 
     def shutdown(self) -> None:
         """Finish the site loggers and end the workers (and Ray, if it was started for this run)."""

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from lightning_fed.strategies.base import GlobalModel, Weights
 
 SPARE_CONCURRENCY = 64  # calls a spare worker can run at once: it can host up to this many sites, less 3
+
+
+def worker_concurrency(sites: int) -> int:
+    """Calls a worker hosting ``sites`` sites runs at once: one per site's call plus three for control calls, and
+    never fewer than a spare's, so that a warm worker can host another run's sites (idle threads cost nothing)."""
+    return max(sites + 3, SPARE_CONCURRENCY)
 _MARK_BYTES = 256
 
 

@@ -13,7 +13,7 @@ only masked updates, and their true sum, even when a site drops after the masks 
              Otherwise it asks P for their shares of each s_d (d ∈ D), rebuilds s_d from t of them, removes the
              masks m_id of every i ∈ P and hands the inner rule Σ_P x_i / 2^f as one combined update.
 
-Site half: :class:`~lightning_fed.strategies.site.secagg.SecAggSite`. Threat model in the README ("Secure aggregation").
+Site half: :class:`~lightning_fed.strategies.site.secagg.SecAggSite`. Threat model: the docs' privacy page ("Threat model").
 """
 
 from __future__ import annotations

@@ -4,11 +4,39 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
-os.environ.setdefault("LIGHTNING_FED_DATA", str(SHARED_DATA))
+
+
+def _data_folder() -> Path:
+    """``$LIGHTNING_FED_DATA`` made absolute now, against the folder pytest was started from (every test then runs
+    in a folder of its own, where a relative path would point nowhere); ``../shared/data`` beside the repository
+    when it is not set."""
+    raw = os.environ.get("LIGHTNING_FED_DATA")
+    return Path(raw).expanduser().resolve() if raw else (REPO.parent / "shared" / "data").resolve()
+
+
+DATA = _data_folder()
+os.environ["LIGHTNING_FED_DATA"] = str(DATA)
+# what the tests read; a machine without one of these cannot run the suite, so it stops at once instead of skipping
+# most of itself (ChestMNIST alone is optional: too large to ship, its one test skips by name)
+REQUIRED_DATA = (
+    "fashion_mnist/train-images-idx3-ubyte.gz", "fashion_mnist/train-labels-idx1-ubyte.gz",
+    "fashion_mnist/t10k-images-idx3-ubyte.gz", "fashion_mnist/t10k-labels-idx1-ubyte.gz",
+    "heart_disease/processed.cleveland.data", "heart_disease/processed.hungarian.data",
+    "heart_disease/processed.switzerland.data", "heart_disease/processed.va.data",
+    "medmnist/retinamnist.npz", "medmnist/breastmnist.npz",
+)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    missing = [name for name in REQUIRED_DATA if not (DATA / name).is_file()]
+    if missing:
+        raise pytest.UsageError(
+            f"test data not found: {DATA / missing[0]} ({len(missing)} of {len(REQUIRED_DATA)} files missing; set "
+            "LIGHTNING_FED_DATA to the folder holding fashion_mnist/, heart_disease/ and medmnist/, e.g. ../shared/data)"
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -41,9 +69,42 @@ def ray_cluster():
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def _session_workers(ray_cluster):
+    """Warm workers for the whole session (``lightning_fed.warm_workers``): a federation that ends cleanly hands
+    its workers to the next one of the same layout instead of each test starting new processes."""
+    from lightning_fed import warm_workers
+
+    with warm_workers() as pool:
+        yield pool
+
+
+@pytest.fixture(autouse=True)
+def _worker_reuse(request):
+    """Tests on the session's Ray share its warm workers; a test marked ``cold_workers`` (it counts live actors, or
+    needs fresh processes) first ends the idle ones and runs with warm workers switched off."""
+    if request.node.get_closest_marker("cold_workers") is not None:
+        from lightning_fed.warm import current_pool, warm_workers
+
+        pool = current_pool()
+        if pool is not None:
+            pool.close()
+        with warm_workers(enabled=False):
+            yield
+        return
+    if "ray_cluster" in request.fixturenames:
+        request.getfixturevalue("_session_workers")
+    yield
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test on Ray is an integration test (``-m "not integration"`` runs the rest in a minute or two)."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture
-def fed_data():
-    path = Path(os.environ["LIGHTNING_FED_DATA"])
-    if not (path / "fashion_mnist" / "train-labels-idx1-ubyte.gz").is_file():
-        pytest.skip(f"FashionMNIST files not found under {path}/fashion_mnist (set LIGHTNING_FED_DATA)")
-    return path
+def fed_data() -> Path:
+    """The data folder (checked complete when the run started)."""
+    return DATA

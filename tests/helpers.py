@@ -95,8 +95,10 @@ class NoisyCNN(SmallCNN):
 class FailingDataset(Dataset):
     """Real samples that raise once the site reaches a given epoch: a scanner going offline mid-run."""
 
-    def __init__(self, base: Dataset, fail_at_access: int, mode: str = "raise", once_flag: str | None = None) -> None:
+    def __init__(self, base: Dataset, fail_at_access: int, mode: str = "raise", once_flag: str | None = None,
+                 stall_seconds: float = 30.0) -> None:
         self.base, self.fail_at_access, self.mode, self.accesses = base, fail_at_access, mode, 0
+        self.stall_seconds = stall_seconds
         self.once_flag = once_flag  # a file: fail only if it does not exist yet, and create it (once per test)
 
     def __len__(self):
@@ -111,9 +113,9 @@ class FailingDataset(Dataset):
         if self.accesses > self.fail_at_access:
             if self.mode == "die":
                 os._exit(3)
-            if self.mode == "stall":  # a network share hanging once for 30 s
+            if self.mode == "stall":  # a network share hanging once (30 s unless told)
                 if self.accesses == self.fail_at_access + 1:
-                    time.sleep(30)
+                    time.sleep(self.stall_seconds)
                 return self.base[i]
             if self.mode == "nan":  # a broken scanner: images of NaN
                 x, y = self.base[i]
@@ -125,13 +127,15 @@ class FailingDataset(Dataset):
 class FailingSiteData(PooledIndexData):
     """A hospital whose data fails after ``fail_at_access`` samples, shuffled by a generator of its own."""
 
-    def __init__(self, *args, fail_at_access: int, mode: str = "raise", once_flag: str | None = None, **kwargs) -> None:
+    def __init__(self, *args, fail_at_access: int, mode: str = "raise", once_flag: str | None = None,
+                 stall_seconds: float = 30.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.fail_at_access, self.mode, self.once_flag = fail_at_access, mode, once_flag
+        self.fail_at_access, self.mode, self.once_flag, self.stall_seconds = fail_at_access, mode, once_flag, stall_seconds
 
     def setup(self, stage):
         super().setup(stage)
-        self.datasets["train"] = FailingDataset(self.datasets["train"], self.fail_at_access, self.mode, self.once_flag)
+        self.datasets["train"] = FailingDataset(self.datasets["train"], self.fail_at_access, self.mode, self.once_flag,
+                                                self.stall_seconds)
 
     def train_dataloader(self):
         return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(11))
@@ -140,16 +144,18 @@ class FailingSiteData(PooledIndexData):
 class HospitalsWithFailingSite(L.LightningDataModule):
     """Two healthy hospitals and one ('bad') whose data source fails after ``fail_at_access`` samples."""
 
-    def __init__(self, fail_at_access: int, mode: str = "raise", once_flag: str | None = None) -> None:
+    def __init__(self, fail_at_access: int, mode: str = "raise", once_flag: str | None = None,
+                 stall_seconds: float = 30.0) -> None:
         super().__init__()
         self.base = small_hospitals(sizes=(300, 200, 200))
-        self.fail_at_access, self.mode, self.once_flag = fail_at_access, mode, once_flag
+        self.fail_at_access, self.mode, self.once_flag, self.stall_seconds = fail_at_access, mode, once_flag, stall_seconds
 
     def federated_sites(self):
         sites = self.base.federated_sites()
         bad = sites[-1]
         sites[-1] = Site("bad", FailingSiteData(bad.datamodule.data_dir, bad.datamodule.indices, bad.datamodule.batch_size,
-                                                fail_at_access=self.fail_at_access, mode=self.mode, once_flag=self.once_flag))
+                                                fail_at_access=self.fail_at_access, mode=self.mode, once_flag=self.once_flag,
+                                                stall_seconds=self.stall_seconds))
         return sites
 
 

@@ -25,6 +25,11 @@ SMALL = [
 
 
 def _cli(args, cwd, ray_cluster):
+    from lightning_fed.warm import current_pool
+
+    pool = current_pool()
+    if pool is not None:
+        pool.close()  # the command is another process on this cluster: the session's idle workers make room for it
     env = dict(os.environ)
     # join the session's Ray as `ray job submit` would (RAY_ADDRESS), instead of starting a second one
     env["RAY_ADDRESS"] = ray_cluster.get_runtime_context().gcs_address
@@ -63,15 +68,29 @@ def test_cli_fit_writes_results_json(tmp_path, ray_cluster):
     assert "traffic:" in proc.stdout and "sent to the coordinator" in proc.stdout
 
 
-def test_cli_print_config_and_bad_recipe(tmp_path, ray_cluster):
+def _main(args, monkeypatch, capsys):
+    """The command in this process (what ``lightning-fed ARGS`` runs): exit status, stdout, stderr."""
+    from lightning_fed.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-fed"])
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_print_config_and_bad_recipe(tmp_path, monkeypatch, capsys):
     recipe = REPO / "recipes" / "hospitals.yaml"
-    proc = _cli(["fit", "--config", str(recipe), "--print_config"], tmp_path, ray_cluster)
-    assert proc.returncode == 0 and "aggregator: fedavg" in proc.stdout
+    code, out, _ = _main(["fit", "--config", str(recipe), "--print_config"], monkeypatch, capsys)
+    assert code == 0 and "aggregator: fedavg" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text(recipe.read_text().replace("aggregator: fedavg", "aggregator: fedavgg"))
-    proc = _cli(["fit", "--config", str(bad)], tmp_path, ray_cluster)
-    assert proc.returncode != 0
-    assert "unknown aggregator 'fedavgg'" in proc.stderr
+    code, _, err = _main(["fit", "--config", str(bad)], monkeypatch, capsys)
+    assert code != 0
+    assert "unknown aggregator 'fedavgg'" in err
 
 
 def _wandb_records(path):
@@ -152,7 +171,7 @@ def test_wandb_offline_run_per_site_plus_global(tmp_path, ray_cluster):
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
-def test_every_recipe_parses(recipe, tmp_path, ray_cluster):
-    proc = _cli(["fit", "--config", str(REPO / "recipes" / recipe), "--print_config"], tmp_path, ray_cluster)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "class_path: lightning_fed.FederatedStrategy" in proc.stdout
+def test_every_recipe_parses(recipe, monkeypatch, capsys):
+    code, out, err = _main(["fit", "--config", str(REPO / "recipes" / recipe), "--print_config"], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    assert "class_path: lightning_fed.FederatedStrategy" in out

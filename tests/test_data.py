@@ -142,8 +142,6 @@ def test_heart_disease_federation_tests_every_hospital(tmp_path, ray_cluster):
 def test_retinamnist_binarised_and_split_4_to_6_as_study_a(fed_data):
     from lightning_fed.data.medmnist import MedMNISTSites, load_medmnist
 
-    if not (fed_data / "medmnist" / "retinamnist.npz").is_file():
-        pytest.skip("retinamnist.npz not found")
     arrays = load_medmnist("retinamnist")
     dm = MedMNISTSites("retinamnist", site_names=["site_a", "site_b"], site_shares=[4, 6], label_map=[0, None, None, 1, 1],
                        label_names=["no_dr", "severe_or_proliferative_dr"], seed=3)

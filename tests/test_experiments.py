@@ -41,8 +41,6 @@ def test_grid_expansion_and_list_overrides():
 
 @pytest.fixture(scope="module")
 def heart_compare(tmp_path_factory, ray_cluster):
-    if not (Path(os.environ["LIGHTNING_FED_DATA"]) / "heart_disease").is_dir():
-        pytest.skip("heart-disease files not found under $LIGHTNING_FED_DATA")
     out = tmp_path_factory.mktemp("compare")
     report = compare([*HEART, "--trainer.max_epochs=2", "--repeats", "2", "--out", str(out)])
     return report, out

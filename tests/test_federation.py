@@ -39,6 +39,7 @@ def _our_actors_alive():
     return [a for a in actors().values() if a["State"] != "DEAD" and a["ActorClassName"] in ("Worker", "Coordinator")]
 
 
+@pytest.mark.cold_workers
 def test_three_sites_end_identical_and_equal_to_driver(tmp_path):
     torch.manual_seed(0)
     model = SmallCNN()
@@ -117,6 +118,7 @@ def test_unmodified_module_via_string_flag_simulates_sites(tmp_path):
         strategy.shutdown()
 
 
+@pytest.mark.cold_workers
 def test_three_fits_in_one_process_as_in_a_notebook(tmp_path):
     # nothing shut down in between: each new federation releases the previous one's workers
     strategies, first_weights = [], None
@@ -266,6 +268,7 @@ def test_early_stopping_and_model_checkpoint_behave_per_site(tmp_path):
         assert saved["callbacks"]  # a full Lightning checkpoint of that site's run
 
 
+@pytest.mark.cold_workers
 @pytest.mark.parametrize("mode, expected", [("raise", "scanner offline at hospital bad"), ("die", "died")])
 def test_failing_site_stops_the_run_with_its_name(tmp_path, mode, expected):
     # 'bad' has 120 training images: it fails in its third epoch. Every site reports its round-1 checkpoint to the
@@ -321,6 +324,7 @@ def test_resume_continues_the_federation(tmp_path):
         second.shutdown()
 
 
+@pytest.mark.cold_workers
 def test_bad_layouts_fail_before_training(tmp_path):
     from lightning_fed.data import Site
     from lightning_fed.data.fashion_mnist import PooledIndexData

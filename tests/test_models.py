@@ -81,6 +81,7 @@ def test_checkpoints_that_do_not_fit_fail_with_one_line(tmp_path):
         ImageClassifier("resnet10t", task="regression")
 
 
+@pytest.mark.integration  # starts processes
 def test_imagenet_weights_without_internet_name_the_local_file_option():
     code = "from lightning_fed.models import ImageClassifier; ImageClassifier('resnet10t', pretrained=True)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "HF_HOME": "/nonexistent-hf-home"}

@@ -1,6 +1,7 @@
 """Figures that show the differences (fitted axes, bounded size, heat-maps equal to the results), the live progress
 table and its plain-text fallback, tables drawn with rich only on a terminal."""
 
+import dataclasses
 import io
 import json
 import shutil
@@ -13,8 +14,9 @@ import pytest
 
 from lightning_fed import experiments
 from lightning_fed.errors import UsageError
-from lightning_fed.experiments import fitted_limits, model_site_matrix, replot
+from lightning_fed.experiments import fitted_limits, model_site_matrix, plots, replot
 from lightning_fed.progress import FederatedProgress, show_table
+from lightning_fed.results import ProgressSnapshot, SiteEvent
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_B = REPO / "docs" / "results" / "study_b"
@@ -24,7 +26,7 @@ STUDY_B = REPO / "docs" / "results" / "study_b"
 def drawn(monkeypatch):
     """Every figure the writers save: its axes' value limits and cell texts, read before it is written."""
     seen = {}
-    save = experiments._save
+    save = plots._save
 
     def record(plt, fig, path):
         ax = fig.axes[0]
@@ -33,7 +35,7 @@ def drawn(monkeypatch):
                            "legend": [t.get_text() for t in legend.get_texts()] if legend else [], "xlabel": ax.get_xlabel()}
         return save(plt, fig, path)
 
-    monkeypatch.setattr(experiments, "_save", record)
+    monkeypatch.setattr(plots, "_save", record)
     return seen
 
 
@@ -87,6 +89,7 @@ def test_sweep_lines_follow_the_grid_not_the_zipped_partner_of_the_x_axis(tmp_pa
     assert recall["xlabel"] == "data.positive_ratios[0] (data.sizes[0] with it)"
 
 
+@pytest.mark.integration  # starts processes
 def test_replot_command_says_what_it_needs(tmp_path):
     with pytest.raises(UsageError, match="holds no results.json"):
         experiments.replot_command([str(tmp_path)])
@@ -98,11 +101,12 @@ def test_replot_command_says_what_it_needs(tmp_path):
     assert proc.returncode == 2 and "holds no results.json" in proc.stderr.strip().splitlines()[-1]
 
 
-SNAPSHOT = {"round": 2, "events": [],
-            "sites": {"large": {"status": "training", "epoch": 3, "global_step": 120, "metrics": {"train_loss": 0.4321}},
-                      "small_1": {"status": "done", "epoch": 4, "global_step": 40, "metrics": {}}},
-            "traffic": {"large": {"sent": [1_500_000, 500_000], "received": [2_000_000, 1_000_000]},
-                        "small_1": {"sent": [12_000, 8_000], "received": [2_000_000, 1_000_000]}}}
+SNAPSHOT = ProgressSnapshot(
+    round=2, events=[],
+    sites={"large": {"status": "training", "epoch": 3, "global_step": 120, "metrics": {"train_loss": 0.4321}},
+           "small_1": {"status": "done", "epoch": 4, "global_step": 40, "metrics": {}}},
+    traffic={"large": {"sent": [1_500_000, 500_000], "received": [2_000_000, 1_000_000]},
+             "small_1": {"sent": [12_000, 8_000], "received": [2_000_000, 1_000_000]}})
 
 
 def test_live_progress_table_on_a_terminal():
@@ -111,7 +115,7 @@ def test_live_progress_table_on_a_terminal():
     buffer = io.StringIO()
     progress = FederatedProgress(4, console=Console(file=buffer, force_terminal=True, width=120, color_system=None))
     progress.update(SNAPSHOT, {"fl/val_loss": 0.25})
-    progress.update({**SNAPSHOT, "events": [{"site": "small_1", "event": "left out", "round": 3, "reason": "died"}]}, {})
+    progress.update(dataclasses.replace(SNAPSHOT, events=[SiteEvent(round=3, site="small_1", event="left out", reason="died", time=0.0)]), {})
     progress.close()
     text = buffer.getvalue()
     assert "round 2/4" in text and "left" in text  # the title: round, elapsed, time left

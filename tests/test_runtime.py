@@ -1,5 +1,6 @@
 """Ray start/stop, third-party aggregators through entry points, the progress view."""
 
+import dataclasses
 import io
 import json
 import os
@@ -11,11 +12,13 @@ from pathlib import Path
 import pytest
 
 from lightning_fed.progress import FederatedProgress, results_table
+from lightning_fed.results import ProgressSnapshot
 from lightning_fed.strategies import available_aggregators, get_aggregator
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.integration  # starts processes
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
 @pytest.mark.usefixtures("fed_data")
 def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
@@ -71,6 +74,7 @@ def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
     assert report["after"] == [] and report["initialized"] is False  # everything it started is gone
 
 
+@pytest.mark.integration  # starts processes
 @pytest.mark.usefixtures("fed_data")
 def test_sites_are_pinned_to_their_hospitals_nodes(tmp_path):
     """A real multi-node Ray cluster on this machine: a 0-CPU head and one node per hospital carrying
@@ -134,6 +138,7 @@ def test_entry_point_aggregator_is_found_by_name(tmp_path, monkeypatch):
     assert type(rule).__name__ == "FirstSite" and rule.name == "first_site"
 
 
+@pytest.mark.integration  # starts processes
 def test_importing_the_package_registers_every_aggregator_flag():
     script = "import lightning as L, lightning_fed\nfor name in lightning_fed.available_aggregators():\n    assert type(L.Trainer(strategy=name, logger=False).strategy).__name__ == 'FederatedStrategy', name\nprint('ok')"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -143,10 +148,10 @@ def test_importing_the_package_registers_every_aggregator_flag():
 def test_progress_view_prints_one_line_per_change():
     stream = io.StringIO()
     view = FederatedProgress(total_rounds=3, stream=stream)
-    snap = {"round": 1, "sites": {"a": {"status": "training", "epoch": 1}, "b": {"status": "training", "epoch": 1}}}
+    snap = ProgressSnapshot(round=1, sites={"a": {"status": "training", "epoch": 1}, "b": {"status": "training", "epoch": 1}})
     view.update(snap, {"fl/val_auroc": 0.91234})
     view.update(snap, {"fl/val_auroc": 0.91234})  # nothing changed: nothing printed
-    view.update({**snap, "round": 2}, {"fl/val_auroc": 0.95})
+    view.update(dataclasses.replace(snap, round=2), {"fl/val_auroc": 0.95})
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("[lightning-fed] round 1/3 | a: e1 training | b: e1 training | fl/val_auroc=0.9123")

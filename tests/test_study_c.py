@@ -205,6 +205,7 @@ def _dicom_sites(tmp_path):
     return a, b
 
 
+@pytest.mark.integration  # starts processes
 def test_inventory_reads_vendor_model_and_kernel_from_dicom_headers(tmp_path):
     from lightning_fed.data.dicom import count_exams, read_dicom_headers
 
