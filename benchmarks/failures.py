@@ -75,15 +75,23 @@ class DyingHospital(PooledIndexData):
 class Hospitals(L.LightningDataModule):
     def __init__(self, die_at: int | None, stamp: str) -> None:
         super().__init__()
-        self.base = HospitalsDataModule(site_names=["large", "small_1", "bad"], sizes=[30000, 3000, 3000],
-                                        positive_ratios=[0.5, 0.1, 0.1], test_fraction=0.2, batch_size=64, seed=0)
+        self.base = HospitalsDataModule(
+            site_names=["large", "small_1", "bad"],
+            sizes=[30000, 3000, 3000],
+            positive_ratios=[0.5, 0.1, 0.1],
+            test_fraction=0.2,
+            batch_size=64,
+            seed=0,
+        )
         self.die_at, self.stamp = die_at, stamp
 
     def federated_sites(self):
         sites = self.base.federated_sites()
         if self.die_at is not None:
             bad = sites[-1].datamodule
-            sites[-1] = Site("bad", DyingHospital(bad.data_dir, bad.indices, bad.batch_size, die_at=self.die_at, stamp=self.stamp))
+            sites[-1] = Site(
+                "bad", DyingHospital(bad.data_dir, bad.indices, bad.batch_size, die_at=self.die_at, stamp=self.stamp)
+            )
         return sites
 
 
@@ -97,9 +105,16 @@ def run(policy: str, epochs: int, root: Path) -> dict:
     stamp = str(root / f"{policy}.died")
     die_at = None if policy == "none" else 2 * 2400 + 1000  # 2,400 training images an epoch: dies in its third epoch
     options = {} if policy != "continue" else {"on_site_failure": "continue"}
-    strategy = FederatedStrategy(progress=False, sites_per_worker=1, seed=0, checkpoint_dir=str(root / f"{policy}-ckpt"), **options)
-    trainer = L.Trainer(strategy=strategy, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                        default_root_dir=str(root / policy))
+    strategy = FederatedStrategy(
+        progress=False, sites_per_worker=1, seed=0, checkpoint_dir=str(root / f"{policy}-ckpt"), **options
+    )
+    trainer = L.Trainer(
+        strategy=strategy,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=str(root / policy),
+    )
     L.seed_everything(0, verbose=False)
     out: dict = {"policy": policy}
     t0 = time.time()
@@ -154,8 +169,13 @@ def main() -> None:
     import ray
 
     # one worker process per hospital (so a death takes only that hospital): at least one CPU slot each
-    ray.init(num_cpus=max(3, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    ray.init(
+        num_cpus=max(3, os.cpu_count() or 1),
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}},
+    )
     runs = []
     try:
         for repeat in range(args.repeats):
@@ -164,7 +184,9 @@ def main() -> None:
                     result = run(policy, args.epochs, Path(tmp))
                 result["repeat"] = repeat
                 runs.append(result)
-                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}), flush=True)
+                print(
+                    json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}), flush=True
+                )
     finally:
         ray.shutdown()
     cost = random_streams_cost()
@@ -176,14 +198,22 @@ def main() -> None:
     ckpt = median("none", "site_checkpoint_bytes")
     print()
     print(f"round (no failure, median):           {round_s:.2f} s")
-    print(f"dead site noticed (abort):            {median('abort', 'detect_seconds'):.2f} s after it died "
-          f"(every worker gone {median('abort', 'all_workers_gone_seconds'):.2f} s after)")
-    print(f"restarted site back in (continue):    {median('continue', 'rejoin_seconds'):.2f} s after it died "
-          f"({median('continue', 'rejoin_seconds') / round_s:.1f} rounds; missed {median('continue', 'rounds_missed'):.0f} round(s))")
-    print(f"continue-mode run vs no failure:      {median('continue', 'fit_seconds') / median('none', 'fit_seconds'):.2f}x fit time")
-    print(f"random streams in a site checkpoint:  {cost['random_state_bytes'] / 1024:.1f} KiB of {ckpt / 1024:.0f} KiB "
-          f"({100 * cost['random_state_bytes'] / ckpt:.1f} %), captured in {cost['capture_ms']:.3f} ms "
-          f"({100 * cost['capture_ms'] / 1e3 / round_s:.3f} % of a round)")
+    print(
+        f"dead site noticed (abort):            {median('abort', 'detect_seconds'):.2f} s after it died "
+        f"(every worker gone {median('abort', 'all_workers_gone_seconds'):.2f} s after)"
+    )
+    print(
+        f"restarted site back in (continue):    {median('continue', 'rejoin_seconds'):.2f} s after it died "
+        f"({median('continue', 'rejoin_seconds') / round_s:.1f} rounds; missed {median('continue', 'rounds_missed'):.0f} round(s))"
+    )
+    print(
+        f"continue-mode run vs no failure:      {median('continue', 'fit_seconds') / median('none', 'fit_seconds'):.2f}x fit time"
+    )
+    print(
+        f"random streams in a site checkpoint:  {cost['random_state_bytes'] / 1024:.1f} KiB of {ckpt / 1024:.0f} KiB "
+        f"({100 * cost['random_state_bytes'] / ckpt:.1f} %), captured in {cost['capture_ms']:.3f} ms "
+        f"({100 * cost['capture_ms'] / 1e3 / round_s:.3f} % of a round)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "random_streams": cost}, indent=2))
 

@@ -33,8 +33,14 @@ class SmallCNN(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         self.classifier = nn.Linear(32 * 7 * 7, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,8 +64,12 @@ def site_data(split_file: str, site: str, split: str) -> tuple[torch.Tensor, tor
         split_data = np.load(split_file, allow_pickle=True)
         root = Path(str(split_data["data_dir"]))
         if "pool" not in _CACHE:
-            images = np.concatenate([_read_idx(root / "train-images-idx3-ubyte.gz"), _read_idx(root / "t10k-images-idx3-ubyte.gz")])
-            labels = np.concatenate([_read_idx(root / "train-labels-idx1-ubyte.gz"), _read_idx(root / "t10k-labels-idx1-ubyte.gz")])
+            images = np.concatenate(
+                [_read_idx(root / "train-images-idx3-ubyte.gz"), _read_idx(root / "t10k-images-idx3-ubyte.gz")]
+            )
+            labels = np.concatenate(
+                [_read_idx(root / "train-labels-idx1-ubyte.gz"), _read_idx(root / "t10k-labels-idx1-ubyte.gz")]
+            )
             _CACHE["pool"] = (images, np.isin(labels, ABNORMAL).astype(np.int64))
         images, labels = _CACHE["pool"]
         idx = split_data[f"{site}/{split}"]
@@ -101,7 +111,9 @@ def main() -> None:
             optimizer.zero_grad()
             F.cross_entropy(model(x[batch]), y[batch]).backward()
             optimizer.step()
-        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": len(x)})})
+        content = RecordDict(
+            {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": len(x)})}
+        )
         return Message(content=content, reply_to=msg)
 
     server = ServerApp()
@@ -110,7 +122,9 @@ def main() -> None:
     def run(grid: Grid, context: Context) -> None:
         torch.manual_seed(args.seed)
         model = SmallCNN()
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=len(sites), min_available_nodes=len(sites))
+        strategy = FedAvg(
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=len(sites), min_available_nodes=len(sites)
+        )
 
         def round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             if server_round > 0:  # round 0 is the initial model
@@ -119,10 +133,16 @@ def main() -> None:
             return MetricRecord({})
 
         events["first_round_at"] = time.time()
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=args.epochs, evaluate_fn=round_end)
+        strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=args.epochs, evaluate_fn=round_end
+        )
 
-    run_simulation(server_app=server, client_app=client, num_supernodes=len(sites),
-                   backend_config={"client_resources": {"num_cpus": args.cpus_per_client, "num_gpus": 0.0}})
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=len(sites),
+        backend_config={"client_resources": {"num_cpus": args.cpus_per_client, "num_gpus": 0.0}},
+    )
     model = SmallCNN()
     model.load_state_dict(events["final"].to_torch_state_dict())
     model.eval()
@@ -138,14 +158,22 @@ def main() -> None:
 def _metrics(p: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Recall, precision and (exact) AUROC of binary scores, without torchmetrics (not in this environment)."""
     pred = (p >= 0.5).long()
-    tp, fp, fn = int(((pred == 1) & (y == 1)).sum()), int(((pred == 1) & (y == 0)).sum()), int(((pred == 0) & (y == 1)).sum())
+    tp, fp, fn = (
+        int(((pred == 1) & (y == 1)).sum()),
+        int(((pred == 1) & (y == 0)).sum()),
+        int(((pred == 0) & (y == 1)).sum()),
+    )
     order = torch.argsort(p)
     ranks = torch.empty_like(p)
     ranks[order] = torch.arange(1, len(p) + 1, dtype=p.dtype)
     pos = int(y.sum())
     neg = len(y) - pos
     auroc = float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg)) if pos and neg else float("nan")
-    return {"recall": tp / (tp + fn) if tp + fn else 0.0, "precision": tp / (tp + fp) if tp + fp else 0.0, "auroc": auroc}
+    return {
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "auroc": auroc,
+    }
 
 
 if __name__ == "__main__":

@@ -47,7 +47,10 @@ def plain_arm(args: argparse.Namespace) -> dict:
     from lightning_fed.strategies.site import load_weights, state_to_numpy
 
     torch.manual_seed(args.seed)
-    sites = {name: PooledIndexData(args.data_dir, idx, args.batch_size) for name, idx in hospitals(args).site_indices().items()}
+    sites = {
+        name: PooledIndexData(args.data_dir, idx, args.batch_size)
+        for name, idx in hospitals(args).site_indices().items()
+    }
     for site in sites.values():
         site.setup("fit")
     global_model = SmallCNN()
@@ -93,15 +96,30 @@ def pooled_arm(args: argparse.Namespace) -> dict:
             self.round_ends.append(time.time())
 
     torch.manual_seed(args.seed)
-    sites = {name: PooledIndexData(args.data_dir, idx, args.batch_size) for name, idx in hospitals(args).site_indices().items()}
+    sites = {
+        name: PooledIndexData(args.data_dir, idx, args.batch_size)
+        for name, idx in hospitals(args).site_indices().items()
+    }
     for site in sites.values():
         site.setup("fit")
-    train = DataLoader(ConcatDataset([s.datasets["train"] for s in sites.values()]), batch_size=args.batch_size, shuffle=True)
+    train = DataLoader(
+        ConcatDataset([s.datasets["train"] for s in sites.values()]), batch_size=args.batch_size, shuffle=True
+    )
     clock, model = Clock(), SmallCNN()
-    trainer = L.Trainer(max_epochs=args.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[clock])
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
     trainer.fit(model, train_dataloaders=train)
-    return {"first_round_at": clock.first_round_at, "round_ends": clock.round_ends, "small": small_metrics(model, sites)}
+    return {
+        "first_round_at": clock.first_round_at,
+        "round_ends": clock.round_ends,
+        "small": small_metrics(model, sites),
+    }
 
 
 def small_metrics(model, sites: dict) -> dict:
@@ -142,20 +160,45 @@ def write_split(args: argparse.Namespace, path: Path) -> None:
 
 # -- the parent: launch, time, compare ------------------------------------------------------------
 def launch(arm: str, args: argparse.Namespace, scratch: Path, repeat: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
     if arm == "flower":
-        command = [args.flower_python, str(REPO / "benchmarks" / "flower_hospitals.py"), "--split-file", str(scratch / "split.npz"), *common]
+        command = [
+            args.flower_python,
+            str(REPO / "benchmarks" / "flower_hospitals.py"),
+            "--split-file",
+            str(scratch / "split.npz"),
+            *common,
+        ]
     elif arm == "lightning_fed":
         root = scratch / f"lightning_fed_{repeat}"
-        command = [str(Path(sys.executable).parent / "lightning-fed"), "fit", "--config", str(REPO / "recipes" / "hospitals.yaml"),
-                   "--trainer.logger=false", f"--trainer.max_epochs={args.epochs}", f"--trainer.default_root_dir={root}",
-                   f"--data.init_args.batch_size={args.batch_size}", f"--seed_everything={args.seed}",
-                   f"--data.init_args.seed={args.seed}", "--trainer.strategy.init_args.progress=false"]
+        command = [
+            str(Path(sys.executable).parent / "lightning-fed"),
+            "fit",
+            "--config",
+            str(REPO / "recipes" / "hospitals.yaml"),
+            "--trainer.logger=false",
+            f"--trainer.max_epochs={args.epochs}",
+            f"--trainer.default_root_dir={root}",
+            f"--data.init_args.batch_size={args.batch_size}",
+            f"--seed_everything={args.seed}",
+            f"--data.init_args.seed={args.seed}",
+            "--trainer.strategy.init_args.progress=false",
+        ]
         if args.data_dir:
             command.append(f"--data.init_args.data_dir={args.data_dir}")
     else:
-        command = [sys.executable, __file__, "--arm", arm, *common, *(["--data-dir", args.data_dir] if args.data_dir else [])]
+        command = [
+            sys.executable,
+            __file__,
+            "--arm",
+            arm,
+            *common,
+            *(["--data-dir", args.data_dir] if args.data_dir else []),
+        ]
     launched = time.time()
     proc = subprocess.run(command, env=env, cwd=scratch, capture_output=True, text=True)
     wall = time.time() - launched
@@ -166,15 +209,25 @@ def launch(arm: str, args: argparse.Namespace, scratch: Path, repeat: int) -> di
         rounds = report["round_seconds"]
         first = report["fit_started_unix"]
         small = {s: report["test"]["sites"][s] for s in report["test"]["sites"] if s.startswith("small")}
-        extra = {"driver_ready": first - report["startup_seconds"] - launched, "federation_start": report["startup_seconds"],
-                 "first_round_extra": rounds[0] - statistics.median(rounds[1:] or rounds), "layout": report.get("layout")}
+        extra = {
+            "driver_ready": first - report["startup_seconds"] - launched,
+            "federation_start": report["startup_seconds"],
+            "first_round_extra": rounds[0] - statistics.median(rounds[1:] or rounds),
+            "layout": report.get("layout"),
+        }
     else:
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         first, ends = out["first_round_at"], out["round_ends"]
         rounds = [b - a for a, b in zip([first, *ends[:-1]], ends)]
         small, extra = out["small"], {}
-    return {"wall": wall, "startup": first - launched, "rounds": rounds, "median_round": statistics.median(rounds[1:] or rounds),
-            "small": {k: statistics.mean(v[k] for v in small.values()) for k in ("recall", "precision", "auroc")}, **extra}
+    return {
+        "wall": wall,
+        "startup": first - launched,
+        "rounds": rounds,
+        "median_round": statistics.median(rounds[1:] or rounds),
+        "small": {k: statistics.mean(v[k] for v in small.values()) for k in ("recall", "precision", "auroc")},
+        **extra,
+    }
 
 
 def main() -> None:
@@ -199,7 +252,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}: choose from {', '.join(ARMS)}")
     if "flower" in arms and not Path(args.flower_python).is_file():
-        print(f"note: no Flower environment at {args.flower_python} (see benchmarks/flower_hospitals.py): Flower skipped")
+        print(
+            f"note: no Flower environment at {args.flower_python} (see benchmarks/flower_hospitals.py): Flower skipped"
+        )
         arms.remove("flower")
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="hospitals-bench-") as tmp:
@@ -210,30 +265,46 @@ def main() -> None:
             for arm in arms:
                 run = launch(arm, args, scratch, repeat)
                 runs[arm].append(run)
-                print(f"[{repeat + 1}/{args.repeats}] {arm:14s} wall {run['wall']:6.1f}s  start-up {run['startup']:5.1f}s  "
-                      f"median round {run['median_round']:.2f}s", flush=True)
+                print(
+                    f"[{repeat + 1}/{args.repeats}] {arm:14s} wall {run['wall']:6.1f}s  start-up {run['startup']:5.1f}s  "
+                    f"median round {run['median_round']:.2f}s",
+                    flush=True,
+                )
     report(runs, args)
 
 
 def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
-    med = {arm: {k: statistics.median(r[k] for r in rs) for k in ("wall", "startup", "median_round")} for arm, rs in runs.items()}
+    med = {
+        arm: {k: statistics.median(r[k] for r in rs) for k in ("wall", "startup", "median_round")}
+        for arm, rs in runs.items()
+    }
     print(f"\nStudy B, {args.epochs} rounds, {args.repeats} run(s) per arm, medians:")
     print(f"{'arm':14s} {'wall s':>8s} {'start-up s':>11s} {'round s':>8s}   small hospitals: recall precision auroc")
     for arm, m in med.items():
         small = {k: statistics.mean(r["small"][k] for r in runs[arm]) for k in ("recall", "precision", "auroc")}
-        print(f"{arm:14s} {m['wall']:8.1f} {m['startup']:11.1f} {m['median_round']:8.2f}   "
-              f"{small['recall']:.3f} {small['precision']:.3f} {small['auroc']:.3f}")
+        print(
+            f"{arm:14s} {m['wall']:8.1f} {m['startup']:11.1f} {m['median_round']:8.2f}   "
+            f"{small['recall']:.3f} {small['precision']:.3f} {small['auroc']:.3f}"
+        )
     if "lightning_fed" in runs:
         fed = runs["lightning_fed"]
-        split = {k: statistics.median(r[k] for r in fed) for k in ("driver_ready", "federation_start", "first_round_extra")}
-        print(f"\nlightning-fed start-up: driver ready (imports, recipe, Ray) {split['driver_ready']:.1f}s, "
-              f"federation (workers + sites ready) {split['federation_start']:.1f}s; first round +{split['first_round_extra']:.1f}s "
-              f"(each site's fit set-up); layout: {fed[0]['layout']}")
+        split = {
+            k: statistics.median(r[k] for r in fed) for k in ("driver_ready", "federation_start", "first_round_extra")
+        }
+        print(
+            f"\nlightning-fed start-up: driver ready (imports, recipe, Ray) {split['driver_ready']:.1f}s, "
+            f"federation (workers + sites ready) {split['federation_start']:.1f}s; first round +{split['first_round_extra']:.1f}s "
+            f"(each site's fit set-up); layout: {fed[0]['layout']}"
+        )
         pairs = [("flower", "wall", "wall"), ("plain", "wall", "wall"), ("pooled", "median_round", "median round")]
         for other, key, label in pairs:
             if other in runs:
-                ratios = [a[key] / b[key] for a, b in zip(fed, runs[other])]  # run by run: same moment, same machine load
-                print(f"ratio lightning-fed / {other} {label}: {statistics.median(ratios):.2f}x (runs: {', '.join(f'{r:.2f}' for r in ratios)})")
+                ratios = [
+                    a[key] / b[key] for a, b in zip(fed, runs[other])
+                ]  # run by run: same moment, same machine load
+                print(
+                    f"ratio lightning-fed / {other} {label}: {statistics.median(ratios):.2f}x (runs: {', '.join(f'{r:.2f}' for r in ratios)})"
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))
 

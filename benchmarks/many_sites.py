@@ -55,14 +55,30 @@ def run_arm(args: argparse.Namespace) -> dict:
         from lightning_fed.data import FashionMNISTDataModule
         from lightning_fed.models import SmallCNN
 
-        model, data, partitioner = SmallCNN(num_classes=10), FashionMNISTDataModule(batch_size=64), Dirichlet(alpha=0.5, seed=0)
+        model, data, partitioner = (
+            SmallCNN(num_classes=10),
+            FashionMNISTDataModule(batch_size=64),
+            Dirichlet(alpha=0.5, seed=0),
+        )
     strategy = FederatedStrategy(num_sites=args.sites, partitioner=partitioner, placement=placement, progress=False)
-    trainer = L.Trainer(strategy=strategy, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.root)
+    trainer = L.Trainer(
+        strategy=strategy,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=args.root,
+    )
     trainer.fit(model, datamodule=data)
     fit = strategy.last_fit
     strategy.shutdown()
-    return {"layout": fit.startup.layout, "startup": fit.startup.seconds, "fit": fit.fit_seconds, "rounds": fit.round_seconds}
+    return {
+        "layout": fit.startup.layout,
+        "startup": fit.startup.seconds,
+        "fit": fit.fit_seconds,
+        "rounds": fit.round_seconds,
+    }
 
 
 def tree_pss_kib(root: int) -> int:
@@ -92,9 +108,25 @@ def tree_pss_kib(root: int) -> int:
 
 
 def measure(model: str, sites: int, layout: str, args: argparse.Namespace, root: Path) -> dict:
-    command = [sys.executable, __file__, "--arm", "--model", model, "--sites", str(sites), "--layout", layout,
-               "--epochs", str(args.epochs), "--root", str(root)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    command = [
+        sys.executable,
+        __file__,
+        "--arm",
+        "--model",
+        model,
+        "--sites",
+        str(sites),
+        "--layout",
+        layout,
+        "--epochs",
+        str(args.epochs),
+        "--root",
+        str(root),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     t0 = time.time()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, stop = [0], threading.Event()
@@ -120,7 +152,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="boring,cnn")
     parser.add_argument("--sites", default="10,30,100")
-    parser.add_argument("--layouts", default="packed", help="packed, one_per_site (one process per site: slow and large)")
+    parser.add_argument(
+        "--layouts", default="packed", help="packed, one_per_site (one process per site: slow and large)"
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--json", default=None)
     parser.add_argument("--arm", action="store_true", help=argparse.SUPPRESS)
@@ -137,19 +171,23 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="many-sites-") as tmp:
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-            for layout in [l.strip() for l in args.layouts.split(",") if l.strip()]:
+            for layout in [name.strip() for name in args.layouts.split(",") if name.strip()]:
                 for n in [int(s) for s in args.sites.split(",") if s.strip()]:
                     row = measure(model, n, layout, args, Path(tmp) / f"{model}-{layout}-{n}")
                     rows.append(row)
-                    print(f"{model:7s} {n:4d} sites {layout:13s} wall {row['wall']:6.1f}s  peak PSS {row['peak_pss_gib']:5.2f} GiB  "
-                          f"start-up {row['startup']:5.1f}s  rounds {', '.join(f'{r:.1f}' for r in row['rounds'])}s  ({row['layout'][:60]})",
-                          flush=True)
+                    print(
+                        f"{model:7s} {n:4d} sites {layout:13s} wall {row['wall']:6.1f}s  peak PSS {row['peak_pss_gib']:5.2f} GiB  "
+                        f"start-up {row['startup']:5.1f}s  rounds {', '.join(f'{r:.1f}' for r in row['rounds'])}s  ({row['layout'][:60]})",
+                        flush=True,
+                    )
     by_key = {(r["model"], r["sites"], r["layout"]): r for r in rows}
     for (model, n, layout), row in by_key.items():
         other = by_key.get((model, n, "one_per_site"))
         if layout == "packed" and other is not None:
-            print(f"{model} x {n}: one process per site / packed: wall {other['wall'] / row['wall']:.2f}x, "
-                  f"peak memory {other['peak_pss_gib'] / row['peak_pss_gib']:.2f}x")
+            print(
+                f"{model} x {n}: one process per site / packed: wall {other['wall'] / row['wall']:.2f}x, "
+                f"peak memory {other['peak_pss_gib'] / row['peak_pss_gib']:.2f}x"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -30,14 +30,31 @@ def run_one(args: argparse.Namespace, aggregator: str, seed: int, weights: Path)
     from lightning_fed.models import ImageClassifier
 
     L.seed_everything(seed, verbose=False)
-    dm = FashionMosaicSites(data_dir=args.data_dir, seed=seed, batch_size=args.batch_size, scanner_shift=not args.same_scanner)
-    model = ImageClassifier(args.backbone, task="multilabel", num_classes=10, in_chans=1, pretrained=str(weights),
-                            lr=args.lr, label_names=dm.label_names)
+    dm = FashionMosaicSites(
+        data_dir=args.data_dir, seed=seed, batch_size=args.batch_size, scanner_shift=not args.same_scanner
+    )
+    model = ImageClassifier(
+        args.backbone,
+        task="multilabel",
+        num_classes=10,
+        in_chans=1,
+        pretrained=str(weights),
+        lr=args.lr,
+        label_names=dm.label_names,
+    )
     kwargs = {"mu": args.mu} if aggregator == "fedprox" else {}
-    strategy = FederatedStrategy(aggregator=aggregator, aggregator_kwargs=kwargs, sync_every=1, seed=seed, progress=False,
-                                 checkpoint_every=0)
-    trainer = L.Trainer(strategy=strategy, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    strategy = FederatedStrategy(
+        aggregator=aggregator, aggregator_kwargs=kwargs, sync_every=1, seed=seed, progress=False, checkpoint_every=0
+    )
+    trainer = L.Trainer(
+        strategy=strategy,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     t0 = time.perf_counter()
     try:
         trainer.fit(model, datamodule=dm)
@@ -45,9 +62,17 @@ def run_one(args: argparse.Namespace, aggregator: str, seed: int, weights: Path)
     finally:
         strategy.shutdown()
     evaluation = strategy.last_evaluation
-    sites = {n: {"auroc": r.get("auroc"), "auroc_per_label": r.get("auroc_per_label")} for n, r in evaluation.rows().items()}
-    return {"aggregator": aggregator, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
-            "federated": sites.pop("federated"), "sites": sites, "notes": evaluation.notes}
+    sites = {
+        n: {"auroc": r.get("auroc"), "auroc_per_label": r.get("auroc_per_label")} for n, r in evaluation.rows().items()
+    }
+    return {
+        "aggregator": aggregator,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "federated": sites.pop("federated"),
+        "sites": sites,
+        "notes": evaluation.notes,
+    }
 
 
 def _mean_std(values: list[float]) -> str:
@@ -69,11 +94,17 @@ def table(results: list[dict], aggregators: list[str], label_names: list[str], p
     """Per-label and macro AUROC, mean ± std over seeds: pooled over every site's test data (the federated figure),
     or the mean over sites of each site's own AUROC."""
     by_algo = {a: [r for r in results if r["aggregator"] == a] for a in aggregators}
-    value = (lambda r, i: r["federated"]["auroc_per_label"][i] if i is not None else r["federated"]["auroc"]) if pooled else site_mean
+    value = (
+        (lambda r, i: r["federated"]["auroc_per_label"][i] if i is not None else r["federated"]["auroc"])
+        if pooled
+        else site_mean
+    )
     header = "| label | " + " | ".join(aggregators) + " |"
     lines = [header, "|" + "---|" * (len(aggregators) + 1)]
     for i, name in enumerate(label_names):
-        lines.append(f"| {i} {name} | " + " | ".join(_mean_std([value(r, i) for r in by_algo[a]]) for a in aggregators) + " |")
+        lines.append(
+            f"| {i} {name} | " + " | ".join(_mean_std([value(r, i) for r in by_algo[a]]) for a in aggregators) + " |"
+        )
     cells = [_mean_std([value(r, None) for r in by_algo[a]]) for a in aggregators]
     lines.append("| **macro** | " + " | ".join(f"**{c}**" for c in cells) + " |")
     return "\n".join(lines)
@@ -85,7 +116,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=5, help="rounds (one local epoch each)")
     parser.add_argument("--backbone", default="resnet10t")
-    parser.add_argument("--weights", default=None, help="pretrained checkpoint (default: made once under runs/weights/)")
+    parser.add_argument(
+        "--weights", default=None, help="pretrained checkpoint (default: made once under runs/weights/)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--mu", type=float, default=0.01, help="FedProx mu")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -112,7 +145,10 @@ def main() -> None:
             result = run_one(args, aggregator, seed, weights)
             results.append(result)
             out.write_text(json.dumps(results, indent=1))  # each finished run is kept, whatever happens next
-            print(f"{aggregator:8s} seed {seed}: macro AUROC {result['federated']['auroc']:.4f} ({result['seconds']} s)", flush=True)
+            print(
+                f"{aggregator:8s} seed {seed}: macro AUROC {result['federated']['auroc']:.4f} ({result['seconds']} s)",
+                flush=True,
+            )
     chosen = [r for r in results if r["aggregator"] in args.aggregators and r["seed"] in args.seeds]
     print("\nPooled over all sites' test data (federated AUROC):")
     print(table(chosen, args.aggregators, list(CLASSES)))

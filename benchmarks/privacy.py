@@ -25,8 +25,12 @@ import time
 from pathlib import Path
 
 SMALL = ("small_1", "small_2", "small_3", "small_4")
-ARMS = {"all": "DP on all sites", "small": "DP on small hospitals only", "none": "no DP",
-        "large": "large hospital alone, with DP"}
+ARMS = {
+    "all": "DP on all sites",
+    "small": "DP on small hospitals only",
+    "none": "no DP",
+    "large": "large hospital alone, with DP",
+}
 
 
 class OnlySites:
@@ -52,11 +56,21 @@ def run_one(args: argparse.Namespace, arm: str, epsilon: float | None) -> dict:
     L.seed_everything(args.seed, verbose=False)
     dm = HospitalsDataModule(data_dir=args.data_dir, seed=args.seed)
     private = {"all": ("large", *SMALL), "small": SMALL, "none": (), "large": ("large",)}[arm]
-    privacy = {site: DPSGD(target_epsilon=epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm, accountant=args.accountant)
-               for site in private}
+    privacy = {
+        site: DPSGD(
+            target_epsilon=epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm, accountant=args.accountant
+        )
+        for site in private
+    }
     strategy = FederatedStrategy(privacy=privacy or None, progress=False, checkpoint_every=0, seed=args.seed)
-    trainer = L.Trainer(strategy=strategy, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        strategy=strategy,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     t0 = time.perf_counter()
     try:
         # the large hospital alone trains on its own; its model is then tested at every hospital, like the others
@@ -67,7 +81,10 @@ def run_one(args: argparse.Namespace, arm: str, epsilon: float | None) -> dict:
     sites = strategy.last_evaluation.rows()
     spent = strategy.last_fit.privacy.sites if strategy.last_fit.privacy is not None else {}
     return {
-        "arm": arm, "target_epsilon": epsilon, "delta": args.delta, "seconds": round(time.perf_counter() - t0, 1),
+        "arm": arm,
+        "target_epsilon": epsilon,
+        "delta": args.delta,
+        "seconds": round(time.perf_counter() - t0, 1),
         "accountant": args.accountant,
         "small_recall": statistics.mean(sites[s]["recall"] for s in SMALL),
         "small_auroc": statistics.mean(sites[s]["auroc"] for s in SMALL),
@@ -79,14 +96,18 @@ def run_one(args: argparse.Namespace, arm: str, epsilon: float | None) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| arm | accountant | target ε | ε spent (max over sites) | noise σ (large) | small recall | small precision | small AUROC |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | accountant | target ε | ε spent (max over sites) | noise σ (large) | small recall | small precision | small AUROC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(results, key=lambda r: (list(ARMS).index(r["arm"]), _accountant(r), r["target_epsilon"] or 0)):
         spent = f"{r['max_epsilon']:.3f}" if r["max_epsilon"] is not None else "-"
         target = f"{r['target_epsilon']:g}" if r["target_epsilon"] is not None else "∞"
         sigma = r["noise_multiplier"].get("large")
-        lines.append(f"| {ARMS[r['arm']]} | {_accountant(r) if r['target_epsilon'] else '-'} | {target} | {spent} | "
-                     f"{f'{sigma:.3f}' if sigma else '-'} | {r['small_recall']:.3f} | {r['small_precision']:.3f} | {r['small_auroc']:.4f} |")
+        lines.append(
+            f"| {ARMS[r['arm']]} | {_accountant(r) if r['target_epsilon'] else '-'} | {target} | {spent} | "
+            f"{f'{sigma:.3f}' if sigma else '-'} | {r['small_recall']:.3f} | {r['small_precision']:.3f} | {r['small_auroc']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -105,10 +126,18 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     for ax, metric, label in ((axes[0], "small_recall", "recall"), (axes[1], "small_auroc", "AUROC")):
         for arm in ("all", "small", "large"):
             for accountant in ("rdp", "prv"):
-                rows = sorted((r for r in results if r["arm"] == arm and _accountant(r) == accountant), key=lambda r: r["target_epsilon"])
+                rows = sorted(
+                    (r for r in results if r["arm"] == arm and _accountant(r) == accountant),
+                    key=lambda r: r["target_epsilon"],
+                )
                 if rows:
-                    ax.plot([r["target_epsilon"] for r in rows], [r[metric] for r in rows], marker="o",
-                            linestyle="-" if accountant == "rdp" else ":", label=f"{ARMS[arm]} ({accountant.upper()})")
+                    ax.plot(
+                        [r["target_epsilon"] for r in rows],
+                        [r[metric] for r in rows],
+                        marker="o",
+                        linestyle="-" if accountant == "rdp" else ":",
+                        label=f"{ARMS[arm]} ({accountant.upper()})",
+                    )
         if baseline is not None:
             ax.axhline(baseline[metric], color="grey", linestyle="--", label=ARMS["none"])
         ax.set_xscale("log")
@@ -131,7 +160,9 @@ def main() -> None:
     parser.add_argument("--title", default="Study B with DP-SGD: small hospitals' test data (lightning-fed, measured)")
     parser.add_argument("--epsilons", nargs="+", type=float, default=[0.2, 0.5, 1, 2, 4, 8])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="calibrates the noise for the target ε")
+    parser.add_argument(
+        "--accountant", choices=["rdp", "prv"], default="rdp", help="calibrates the noise for the target ε"
+    )
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -145,14 +176,17 @@ def main() -> None:
     results: list[dict] = json.loads(out.read_text()) if out.is_file() else []
     done = {(r["arm"], r["target_epsilon"], _accountant(r)) for r in results}
     for arm in args.arms:
-        for epsilon in ([None] if arm == "none" else args.epsilons):
+        for epsilon in [None] if arm == "none" else args.epsilons:
             if (arm, epsilon, args.accountant) in done or (epsilon is None and (arm, None, "rdp") in done):
                 continue
             result = run_one(args, arm, epsilon)
             results.append(result)
             out.write_text(json.dumps(results, indent=1))  # each finished run is kept, whatever happens next
-            print(f"{arm:5s} ε={epsilon}: recall {result['small_recall']:.3f} AUROC {result['small_auroc']:.4f} "
-                  f"spent {result['max_epsilon']} ({result['seconds']} s)", flush=True)
+            print(
+                f"{arm:5s} ε={epsilon}: recall {result['small_recall']:.3f} AUROC {result['small_auroc']:.4f} "
+                f"spent {result['max_epsilon']} ({result['seconds']} s)",
+                flush=True,
+            )
     print()
     print(table(results))
     try:

@@ -33,7 +33,11 @@ def _command_args() -> Optional[list[str]]:
 
 if os.environ.get(COORDINATOR_ROLE_ENV) != COORDINATOR_ROLE:
     _args = _command_args()
-    if _args and _args[0] in _RUNS_A_JOB and not any(a in ("-h", "--help") or a.startswith("--print_config") for a in _args):
+    if (
+        _args
+        and _args[0] in _RUNS_A_JOB
+        and not any(a in ("-h", "--help") or a.startswith("--print_config") for a in _args)
+    ):
         import_module("lightning_fed.runtime").start_early()
     # `import lightning_fed` makes Trainer(strategy="fedavg") and the other aggregator flags work; the
     # coordinator's process (marked by the federation) aggregates numpy arrays and never needs Lightning

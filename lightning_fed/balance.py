@@ -45,11 +45,15 @@ class ClassBalance(Callback):
         from lightning_fed.privacy import SiteDPSGD
 
         if self.mode == "sampler" and any(isinstance(cb, SiteDPSGD) for cb in trainer.callbacks):
-            raise ValueError("class_balance='sampler' and DP-SGD both replace the training sampler (DP-SGD's privacy "
-                             "accounting assumes Poisson sampling): use class_balance='loss' with DP-SGD")
+            raise ValueError(
+                "class_balance='sampler' and DP-SGD both replace the training sampler (DP-SGD's privacy "
+                "accounting assumes Poisson sampling): use class_balance='loss' with DP-SGD"
+            )
         if self.mode == "loss" and not callable(getattr(pl_module, "set_class_weights", None)):
-            raise ValueError(f"class_balance='loss' needs a module with set_class_weights(weights) "
-                             f"({type(pl_module).__name__} has none): add it, or use class_balance='sampler'")
+            raise ValueError(
+                f"class_balance='loss' needs a module with set_class_weights(weights) "
+                f"({type(pl_module).__name__} has none): add it, or use class_balance='sampler'"
+            )
         if self.mode == "sampler":
             owner = trainer.datamodule if trainer.datamodule is not None else pl_module
             original = owner.train_dataloader
@@ -112,11 +116,20 @@ def balanced(loader: DataLoader, seed: Optional[int] = None) -> DataLoader:
     """``loader`` with a sampler that draws every class equally often (with replacement), same batch size."""
     targets = dataset_targets(loader.dataset)
     if targets.dim() == 2 and targets.shape[1] > 1:
-        raise ValueError("class_balance='sampler' needs single-label targets; for multi-label data use class_balance='loss'")
+        raise ValueError(
+            "class_balance='sampler' needs single-label targets; for multi-label data use class_balance='loss'"
+        )
     labels = targets.reshape(-1).long()
     per_class = class_weights(labels)
     weights = per_class[labels.clamp(min=0)] * (labels >= 0)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     sampler = WeightedRandomSampler(weights.double(), num_samples=len(labels), replacement=True, generator=generator)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
-                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last)
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+    )

@@ -73,7 +73,9 @@ class BarrierKey:
         return True
 
     def __str__(self) -> str:
-        where = self.round if self.round is not None else self.epoch if self.epoch is not None else (self.tag or ("",))[0]
+        where = (
+            self.round if self.round is not None else self.epoch if self.epoch is not None else (self.tag or ("",))[0]
+        )
         return f"{self.kind} {where}".strip()
 
 
@@ -106,8 +108,9 @@ class Barriers:
     ``on_late(sites, what)``: called with the sites still missing when a barrier's time is up (they are left out, or
     the run stops)."""
 
-    def __init__(self, roster: Roster, sync_every: int, reliability: Reliability,
-                 on_late: Callable[[list[str], str], None]) -> None:
+    def __init__(
+        self, roster: Roster, sync_every: int, reliability: Reliability, on_late: Callable[[list[str], str], None]
+    ) -> None:
         self.roster, self.sync_every, self.reliability = roster, sync_every, reliability
         self.timeout, self.round_timeout = reliability.barrier_timeout, reliability.round_timeout
         self.on_late = on_late
@@ -175,8 +178,10 @@ class Barriers:
         for key, barrier in self._open.items():
             gone = sorted((self.roster.finished & self.expected(key)) - set(barrier.values))
             if gone and not barrier.done.is_set():
-                self.abort(f"site(s) {gone} finished while {sorted(barrier.values)} wait at {key}: the sites fell out of "
-                           "step (give every site the same max_epochs/max_steps and validation schedule)")
+                self.abort(
+                    f"site(s) {gone} finished while {sorted(barrier.values)} wait at {key}: the sites fell out of "
+                    "step (give every site the same max_epochs/max_steps and validation schedule)"
+                )
                 return
 
     def _check_deadlock(self) -> None:
@@ -185,8 +190,10 @@ class Barriers:
         live = self.roster.live()
         if live and set(waiting) >= live and len({waiting[s] for s in live}) > 1:
             where = ", ".join(f"{s} at {waiting[s]}" for s in sorted(live))
-            self.abort(f"sites are waiting at different points ({where}): they fell out of step; give every site the same "
-                       "validation schedule (val_check_interval as a fraction of an epoch, check_val_every_n_epoch) and epochs")
+            self.abort(
+                f"sites are waiting at different points ({where}): they fell out of step; give every site the same "
+                "validation schedule (val_check_interval as a fraction of an epoch, check_val_every_n_epoch) and epochs"
+            )
 
     # -- continue mode: sites left out of the barriers, and let back in at a round's end ------------
     def leave_out(self, site: str, reason: str, round: int) -> None:
@@ -200,8 +207,10 @@ class Barriers:
         self.roster.leave_out(site, reason, round)
         active, fewest = self.roster.active(), self.reliability.min_sites or 1
         if len(active) < fewest:
-            self.abort(f"site {site!r} {reason}; {len(active)} site(s) left, fewer than min_sites={fewest}: the run stops "
-                       "here (resume from its last checkpoint once the sites are back)")
+            self.abort(
+                f"site {site!r} {reason}; {len(active)} site(s) left, fewer than min_sites={fewest}: the run stops "
+                "here (resume from its last checkpoint once the sites are back)"
+            )
             return
         self.complete_ready()
         self.wake_rejoiners_if_over()

@@ -48,8 +48,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def commit_round(root: str | os.PathLike, round: int, sites: list[str], server_state: dict[str, Any], keep_last: int,
-                 earlier: Optional[dict[str, tuple[str, int]]] = None, absent: Optional[list[str]] = None) -> Path:
+def commit_round(
+    root: str | os.PathLike,
+    round: int,
+    sites: list[str],
+    server_state: dict[str, Any],
+    keep_last: int,
+    earlier: Optional[dict[str, tuple[str, int]]] = None,
+    absent: Optional[list[str]] = None,
+) -> Path:
     """Write the server part and the manifest of ``round`` (site parts must already be on disk), then prune.
 
     ``earlier``: sites that were out of this round (``on_site_failure="continue"``), each with the path of its latest
@@ -66,8 +73,14 @@ def commit_round(root: str | os.PathLike, round: int, sites: list[str], server_s
     if missing:
         raise FileNotFoundError(f"round {round} checkpoint lacks site files for {missing}")
     atomic_write_bytes(folder / SERVER, pickle.dumps(server_state, protocol=pickle.HIGHEST_PROTOCOL))
-    manifest = {"format": FORMAT_VERSION, "round": round, "sites": {s: f"site-{s}.ckpt" for s in present}, "server": SERVER,
-                "site_rounds": {s: earlier[s][1] if s in earlier else round for s in present}, "absent": absent}
+    manifest = {
+        "format": FORMAT_VERSION,
+        "round": round,
+        "sites": {s: f"site-{s}.ckpt" for s in present},
+        "server": SERVER,
+        "site_rounds": {s: earlier[s][1] if s in earlier else round for s in present},
+        "absent": absent,
+    }
     atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
     atomic_write_bytes(Path(root) / LAST, json.dumps({"round": round, "path": folder.name}).encode())
     if keep_last > 0:
@@ -117,7 +130,9 @@ class RoundCheckpoint:
                 return torch.load(self.server_path, map_location="cpu", weights_only=False)
             return pickle.loads(self.server_path.read_bytes())
         except Exception as err:
-            raise ValueError(f"federated checkpoint {self.server_path} cannot be read ({type(err).__name__}: {err}): resume from an earlier round folder") from None
+            raise ValueError(
+                f"federated checkpoint {self.server_path} cannot be read ({type(err).__name__}: {err}): resume from an earlier round folder"
+            ) from None
 
 
 def find_checkpoint(path: str | os.PathLike) -> RoundCheckpoint:
@@ -137,11 +152,22 @@ def find_checkpoint(path: str | os.PathLike) -> RoundCheckpoint:
     sites = {name: path / rel for name, rel in manifest["sites"].items()}
     missing = [str(p) for p in sites.values() if not p.is_file()]
     if missing or not (path / manifest["server"]).is_file():
-        raise FileNotFoundError(f"federated checkpoint {path} is missing parts {missing or [manifest['server']]}: resume from an earlier round")
-    return RoundCheckpoint(folder=path, round=int(manifest["round"]), site_paths=sites, server_path=path / manifest["server"],
-                           site_rounds={k: int(v) for k, v in manifest.get("site_rounds", {}).items()},
-                           absent=list(manifest.get("absent", [])))
+        raise FileNotFoundError(
+            f"federated checkpoint {path} is missing parts {missing or [manifest['server']]}: resume from an earlier round"
+        )
+    return RoundCheckpoint(
+        folder=path,
+        round=int(manifest["round"]),
+        site_paths=sites,
+        server_path=path / manifest["server"],
+        site_rounds={k: int(v) for k, v in manifest.get("site_rounds", {}).items()},
+        absent=list(manifest.get("absent", [])),
+    )
 
 
 def is_federated_checkpoint(path: Optional[str | os.PathLike]) -> bool:
-    return path is not None and Path(path).is_dir() and ((Path(path) / LAST).is_file() or (Path(path) / MANIFEST).is_file())
+    return (
+        path is not None
+        and Path(path).is_dir()
+        and ((Path(path) / LAST).is_file() or (Path(path) / MANIFEST).is_file())
+    )

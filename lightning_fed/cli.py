@@ -20,9 +20,11 @@ from typing import Optional
 
 from lightning_fed.errors import TRACEBACK_ENV, RunFailedError, explain, run_failure
 
-EPILOG = ("Experiments: `lightning-fed compare --config RECIPE --modes pooled,local,federated --repeats N` and "
-          "`lightning-fed sweep --config RECIPE --grid KEY=V1,V2`; `lightning-fed compare --help` for details. "
-          "Exams per site by vendor, model and kernel: `lightning-fed inventory --config RECIPE`.")
+EPILOG = (
+    "Experiments: `lightning-fed compare --config RECIPE --modes pooled,local,federated --repeats N` and "
+    "`lightning-fed sweep --config RECIPE --grid KEY=V1,V2`; `lightning-fed compare --help` for details. "
+    "Exams per site by vendor, model and kernel: `lightning-fed inventory --config RECIPE`."
+)
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -75,8 +77,11 @@ def _run(argv: list[str], from_command_line: bool) -> None:
         return
     from lightning_fed.lightning_cli import FederatedCLI
 
-    FederatedCLI(args=None if from_command_line else argv, save_config_kwargs={"overwrite": True},
-                 parser_kwargs={"prog": "lightning-fed", "epilog": EPILOG, "exit_on_error": False})
+    FederatedCLI(
+        args=None if from_command_line else argv,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "lightning-fed", "epilog": EPILOG, "exit_on_error": False},
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ class RoundCommits:
         parts: each site's part in the checkpoint a resumed run started from, with the round the part is from.
     """
 
-    def __init__(self, folder: Optional[str], sites: list[str], keep: int = 2,
-                 parts: Optional[dict[str, tuple[str, int]]] = None) -> None:
+    def __init__(
+        self, folder: Optional[str], sites: list[str], keep: int = 2, parts: Optional[dict[str, tuple[str, int]]] = None
+    ) -> None:
         self.folder, self.sites, self.keep = folder, list(sites), keep
         self.parts: dict[str, tuple[str, int]] = dict(parts or {})  # site -> (its latest committed part, its round)
         self._pending: dict[int, dict[str, Any]] = {}  # round -> the server's state as the round was aggregated
@@ -64,7 +65,10 @@ class RoundCommits:
         except Exception as err:
             error = f"checkpoint of round {round} could not be written: {type(err).__name__}: {err}"
         for site in [*saved, *earlier]:
-            self.parts[site] = (str(site_checkpoint_path(self.folder, round, site)), round if site in saved else earlier[site][1])
+            self.parts[site] = (
+                str(site_checkpoint_path(self.folder, round, site)),
+                round if site in saved else earlier[site][1],
+            )
         self._saved.pop(round, None)
         for older in [r for r in self._pending if r < round]:
             self._pending.pop(older)
@@ -74,7 +78,11 @@ class RoundCommits:
 def check_resumable(server_state: dict[str, Any], aggregator: Optional[str], sites: list[str]) -> None:
     """Refuse to resume from a checkpoint that another aggregator wrote, or that holds other sites."""
     if server_state.get("aggregator_name") != aggregator:
-        raise ValueError(f"checkpoint was written by aggregator {server_state.get('aggregator_name')!r}, this run uses "
-                         f"{aggregator!r}: resume with the same aggregator")
+        raise ValueError(
+            f"checkpoint was written by aggregator {server_state.get('aggregator_name')!r}, this run uses "
+            f"{aggregator!r}: resume with the same aggregator"
+        )
     if sorted(server_state.get("sites", [])) != sorted(sites):
-        raise ValueError(f"checkpoint has sites {server_state.get('sites')}, this run has {sites}: resume with the same sites")
+        raise ValueError(
+            f"checkpoint has sites {server_state.get('sites')}, this run has {sites}: resume with the same sites"
+        )

@@ -28,9 +28,11 @@ from lightning_fed.strategies.base import Aggregator
 if TYPE_CHECKING:  # importing lightning_fed.data loads torch; jsonargparse still resolves the name from this block
     from lightning_fed.data.partition import Partitioner
 
+
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class Simulation:
@@ -52,6 +54,7 @@ class Simulation:
         _check_int("num_sites", self.num_sites, 1)
         if self.site_cpus < 0 or self.site_gpus < 0:
             raise ValueError(f"site_cpus and site_gpus must be >= 0, got {self.site_cpus}, {self.site_gpus}")
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -93,6 +96,7 @@ class Placement:
         """Whether the layout is left to the cost model (nothing fixed but perhaps the timeout)."""
         return self.workers is None and self.sites_per_worker is None and self.worker_cpus is None
 
+
 @dataclass(frozen=True)
 class Checkpointing:
     """Round checkpoints: every site's full Lightning checkpoint plus the server's state, committed together.
@@ -111,6 +115,7 @@ class Checkpointing:
     def __post_init__(self) -> None:
         _check_int("checkpoint every_n_rounds", self.every_n_rounds, 0)
         _check_int("keep (checkpoints kept)", self.keep, 0)
+
 
 @dataclass(frozen=True)
 class Reliability:
@@ -148,13 +153,17 @@ class Reliability:
         if self.min_sites is not None:
             _check_int("min_sites", self.min_sites, 1)
             if self.on_site_failure != "continue":
-                raise ValueError("min_sites applies only with on_site_failure='continue' (an aborting run needs every site)")
+                raise ValueError(
+                    "min_sites applies only with on_site_failure='continue' (an aborting run needs every site)"
+                )
         for name in ("round_timeout", "barrier_timeout"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ValueError(f"{name} must be > 0 seconds or None, got {value!r}")
         if self.max_update_norm_ratio is not None and self.max_update_norm_ratio < 1:
-            raise ValueError(f"max_update_norm_ratio must be >= 1 (a multiple of the round's median update norm), got {self.max_update_norm_ratio}")
+            raise ValueError(
+                f"max_update_norm_ratio must be >= 1 (a multiple of the round's median update norm), got {self.max_update_norm_ratio}"
+            )
 
     @property
     def tolerant(self) -> bool:
@@ -174,6 +183,7 @@ class Cluster:
 
     address: Optional[str] = None
     init_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
 
 def shorthand_groups(
     num_sites: Optional[int] = None,
@@ -208,15 +218,30 @@ def shorthand_groups(
             fields.
     """
     given = {
-        "simulation": {"num_sites": num_sites, "partitioner": partitioner, "site_cpus": site_cpus, "site_gpus": site_gpus},
+        "simulation": {
+            "num_sites": num_sites,
+            "partitioner": partitioner,
+            "site_cpus": site_cpus,
+            "site_gpus": site_gpus,
+        },
         "checkpointing": {"dirpath": checkpoint_dir, "every_n_rounds": checkpoint_every, "keep": keep_checkpoints},
         "cluster": {"address": ray_address, "init_kwargs": ray_init_kwargs},
-        "placement": {"timeout": placement_timeout, "workers": workers, "sites_per_worker": sites_per_worker,
-                      "worker_cpus": worker_cpus},
-        "reliability": {"barrier_timeout": barrier_timeout, "max_update_norm_ratio": max_update_norm_ratio,
-                        "on_site_failure": on_site_failure, "min_sites": min_sites, "round_timeout": round_timeout},
+        "placement": {
+            "timeout": placement_timeout,
+            "workers": workers,
+            "sites_per_worker": sites_per_worker,
+            "worker_cpus": worker_cpus,
+        },
+        "reliability": {
+            "barrier_timeout": barrier_timeout,
+            "max_update_norm_ratio": max_update_norm_ratio,
+            "on_site_failure": on_site_failure,
+            "min_sites": min_sites,
+            "round_timeout": round_timeout,
+        },
     }
     return {group: {k: v for k, v in values.items() if v is not None} for group, values in given.items()}
+
 
 def merge_group(group: Any, default: type, shorthands: dict[str, Any], label: str) -> Any:
     """``group`` (or the default one) with the shorthand fields applied; a field set both ways is an error."""
@@ -228,6 +253,7 @@ def merge_group(group: Any, default: type, shorthands: dict[str, Any], label: st
         if both:
             raise ValueError(f"{label}.{both[0]} is given twice (as {label}=... and as a flat argument): give it once")
     return dataclasses.replace(base, **shorthands) if shorthands else base
+
 
 @dataclass(frozen=True)
 class FederationConfig:
@@ -250,12 +276,16 @@ class FederationConfig:
     def __post_init__(self) -> None:
         _check_int("sync_every", self.sync_every, 1)
         if self.privacy is not None and not isinstance(self.privacy, (DPSGD, dict)):
-            raise ValueError(f"privacy must be a DPSGD or a dict of site name -> DPSGD, got {type(self.privacy).__name__}")
+            raise ValueError(
+                f"privacy must be a DPSGD or a dict of site name -> DPSGD, got {type(self.privacy).__name__}"
+            )
         if self.class_balance not in (None, "loss", "sampler"):
             raise ValueError(f"class_balance must be 'loss', 'sampler' or None, got {self.class_balance!r}")
         if self.reliability.max_update_norm_ratio is not None and self.aggregator.hides_site_updates:
-            raise ValueError("max_update_norm_ratio needs each site's own update, which secure aggregation hides: bound "
-                             "updates on the sites instead (aggregator='dp_fedavg' clips them)")
+            raise ValueError(
+                "max_update_norm_ratio needs each site's own update, which secure aggregation hides: bound "
+                "updates on the sites instead (aggregator='dp_fedavg' clips them)"
+            )
         if self.reliability.tolerant:
             try:
                 self.aggregator.check_partial_rounds()

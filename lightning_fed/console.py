@@ -76,9 +76,15 @@ class SiteConsole:
         if sys.stdout is not self._stream:
             sys.stdout = sys.stderr = self._stream
             # handlers made at import time hold the process's original streams
-            for logger in [logging.getLogger(), *(l for l in logging.Logger.manager.loggerDict.values() if isinstance(l, logging.Logger))]:
+            for logger in [
+                logging.getLogger(),
+                *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)),
+            ]:
                 for handler in logger.handlers:
-                    if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.__stdout__, sys.__stderr__):
+                    if isinstance(handler, logging.StreamHandler) and handler.stream in (
+                        sys.__stdout__,
+                        sys.__stderr__,
+                    ):
                         handler.setStream(self._stream)
 
     def target(self) -> IO[str]:

@@ -71,11 +71,21 @@ class Coordinator:
         parts: each site's part in the resumed checkpoint, with the round the part is from.
     """
 
-    def __init__(self, aggregator: Aggregator, sites: list[str], *, sync_every: int = 1,
-                 reliability: Reliability = Reliability(), checkpointing: Checkpointing = Checkpointing(),
-                 checkpoint_dir: Optional[str] = None, audit: bool = False, server_state: Optional[dict[str, Any]] = None,
-                 initial_model: Optional[GlobalModel] = None, layout: Optional[dict[str, Any]] = None,
-                 parts: Optional[dict[str, tuple[str, int]]] = None) -> None:
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        sites: list[str],
+        *,
+        sync_every: int = 1,
+        reliability: Reliability = Reliability(),
+        checkpointing: Checkpointing = Checkpointing(),
+        checkpoint_dir: Optional[str] = None,
+        audit: bool = False,
+        server_state: Optional[dict[str, Any]] = None,
+        initial_model: Optional[GlobalModel] = None,
+        layout: Optional[dict[str, Any]] = None,
+        parts: Optional[dict[str, tuple[str, int]]] = None,
+    ) -> None:
         self.aggregator, self.reliability, self.layout = aggregator, reliability, layout
         self.sites = list(sites)
         self.round = 0
@@ -176,8 +186,10 @@ class Coordinator:
         return barrier.result
 
     def _aggregator_failed(self, round: int, err: Exception) -> NoReturn:
-        self.barriers.stop(f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: "
-                           f"{type(err).__name__}: {err}")
+        self.barriers.stop(
+            f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: "
+            f"{type(err).__name__}: {err}"
+        )
 
     def _close_round(self, round: int, barrier: Barrier) -> None:
         """Every update of ``round`` is in: decode, screen, and aggregate (or ask the sites the aggregator's question)."""
@@ -206,7 +218,9 @@ class Coordinator:
             return
         self._aggregate_round(round, barrier, present, received)
 
-    def _aggregate_round(self, round: int, barrier: Barrier, present: list[str], received: dict[str, SiteUpdate]) -> None:
+    def _aggregate_round(
+        self, round: int, barrier: Barrier, present: list[str], received: dict[str, SiteUpdate]
+    ) -> None:
         current = self.global_model.weights if self.global_model else None
         t0 = time.monotonic()
         try:
@@ -316,7 +330,9 @@ class Coordinator:
     def progress(self, since: int = 0) -> ProgressSnapshot:
         """Where the run stands; ``history`` holds the merged validations from the ``since``-th on."""
         # traffic's last entry: the round in progress
-        return self.record.snapshot(self.round, self.roster, self.barriers.aborted, self._traffic.per_site(self.round + 1), since)
+        return self.record.snapshot(
+            self.round, self.roster, self.barriers.aborted, self._traffic.per_site(self.round + 1), since
+        )
 
     def traffic(self) -> dict[str, dict[str, list[int]]]:
         """Bytes each site sent and received per round, the messages after the last round counted in it."""

@@ -24,8 +24,10 @@ _TYPE_NOISE = re.compile(
     r"Type <class|Not a valid (path|value)|Problem with given class_path|- \"?class_path\"?|Unable to load|"
     r"Not of type|Value \".*\" does not validate|Parser key|'?NoneType'? object|Not a class)"
 )
-_HINT = re.compile(r"\((see|check|use|give|pass|run|set|choose|resume|start|lower|raise|free|add|keep|point)\b|: (use|give|pass|"
-                   r"choose|resume|start|lower|raise|free|add|keep|point|set|check|remove|rename|download|install|register)\b")
+_HINT = re.compile(
+    r"\((see|check|use|give|pass|run|set|choose|resume|start|lower|raise|free|add|keep|point)\b|: (use|give|pass|"
+    r"choose|resume|start|lower|raise|free|add|keep|point|set|check|remove|rename|download|install|register)\b"
+)
 
 
 class UsageError(ValueError):
@@ -85,7 +87,9 @@ def _type_mismatch(message: str) -> Optional[str]:
         return None
     types = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", (re.search(r"Subtypes: \[(.*)\]", message) or given).group(0))
     expected = " or ".join(t.replace("NoneType", "None") for t in types)
-    return f"{key.group(1)}: {given.group(1).strip()!r} is not a valid value" + (f" (expected {expected})" if expected else "")
+    return f"{key.group(1)}: {given.group(1).strip()!r} is not a valid value" + (
+        f" (expected {expected})" if expected else ""
+    )
 
 
 def explain(err: BaseException, command: str = "fit") -> str:
@@ -97,16 +101,25 @@ def explain(err: BaseException, command: str = "fit") -> str:
     messages = [str(e).strip() for e in chain if str(e).strip()]
     candidates = list(dict.fromkeys(line for message in messages for line in _candidates(message)))
     with_fix = [line for line in candidates if _HINT.search(line)]
-    own = [str(e).strip() for e in chain if type(e).__module__.startswith("lightning_fed") and "\n" not in str(e).strip()]
+    own = [
+        str(e).strip() for e in chain if type(e).__module__.startswith("lightning_fed") and "\n" not in str(e).strip()
+    ]
     if own:
         line = own[0]
     elif with_fix:
         line = with_fix[0]
     else:
         line = next((m for m in (_type_mismatch(msg) for msg in messages) if m), None) or (
-            "; ".join(candidates[:2]) if candidates else (messages[0] if messages else type(err).__name__))
-        named = next((e for e in chain if type(e).__module__ not in ("builtins", "argparse", "jsonargparse._common")), None)
-        if named is not None and not line.startswith(type(named).__name__) and type(named).__name__ not in ("ArgumentError",):
+            "; ".join(candidates[:2]) if candidates else (messages[0] if messages else type(err).__name__)
+        )
+        named = next(
+            (e for e in chain if type(e).__module__ not in ("builtins", "argparse", "jsonargparse._common")), None
+        )
+        if (
+            named is not None
+            and not line.startswith(type(named).__name__)
+            and type(named).__name__ not in ("ArgumentError",)
+        ):
             line = f"{type(named).__name__}: {line}"
     line = re.sub(r"\s+", " ", line.replace('"<unicode string>"', "the recipe")).strip()
     if not _HINT.search(line):

@@ -68,9 +68,18 @@ class Federation:
         source_id: identifies the data the sites came from, so a later ``test`` on the same data reuses them.
     """
 
-    def __init__(self, config: FederationConfig, sites: list[Site], module: LightningModule, job: TrainerJob, stage: str,
-                 runtime: RayRuntime, resume: Optional[RoundCheckpoint] = None, pool: Optional[WorkerPool] = None,
-                 source_id: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        config: FederationConfig,
+        sites: list[Site],
+        module: LightningModule,
+        job: TrainerJob,
+        stage: str,
+        runtime: RayRuntime,
+        resume: Optional[RoundCheckpoint] = None,
+        pool: Optional[WorkerPool] = None,
+        source_id: Optional[int] = None,
+    ) -> None:
         self.config = config
         self.sites = sites
         self.names = [s.name for s in sites]
@@ -93,7 +102,9 @@ class Federation:
         except BaseException:
             self.shutdown(graceful=False)
             raise
-        self.startup = Startup(time.monotonic() - t0, len(self.hosts.specs), describe_layout(self.hosts.specs), self.hosts.warm)
+        self.startup = Startup(
+            time.monotonic() - t0, len(self.hosts.specs), describe_layout(self.hosts.specs), self.hosts.warm
+        )
 
     @property
     def workers(self) -> list[Any]:
@@ -132,42 +143,69 @@ class Federation:
             other.shutdown()
         self.hosts = Workers.acquire(self.sites, placement, self.runtime, self.pool)
 
-    def _start_coordinator(self, module: LightningModule, job: TrainerJob, server_state: Optional[dict[str, Any]],
-                           resume: Optional[RoundCheckpoint]) -> None:
+    def _start_coordinator(
+        self,
+        module: LightningModule,
+        job: TrainerJob,
+        server_state: Optional[dict[str, Any]],
+        resume: Optional[RoundCheckpoint],
+    ) -> None:
         """The coordinator, on the driver's node, in a process that never imports torch or Lightning."""
         config = self.config
         self.coordinator = RemoteCoordinator.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
             runtime_env={"env_vars": {COORDINATOR_ROLE_ENV: COORDINATOR_ROLE}},
         ).remote(
-            config.aggregator, self.names, sync_every=config.sync_every, reliability=config.reliability,
-            checkpointing=config.checkpointing, checkpoint_dir=job.checkpoint_dir, audit=config.audit_messages,
-            server_state=server_state, layout=self.hosts.shared_layout(), parts=resume.parts() if resume is not None else None,
+            config.aggregator,
+            self.names,
+            sync_every=config.sync_every,
+            reliability=config.reliability,
+            checkpointing=config.checkpointing,
+            checkpoint_dir=job.checkpoint_dir,
+            audit=config.audit_messages,
+            server_state=server_state,
+            layout=self.hosts.shared_layout(),
+            parts=resume.parts() if resume is not None else None,
             initial_model=GlobalModel(weights=state_to_numpy(module.state_dict()), round=0) if resume is None else None,
         )
         self.alive = True
         _LIVE.add(self)
         atexit.register(self.shutdown)
 
-    def _host_sites(self, module: LightningModule, job: TrainerJob, stage: str, privacy: dict[str, Optional[DPSGD]],
-                    placement_timeout: float) -> None:
+    def _host_sites(
+        self,
+        module: LightningModule,
+        job: TrainerJob,
+        stage: str,
+        privacy: dict[str, Optional[DPSGD]],
+        placement_timeout: float,
+    ) -> None:
         """Every site set up in its worker (module, data, Trainer), its data checked."""
         hosts = self.hosts
         job = dataclasses.replace(job, module_ref=ray.put(module))
         plans: list[list[SitePlan]] = [[] for _ in hosts.specs]
         for index, site in enumerate(self.sites):
             self.plans[site.name] = SitePlan(
-                site=site, index=index, seed=self.config.seed, job=job, coordinator=self.coordinator,
-                algorithm=self.config.aggregator.site_algorithm(), privacy=privacy[site.name],
+                site=site,
+                index=index,
+                seed=self.config.seed,
+                job=job,
+                coordinator=self.coordinator,
+                algorithm=self.config.aggregator.site_algorithm(),
+                privacy=privacy[site.name],
             )
             plans[hosts.index[site.name]].append(self.plans[site.name])
         hosts.wait_placed(placement_timeout)
         self._gather_workers(hosts.adopted, "start")  # a spare takes its place in the layout before it hosts anything
-        hosted = self._gather_workers({w: hosts.actors[w].host.remote(plans[w], stage) for w in range(len(hosts.specs))}, "start")
+        hosted = self._gather_workers(
+            {w: hosts.actors[w].host.remote(plans[w], stage) for w in range(len(hosts.specs))}, "start"
+        )
         self.ready = {name: hosted[hosts.index[name]][name] for name in self.names}
         empty = [n for n, r in self.ready.items() if r.train_samples == 0]
         if empty and stage == "fit":
-            raise FederationConfigError(f"site(s) {empty} have no training samples: give every site data or drop it from the federation")
+            raise FederationConfigError(
+                f"site(s) {empty} have no training samples: give every site data or drop it from the federation"
+            )
 
     # -- waiting on sites ------------------------------------------------------------------------
     def _gather_workers(self, refs: dict[int, Any], what: str) -> dict[int, Any]:
@@ -178,7 +216,9 @@ class Federation:
         """One call per site; the first failure stops the federation and raises with the site's name."""
         return self._wait({name: (ref, [name]) for name, ref in refs.items()}, what, on_poll)
 
-    def _wait(self, calls: dict[Any, tuple[Any, list[str]]], what: str, on_poll: Optional[Callable[[], None]] = None) -> dict[Any, Any]:
+    def _wait(
+        self, calls: dict[Any, tuple[Any, list[str]]], what: str, on_poll: Optional[Callable[[], None]] = None
+    ) -> dict[Any, Any]:
         by_ref = {ref: key for key, (ref, _) in calls.items()}
         pending, results = list(by_ref), {}
         while pending:
@@ -190,8 +230,13 @@ class Federation:
                 except (RayTaskError, RayActorError) as err:
                     self._fail(calls[key][1], err, what)
                 if self._audit is not None:
-                    self._audit.append({"method": what, "site": key if isinstance(key, str) else calls[key][1],
-                                        "payload": describe([results[key]])})
+                    self._audit.append(
+                        {
+                            "method": what,
+                            "site": key if isinstance(key, str) else calls[key][1],
+                            "payload": describe([results[key]]),
+                        }
+                    )
             if on_poll is not None:
                 on_poll()
         return {key: results[key] for key in calls}  # call order (site order), not completion order
@@ -232,7 +277,9 @@ class Federation:
         return when(what, self._watch.rounds if self._watch is not None else 0, self.checkpoint_dir)
 
     # -- running ---------------------------------------------------------------------------------
-    def fit(self, total_rounds: int, loggers: Sequence[Any] = (), resume: Optional[RoundCheckpoint] = None) -> FitResult:
+    def fit(
+        self, total_rounds: int, loggers: Sequence[Any] = (), resume: Optional[RoundCheckpoint] = None
+    ) -> FitResult:
         """Train every site to the end (rounds agreed through the coordinator); the progress view and the driver's
         loggers follow the federated metrics as they come."""
         watch = self._watch = FitWatch(total_rounds, loggers, self.config.sync_every, show=self.config.progress)
@@ -260,8 +307,14 @@ class Federation:
         final = self._ask("final_global")
         global_model = ray.get(final[0]) if final else None
         assert self.startup is not None
-        return watch.result(sites, global_model, TrafficReport.from_ledger(self._ask("traffic")), self.startup,
-                            time.monotonic() - t0, started_at)
+        return watch.result(
+            sites,
+            global_model,
+            TrafficReport.from_ledger(self._ask("traffic")),
+            self.startup,
+            time.monotonic() - t0,
+            started_at,
+        )
 
     # -- continue mode ---------------------------------------------------------------------------
     def _gather_tolerant(self, refs: dict[str, Any], on_poll: Callable[[], None]) -> dict[str, SiteFit]:
@@ -294,8 +347,12 @@ class Federation:
             self._fail([name], err, "fit")
         if not may_rejoin:
             self.out[name] = reason
-            log.warning("lightning-fed: site %r stays out of the federation: it failed %d times in a row (%s)", name,
-                        FAILURES_BEFORE_OUT, reason)
+            log.warning(
+                "lightning-fed: site %r stays out of the federation: it failed %d times in a row (%s)",
+                name,
+                FAILURES_BEFORE_OUT,
+                reason,
+            )
             return None
         host = self.hosts.replace(name, worker) if dead else self.hosts.of(name)
         try:
@@ -312,15 +369,22 @@ class Federation:
         model, on every site's data)."""
         ref = ray.put(GlobalModel(weights=weights, round=-1))
         names = [n for n in self.names if n not in self.out]  # a site out for good has nothing to test with
-        evaluation = evaluation_of(stage, self._gather({n: self.hosts.of(n).evaluate.remote(n, stage, ref, exact) for n in names}, stage))
-        evaluation.notes.extend(f"site {name!r} not evaluated: it stayed out of the federation ({reason})" for name, reason in self.out.items())
+        evaluation = evaluation_of(
+            stage, self._gather({n: self.hosts.of(n).evaluate.remote(n, stage, ref, exact) for n in names}, stage)
+        )
+        evaluation.notes.extend(
+            f"site {name!r} not evaluated: it stayed out of the federation ({reason})"
+            for name, reason in self.out.items()
+        )
         return evaluation
 
     def audit(self) -> dict[str, list[dict[str, Any]]]:
         """Structure (never values) of every message sites sent the coordinator and every result they returned
         to the driver; needs ``FederatedStrategy(audit_messages=True)`` and a live federation."""
         if self._audit is None:
-            raise FederationConfigError("message audit is off: create the strategy with FederatedStrategy(audit_messages=True)")
+            raise FederationConfigError(
+                "message audit is off: create the strategy with FederatedStrategy(audit_messages=True)"
+            )
         return {"coordinator": ray.get(self.coordinator.audit_log.remote()), "driver": list(self._audit)}
 
     def site_weights(self) -> dict[str, Weights]:
@@ -355,9 +419,13 @@ def evaluation_of(stage: str, sites: dict[str, SiteEvaluation]) -> Evaluation:
     notes = sorted({r.note for r in sites.values() if r.note})
     hidden = sorted(name for name, r in sites.items() if r.hidden_labels)
     if hidden:
-        notes.append(f"sites without labels ({', '.join(hidden)}): their label-based metrics come from labels they never "
-                     "trained on (a simulation's hidden labels), and count in the federated values")
-    return Evaluation(stage=stage, sites=sites, federated=federated_metrics(merged, "test" if stage == "test" else "val"), notes=notes)
+        notes.append(
+            f"sites without labels ({', '.join(hidden)}): their label-based metrics come from labels they never "
+            "trained on (a simulation's hidden labels), and count in the federated values"
+        )
+    return Evaluation(
+        stage=stage, sites=sites, federated=federated_metrics(merged, "test" if stage == "test" else "val"), notes=notes
+    )
 
 
 def total_rounds(max_epochs: Optional[int], sync_every: int) -> int:

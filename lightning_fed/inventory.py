@@ -23,7 +23,15 @@ from typing import Any, Optional, Sequence
 
 from lightning_fed.data.dicom import UNKNOWN, count_exams, normalise_vendor, read_dicom_headers
 
-__all__ = ["UNKNOWN", "count_exams", "folder_inventory", "normalise_vendor", "read_dicom_headers", "recipe_inventory", "site_inventory"]
+__all__ = [
+    "UNKNOWN",
+    "count_exams",
+    "folder_inventory",
+    "normalise_vendor",
+    "read_dicom_headers",
+    "recipe_inventory",
+    "site_inventory",
+]
 
 FIELDS = ("vendor", "model", "kernel", "exams", "images")
 
@@ -32,8 +40,10 @@ def site_inventory(datamodule: Any, site: str) -> list[dict[str, Any]]:
     """What one site's datamodule reports; a datamodule without ``inventory()`` is named with the way out."""
     hook = getattr(datamodule, "inventory", None)
     if not callable(hook):
-        raise ValueError(f"site {site!r}: its datamodule {type(datamodule).__name__} has no inventory() method: "
-                         "use lightning_fed.data.CTFolderSite for real CT, or add inventory() returning count_exams(...) rows")
+        raise ValueError(
+            f"site {site!r}: its datamodule {type(datamodule).__name__} has no inventory() method: "
+            "use lightning_fed.data.CTFolderSite for real CT, or add inventory() returning count_exams(...) rows"
+        )
     return [{"site": site, **row} for row in hook()]
 
 
@@ -62,10 +72,15 @@ def recipe_inventory(configs: Sequence[str], overrides: Sequence[str] = ()) -> l
         pinned = [s for s in sites if s.resources]
         shared = [s for s in sites if not s.resources]
         groups = [[s] for s in pinned] + ([shared] if shared else [])
-        make_room([{"CPU": max(s.num_cpus for s in group)} for group in groups])  # warm workers of this process give way
+        make_room(
+            [{"CPU": max(s.num_cpus for s in group)} for group in groups]
+        )  # warm workers of this process give way
         refs = [
-            count.options(num_cpus=max(s.num_cpus for s in group), num_gpus=max(s.num_gpus for s in group),
-                          resources=group[0].resources or None).remote(group)
+            count.options(
+                num_cpus=max(s.num_cpus for s in group),
+                num_gpus=max(s.num_gpus for s in group),
+                resources=group[0].resources or None,
+            ).remote(group)
             for group in groups
         ]
         counted = {row_site: rows for result in ray.get(refs) for row_site, rows in result}

@@ -17,10 +17,15 @@ from lightning_fed.strategies.masking import write_identities
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="lightning-fed keys", description=__doc__.split("\n\n")[0].strip("`: "),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lightning-fed keys",
+        description=__doc__.split("\n\n")[0].strip("`: "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--sites", required=True, help="comma-separated site names, as the recipe names them")
-    parser.add_argument("--out", required=True, help="folder to write <site>.key and <site>.pub into (created if missing)")
+    parser.add_argument(
+        "--out", required=True, help="folder to write <site>.key and <site>.pub into (created if missing)"
+    )
     args = parser.parse_args(argv)
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     if not sites or len(set(sites)) != len(sites):
@@ -29,5 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         folder = write_identities(sites, args.out)
     except FileExistsError as err:
         parser.error(str(err))
-    print(f"identity keys for {len(sites)} sites written to {folder}: give each site its own <site>.key (and no other), "
-          "every site every <site>.pub, and run with secagg_kwargs={'identity_dir': '<that folder on each machine>'}")
+    print(
+        f"identity keys for {len(sites)} sites written to {folder}: give each site its own <site>.key (and no other), "
+        "every site every <site>.pub, and run with secagg_kwargs={'identity_dir': '<that folder on each machine>'}"
+    )

@@ -20,16 +20,16 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
 from lightning_fed.checkpoint import RoundCheckpoint, find_checkpoint, is_federated_checkpoint
 from lightning_fed.config import FederationConfig
-from lightning_fed.data.sites import Site, describe_sites, simulate_sites
 from lightning_fed.data.partition import IID
+from lightning_fed.data.sites import Site, describe_sites, simulate_sites
 from lightning_fed.federation import Federation, FederationConfigError, SiteFailedError, WorkerPool, total_rounds
 from lightning_fed.loggers import log_driver_metrics, site_logger_specs
 from lightning_fed.progress import results_cells, show_table
 from lightning_fed.results import Evaluation, FitResult
 from lightning_fed.runtime import RayRuntime
 from lightning_fed.site import TrainerJob
-from lightning_fed.warm import current_pool
 from lightning_fed.strategies.site import load_weights, state_to_numpy
+from lightning_fed.warm import current_pool
 
 _STAGES = {TrainerFn.FITTING: "fit", TrainerFn.TESTING: "test", TrainerFn.VALIDATING: "validate"}
 
@@ -70,8 +70,10 @@ def _module_loaders(model: LightningModule) -> dict[str, Any]:
 
     if is_overridden("setup", model):
         model.setup("fit")  # as Lightning would before asking for loaders
-    return {split: getattr(model, f"{split}_dataloader")() if is_overridden(f"{split}_dataloader", model) else None
-            for split in ("train", "val", "test")}
+    return {
+        split: getattr(model, f"{split}_dataloader")() if is_overridden(f"{split}_dataloader", model) else None
+        for split in ("train", "val", "test")
+    }
 
 
 class FederatedLauncher(_Launcher):
@@ -108,34 +110,58 @@ class FederatedLauncher(_Launcher):
         self.shutdown()
 
     # -- the public seams (also used by compare/sweep) -------------------------------------------
-    def sites(self, source: Any, model: LightningModule, splits: tuple[str, ...] = ("train", "val", "test")) -> list[Site]:
+    def sites(
+        self, source: Any, model: LightningModule, splits: tuple[str, ...] = ("train", "val", "test")
+    ) -> list[Site]:
         """The sites of ``source``: a datamodule's own (``federated_sites()``), or the simulation of a plain
         datamodule / dataloaders across ``config.simulation.num_sites`` sites."""
         sites = describe_sites(source) if isinstance(source, LightningDataModule) else None
         if sites is None:
             if isinstance(source, dict) and all(v is None for v in source.values()):
-                raise FederationConfigError("no data: pass a datamodule (or dataloaders) to fit/test, as you would without lightning-fed")
+                raise FederationConfigError(
+                    "no data: pass a datamodule (or dataloaders) to fit/test, as you would without lightning-fed"
+                )
             sim = self.config.simulation
             partitioner = sim.partitioner if sim.partitioner is not None else IID(seed=self.config.seed)
             sites = simulate_sites(source, sim.num_sites, partitioner, splits, sim.site_cpus, sim.site_gpus)
         return sites
 
-    def start(self, trainer: Trainer, model: LightningModule, sites: list[Site], stage: str, source_id: Optional[int] = None,
-              resume: Optional[RoundCheckpoint] = None) -> Federation:
+    def start(
+        self,
+        trainer: Trainer,
+        model: LightningModule,
+        sites: list[Site],
+        stage: str,
+        source_id: Optional[int] = None,
+        resume: Optional[RoundCheckpoint] = None,
+    ) -> Federation:
         """A new federation of ``sites`` for ``stage`` (any previous one is shut down first; Ray stays up)."""
         self._close_federation()
         if self.runtime is None or (self.runtime.address, self.runtime.init_kwargs) != self._cluster():
             self.runtime = RayRuntime(self.config.cluster.address, self.config.cluster.init_kwargs)
         job = TrainerJob(
-            module_ref=None, trainer_settings=trainer_settings(trainer), callbacks=user_callbacks(trainer),
-            loggers=site_logger_specs(trainer.loggers), root_dir=self.run_root(trainer),
-            sync_every=self.config.sync_every, checkpoint_dir=self.checkpoint_dir(trainer, resume),
-            checkpoint_every=self.config.checkpointing.every_n_rounds, metric_thresholds=self.config.metric_thresholds,
+            module_ref=None,
+            trainer_settings=trainer_settings(trainer),
+            callbacks=user_callbacks(trainer),
+            loggers=site_logger_specs(trainer.loggers),
+            root_dir=self.run_root(trainer),
+            sync_every=self.config.sync_every,
+            checkpoint_dir=self.checkpoint_dir(trainer, resume),
+            checkpoint_every=self.config.checkpointing.every_n_rounds,
+            metric_thresholds=self.config.metric_thresholds,
             class_balance=self.config.class_balance,
         )
-        self.federation = Federation(self.config, sites, model, job, stage, self.runtime, resume=resume,
-                                     pool=self.pool if self.pool is not None else current_pool(),
-                                     source_id=source_id)
+        self.federation = Federation(
+            self.config,
+            sites,
+            model,
+            job,
+            stage,
+            self.runtime,
+            resume=resume,
+            pool=self.pool if self.pool is not None else current_pool(),
+            source_id=source_id,
+        )
         return self.federation
 
     def _cluster(self) -> tuple:
@@ -171,8 +197,16 @@ class FederatedLauncher(_Launcher):
         return str(Path(self.run_root(trainer)) / "federated_checkpoints")
 
     # -- fit -------------------------------------------------------------------------------------
-    def _fit(self, trainer: Trainer, model: LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
-             datamodule: Optional[LightningDataModule] = None, ckpt_path: Any = None, weights_only: Any = None) -> None:
+    def _fit(
+        self,
+        trainer: Trainer,
+        model: LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: Optional[LightningDataModule] = None,
+        ckpt_path: Any = None,
+        weights_only: Any = None,
+    ) -> None:
         if isinstance(train_dataloaders, LightningDataModule):
             datamodule, train_dataloaders = train_dataloaders, None
         try:
@@ -189,7 +223,9 @@ class FederatedLauncher(_Launcher):
         if isinstance(source, dict) and all(v is None for v in source.values()):
             source = _module_loaders(model)  # a module that brings its own *_dataloader hooks
         sites = self.sites(source, model)
-        federation = self.start(trainer, model, sites, "fit", id(datamodule) if datamodule is not None else None, resume)
+        federation = self.start(
+            trainer, model, sites, "fit", id(datamodule) if datamodule is not None else None, resume
+        )
         for logger in trainer.loggers:
             logger.log_hyperparams({**dict(model.hparams), **self.config.hyperparameters()})
         try:
@@ -207,7 +243,9 @@ class FederatedLauncher(_Launcher):
             return None
         if ckpt_path == "last":
             if not self.config.checkpointing.dirpath:
-                raise FederationConfigError("fit(ckpt_path='last') needs FederatedStrategy(checkpoint_dir=...) to know where the federation's checkpoints are")
+                raise FederationConfigError(
+                    "fit(ckpt_path='last') needs FederatedStrategy(checkpoint_dir=...) to know where the federation's checkpoints are"
+                )
             return find_checkpoint(self.config.checkpointing.dirpath)
         if not is_federated_checkpoint(ckpt_path):
             raise FederationConfigError(
@@ -232,7 +270,9 @@ class FederatedLauncher(_Launcher):
                     metrics[key if key.startswith("site/") else f"site/{name}/{key}"] = value
         metrics.update(result.metrics)
         metrics.update(self._own_keys(result, metrics))
-        if result.global_model is not None:  # figures the aggregator reports about the global model (e.g. client-level ε)
+        if (
+            result.global_model is not None
+        ):  # figures the aggregator reports about the global model (e.g. client-level ε)
             metrics.update({f"fl/{k}": float(v) for k, v in result.global_model.extras.get("metrics", {}).items()})
         if result.events:  # continue mode: rounds the federation aggregated without some sites
             everyone = len(self.federation.names) if self.federation is not None else len(result.sites)
@@ -260,13 +300,25 @@ class FederatedLauncher(_Launcher):
                 continue
             values = {n: s.callback_metrics[key] for n, s in result.sites.items() if key in s.callback_metrics}
             total = sum(sizes.get(n, 0) for n in values)
-            own[key] = (sum(v * sizes.get(n, 0) for n, v in values.items()) / total) if total else sum(values.values()) / len(values)
+            own[key] = (
+                (sum(v * sizes.get(n, 0) for n, v in values.items()) / total)
+                if total
+                else sum(values.values()) / len(values)
+            )
         return own
 
     # -- evaluate --------------------------------------------------------------------------------
-    def _evaluate(self, trainer: Trainer, stage: str, model: Optional[LightningModule] = None, dataloaders: Any = None,
-                  ckpt_path: Any = None, verbose: bool = True, datamodule: Optional[LightningDataModule] = None,
-                  weights_only: Any = None) -> list[dict[str, Any]]:
+    def _evaluate(
+        self,
+        trainer: Trainer,
+        stage: str,
+        model: Optional[LightningModule] = None,
+        dataloaders: Any = None,
+        ckpt_path: Any = None,
+        verbose: bool = True,
+        datamodule: Optional[LightningDataModule] = None,
+        weights_only: Any = None,
+    ) -> list[dict[str, Any]]:
         if isinstance(dataloaders, LightningDataModule):
             datamodule, dataloaders = dataloaders, None
         model = model or trainer.lightning_module
@@ -275,16 +327,26 @@ class FederatedLauncher(_Launcher):
         if ckpt_path is not None:
             self._load_weights(model, ckpt_path)
         federation = self.federation
-        reuse = federation is not None and federation.alive and (
-            (datamodule is None and dataloaders is None) or (datamodule is not None and id(datamodule) == federation.source_id)
+        reuse = (
+            federation is not None
+            and federation.alive
+            and (
+                (datamodule is None and dataloaders is None)
+                or (datamodule is not None and id(datamodule) == federation.source_id)
+            )
         )
         if not reuse:
             split = "test" if stage == "test" else "val"
             source = datamodule if datamodule is not None else {split: dataloaders}
             if datamodule is None and dataloaders is None:
                 raise FederationConfigError(f"trainer.{stage}() needs data: pass the datamodule or dataloaders")
-            federation = self.start(trainer, model, self.sites(source, model, splits=(split,)), stage,
-                                    id(datamodule) if datamodule is not None else None)
+            federation = self.start(
+                trainer,
+                model,
+                self.sites(source, model, splits=(split,)),
+                stage,
+                id(datamodule) if datamodule is not None else None,
+            )
         assert federation is not None
         evaluation = federation.evaluate(stage, state_to_numpy(model.state_dict()))
         output = evaluation.metrics()
@@ -292,8 +354,10 @@ class FederatedLauncher(_Launcher):
         log_driver_metrics(trainer.loggers, output, step=None)
         self.last_evaluation = evaluation
         if verbose:
-            show_table(*results_cells(evaluation.rows()),
-                       title=f"\n{stage} results (each site on its own data; 'federated' merges every site's metric states):")
+            show_table(
+                *results_cells(evaluation.rows()),
+                title=f"\n{stage} results (each site on its own data; 'federated' merges every site's metric states):",
+            )
             for note in evaluation.notes:
                 print(f"note: {note}")
         trainer.state.status = TrainerStatus.FINISHED

@@ -21,15 +21,19 @@ from lightning_fed.progress import format_bytes, per_label_table, report_columns
 from lightning_fed.strategy import FederatedStrategy
 
 
-
-
 class FederatedCLI(LightningCLI):
     """LightningCLI plus ``results.mean_over`` (sites averaged in the report) and the post-fit test report."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_argument("--results.mean_over", type=Optional[list[str]], default=None,
-                            help="sites whose test metrics are averaged in the report (study B: the small hospitals)")
-        parser.add_argument("--results.test_after_fit", type=bool, default=True, help="test the global model on every site after fit")
+        parser.add_argument(
+            "--results.mean_over",
+            type=Optional[list[str]],
+            default=None,
+            help="sites whose test metrics are averaged in the report (study B: the small hospitals)",
+        )
+        parser.add_argument(
+            "--results.test_after_fit", type=bool, default=True, help="test the global model on every site after fit"
+        )
 
     def before_fit(self) -> None:
         self._t0 = time.monotonic()
@@ -60,19 +64,28 @@ class FederatedCLI(LightningCLI):
                 if fit.traffic is not None:
                     report["traffic"] = fit.traffic.as_dict()
                     sent, received = fit.traffic.per_site_round()
-                    print(f"\ntraffic: {format_bytes(fit.traffic.total_sent)} sent to the coordinator, "
-                          f"{format_bytes(fit.traffic.total_received)} received from it ({format_bytes(sent)} sent and "
-                          f"{format_bytes(received)} received per site and round)")
+                    print(
+                        f"\ntraffic: {format_bytes(fit.traffic.total_sent)} sent to the coordinator, "
+                        f"{format_bytes(fit.traffic.total_received)} received from it ({format_bytes(sent)} sent and "
+                        f"{format_bytes(received)} received per site and round)"
+                    )
                 if any(fit.round_metrics):
                     report["round_metrics"] = fit.round_metrics
                 if fit.events:  # continue mode: who was left out of which round, and who came back
                     report["site_events"] = [dataclasses.asdict(e) for e in fit.events]
                     report["round_sites"] = fit.round_sites
                 if fit.privacy is not None:
-                    report["privacy"] = {"sites": {n: dataclasses.asdict(p) for n, p in fit.privacy.sites.items()},
-                                         "max_epsilon": fit.privacy.max_epsilon}
-                    sites = ", ".join(f"{n} ε={p.epsilon:.3g} (δ={p.delta:g}, {p.accountant.upper()})" for n, p in fit.privacy.sites.items())
-                    print(f"\nDP-SGD, from each site's accountant: {sites}; federation: max ε={fit.privacy.max_epsilon:.3g}")
+                    report["privacy"] = {
+                        "sites": {n: dataclasses.asdict(p) for n, p in fit.privacy.sites.items()},
+                        "max_epsilon": fit.privacy.max_epsilon,
+                    }
+                    sites = ", ".join(
+                        f"{n} ε={p.epsilon:.3g} (δ={p.delta:g}, {p.accountant.upper()})"
+                        for n, p in fit.privacy.sites.items()
+                    )
+                    print(
+                        f"\nDP-SGD, from each site's accountant: {sites}; federation: max ε={fit.privacy.max_epsilon:.3g}"
+                    )
             report["config"] = json.loads(json.dumps(cfg.as_dict(), default=str))
             out = Path(trainer.log_dir or trainer.default_root_dir) / "results.json"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,13 +119,19 @@ class FederatedCLI(LightningCLI):
         table = evaluation.rows()
         sites = {n: v for n, v in table.items() if n != "federated"}
         rows = dict(sites)
-        report: dict[str, Any] = {"test": {"sites": sites, "federated": table["federated"]},
-                                  "confusion_matrices": evaluation.confusion_matrices}
+        report: dict[str, Any] = {
+            "test": {"sites": sites, "federated": table["federated"]},
+            "confusion_matrices": evaluation.confusion_matrices,
+        }
         if mean_over:
             unknown = sorted(set(mean_over) - set(sites))
             if unknown:
                 raise ValueError(f"results.mean_over names unknown sites {unknown}; the sites are {sorted(sites)}")
-            mean = {m: sum(sites[s][m] for s in mean_over) / len(mean_over) for m in report_columns(sites) if all(isinstance(sites[s].get(m), float) for s in mean_over)}
+            mean = {
+                m: sum(sites[s][m] for s in mean_over) / len(mean_over)
+                for m in report_columns(sites)
+                if all(isinstance(sites[s].get(m), float) for s in mean_over)
+            }
             report["test"]["mean_over_sites"] = {"sites": mean_over, **mean}
             rows[f"mean({','.join(mean_over)})"] = mean
         rows["federated"] = table["federated"]

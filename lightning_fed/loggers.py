@@ -49,7 +49,9 @@ def site_logger_specs(loggers: list[Logger]) -> list[SiteLoggerSpec]:
         elif isinstance(logger, WandbLogger):
             specs.append(SiteLoggerSpec("wandb", wandb_site_kwargs(logger)))
         else:
-            rank_zero_warn(f"lightning-fed mirrors CSV, TensorBoard and W&B loggers on sites; {type(logger).__name__} receives federated metrics only")
+            rank_zero_warn(
+                f"lightning-fed mirrors CSV, TensorBoard and W&B loggers on sites; {type(logger).__name__} receives federated metrics only"
+            )
     return specs
 
 

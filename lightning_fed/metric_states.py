@@ -40,4 +40,7 @@ def sum_metric_states(exports: list[Optional[dict[str, Any]]]) -> Optional[dict[
 
 def merge_reports(payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``{"scalars": weighted means, "metrics": summed states or None}`` of every site's evaluation report."""
-    return {"scalars": weighted_scalars(payloads), "metrics": sum_metric_states([p.get("metrics") for p in payloads.values()])}
+    return {
+        "scalars": weighted_scalars(payloads),
+        "metrics": sum_metric_states([p.get("metrics") for p in payloads.values()]),
+    }

@@ -13,16 +13,16 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torchmetrics.classification as tmc
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torchmetrics import Metric
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
+from torchmetrics import Metric
 
 DEFAULT_THRESHOLDS = 1000
 IGNORE_INDEX = -1  # unlabelled targets (partial labels) never count as negatives
@@ -38,8 +38,12 @@ class TaskSpec:
     groups: tuple[str, ...] = ()  # segmentation: names of the batches' ``group`` indices (e.g. vendors)
 
     @staticmethod
-    def infer(logits: torch.Tensor, targets: Optional[torch.Tensor], thresholds: int = DEFAULT_THRESHOLDS,
-              groups: tuple[str, ...] = ()) -> "TaskSpec":
+    def infer(
+        logits: torch.Tensor,
+        targets: Optional[torch.Tensor],
+        thresholds: int = DEFAULT_THRESHOLDS,
+        groups: tuple[str, ...] = (),
+    ) -> "TaskSpec":
         if logits.dim() >= 3 and (targets is None or tuple(targets.shape) == (logits.shape[0], *logits.shape[2:])):
             return TaskSpec("segmentation", logits.shape[1], thresholds, tuple(groups))
         if targets is None:
@@ -53,7 +57,10 @@ class TaskSpec:
     def build(self) -> dict[str, Any]:
         t, common = self.thresholds, {"ignore_index": IGNORE_INDEX}
         if self.kind == "segmentation":
-            return {"dice": GroupedOverlap(self.num_classes, len(self.groups)), "uncertainty": GroupedUncertainty(len(self.groups))}
+            return {
+                "dice": GroupedOverlap(self.num_classes, len(self.groups)),
+                "uncertainty": GroupedUncertainty(len(self.groups)),
+            }
         if self.kind == "binary":
             return {
                 "accuracy": tmc.BinaryAccuracy(**common),
@@ -136,7 +143,11 @@ class GroupedUncertainty(Metric):
         for name in self.TERMS:
             values = getattr(uncertainty, name).double().flatten(1)
             getattr(self, name).index_add_(0, rows, values.sum(1))
-        self.pixels.index_add_(0, rows, torch.full((len(rows),), float(uncertainty.entropy[0].numel()), dtype=torch.float64, device=rows.device))
+        self.pixels.index_add_(
+            0,
+            rows,
+            torch.full((len(rows),), float(uncertainty.entropy[0].numel()), dtype=torch.float64, device=rows.device),
+        )
 
     def compute(self) -> torch.Tensor:
         return self.entropy.sum() / self.pixels.sum().clamp_min(1)
@@ -221,7 +232,9 @@ def metric_states(metrics: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     for name, metric in metrics.items():
         others = [k for k, fx in metric._reductions.items() if getattr(fx, "__name__", "") != "dim_zero_sum"]
         if others:
-            raise ValueError(f"metric {name!r} keeps states {others} that are not sums: they cannot be merged across sites")
+            raise ValueError(
+                f"metric {name!r} keeps states {others} that are not sums: they cannot be merged across sites"
+            )
     return {name: {k: v.detach().cpu().numpy() for k, v in m.metric_state.items()} for name, m in metrics.items()}
 
 
@@ -305,11 +318,16 @@ class SiteMetrics(Callback):
     # -- capture ---------------------------------------------------------------------------------
     def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # group names (e.g. vendors) of the batches' ``group`` index, from the site's datamodule
-        self.groups = tuple(getattr(trainer.datamodule, "group_names", None) or ()) if self.spec is None else self.spec.groups
+        self.groups = (
+            tuple(getattr(trainer.datamodule, "group_names", None) or ()) if self.spec is None else self.spec.groups
+        )
         self._metrics.pop(stage, None)
         self._samples[stage] = 0
         self._captured = []
-        hook: Callable = lambda _m, _args, output: self._captured.append(output)
+
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            self._captured.append(output)
+
         self._handle = pl_module.register_forward_hook(hook)
 
     def _stop(self) -> None:
@@ -324,10 +342,12 @@ class SiteMetrics(Callback):
         targets = targets_of(batch)
         uncertainty = getattr(pl_module, "predictive_uncertainty", None)
         if targets is None and not callable(uncertainty):
-            return self._disable("batches have no recognisable targets (expected (inputs, targets) or a dict with 'label')")
+            return self._disable(
+                "batches have no recognisable targets (expected (inputs, targets) or a dict with 'label')"
+            )
         inputs = inputs_of(batch)
         count = len(targets) if targets is not None else len(inputs)
-        logits = next((l for l in map(_logits_of, reversed(captured)) if l is not None and len(l) == count), None)
+        logits = next((lg for lg in map(_logits_of, reversed(captured)) if lg is not None and len(lg) == count), None)
         if logits is None:
             try:
                 with torch.no_grad():
@@ -353,12 +373,25 @@ class SiteMetrics(Callback):
             target = target.reshape(-1)
         for metric in self._metrics[stage].values():
             metric.update(probs, target)
-        self._samples[stage] += int((target != IGNORE_INDEX).any(-1).sum()) if target.dim() > 1 else int((target != IGNORE_INDEX).sum())
+        self._samples[stage] += (
+            int((target != IGNORE_INDEX).any(-1).sum()) if target.dim() > 1 else int((target != IGNORE_INDEX).sum())
+        )
 
-    def _update_segmentation(self, uncertainty: Any, inputs: torch.Tensor, logits: torch.Tensor, targets: Optional[torch.Tensor],
-                             batch: Any, stage: str) -> None:
+    def _update_segmentation(
+        self,
+        uncertainty: Any,
+        inputs: torch.Tensor,
+        logits: torch.Tensor,
+        targets: Optional[torch.Tensor],
+        batch: Any,
+        stage: str,
+    ) -> None:
         group = batch.get("group") if isinstance(batch, dict) else None
-        groups = group.to(logits.device) if isinstance(group, torch.Tensor) else torch.full((len(logits),), -1, device=logits.device)
+        groups = (
+            group.to(logits.device)
+            if isinstance(group, torch.Tensor)
+            else torch.full((len(logits),), -1, device=logits.device)
+        )
         metrics = self._metrics[stage]
         if targets is not None:
             metrics["dice"].update(logits.argmax(1), targets, groups)
@@ -385,8 +418,11 @@ class SiteMetrics(Callback):
         """This site's mergeable metric states for ``stage`` (``None`` when nothing was measured)."""
         if stage not in self._metrics or self.spec is None:
             return None
-        return {"spec": dataclasses.asdict(self.spec), "states": metric_states(self._metrics[stage]),
-                "num_samples": self._samples.get(stage, 0)}
+        return {
+            "spec": dataclasses.asdict(self.spec),
+            "states": metric_states(self._metrics[stage]),
+            "num_samples": self._samples.get(stage, 0),
+        }
 
     def samples(self, stage: str) -> int:
         return self._samples.get(stage, 0)
@@ -396,7 +432,15 @@ class SiteMetrics(Callback):
         if not trainer.sanity_checking:
             self._start(trainer, pl_module, "val")
 
-    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if not trainer.sanity_checking:
             self._update(pl_module, batch, "val")
 
@@ -407,7 +451,15 @@ class SiteMetrics(Callback):
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start(trainer, pl_module, "test")
 
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._update(pl_module, batch, "test")
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

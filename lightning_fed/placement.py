@@ -90,7 +90,7 @@ def _auto_pool(work: Sequence[float], unit: float, free_cpus: float) -> tuple[in
         workers = min(n, max(1, int((free_cpus + 1e-9) // cpus)))
         threads = _threads(cpus)
         oversubscribed = max(1.0, workers * threads / max(free_cpus, 1.0))  # fractional CPUs still run a thread each
-        key = (_makespan(work, workers) * oversubscribed / threads ** THREAD_EXPONENT, workers)  # ties: fewer processes
+        key = (_makespan(work, workers) * oversubscribed / threads**THREAD_EXPONENT, workers)  # ties: fewer processes
         if best is None or key < best[0]:
             best = (key, workers, cpus)
         k += 1
@@ -98,13 +98,23 @@ def _auto_pool(work: Sequence[float], unit: float, free_cpus: float) -> tuple[in
     return best[1], best[2]
 
 
-def place_sites(sites: Sequence[Site], placement: Placement, free_cpus: float, free_gpus: float = 0.0) -> list[WorkerSpec]:
+def place_sites(
+    sites: Sequence[Site], placement: Placement, free_cpus: float, free_gpus: float = 0.0
+) -> list[WorkerSpec]:
     """The workers for ``sites`` on a cluster with ``free_cpus``/``free_gpus`` unused (see the module's docstring)."""
     specs: list[WorkerSpec] = []
     pinned = [s for s in sites if s.resources]
     for site in pinned:
-        specs.append(WorkerSpec(len(specs), (site.name,), site.num_cpus, site.num_gpus,
-                                tuple(sorted((k, float(v)) for k, v in site.resources.items())), _threads(site.num_cpus)))
+        specs.append(
+            WorkerSpec(
+                len(specs),
+                (site.name,),
+                site.num_cpus,
+                site.num_gpus,
+                tuple(sorted((k, float(v)) for k, v in site.resources.items())),
+                _threads(site.num_cpus),
+            )
+        )
     shared = [s for s in sites if not s.resources]
     if not shared:
         return specs
@@ -130,13 +140,24 @@ def place_sites(sites: Sequence[Site], placement: Placement, free_cpus: float, f
         members = [shared[i] for i in group]
         cpus = pool_cpus if pool_cpus is not None else max(s.num_cpus for s in members)  # sites take turns: the max
         share = sum(s.num_gpus for s in members) if gpus < 1 else max(s.num_gpus for s in members)
-        specs.append(WorkerSpec(len(specs), tuple(s.name for s in members), cpus, min(1.0, share) if gpus < 1 else share,
-                                (), _threads(cpus)))
+        specs.append(
+            WorkerSpec(
+                len(specs),
+                tuple(s.name for s in members),
+                cpus,
+                min(1.0, share) if gpus < 1 else share,
+                (),
+                _threads(cpus),
+            )
+        )
     return specs
 
 
 def describe_layout(specs: Sequence[WorkerSpec]) -> str:
     """One line: ``2 workers: [large] 2 threads; [small_1, small_2] 2 threads``."""
-    parts = [f"[{', '.join(s.sites)}] {s.threads} thread{'s' if s.threads != 1 else ''}" + (f" {s.num_gpus:g} GPU" if s.num_gpus else "")
-             for s in specs]
+    parts = [
+        f"[{', '.join(s.sites)}] {s.threads} thread{'s' if s.threads != 1 else ''}"
+        + (f" {s.num_gpus:g} GPU" if s.num_gpus else "")
+        for s in specs
+    ]
     return f"{len(specs)} worker{'s' if len(specs) != 1 else ''}: " + "; ".join(parts)

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def _fmt_resources(resources: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if not k.startswith(("node:", "object_store", "memory")))
+    return ", ".join(
+        f"{k}={v:g}" for k, v in sorted(resources.items()) if not k.startswith(("node:", "object_store", "memory"))
+    )
 
 
 def _sum_bundles(bundles: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -132,8 +134,9 @@ class Workers:
     ``warm``: taken over from a :class:`WorkerPool` (already placed and started); otherwise started for this run,
     perhaps with the early spare standing in for one (``adopted``: its adoption call, by worker index)."""
 
-    def __init__(self, specs: list[WorkerSpec], pg: Any, actors: list[Any], warm: bool,
-                 adopted: Optional[dict[int, Any]] = None) -> None:
+    def __init__(
+        self, specs: list[WorkerSpec], pg: Any, actors: list[Any], warm: bool, adopted: Optional[dict[int, Any]] = None
+    ) -> None:
         self.specs, self.pg, self.actors, self.warm = specs, pg, actors, warm
         self.adopted: dict[int, Any] = dict(adopted or {})
         self.index: dict[str, int] = {name: spec.index for spec in specs for name in spec.sites}  # site -> its worker
@@ -144,8 +147,9 @@ class Workers:
         return cls([], None, [], warm=False)
 
     @classmethod
-    def acquire(cls, sites: Sequence[Site], placement: Placement, runtime: RayRuntime,
-                pool: Optional[WorkerPool] = None) -> "Workers":
+    def acquire(
+        cls, sites: Sequence[Site], placement: Placement, runtime: RayRuntime, pool: Optional[WorkerPool] = None
+    ) -> "Workers":
         """Place ``sites`` as ``placement`` says on the cluster's resources, and get a worker for each part: warm
         ones from ``pool`` when it holds this layout, else new processes (placed once :meth:`wait_placed` returns)."""
         # sized to the cluster, not to what happens to be free this instant (Ray reports that late, and a previous
@@ -168,7 +172,12 @@ class Workers:
         """One worker per spec; a spare (started before the layout was known) stands in for the first CPU worker
         it can serve, and its bundle stays reserved for it."""
         for spec in self.specs:
-            if spare is not None and not spec.num_gpus and not spec.resources and worker_concurrency(len(spec.sites)) <= SPARE_CONCURRENCY:
+            if (
+                spare is not None
+                and not spec.num_gpus
+                and not spec.resources
+                and worker_concurrency(len(spec.sites)) <= SPARE_CONCURRENCY
+            ):
                 self.actors.append(spare)
                 self.adopted[spec.index] = spare.adopt.remote(spec.index, spec.threads)
                 spare = None
@@ -179,7 +188,9 @@ class Workers:
 
     def _new(self, spec: WorkerSpec) -> Any:
         return RemoteWorker.options(
-            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=dict(spec.resources) or None,
+            num_cpus=spec.num_cpus,
+            num_gpus=spec.num_gpus,
+            resources=dict(spec.resources) or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=spec.index),
             max_concurrency=worker_concurrency(len(spec.sites)),  # room for a later run's sites (WorkerPool)
         ).remote(spec.index, spec.threads, spec.num_gpus)
@@ -252,4 +263,6 @@ def _check_resources(specs: Sequence[WorkerSpec], total: dict[str, float]) -> No
                 if key not in ("CPU", "GPU", "memory")
                 else "lower the sites' num_cpus/num_gpus, pack more sites per worker, or add nodes"
             )
-            raise FederationConfigError(f"sites {users} need {value:g} {key} but the Ray cluster has {total.get(key, 0.0):g}: {hint}")
+            raise FederationConfigError(
+                f"sites {users} need {value:g} {key} but the Ray cluster has {total.get(key, 0.0):g}: {hint}"
+            )

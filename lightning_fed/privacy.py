@@ -88,8 +88,10 @@ class SiteDPSGD(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_module(pl_module)
         if trainer.accumulate_grad_batches > 1:
-            raise ValueError(f"site {self.site!r}: DP-SGD cannot accumulate gradients over batches (accumulate_grad_batches="
-                             f"{trainer.accumulate_grad_batches}): raise the batch size instead")
+            raise ValueError(
+                f"site {self.site!r}: DP-SGD cannot accumulate gradients over batches (accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches}): raise the batch size instead"
+            )
         loader = trainer.train_dataloader
         batches = len(loader)
         self.sample_rate = 1.0 / batches if self.config.poisson_sampling else loader.batch_size / len(loader.dataset)
@@ -105,8 +107,13 @@ class SiteDPSGD(Callback):
             if isinstance(opt, site_dp_optimizer()):
                 optimizers.append(opt)
                 continue
-            private = site_dp_optimizer()(opt, noise_multiplier=self.noise_multiplier, max_grad_norm=self.config.max_grad_norm,
-                                             expected_batch_size=expected, loss_reduction="mean")
+            private = site_dp_optimizer()(
+                opt,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.config.max_grad_norm,
+                expected_batch_size=expected,
+                loss_reduction="mean",
+            )
             private.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
             optimizers.append(private)
         # LR schedulers keep working: the private optimizer shares the wrapped one's param_groups and state
@@ -116,17 +123,29 @@ class SiteDPSGD(Callback):
         if self.config.noise_multiplier is not None:
             return float(self.config.noise_multiplier)
         if trainer.max_epochs is None or trainer.max_epochs < 1:
-            raise ValueError(f"site {self.site!r}: DPSGD(target_epsilon=...) needs max_epochs to spread ε over the run; set max_epochs or give noise_multiplier")
+            raise ValueError(
+                f"site {self.site!r}: DPSGD(target_epsilon=...) needs max_epochs to spread ε over the run; set max_epochs or give noise_multiplier"
+            )
         from opacus.accountants.utils import get_noise_multiplier
 
-        return float(get_noise_multiplier(target_epsilon=self.config.target_epsilon, target_delta=self.config.delta,
-                                          sample_rate=self.sample_rate, epochs=trainer.max_epochs, accountant=self.config.accountant))
+        return float(
+            get_noise_multiplier(
+                target_epsilon=self.config.target_epsilon,
+                target_delta=self.config.delta,
+                sample_rate=self.sample_rate,
+                epochs=trainer.max_epochs,
+                accountant=self.config.accountant,
+            )
+        )
 
     def _check_module(self, pl_module: LightningModule) -> None:
         from opacus.validators import ModuleValidator
 
-        trainable_norms = [name for name, m in pl_module.named_modules()
-                           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters())]
+        trainable_norms = [
+            name
+            for name, m in pl_module.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters())
+        ]
         if trainable_norms:
             raise ValueError(
                 f"site {self.site!r}: DP-SGD cannot train BatchNorm layers {trainable_norms[:3]} (they mix samples in a batch): "
@@ -158,20 +177,33 @@ class SiteDPSGD(Callback):
         return float(self.accountant.get_epsilon(self.config.delta))
 
     def report(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "delta": self.config.delta, "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate, "max_grad_norm": self.config.max_grad_norm,
-                "steps": sum(steps for _, _, steps in self.accountant.history), "epsilon_per_epoch": list(self.epsilon_history),
-                "accountant": self.config.accountant}
+        return {
+            "epsilon": self.epsilon,
+            "delta": self.config.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "max_grad_norm": self.config.max_grad_norm,
+            "steps": sum(steps for _, _, steps in self.accountant.history),
+            "epsilon_per_epoch": list(self.epsilon_history),
+            "accountant": self.config.accountant,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.accountant.history), "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate, "epsilon_history": list(self.epsilon_history), "accountant": self.config.accountant}
+        return {
+            "history": list(self.accountant.history),
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "epsilon_history": list(self.epsilon_history),
+            "accountant": self.config.accountant,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("accountant", "rdp")
         if saved != self.config.accountant:
-            raise ValueError(f"site {self.site!r}: its checkpoint's privacy was accounted with {saved!r}, this run uses "
-                             f"{self.config.accountant!r}: resume with DPSGD(accountant={saved!r}) (σ was calibrated with it)")
+            raise ValueError(
+                f"site {self.site!r}: its checkpoint's privacy was accounted with {saved!r}, this run uses "
+                f"{self.config.accountant!r}: resume with DPSGD(accountant={saved!r}) (σ was calibrated with it)"
+            )
         self.accountant.history = [tuple(h) for h in state_dict.get("history", [])]
         self.noise_multiplier = state_dict.get("noise_multiplier")
         self.epsilon_history = list(state_dict.get("epsilon_history", []))

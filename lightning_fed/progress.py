@@ -33,8 +33,9 @@ class FederatedProgress:
     printed whenever the round or a site's status changes (with the bytes sent so far), so logs stay readable. Sites left out or back in get a line of their own either way.
     """
 
-    def __init__(self, total_rounds: int, stream: Optional[TextIO] = None, enabled: bool = True,
-                 console: Optional[Any] = None) -> None:
+    def __init__(
+        self, total_rounds: int, stream: Optional[TextIO] = None, enabled: bool = True, console: Optional[Any] = None
+    ) -> None:
         self.total_rounds = total_rounds
         self.stream = stream or sys.stdout
         self.enabled = enabled
@@ -50,7 +51,7 @@ class FederatedProgress:
         """Show ``snapshot`` (the coordinator's view of the run) with the latest federated metrics."""
         if not self.enabled:
             return
-        events = snapshot.events[self._events:]
+        events = snapshot.events[self._events :]
         self._events += len(events)
         for event in events:
             self._say(f"[lightning-fed] {event.line()}")
@@ -92,8 +93,15 @@ class FederatedProgress:
         eta = self.eta(round_)
         title = f"round {round_}/{self.total_rounds} · {elapsed:.0f} s" + (f" · about {eta:.0f} s left" if eta else "")
         table = Table(title=title, title_justify="left", expand=False, pad_edge=False)
-        for column, justify in (("site", "left"), ("epoch", "right"), ("step", "right"), ("status", "left"), ("loss", "right"),
-                                ("sent", "right"), ("received", "right")):
+        for column, justify in (
+            ("site", "left"),
+            ("epoch", "right"),
+            ("step", "right"),
+            ("status", "left"),
+            ("loss", "right"),
+            ("sent", "right"),
+            ("received", "right"),
+        ):
             table.add_column(column, justify=justify)  # type: ignore[arg-type]
         traffic = snapshot.traffic
         for name, info in snapshot.sites.items():
@@ -101,9 +109,16 @@ class FederatedProgress:
             loss = next((v for k, v in (info.get("metrics") or {}).items() if "loss" in k and "train" in k), None)
             status = str(info.get("status", "?"))
             style = "red" if status in ("failed", "left out", "out") else ("green" if status == "done" else None)
-            table.add_row(name, str(info.get("epoch", 0)), str(info.get("global_step", "")), status,
-                          f"{loss:.4f}" if isinstance(loss, float) else "", format_bytes(sum(crossed.get("sent", []))),
-                          format_bytes(sum(crossed.get("received", []))), style=style)
+            table.add_row(
+                name,
+                str(info.get("epoch", 0)),
+                str(info.get("global_step", "")),
+                status,
+                f"{loss:.4f}" if isinstance(loss, float) else "",
+                format_bytes(sum(crossed.get("sent", []))),
+                format_bytes(sum(crossed.get("received", []))),
+                style=style,
+            )
         metrics = _fmt_metrics(fl_metrics)
         if metrics:
             table.caption, table.caption_justify = metrics, "left"
@@ -135,7 +150,9 @@ def report_columns(rows: dict[str, dict[str, Any]]) -> tuple[str, ...]:
     return SEGMENTATION_COLUMNS if segmentation else CLASSIFICATION_COLUMNS
 
 
-def results_cells(rows: dict[str, dict[str, Any]], columns: Optional[tuple[str, ...]] = None) -> tuple[list[str], list[list[str]]]:
+def results_cells(
+    rows: dict[str, dict[str, Any]], columns: Optional[tuple[str, ...]] = None
+) -> tuple[list[str], list[list[str]]]:
     """Header and cells of a results table: one row per site plus the federated row, one column per metric (by
     default :func:`report_columns`); a site without labels is marked ``(no labels)``."""
     columns = columns or report_columns(rows)
@@ -155,7 +172,9 @@ def results_table(rows: dict[str, dict[str, Any]], columns: Optional[tuple[str, 
     return text_table(*results_cells(rows, columns))
 
 
-def show_table(header: list[str], body: list[list[str]], title: Optional[str] = None, stream: Optional[TextIO] = None) -> None:
+def show_table(
+    header: list[str], body: list[list[str]], title: Optional[str] = None, stream: Optional[TextIO] = None
+) -> None:
     """Print a table: drawn with rich on a terminal, plain text (:func:`text_table`) when piped or logged."""
     stream = stream or sys.stdout
     if title and title.startswith("\n"):
@@ -180,11 +199,16 @@ def show_table(header: list[str], body: list[list[str]], title: Optional[str] = 
 def text_table(header: list[str], body: list[list[str]]) -> str:
     """Columns padded to their widest cell, a rule under the header."""
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths))
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
-def per_label_table(rows: dict[str, dict[str, Any]], label_names: Optional[list[str]] = None, key: str = "auroc_per_label") -> Optional[str]:
+def per_label_table(
+    rows: dict[str, dict[str, Any]], label_names: Optional[list[str]] = None, key: str = "auroc_per_label"
+) -> Optional[str]:
     """Multi-label AUROC per label: one row per label, one column per site and the federated value.
 
     ``-`` marks a label without support there (no annotated positive and negative): left out of the macro mean.
@@ -195,5 +219,8 @@ def per_label_table(rows: dict[str, dict[str, Any]], label_names: Optional[list[
     count = max(len(v) for v in columns.values())
     names = list(label_names) if label_names and len(label_names) == count else [str(i) for i in range(count)]
     header = ["label", *columns]
-    body = [[names[i], *(f"{v[i]:.4f}" if i < len(v) and v[i] is not None else "-" for v in columns.values())] for i in range(count)]
+    body = [
+        [names[i], *(f"{v[i]:.4f}" if i < len(v) and v[i] is not None else "-" for v in columns.values())]
+        for i in range(count)
+    ]
     return text_table(header, body)

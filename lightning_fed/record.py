@@ -32,13 +32,25 @@ class RunRecord:
     def validation(self, merged: MergedValidation) -> None:
         self.validations.append(merged)
 
-    def snapshot(self, round: int, roster: Roster, aborted: Optional[str], traffic: dict[str, dict[str, list[int]]],
-                 since: int = 0) -> ProgressSnapshot:
+    def snapshot(
+        self,
+        round: int,
+        roster: Roster,
+        aborted: Optional[str],
+        traffic: dict[str, dict[str, list[int]]],
+        since: int = 0,
+    ) -> ProgressSnapshot:
         """Where the run stands after ``round`` rounds, with the merged validations from the ``since``-th on."""
         return ProgressSnapshot(
-            round=round, sites=copy.deepcopy(roster.status), history=self.validations[since:],
-            history_len=len(self.validations), round_seconds=list(self.round_seconds),
-            aggregate_seconds=list(self.aggregate_seconds), aborted=aborted, events=list(roster.events),
-            round_sites=[list(r) for r in self.round_sites], round_metrics=[dict(m) for m in self.round_metrics],
+            round=round,
+            sites=copy.deepcopy(roster.status),
+            history=self.validations[since:],
+            history_len=len(self.validations),
+            round_seconds=list(self.round_seconds),
+            aggregate_seconds=list(self.aggregate_seconds),
+            aborted=aborted,
+            events=list(roster.events),
+            round_sites=[list(r) for r in self.round_sites],
+            round_metrics=[dict(m) for m in self.round_metrics],
             traffic=traffic,
         )

@@ -93,7 +93,9 @@ class ProgressSnapshot:
     events: list[SiteEvent] = field(default_factory=list)  # sites left out and rejoined, in order
     round_sites: list[list[str]] = field(default_factory=list)  # the sites each aggregated round combined
     round_metrics: list[dict[str, float]] = field(default_factory=list)  # the aggregator's figures per round
-    traffic: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # bytes per site and round, the round in progress last
+    traffic: dict[str, dict[str, list[int]]] = field(
+        default_factory=dict
+    )  # bytes per site and round, the round in progress last
 
 
 @dataclass(frozen=True)
@@ -142,18 +144,33 @@ class TrafficReport:
 
     def as_dict(self) -> dict[str, Any]:
         """What ``results.json`` holds: per site and round, and the totals."""
-        sites = {s: {"bytes_sent": self.sent[s], "bytes_received": self.received.get(s, []),
-                     "update_bytes_sent": self.update_sent.get(s, []),
-                     "total_sent": sum(self.sent[s]), "total_received": sum(self.received.get(s, []))} for s in self.sent}
+        sites = {
+            s: {
+                "bytes_sent": self.sent[s],
+                "bytes_received": self.received.get(s, []),
+                "update_bytes_sent": self.update_sent.get(s, []),
+                "total_sent": sum(self.sent[s]),
+                "total_received": sum(self.received.get(s, [])),
+            }
+            for s in self.sent
+        }
         per_round = self.per_site_round()
-        return {"sites": sites, "bytes_sent": self.total_sent, "bytes_received": self.total_received,
-                "bytes_sent_per_site_round": per_round[0], "bytes_received_per_site_round": per_round[1],
-                "update_bytes_per_site_round": self.update_per_site_round()}
+        return {
+            "sites": sites,
+            "bytes_sent": self.total_sent,
+            "bytes_received": self.total_received,
+            "bytes_sent_per_site_round": per_round[0],
+            "bytes_received_per_site_round": per_round[1],
+            "update_bytes_per_site_round": self.update_per_site_round(),
+        }
 
     @classmethod
     def from_ledger(cls, per_site: dict[str, dict[str, list[int]]]) -> "TrafficReport":
-        return cls({s: list(v["sent"]) for s, v in per_site.items()}, {s: list(v["received"]) for s, v in per_site.items()},
-                   {s: list(v.get("update_sent", [])) for s, v in per_site.items()})
+        return cls(
+            {s: list(v["sent"]) for s, v in per_site.items()},
+            {s: list(v["received"]) for s, v in per_site.items()},
+            {s: list(v.get("update_sent", [])) for s, v in per_site.items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -181,7 +198,9 @@ class FitResult:
     started_at: float = 0.0  # wall-clock time (``time.time()``) at which the sites were told to train
     events: list[SiteEvent] = field(default_factory=list)  # sites left out and rejoined, in order
     round_sites: list[list[str]] = field(default_factory=list)  # the sites each round aggregated
-    round_metrics: list[dict[str, float]] = field(default_factory=list)  # the aggregator's figures per round (site weights, ...)
+    round_metrics: list[dict[str, float]] = field(
+        default_factory=list
+    )  # the aggregator's figures per round (site weights, ...)
     traffic: Optional[TrafficReport] = None  # bytes each site sent and received per round
 
     @property
@@ -199,7 +218,9 @@ class SiteEvaluation:
     metrics: Optional[dict[str, Any]]  # mergeable metric states (never predictions)
     values: dict[str, Any]  # lightning-fed's metrics at this site (accuracy, AUROC, confusion matrix, ...)
     note: Optional[str] = None
-    hidden_labels: bool = False  # a site without ground truth: any label-based value comes from labels it never trained on
+    hidden_labels: bool = (
+        False  # a site without ground truth: any label-based value comes from labels it never trained on
+    )
 
     def report(self) -> dict[str, Any]:
         """What merging needs (:func:`lightning_fed.metric_states.merge_reports`)."""
@@ -226,8 +247,14 @@ class Evaluation:
     def rows(self) -> dict[str, dict[str, Any]]:
         """One row per site and ``"federated"``, keys without the split prefix (``loss``, ``auroc``, ...)."""
         prefix = self.split
-        rows = {name: {**{k.removeprefix(f"{prefix}_"): v for k, v in r.scalars.items()}, **r.values,
-                       **({"labels": "hidden"} if r.hidden_labels else {})} for name, r in self.sites.items()}
+        rows = {
+            name: {
+                **{k.removeprefix(f"{prefix}_"): v for k, v in r.scalars.items()},
+                **r.values,
+                **({"labels": "hidden"} if r.hidden_labels else {}),
+            }
+            for name, r in self.sites.items()
+        }
         rows["federated"] = {k.removeprefix(f"fl/{prefix}_"): v for k, v in self.federated.items()}
         return rows
 
@@ -236,7 +263,9 @@ class Evaluation:
         with their federated values, as if one model had seen every site's data, then ``fl/...`` and
         ``site/<name>/...``."""
         own = {k for r in self.sites.values() for k in r.scalars}
-        out: dict[str, float] = {k: self.federated[f"fl/{k}"] for k in sorted(own) if isinstance(self.federated.get(f"fl/{k}"), float)}
+        out: dict[str, float] = {
+            k: self.federated[f"fl/{k}"] for k in sorted(own) if isinstance(self.federated.get(f"fl/{k}"), float)
+        }
         out.update({k: v for k, v in self.federated.items() if isinstance(v, float)})
         for name, result in self.sites.items():
             out.update({f"site/{name}/{k}": v for k, v in result.scalars.items()})
@@ -245,5 +274,7 @@ class Evaluation:
 
     @property
     def confusion_matrices(self) -> dict[str, Any]:
-        return {**{n: r.values.get("confusion_matrix") for n, r in self.sites.items()},
-                "federated": self.federated.get(f"fl/{self.split}_confusion_matrix")}
+        return {
+            **{n: r.values.get("confusion_matrix") for n, r in self.sites.items()},
+            "federated": self.federated.get(f"fl/{self.split}_confusion_matrix"),
+        }

@@ -31,7 +31,9 @@ class Roster:
         self.carry: dict[str, Any] = dict(carry or {})
         self.rejoining: set[str] = set()
         self.finished: set[str] = set()
-        self.failures: dict[str, tuple[int, int]] = {}  # site -> (rounds aggregated when it last failed, failures in a row)
+        self.failures: dict[
+            str, tuple[int, int]
+        ] = {}  # site -> (rounds aggregated when it last failed, failures in a row)
         self.status: dict[str, dict[str, Any]] = {s: {"status": "starting"} for s in self.sites}
         self.events: list[SiteEvent] = []
 
@@ -99,7 +101,9 @@ class Roster:
     def enter_late(self, site: str, next_round: int) -> None:
         """A resumed run's site whose checkpoint part is older than the run's round comes in at ``next_round``."""
         self.joins[site] = next_round
-        self.event(next_round, site, "rejoined", f"from round {next_round} (its checkpoint part is from an earlier round)")
+        self.event(
+            next_round, site, "rejoined", f"from round {next_round} (its checkpoint part is from an earlier round)"
+        )
 
     def finish(self, site: str, status: str) -> None:
         self.finished.add(site)

@@ -132,8 +132,10 @@ class Scheduler:
             raise RuntimeError("a site waited for the federation outside its worker's compute thread")
         if torch.is_inference_mode_enabled() or torch.is_autocast_enabled():
             # such modes live in guards on the site's stack, which cannot travel with it to another site
-            raise RuntimeError("a site waited for the federation inside inference mode or autocast: call the federation "
-                               "outside them (e.g. in a hook that runs after validation, not inside a step)")
+            raise RuntimeError(
+                "a site waited for the federation inside inference mode or autocast: call the federation "
+                "outside them (e.g. in a hook that runs after validation, not inside a step)"
+            )
         return self._hub.switch(("wait", ref))
 
     # -- the compute thread -------------------------------------------------------------------------
@@ -174,11 +176,20 @@ class Scheduler:
             except Exception as err:  # the call it waited for failed: the site gets the error, as from the callback
                 value, error = None, err
             if time.monotonic() - waiting.since > 1.0:
-                log.warning("lightning-fed: a Ray completion callback did not come within 1 s; the site was resumed by polling")
+                log.warning(
+                    "lightning-fed: a Ray completion callback did not come within 1 s; the site was resumed by polling"
+                )
             self._step(waiting.site, waiting.state, waiting.done, value=value, error=error)
 
-    def _step(self, site: greenlet.greenlet, state: SiteState, done: concurrent.futures.Future, start: bool = False,
-              value: Any = None, error: Optional[BaseException] = None) -> None:
+    def _step(
+        self,
+        site: greenlet.greenlet,
+        state: SiteState,
+        done: concurrent.futures.Future,
+        start: bool = False,
+        value: Any = None,
+        error: Optional[BaseException] = None,
+    ) -> None:
         """Run ``site`` until it finishes or waits again."""
         state.restore()
         state.computing(True)

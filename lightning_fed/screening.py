@@ -33,7 +33,11 @@ def update_norm(update: SiteUpdate, current: Optional[Weights]) -> Optional[floa
     for key, value in update.weights.items():
         if not is_averageable(np.asarray(value)) or (not is_delta and key not in current):
             continue
-        diff = np.asarray(value, np.float64) if is_delta else np.asarray(value, np.float64) - np.asarray(current[key], np.float64)
+        diff = (
+            np.asarray(value, np.float64)
+            if is_delta
+            else np.asarray(value, np.float64) - np.asarray(current[key], np.float64)
+        )
         total += float(np.sum(np.square(diff)))
     return math.sqrt(total)
 
@@ -52,6 +56,8 @@ def screen(updates: list[SiteUpdate], current: Optional[Weights], max_norm_ratio
             median = float(np.median(known))
             for site, norm in norms.items():
                 if norm is not None and median > 0 and norm > max_norm_ratio * median:
-                    refused[site] = (f"its update is {norm / median:.1f}x the round's median distance from the global "
-                                     f"model (max_update_norm_ratio={max_norm_ratio:g})")
+                    refused[site] = (
+                        f"its update is {norm / median:.1f}x the round's median distance from the global "
+                        f"model (max_update_norm_ratio={max_norm_ratio:g})"
+                    )
     return refused

@@ -37,7 +37,9 @@ def shift_rows(rows: dict[str, dict[str, Any]], groups: Sequence[str]) -> list[d
     return out
 
 
-def write_shift_report(rows: dict[str, dict[str, Any]], groups: Sequence[str], out: Path, title: str = "") -> list[Path]:
+def write_shift_report(
+    rows: dict[str, dict[str, Any]], groups: Sequence[str], out: Path, title: str = ""
+) -> list[Path]:
     """``shift_report.csv`` and ``shift_report.png`` under ``out`` (nothing when no site measured uncertainty per group)."""
     table = shift_rows(rows, groups)
     if not table:
@@ -76,7 +78,9 @@ def heat_map(table: list[dict[str, Any]], groups: Sequence[str], path: Path, tit
             if text[i][j]:
                 light = grid[i, j] > np.nanmean(grid)
                 ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7, color="white" if light else "black")
-    labels = [f"{s} (no labels)" if any(r["site"] == s and r["labels"] == "hidden" for r in table) else s for s in sites]
+    labels = [
+        f"{s} (no labels)" if any(r["site"] == s and r["labels"] == "hidden" for r in table) else s for s in sites
+    ]
     ax.set_xticks(range(len(used)), used)
     ax.set_yticks(range(len(sites)), labels)
     ax.set_xlabel("group (vendor); blank: no images")
@@ -90,7 +94,7 @@ def heat_map(table: list[dict[str, Any]], groups: Sequence[str], path: Path, tit
 
 def weights_plot(round_metrics: list[dict[str, float]], path: Path, prefix: str = "weight/") -> Optional[Path]:
     """Each site's aggregation weight per round (``fl/weight/<site>``), or ``None`` if the rule reported none."""
-    sites = sorted({k[len(prefix):] for m in round_metrics for k in m if k.startswith(prefix)})
+    sites = sorted({k[len(prefix) :] for m in round_metrics for k in m if k.startswith(prefix)})
     if not sites:
         return None
     import matplotlib

@@ -33,9 +33,9 @@ from lightning_fed.loggers import SiteLoggerSpec, finish_site_loggers
 from lightning_fed.metrics import SiteMetrics
 from lightning_fed.privacy import DPSGD, SiteDPSGD
 from lightning_fed.results import SiteEvaluation, SiteFit, SitePrivacy, SiteReady
+from lightning_fed.scheduler import Scheduler, SiteState
 from lightning_fed.strategies.base import GlobalModel, Weights
 from lightning_fed.strategies.site import SiteAlgorithm, load_weights, state_to_numpy
-from lightning_fed.scheduler import Scheduler, SiteState
 from lightning_fed.sync import EpochCount, FederatedSync, RoundClose, restore_carried, scalar_metrics
 
 
@@ -102,7 +102,9 @@ class SiteRuntime:
     """One site inside a worker. :meth:`start` and every other method run on the worker's compute thread as this
     site (the worker's :class:`~lightning_fed.scheduler.Scheduler` sees to it), with its own random streams."""
 
-    def __init__(self, plan: SitePlan, scheduler: Scheduler, worker: int, mark: Callable[[str], None], marker: str = "") -> None:
+    def __init__(
+        self, plan: SitePlan, scheduler: Scheduler, worker: int, mark: Callable[[str], None], marker: str = ""
+    ) -> None:
         self.plan = plan
         self.name = plan.site.name
         self.worker = worker
@@ -118,7 +120,9 @@ class SiteRuntime:
         self.datamodule = plan.site.build_datamodule()
         plan.algorithm.bind(self.context)
         self.metrics = SiteMetrics(self.name, plan.job.metric_thresholds)
-        self.sync = FederatedSync(self.context, plan.algorithm, plan.job.sync_every, self.metrics, labelled=plan.site.labelled)
+        self.sync = FederatedSync(
+            self.context, plan.algorithm, plan.job.sync_every, self.metrics, labelled=plan.site.labelled
+        )
         self.privacy = SiteDPSGD(self.name, plan.privacy) if plan.privacy is not None else None
         self.trainer = self._build_trainer()
         return self.ready(stage)
@@ -157,7 +161,9 @@ class SiteRuntime:
         n = -1
         if stage == "fit":
             n = train_samples(self.datamodule.train_dataloader())
-        return SiteReady(self.name, n, str(site_device()[1]), ray.get_runtime_context().get_node_id(), self.worker, self.marker)
+        return SiteReady(
+            self.name, n, str(site_device()[1]), ray.get_runtime_context().get_node_id(), self.worker, self.marker
+        )
 
     def fit(self, ckpt_path: Optional[str] = None, join: Any = None) -> SiteFit:
         """Train to the end of the run. ``join``: a :class:`~lightning_fed.coordinator.RejoinPoint` (this site was
@@ -186,7 +192,9 @@ class SiteRuntime:
             epoch=t.current_epoch,
             global_step=t.global_step,
             fit_loop=t.fit_loop.state_dict(),
-            callback_metrics={k: float(v) for k, v in t.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1},
+            callback_metrics={
+                k: float(v) for k, v in t.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1
+            },
             best_model_path=getattr(t.checkpoint_callback, "best_model_path", None),
             sync_seconds=list(self.sync.sync_seconds),
             privacy=SitePrivacy(**self.privacy.report()) if self.privacy is not None else None,

@@ -8,8 +8,16 @@ from typing import Any, Optional, Union
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
-from lightning_fed.config import (Checkpointing, Cluster, FederationConfig, Placement, Reliability, Simulation, merge_group,
-                                  shorthand_groups)
+from lightning_fed.config import (
+    Checkpointing,
+    Cluster,
+    FederationConfig,
+    Placement,
+    Reliability,
+    Simulation,
+    merge_group,
+    shorthand_groups,
+)
 from lightning_fed.data.sites import Site
 from lightning_fed.federation import Federation, WorkerPool
 from lightning_fed.launcher import FederatedLauncher
@@ -115,7 +123,9 @@ class FederatedStrategy(SingleDeviceStrategy):
             rule = get_aggregator(aggregator, **(aggregator_kwargs or {}))
         elif isinstance(aggregator, Aggregator):
             if aggregator_kwargs:
-                raise ValueError("aggregator_kwargs only applies to a named aggregator; configure the instance directly")
+                raise ValueError(
+                    "aggregator_kwargs only applies to a named aggregator; configure the instance directly"
+                )
             rule = aggregator
         else:
             raise TypeError(f"aggregator must be a registered name or an Aggregator, got {type(aggregator).__name__}")
@@ -199,12 +209,15 @@ class FederatedStrategy(SingleDeviceStrategy):
     def worker_pool(self, pool: Optional[WorkerPool]) -> None:
         self.federated_launcher.pool = pool
 
-    def sites(self, source: Any, model: LightningModule, splits: tuple[str, ...] = ("train", "val", "test")) -> list[Site]:
+    def sites(
+        self, source: Any, model: LightningModule, splits: tuple[str, ...] = ("train", "val", "test")
+    ) -> list[Site]:
         """The sites a datamodule (or its simulation) gives, as a federation of this strategy would run them."""
         return self.federated_launcher.sites(source, model, splits)
 
-    def start_federation(self, trainer: Trainer, model: LightningModule, sites: list[Site], stage: str,
-                         source_id: Optional[int] = None) -> Federation:
+    def start_federation(
+        self, trainer: Trainer, model: LightningModule, sites: list[Site], stage: str, source_id: Optional[int] = None
+    ) -> Federation:
         """Start a federation of ``sites`` for ``stage`` (``"fit"``, ``"validate"`` or ``"test"``) outside
         ``trainer.fit``/``trainer.test``, and return it: ``compare`` tests a trained model this way at sites it did
         not train on (``federation.evaluate("test", weights)``).
@@ -230,7 +243,12 @@ def _register_flags() -> None:
     for name in ["federated", *available_aggregators()]:
         if name not in StrategyRegistry:
             aggregator = "fedavg" if name == "federated" else name
-            StrategyRegistry.register(name, FederatedStrategy, description=f"lightning-fed: federated training with {aggregator}", aggregator=aggregator)
+            StrategyRegistry.register(
+                name,
+                FederatedStrategy,
+                description=f"lightning-fed: federated training with {aggregator}",
+                aggregator=aggregator,
+            )
 
 
 _register_flags()

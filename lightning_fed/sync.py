@@ -77,8 +77,10 @@ def refuse_non_finite(weights: Any, site: str, round_: int, last_loss: Optional[
     if key is None:
         return
     seen = f"last training loss {float(last_loss):.4g}" if last_loss is not None else "no training loss seen"
-    raise FloatingPointError(f"site {site!r}: training diverged in round {round_}, its update holds NaN or Inf (in {key!r}; "
-                             f"{seen}): lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)) or check its data")
+    raise FloatingPointError(
+        f"site {site!r}: training diverged in round {round_}, its update holds NaN or Inf (in {key!r}; "
+        f"{seen}): lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)) or check its data"
+    )
 
 
 class EpochCount:
@@ -116,8 +118,14 @@ def restore_carried(trainer: Trainer, carry: Optional[dict[str, Any]]) -> None:
 class FederatedSync(Callback):
     """Hands this site's update to the coordinator every ``sync_every`` epochs and loads the global model."""
 
-    def __init__(self, context: SiteContext, algorithm: SiteAlgorithm, sync_every: int, metrics: SiteMetrics,
-                 labelled: bool = True) -> None:
+    def __init__(
+        self,
+        context: SiteContext,
+        algorithm: SiteAlgorithm,
+        sync_every: int,
+        metrics: SiteMetrics,
+        labelled: bool = True,
+    ) -> None:
         self.context = context
         self.labelled = labelled
         self.algorithm = algorithm
@@ -181,14 +189,18 @@ class FederatedSync(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.labelled and targets_of(batch) is not None:
-            raise ValueError(f"site {self.context.site!r} is declared labelled=False but its training batches carry "
-                             "targets: leave them out of its training split (its hidden labels may serve evaluation only)")
+            raise ValueError(
+                f"site {self.context.site!r} is declared labelled=False but its training batches carry "
+                "targets: leave them out of its training split (its hidden labels may serve evaluation only)"
+            )
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.synced_this_epoch = False
         self._epoch_samples = 0
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         self._last_loss = loss.detach() if isinstance(loss, torch.Tensor) else self._last_loss
         n = batch_size_of(batch)
@@ -205,8 +217,13 @@ class FederatedSync(Callback):
             self.sync(trainer, pl_module)
         self.context.tell(
             "report",
-            {"status": "training", "epoch": trainer.current_epoch + 1, "global_step": trainer.global_step, "round": self.round,
-             "metrics": scalar_metrics(trainer.callback_metrics)},
+            {
+                "status": "training",
+                "epoch": trainer.current_epoch + 1,
+                "global_step": trainer.global_step,
+                "round": self.round,
+                "metrics": scalar_metrics(trainer.callback_metrics),
+            },
         )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -224,11 +241,17 @@ class FederatedSync(Callback):
             "metrics": self.metrics.export("val"),
             "site_values": {
                 **{f"site/{self.context.site}/{k}": v for k, v in scalar_metrics(trainer.callback_metrics).items()},
-                **{f"site/{self.context.site}/val_{k}": v for k, v in self.metrics.results.get("val", {}).items() if isinstance(v, float)},
+                **{
+                    f"site/{self.context.site}/val_{k}": v
+                    for k, v in self.metrics.results.get("val", {}).items()
+                    if isinstance(v, float)
+                },
             },
         }
         # keyed by epoch (and the validation's number in it): a site that rejoins later meets the others there
-        merged = self.context.ask("merge_metrics", self._validations.key("val", trainer.current_epoch), payload, trainer.current_epoch)
+        merged = self.context.ask(
+            "merge_metrics", self._validations.key("val", trainer.current_epoch), payload, trainer.current_epoch
+        )
         for key, value in federated_metrics(merged, "val").items():
             if isinstance(value, float):
                 # new keys persist in callback_metrics (existing ones are re-read from live results)
@@ -239,8 +262,12 @@ class FederatedSync(Callback):
         # a resumed site draws the numbers (shuffles, dropout, DP noise) the uninterrupted one would have drawn
         trainer = self.trainer
         loader = trainer.train_dataloader if trainer is not None else None
-        return {"round": self.round, "samples_since_sync": self._samples_since_sync, "random_state": random_state(),
-                "sampler_generators": [g.get_state() for g in sampler_generators(loader)]}
+        return {
+            "round": self.round,
+            "samples_since_sync": self._samples_since_sync,
+            "random_state": random_state(),
+            "sampler_generators": [g.get_state() for g in sampler_generators(loader)],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.round = int(state_dict["round"])
@@ -270,7 +297,9 @@ class RoundClose(Checkpoint):
     callback (EarlyStopping, ModelCheckpoint), whose decisions it must see.
     """
 
-    def __init__(self, context: SiteContext, sync: FederatedSync, checkpoint_dir: Optional[str], checkpoint_every: int) -> None:
+    def __init__(
+        self, context: SiteContext, sync: FederatedSync, checkpoint_dir: Optional[str], checkpoint_every: int
+    ) -> None:
         self.context = context
         self.fed_sync = sync
         self.checkpoint_dir = checkpoint_dir

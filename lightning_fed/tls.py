@@ -35,7 +35,11 @@ from cryptography.x509.oid import NameOID
 def _write_private(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        fh.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
 
 
 def _subject_names(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
@@ -60,23 +64,47 @@ def write_certificates(folder: str | os.PathLike, nodes: dict[str, Sequence[str]
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lightning-fed federation CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False,
-                                       decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     _write_private(ca_key, folder / "ca.key")
     (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     for node, hosts in nodes.items():
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)]))
-                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
-                .add_extension(_subject_names(hosts), critical=False)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .sign(ca_key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(_subject_names(hosts), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
         _write_private(key, folder / f"{node}.key")
         (folder / f"{node}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return folder
@@ -87,16 +115,29 @@ def ray_tls_env(folder: str | os.PathLike, node: str) -> dict[str, str]:
     folder = Path(folder).resolve()
     missing = [p for p in (folder / "ca.crt", folder / f"{node}.crt", folder / f"{node}.key") if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{missing[0]} not found: write the node's certificate with lightning-fed certs --node {node}=ADDRESS")
-    return {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": str(folder / f"{node}.crt"),
-            "RAY_TLS_SERVER_KEY": str(folder / f"{node}.key"), "RAY_TLS_CA_CERT": str(folder / "ca.crt")}
+        raise FileNotFoundError(
+            f"{missing[0]} not found: write the node's certificate with lightning-fed certs --node {node}=ADDRESS"
+        )
+    return {
+        "RAY_USE_TLS": "1",
+        "RAY_TLS_SERVER_CERT": str(folder / f"{node}.crt"),
+        "RAY_TLS_SERVER_KEY": str(folder / f"{node}.key"),
+        "RAY_TLS_CA_CERT": str(folder / "ca.crt"),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="lightning-fed certs", description="Certificates for Ray's TLS links between hospitals.")
+    parser = argparse.ArgumentParser(
+        prog="lightning-fed certs", description="Certificates for Ray's TLS links between hospitals."
+    )
     parser.add_argument("--out", required=True, help="folder for ca.crt, ca.key and <node>.crt/.key")
-    parser.add_argument("--node", action="append", default=[], metavar="NAME=ADDRESS[,ADDRESS...]",
-                        help="a node and the addresses it is reached at (repeat for every node, the driver's included)")
+    parser.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="NAME=ADDRESS[,ADDRESS...]",
+        help="a node and the addresses it is reached at (repeat for every node, the driver's included)",
+    )
     parser.add_argument("--days", type=int, default=365, help="validity of the certificates")
     parser.add_argument("--env", metavar="NAME", help="print the export lines for node NAME from --out instead")
     args = parser.parse_args(argv)
@@ -119,5 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         folder = write_certificates(args.out, nodes, args.days)
     except FileExistsError as err:
         parser.error(str(err))
-    print(f"CA and certificates for {', '.join(nodes)} written to {folder}; keep ca.key offline, give each node its "
-          f"<node>.crt, <node>.key and ca.crt; `lightning-fed certs --env NODE --out {folder}` prints its environment")
+    print(
+        f"CA and certificates for {', '.join(nodes)} written to {folder}; keep ca.key offline, give each node its "
+        f"<node>.crt, <node>.key and ca.crt; `lightning-fed certs --env NODE --out {folder}` prints its environment"
+    )

@@ -38,7 +38,9 @@ class TrafficLedger:
         self._rounds: dict[str, dict[int, list[int]]] = {}
         self._current: dict[str, int] = {}
         if state:
-            self._rounds = {s: {int(r): [*v, 0, 0, 0][:3] for r, v in rounds.items()} for s, rounds in state["rounds"].items()}
+            self._rounds = {
+                s: {int(r): [*v, 0, 0, 0][:3] for r, v in rounds.items()} for s, rounds in state["rounds"].items()
+            }
             self._current = {s: int(r) for s, r in state["current"].items()}
 
     def _slot(self, site: str) -> list[int]:
@@ -80,5 +82,7 @@ class TrafficLedger:
         return out
 
     def state(self) -> dict[str, Any]:
-        return {"rounds": {s: {r: list(v) for r, v in rounds.items()} for s, rounds in self._rounds.items()},
-                "current": dict(self._current)}
+        return {
+            "rounds": {s: {r: list(v) for r, v in rounds.items()} for s, rounds in self._rounds.items()},
+            "current": dict(self._current),
+        }

@@ -67,7 +67,9 @@ class FitWatch:
             figures = {f"fl/{k}": v for k, v in (reported[number] if number < len(reported) else {}).items()}
             figures["fl/sites_in_round"] = float(len(rounds[number]))
             # bytes per round: complete the moment the round is aggregated (lightning_fed.traffic)
-            crossed = {s: (v["sent"][index], v["received"][index]) for s, v in traffic.items() if index < len(v["sent"])}
+            crossed = {
+                s: (v["sent"][index], v["received"][index]) for s, v in traffic.items() if index < len(v["sent"])
+            }
             for s, (sent, received) in crossed.items():
                 figures[f"site/{s}/bytes_sent"], figures[f"site/{s}/bytes_received"] = float(sent), float(received)
             figures["fl/bytes_sent"] = float(sum(v[0] for v in crossed.values()))
@@ -78,17 +80,31 @@ class FitWatch:
     def close(self) -> None:
         self.view.close()
 
-    def result(self, sites: dict[str, SiteFit], global_model: Optional[GlobalModel], traffic: TrafficReport, startup: Startup,
-               fit_seconds: float, started_at: float) -> FitResult:
+    def result(
+        self,
+        sites: dict[str, SiteFit],
+        global_model: Optional[GlobalModel],
+        traffic: TrafficReport,
+        startup: Startup,
+        fit_seconds: float,
+        started_at: float,
+    ) -> FitResult:
         """The fit as it ended: the sites' results and the global model with what this watch saw of the rounds."""
         snapshot = self.snapshot
         assert snapshot is not None, "the fit was never polled"
         private = {n: s.privacy for n, s in sites.items() if s.privacy is not None}
         return FitResult(
-            sites=sites, global_model=global_model if global_model is not None and global_model.round > 0 else None,
+            sites=sites,
+            global_model=global_model if global_model is not None and global_model.round > 0 else None,
             metrics={k: v for k, v in self.metrics.items() if isinstance(v, float)},
-            round_seconds=list(snapshot.round_seconds), aggregate_seconds=list(snapshot.aggregate_seconds),
-            fit_seconds=fit_seconds, startup=startup, privacy=PrivacyReport(private) if private else None,
-            started_at=started_at, events=list(snapshot.events), round_sites=list(snapshot.round_sites),
-            round_metrics=list(snapshot.round_metrics), traffic=traffic,
+            round_seconds=list(snapshot.round_seconds),
+            aggregate_seconds=list(snapshot.aggregate_seconds),
+            fit_seconds=fit_seconds,
+            startup=startup,
+            privacy=PrivacyReport(private) if private else None,
+            started_at=started_at,
+            events=list(snapshot.events),
+            round_sites=list(snapshot.round_sites),
+            round_metrics=list(snapshot.round_metrics),
+            traffic=traffic,
         )

@@ -33,6 +33,8 @@ def worker_concurrency(sites: int) -> int:
     """Calls a worker hosting ``sites`` sites runs at once: one per site's call plus three for control calls, and
     never fewer than a spare's, so that a warm worker can host another run's sites (idle threads cost nothing)."""
     return max(sites + 3, SPARE_CONCURRENCY)
+
+
 _MARK_BYTES = 256
 
 
@@ -66,8 +68,12 @@ def _quiet() -> None:
     for logger_name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(logger_name).setLevel(logging.WARNING)
     # the driver already showed these once; copies from every worker through Ray's log forwarding help nobody
-    for message in (".*treespec.*", ".*does not have many workers.*", ".*Total length of .* across ranks is zero.*",
-                    ".*smaller than the logging interval.*"):
+    for message in (
+        ".*treespec.*",
+        ".*does not have many workers.*",
+        ".*Total length of .* across ranks is zero.*",
+        ".*smaller than the logging interval.*",
+    ):
         warnings.filterwarnings("ignore", message=message)
 
 
@@ -76,9 +82,8 @@ class Worker:
 
     def __init__(self, index: int, threads: int, gpu_share: float = 0.0) -> None:
         import lightning_fed.site  # noqa: F401  (torch and Lightning: imported here, in the worker, at once)
-        from lightning_fed.scheduler import Scheduler
-
         from lightning_fed.console import SiteConsole
+        from lightning_fed.scheduler import Scheduler
 
         _quiet()
         self.console = SiteConsole()
@@ -160,7 +165,6 @@ class Worker:
         if used_wandb:
             stop_wandb()
         self.console.flush()
-
 
 
 RemoteWorker = ray.remote(max_restarts=0, max_task_retries=0)(Worker)

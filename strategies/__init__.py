@@ -8,18 +8,18 @@ loads torch or Lightning. Site halves (:class:`SiteAlgorithm`, Lightning callbac
 from typing import Any
 
 from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteContext, SiteUpdate, Weights, is_averageable
-from lightning_fed.strategies.registry import available_aggregators, get_aggregator, register_aggregator
+from lightning_fed.strategies.dp_fedavg import DPFedAvg  # noqa: E402
 from lightning_fed.strategies.fedavg import FedAvg  # noqa: E402  (each import registers its rule's name)
 from lightning_fed.strategies.fedbn import FedBN  # noqa: E402
 from lightning_fed.strategies.fedfbn import FedFBN  # noqa: E402
 from lightning_fed.strategies.fedopt import FedAdagrad, FedAdam, FedYogi  # noqa: E402
 from lightning_fed.strategies.fedprox import FedProx  # noqa: E402
+from lightning_fed.strategies.fiva import Fiva  # noqa: E402
 from lightning_fed.strategies.local import Local  # noqa: E402
+from lightning_fed.strategies.registry import available_aggregators, get_aggregator, register_aggregator
 from lightning_fed.strategies.robust import Median, TrimmedMean  # noqa: E402
 from lightning_fed.strategies.scaffold import Scaffold  # noqa: E402
 from lightning_fed.strategies.uncertainty_weighted import UncertaintyWeighted  # noqa: E402
-from lightning_fed.strategies.fiva import Fiva  # noqa: E402
-from lightning_fed.strategies.dp_fedavg import DPFedAvg  # noqa: E402
 
 _SITE_HALF = ("SiteAlgorithm", "load_weights", "state_to_numpy")
 

@@ -71,7 +71,9 @@ class BlockInt8Tensor:
         return (self.codes.astype(np.float64) * per_value).reshape(self.shape)
 
     def scaled(self, factor: float) -> "BlockInt8Tensor":
-        return BlockInt8Tensor(self.codes, (self.scales * np.float32(factor)).astype(np.float32), self.shape, self.block)
+        return BlockInt8Tensor(
+            self.codes, (self.scales * np.float32(factor)).astype(np.float32), self.shape, self.block
+        )
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,10 @@ class Float16(Codec):
     def encode(self, array: np.ndarray) -> HalfTensor:
         peak = float(np.max(np.abs(array), initial=0.0))
         if peak > FP16_MAX:
-            raise ValueError(f"compression='fp16': an update value of {peak:.3g} is beyond half precision's range "
-                             f"({FP16_MAX:g}): use compression='int8' (scaled per block) or lower the learning rate")
+            raise ValueError(
+                f"compression='fp16': an update value of {peak:.3g} is beyond half precision's range "
+                f"({FP16_MAX:g}): use compression='int8' (scaled per block) or lower the learning rate"
+            )
         return HalfTensor(np.asarray(array).astype(np.float16))
 
 
@@ -149,14 +153,16 @@ class TopK(Codec):
 
     def __init__(self, fraction: float = 0.01, error_feedback: bool = True) -> None:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ValueError(f"compression='topk': fraction must be in (0, 1] (the share of values sent), got {fraction!r}")
+            raise ValueError(
+                f"compression='topk': fraction must be in (0, 1] (the share of values sent), got {fraction!r}"
+            )
         self.fraction, self.error_feedback = float(fraction), bool(error_feedback)
 
     def encode(self, array: np.ndarray) -> SparseTensor:
         flat = np.asarray(array).reshape(-1)
         k = max(1, math.ceil(self.fraction * flat.size))
-        index = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:] if k < flat.size else np.arange(flat.size)
-        index = np.sort(index).astype(np.int32 if flat.size < 2 ** 31 else np.int64)
+        index = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :] if k < flat.size else np.arange(flat.size)
+        index = np.sort(index).astype(np.int32 if flat.size < 2**31 else np.int64)
         return SparseTensor(index, flat[index].astype(np.float32), tuple(np.shape(array)))
 
 
@@ -171,7 +177,9 @@ def get_codec(compression: Union[str, Codec], options: Optional[dict[str, Any]] 
         return compression
     cls = CODECS.get(str(compression).lower())
     if cls is None:
-        raise ValueError(f"unknown compression {compression!r}: choose one of {', '.join(CODECS)} (or None for full updates)")
+        raise ValueError(
+            f"unknown compression {compression!r}: choose one of {', '.join(CODECS)} (or None for full updates)"
+        )
     try:
         return cls(**(options or {}))
     except TypeError as err:
@@ -182,7 +190,9 @@ def l2_norm(arrays: Any) -> float:
     return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
 
 
-def encode_update(codec: Codec, values: Weights, norm_bound: Optional[float] = None) -> tuple[dict[str, Encoded], Weights]:
+def encode_update(
+    codec: Codec, values: Weights, norm_bound: Optional[float] = None
+) -> tuple[dict[str, Encoded], Weights]:
     """Each tensor encoded, and what the coordinator will decode; scaled down to ``norm_bound`` if decoding exceeds it."""
     encoded = {k: codec.encode(v) for k, v in values.items()}
     decoded = {k: e.decode() for k, e in encoded.items()}
@@ -192,8 +202,10 @@ def encode_update(codec: Codec, values: Weights, norm_bound: Optional[float] = N
             if norm <= norm_bound:
                 break
             if attempt == 3:
-                raise ValueError(f"compression {codec.name!r} could not keep the update within its norm bound {norm_bound:g}")
-            factor = norm_bound / norm * (1 - 1e-4 * 10 ** attempt)
+                raise ValueError(
+                    f"compression {codec.name!r} could not keep the update within its norm bound {norm_bound:g}"
+                )
+            factor = norm_bound / norm * (1 - 1e-4 * 10**attempt)
             encoded = {k: e.scaled(factor) for k, e in encoded.items()}
             decoded = {k: e.decode() for k, e in encoded.items()}
     return encoded, decoded

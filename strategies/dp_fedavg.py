@@ -57,27 +57,43 @@ class DPFedAvg(Aggregator):
 
     secure_weighting = "uniform"
 
-    def __init__(self, noise_multiplier: float = 1.0, clip_norm: float = 1.0, delta: float = 1e-5, adaptive: bool = False,
-                 target_quantile: float = 0.5, clip_learning_rate: float = 0.2, clipped_count_stddev: Optional[float] = None,
-                 inner: Union[str, Aggregator] = "fedavg", seed: Optional[int] = None, inner_kwargs: Optional[dict[str, Any]] = None,
-                 accountant: str = "rdp") -> None:
+    def __init__(
+        self,
+        noise_multiplier: float = 1.0,
+        clip_norm: float = 1.0,
+        delta: float = 1e-5,
+        adaptive: bool = False,
+        target_quantile: float = 0.5,
+        clip_learning_rate: float = 0.2,
+        clipped_count_stddev: Optional[float] = None,
+        inner: Union[str, Aggregator] = "fedavg",
+        seed: Optional[int] = None,
+        inner_kwargs: Optional[dict[str, Any]] = None,
+        accountant: str = "rdp",
+    ) -> None:
         if noise_multiplier < 0 or clip_norm <= 0 or not 0 < delta < 1:
-            raise ValueError(f"dp_fedavg needs noise_multiplier >= 0, clip_norm > 0 and 0 < delta < 1, got {noise_multiplier}, {clip_norm}, {delta}")
+            raise ValueError(
+                f"dp_fedavg needs noise_multiplier >= 0, clip_norm > 0 and 0 < delta < 1, got {noise_multiplier}, {clip_norm}, {delta}"
+            )
         if accountant not in ("rdp", "prv"):
             raise ValueError(f"dp_fedavg accountant must be 'rdp' or 'prv', got {accountant!r}")
         if not 0 < target_quantile < 1:
             raise ValueError(f"dp_fedavg target_quantile must be in (0, 1), got {target_quantile}")
         if isinstance(inner, Aggregator):
             if inner_kwargs:
-                raise ValueError("dp_fedavg: inner_kwargs only applies to a named inner rule; configure the instance directly")
+                raise ValueError(
+                    "dp_fedavg: inner_kwargs only applies to a named inner rule; configure the instance directly"
+                )
             self.inner = inner
         else:
             self.inner = get_aggregator(inner, **(inner_kwargs or {}))
         inner_name = self.inner.name or type(self.inner).__name__
         if isinstance(self.inner, DPFedAvg) or self.inner.secure_weighting is None or self.inner.hides_site_updates:
-            raise ValueError(f"dp_fedavg cannot wrap {inner_name}: client-level DP hands the inner rule one noisy mean of clipped "
-                             "updates; use an averaging rule (fedavg, fedprox, fedbn, fedfbn) or a server optimizer (fedadam, "
-                             "fedyogi, fedadagrad), and secagg=True for secure aggregation around it")
+            raise ValueError(
+                f"dp_fedavg cannot wrap {inner_name}: client-level DP hands the inner rule one noisy mean of clipped "
+                "updates; use an averaging rule (fedavg, fedprox, fedbn, fedfbn) or a server optimizer (fedadam, "
+                "fedyogi, fedadagrad), and secagg=True for secure aggregation around it"
+            )
         self.noise_multiplier, self.clip_norm, self.delta = noise_multiplier, clip_norm, delta
         self.adaptive, self.target_quantile, self.clip_learning_rate = adaptive, target_quantile, clip_learning_rate
         self.clipped_count_stddev, self.inner_name, self.seed = clipped_count_stddev, inner_name, seed
@@ -106,8 +122,10 @@ class DPFedAvg(Aggregator):
             return self.noise_multiplier
         sigma_b = self.count_stddev(sites)
         if 2 * sigma_b <= self.noise_multiplier:
-            raise ValueError(f"dp_fedavg: clipped_count_stddev={sigma_b} is too small for noise_multiplier={self.noise_multiplier} (needs 2·σ_b > z)")
-        return (self.noise_multiplier ** -2 - (2 * sigma_b) ** -2) ** -0.5
+            raise ValueError(
+                f"dp_fedavg: clipped_count_stddev={sigma_b} is too small for noise_multiplier={self.noise_multiplier} (needs 2·σ_b > z)"
+            )
+        return (self.noise_multiplier**-2 - (2 * sigma_b) ** -2) ** -0.5
 
     def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:
         if current is None:
@@ -129,12 +147,21 @@ class DPFedAvg(Aggregator):
         combined = SiteUpdate("dp-noisy-mean", weights, sum(u.num_samples for u in updates), {"sites": k})
         inner_model = self.inner.aggregate(round, [combined], current)
         if self.adaptive:
-            unclipped = sum(int(u.extras.get("unclipped", 0)) for u in updates) + self._rng.normal(0.0, self.count_stddev(k))
+            unclipped = sum(int(u.extras.get("unclipped", 0)) for u in updates) + self._rng.normal(
+                0.0, self.count_stddev(k)
+            )
             self.clip_norm = s * math.exp(-self.clip_learning_rate * (unclipped / k - self.target_quantile))
         self.rounds += 1
-        metrics = {**inner_model.extras.get("metrics", {}), "client_dp_epsilon": self.epsilon(), "dp_clip_norm": self.clip_norm}
-        return GlobalModel(weights=inner_model.weights, round=round,
-                           extras={**inner_model.extras, "clip_norm": self.clip_norm, "metrics": metrics})
+        metrics = {
+            **inner_model.extras.get("metrics", {}),
+            "client_dp_epsilon": self.epsilon(),
+            "dp_clip_norm": self.clip_norm,
+        }
+        return GlobalModel(
+            weights=inner_model.weights,
+            round=round,
+            extras={**inner_model.extras, "clip_norm": self.clip_norm, "metrics": metrics},
+        )
 
     def epsilon(self) -> float:
         """ε after the rounds so far at ``delta``, from Opacus' RDP or PRV accountant (inf without noise)."""
@@ -150,7 +177,12 @@ class DPFedAvg(Aggregator):
             return float(accountant.get_epsilon(self.delta))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "clip_norm": self.clip_norm, "rng": self._rng.bit_generator.state, "inner": self.inner.state_dict()}
+        return {
+            "rounds": self.rounds,
+            "clip_norm": self.clip_norm,
+            "rng": self._rng.bit_generator.state,
+            "inner": self.inner.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds, self.clip_norm = int(state["rounds"]), float(state["clip_norm"])

@@ -30,7 +30,9 @@ class FedOpt(Aggregator):
 
     def __init__(self, eta: float = 1e-2, beta1: float = 0.9, tau: float = 1e-3) -> None:
         if eta <= 0 or tau <= 0 or not 0 <= beta1 < 1:
-            raise ValueError(f"{self.name or type(self).__name__} needs eta > 0, tau > 0, 0 <= beta1 < 1; got eta={eta}, beta1={beta1}, tau={tau}")
+            raise ValueError(
+                f"{self.name or type(self).__name__} needs eta > 0, tau > 0, 0 <= beta1 < 1; got eta={eta}, beta1={beta1}, tau={tau}"
+            )
         self.eta, self.beta1, self.tau = eta, beta1, tau
         self.m: Weights = {}
         self.v: Weights = {}

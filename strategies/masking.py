@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 PROTOCOL = b"lightning-fed secagg v2"
-FIELD_PRIME = 2 ** 521 - 1  # a Mersenne prime: Shamir shares of 256-bit keys live in GF(p)
+FIELD_PRIME = 2**521 - 1  # a Mersenne prime: Shamir shares of 256-bit keys live in GF(p)
 RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
 
@@ -45,20 +45,30 @@ def write_identities(sites: Iterable[str], folder: str | os.PathLike) -> Path:
     for site in sites:
         private_path, public_path = folder / f"{site}.key", folder / f"{site}.pub"
         if private_path.exists() or public_path.exists():
-            raise FileExistsError(f"{private_path} or {public_path} exists already: keep that identity or remove both files")
+            raise FileExistsError(
+                f"{private_path} or {public_path} exists already: keep that identity or remove both files"
+            )
         key = Ed25519PrivateKey.generate()
         fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+            fh.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+        public_path.write_bytes(
+            key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
     return folder
 
 
 def load_identity(folder: str | os.PathLike, site: str) -> Ed25519PrivateKey:
     path = Path(folder) / f"{site}.key"
     if not path.is_file():
-        raise SecAggError(f"site {site!r}: no identity key at {path}: give each site its own key "
-                          "(lightning-fed keys --sites ... --out FOLDER) in secagg_kwargs={'identity_dir': FOLDER}")
+        raise SecAggError(
+            f"site {site!r}: no identity key at {path}: give each site its own key "
+            "(lightning-fed keys --sites ... --out FOLDER) in secagg_kwargs={'identity_dir': FOLDER}"
+        )
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise SecAggError(f"site {site!r}: {path} is not an Ed25519 private key")
@@ -68,7 +78,9 @@ def load_identity(folder: str | os.PathLike, site: str) -> Ed25519PrivateKey:
 def load_identity_public(folder: str | os.PathLike, site: str) -> Ed25519PublicKey:
     path = Path(folder) / f"{site}.pub"
     if not path.is_file():
-        raise SecAggError(f"no public identity key for site {site!r} at {path}: every site needs every site's .pub file")
+        raise SecAggError(
+            f"no public identity key for site {site!r} at {path}: every site needs every site's .pub file"
+        )
     key = serialization.load_pem_public_key(path.read_bytes())
     if not isinstance(key, Ed25519PublicKey):
         raise SecAggError(f"{path} is not an Ed25519 public key")
@@ -79,12 +91,17 @@ def _signed_part(site: str, round_: int, share_key: bytes, mask_key: bytes) -> b
     return b"|".join([PROTOCOL, site.encode(), round_.to_bytes(8, "big"), share_key, mask_key])
 
 
-def advertise(identity: Ed25519PrivateKey, site: str, round_: int, share_key: X25519PrivateKey,
-              mask_key: X25519PrivateKey) -> dict[str, bytes]:
+def advertise(
+    identity: Ed25519PrivateKey, site: str, round_: int, share_key: X25519PrivateKey, mask_key: X25519PrivateKey
+) -> dict[str, bytes]:
     """This round's two public keys, signed with the site's identity key."""
     share_pub = share_key.public_key().public_bytes(*RAW)
     mask_pub = mask_key.public_key().public_bytes(*RAW)
-    return {"share": share_pub, "mask": mask_pub, "signature": identity.sign(_signed_part(site, round_, share_pub, mask_pub))}
+    return {
+        "share": share_pub,
+        "mask": mask_pub,
+        "signature": identity.sign(_signed_part(site, round_, share_pub, mask_pub)),
+    }
 
 
 def verify(advertised: dict[str, dict[str, bytes]], identities: dict[str, Ed25519PublicKey], round_: int) -> None:
@@ -96,8 +113,10 @@ def verify(advertised: dict[str, dict[str, bytes]], identities: dict[str, Ed2551
         try:
             identity.verify(keys["signature"], _signed_part(site, round_, keys["share"], keys["mask"]))
         except (InvalidSignature, KeyError, TypeError):
-            raise SecAggError(f"the public keys of site {site!r} for round {round_} are not signed by its identity key: "
-                              "the coordinator or the link altered them, so this site stops instead of masking for them") from None
+            raise SecAggError(
+                f"the public keys of site {site!r} for round {round_} are not signed by its identity key: "
+                "the coordinator or the link altered them, so this site stops instead of masking for them"
+            ) from None
 
 
 # -- key agreement and masks -----------------------------------------------------------------------
@@ -183,28 +202,32 @@ RINGS = {64: (np.uint64, np.int64), 32: (np.uint32, np.int32)}
 
 def to_fixed(values: np.ndarray, bits: int = FRACTIONAL_BITS, ring: int = 64) -> np.ndarray:
     unsigned, signed = RINGS[ring]
-    scaled = np.rint(values.astype(np.float64) * 2.0 ** bits)
+    scaled = np.rint(values.astype(np.float64) * 2.0**bits)
     if np.abs(scaled).max(initial=0.0) >= 2.0 ** (ring - 2):
-        raise ValueError(f"secagg: a value too large for {bits}-bit fixed point in the {ring}-bit ring "
-                         f"(|x| ~ {np.abs(values).max():.3g}): lower fractional_bits")
+        raise ValueError(
+            f"secagg: a value too large for {bits}-bit fixed point in the {ring}-bit ring "
+            f"(|x| ~ {np.abs(values).max():.3g}): lower fractional_bits"
+        )
     return scaled.astype(signed).view(unsigned)
 
 
 def from_fixed(total: np.ndarray, bits: int = FRACTIONAL_BITS) -> np.ndarray:
     """The signed value of a ring sum (its dtype says the ring), over 2^bits."""
     signed = {np.dtype(u): s for u, s in RINGS.values()}[total.dtype]
-    return total.view(signed).astype(np.float64) / 2.0 ** bits
+    return total.view(signed).astype(np.float64) / 2.0**bits
 
 
 def bounded_ring_bits(sites: int, norm_bound: float) -> int | None:
     """Fractional bits for the 32-bit ring when every update's L2 norm is at most ``norm_bound`` (so is each value):
     the most with which the sum of ``sites`` such updates cannot wrap, or ``None`` if fewer than 8 would fit."""
-    room = (2.0 ** 31 / max(sites, 1) - 1) / norm_bound
+    room = (2.0**31 / max(sites, 1) - 1) / norm_bound
     bits = math.floor(math.log2(room)) if room > 1 else -1
     return min(bits, 30) if bits >= 8 else None
 
 
-def pair_masks(key: bytes, me: str, peer: str, tensors: dict[str, tuple[int, ...]], ring: int = 64) -> dict[str, np.ndarray]:
+def pair_masks(
+    key: bytes, me: str, peer: str, tensors: dict[str, tuple[int, ...]], ring: int = 64
+) -> dict[str, np.ndarray]:
     """The masks ``me`` adds for ``peer`` (``+`` when ``me < peer``, ``−`` otherwise), flat, in tensor order; the two
     ends' masks cancel in the sum."""
     unsigned = RINGS[ring][0]
@@ -215,8 +238,14 @@ def pair_masks(key: bytes, me: str, peer: str, tensors: dict[str, tuple[int, ...
     return out
 
 
-def mask_update(values: dict[str, np.ndarray], weight: float, me: str, pair_keys: dict[str, bytes],
-                bits: int = FRACTIONAL_BITS, ring: int = 64) -> dict[str, np.ndarray]:
+def mask_update(
+    values: dict[str, np.ndarray],
+    weight: float,
+    me: str,
+    pair_keys: dict[str, bytes],
+    bits: int = FRACTIONAL_BITS,
+    ring: int = 64,
+) -> dict[str, np.ndarray]:
     """``weight · values`` in fixed point plus, for every peer, the pairwise mask that its own update cancels."""
     shapes = {k: v.shape for k, v in values.items()}
     out = {k: to_fixed(v.astype(np.float64) * weight, bits, ring).reshape(-1) for k, v in values.items()}
@@ -232,5 +261,3 @@ def private_key() -> X25519PrivateKey:
 
 def public_of(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(*RAW)
-
-

@@ -28,12 +28,16 @@ A = TypeVar("A", bound=type)
 def register_aggregator(name: str) -> Callable[[A], A]:
     """Class decorator: make an :class:`Aggregator` available by ``name`` (lower-case, as Lightning's flags are)."""
     if not _NAME.match(name):
-        raise ValueError(f"aggregator name {name!r} must be lower-case letters, digits and '_' (Lightning lower-cases strategy flags)")
+        raise ValueError(
+            f"aggregator name {name!r} must be lower-case letters, digits and '_' (Lightning lower-cases strategy flags)"
+        )
 
     def decorate(cls: A) -> A:
         existing = _REGISTRY.get(name)
         if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-            raise ValueError(f"aggregator name {name!r} is already taken by {existing.__module__}.{existing.__qualname__}")
+            raise ValueError(
+                f"aggregator name {name!r} is already taken by {existing.__module__}.{existing.__qualname__}"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls

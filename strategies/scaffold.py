@@ -36,8 +36,10 @@ class Scaffold(Aggregator):
         self.c: Weights = {}
 
     def check_partial_rounds(self) -> None:
-        raise ValueError("scaffold's server control variate c <- c + mean(dc_i) assumes every site reports every round "
-                         "(with some missing it drifts): use on_site_failure='abort' with scaffold")
+        raise ValueError(
+            "scaffold's server control variate c <- c + mean(dc_i) assumes every site reports every round "
+            "(with some missing it drifts): use on_site_failure='abort' with scaffold"
+        )
 
     def site_algorithm(self) -> "ScaffoldSite":
         from lightning_fed.strategies.site.scaffold import ScaffoldSite

@@ -26,8 +26,19 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights
-from lightning_fed.strategies.masking import (FRACTIONAL_BITS, SecAggError, combine_shares, derive, from_fixed, load_identity_public,
-                                              pair_masks, private_from_bytes, public_of, share_from_bytes, write_identities)
+from lightning_fed.strategies.masking import (
+    FRACTIONAL_BITS,
+    SecAggError,
+    combine_shares,
+    derive,
+    from_fixed,
+    load_identity_public,
+    pair_masks,
+    private_from_bytes,
+    public_of,
+    share_from_bytes,
+    write_identities,
+)
 
 if TYPE_CHECKING:
     from lightning_fed.strategies.site.secagg import SecAggSite
@@ -60,18 +71,34 @@ class SecureAggregation(Aggregator):
 
     hides_site_updates = True
 
-    def __init__(self, inner: Aggregator, threshold: Optional[int] = None, identity_dir: Optional[str] = None,
-                 fractional_bits: int = FRACTIONAL_BITS) -> None:
+    def __init__(
+        self,
+        inner: Aggregator,
+        threshold: Optional[int] = None,
+        identity_dir: Optional[str] = None,
+        fractional_bits: int = FRACTIONAL_BITS,
+    ) -> None:
         if inner.secure_weighting is None:
-            raise ValueError(f"{inner.name or type(inner).__name__} needs every site's own update, so it cannot run under "
-                             "secure aggregation: use an averaging rule (fedavg, fedprox, fedbn, fedfbn, fedadam, dp_fedavg)")
+            raise ValueError(
+                f"{inner.name or type(inner).__name__} needs every site's own update, so it cannot run under "
+                "secure aggregation: use an averaging rule (fedavg, fedprox, fedbn, fedfbn, fedadam, dp_fedavg)"
+            )
         if type(inner).receive is not Aggregator.receive:  # a rule that decodes what travels (compression)
-            raise ValueError("compression cannot go with secure aggregation: every value is masked with a uniform 64-bit "
-                             "mask, so an encoded update would be as large as a full one, and a sum of differently scaled "
-                             "codes cannot be decoded: use one or the other")
+            raise ValueError(
+                "compression cannot go with secure aggregation: every value is masked with a uniform 64-bit "
+                "mask, so an encoded update would be as large as a full one, and a sum of differently scaled "
+                "codes cannot be decoded: use one or the other"
+            )
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 2):
-            raise ValueError(f"secagg threshold must be an integer >= 2 (shares needed to rebuild a key), got {threshold!r}")
-        self.inner, self.threshold, self.identity_dir, self.fractional_bits = inner, threshold, identity_dir, fractional_bits
+            raise ValueError(
+                f"secagg threshold must be an integer >= 2 (shares needed to rebuild a key), got {threshold!r}"
+            )
+        self.inner, self.threshold, self.identity_dir, self.fractional_bits = (
+            inner,
+            threshold,
+            identity_dir,
+            fractional_bits,
+        )
         self.name = f"{inner.name or type(inner).__name__}+secagg"
         self._identities: Optional[str] = identity_dir
         self._answers: dict[str, Any] = {}
@@ -101,8 +128,13 @@ class SecureAggregation(Aggregator):
 
         if self._identities is None:
             raise ValueError("secure aggregation's identity keys are set up when the federation starts (prepare)")
-        return SecAggSite(self.inner.site_algorithm(), self.inner.secure_weighting, self.fractional_bits,
-                          self.threshold, self._identities)
+        return SecAggSite(
+            self.inner.site_algorithm(),
+            self.inner.secure_weighting,
+            self.fractional_bits,
+            self.threshold,
+            self._identities,
+        )
 
     # -- a round ------------------------------------------------------------------------------------
     @staticmethod
@@ -110,9 +142,14 @@ class SecureAggregation(Aggregator):
         info = updates[0].extras["secagg"]
         for u in updates:
             mine = u.extras.get("secagg") or {}
-            if [mine.get(k) for k in ("round", "sites", "ring", "bits")] != [round, *(info[k] for k in ("sites", "ring", "bits"))]:
-                raise ValueError(f"site {u.site!r} masked for round {mine.get('round')} with sites {mine.get('sites')} in the "
-                                 f"{mine.get('ring')}-bit ring, the others for round {round} with {info['sites']} in the {info['ring']}-bit ring")
+            if [mine.get(k) for k in ("round", "sites", "ring", "bits")] != [
+                round,
+                *(info[k] for k in ("sites", "ring", "bits")),
+            ]:
+                raise ValueError(
+                    f"site {u.site!r} masked for round {mine.get('round')} with sites {mine.get('sites')} in the "
+                    f"{mine.get('ring')}-bit ring, the others for round {round} with {info['sites']} in the {info['ring']}-bit ring"
+                )
         return info
 
     def follow_up(self, round: int, updates: list[SiteUpdate]) -> Any:
@@ -138,8 +175,12 @@ class SecureAggregation(Aggregator):
         samples = sum(u.num_samples for u in updates)
         divisor = samples if self.inner.secure_weighting == "samples" else len(updates)
         largest = max(updates, key=lambda u: u.num_samples)
-        weights = {k: (from_fixed(total[k], info["bits"]) / divisor).astype(dtypes[k]) if k in dtypes else np.array(v, copy=True)
-                   for k, v in largest.weights.items()}
+        weights = {
+            k: (from_fixed(total[k], info["bits"]) / divisor).astype(dtypes[k])
+            if k in dtypes
+            else np.array(v, copy=True)
+            for k, v in largest.weights.items()
+        }
         extras = {"sites": len(updates)}
         for key in {k for u in updates for k in u.extras} - {"secagg"}:
             values = [u.extras.get(key) for u in updates]
@@ -147,24 +188,32 @@ class SecureAggregation(Aggregator):
                 extras[key] = sum(values)  # numeric extras travel in the clear and are summed
         return self.inner.aggregate(round, [SiteUpdate("secure-sum", weights, samples, extras)], current)
 
-    def _remove_masks_of(self, dropped: str, present: list[str], info: dict[str, Any], total: dict[str, np.ndarray], round: int) -> None:
+    def _remove_masks_of(
+        self, dropped: str, present: list[str], info: dict[str, Any], total: dict[str, np.ndarray], round: int
+    ) -> None:
         """Rebuild ``dropped``'s mask key from the present sites' shares and take its masks out of ``total``."""
         shares = [share_from_bytes(a[dropped]) for a in self._answers.values() if isinstance(a, dict) and dropped in a]
         threshold = info["threshold"]
         if len(shares) < threshold:
-            raise ValueError(f"site {dropped!r} dropped after masking and only {len(shares)} site(s) revealed shares of its mask "
-                             f"key, fewer than threshold={threshold}: the sum stays masked (run with more sites, or a lower threshold)")
+            raise ValueError(
+                f"site {dropped!r} dropped after masking and only {len(shares)} site(s) revealed shares of its mask "
+                f"key, fewer than threshold={threshold}: the sum stays masked (run with more sites, or a lower threshold)"
+            )
         try:
             key = private_from_bytes(combine_shares(shares[:threshold]))
         except ValueError:
             key = None
         if key is None or public_of(key) != info["mask_keys"][dropped]:
-            raise ValueError(f"the shares of site {dropped!r}'s mask key do not rebuild the key it signed: a share is wrong")
+            raise ValueError(
+                f"the shares of site {dropped!r}'s mask key do not rebuild the key it signed: a share is wrong"
+            )
         shapes = {k: total[k].shape for k in info["dtypes"]}
         for site in present:
             pair_key = derive(key, info["mask_keys"][site], round, b"mask", (dropped, site))
             for name, m in pair_masks(pair_key, site, dropped, shapes, info["ring"]).items():
-                total[name] = total[name] - m.reshape(shapes[name])  # what ``site`` added for ``dropped``: nothing cancels it
+                total[name] = total[name] - m.reshape(
+                    shapes[name]
+                )  # what ``site`` added for ``dropped``: nothing cancels it
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()

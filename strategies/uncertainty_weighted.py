@@ -39,7 +39,9 @@ SCORE_KEY = "uncertainty"
 class UncertaintyWeighted(Aggregator):
     """Weighted averaging with label-free, uncertainty-derived site weights."""
 
-    def __init__(self, score: Literal["fedevi", "epistemic"] = "fedevi", min_weight: float = 1e-3, max_images: int = 64) -> None:
+    def __init__(
+        self, score: Literal["fedevi", "epistemic"] = "fedevi", min_weight: float = 1e-3, max_images: int = 64
+    ) -> None:
         if score not in ("fedevi", "epistemic"):
             raise ValueError(f"score must be 'fedevi' or 'epistemic', got {score!r}")
         if not 0 <= min_weight < 1:
@@ -50,8 +52,10 @@ class UncertaintyWeighted(Aggregator):
 
     def check_model(self, model: Any) -> None:
         if not callable(getattr(model, "predictive_uncertainty", None)):
-            raise ValueError(f"uncertainty_weighted needs a module with predictive_uncertainty(images) (e.g. "
-                             f"lightning_fed.models.SegmentationModel); {type(model).__name__} has none")
+            raise ValueError(
+                f"uncertainty_weighted needs a module with predictive_uncertainty(images) (e.g. "
+                f"lightning_fed.models.SegmentationModel); {type(model).__name__} has none"
+            )
 
     def site_algorithm(self) -> "UncertaintyScores":
         from lightning_fed.strategies.site.uncertainty_weighted import UncertaintyScores

@@ -19,11 +19,16 @@ os.environ["LIGHTNING_FED_DATA"] = str(DATA)
 # what the tests read; a machine without one of these cannot run the suite, so it stops at once instead of skipping
 # most of itself (ChestMNIST alone is optional: too large to ship, its one test skips by name)
 REQUIRED_DATA = (
-    "fashion_mnist/train-images-idx3-ubyte.gz", "fashion_mnist/train-labels-idx1-ubyte.gz",
-    "fashion_mnist/t10k-images-idx3-ubyte.gz", "fashion_mnist/t10k-labels-idx1-ubyte.gz",
-    "heart_disease/processed.cleveland.data", "heart_disease/processed.hungarian.data",
-    "heart_disease/processed.switzerland.data", "heart_disease/processed.va.data",
-    "medmnist/retinamnist.npz", "medmnist/breastmnist.npz",
+    "fashion_mnist/train-images-idx3-ubyte.gz",
+    "fashion_mnist/train-labels-idx1-ubyte.gz",
+    "fashion_mnist/t10k-images-idx3-ubyte.gz",
+    "fashion_mnist/t10k-labels-idx1-ubyte.gz",
+    "heart_disease/processed.cleveland.data",
+    "heart_disease/processed.hungarian.data",
+    "heart_disease/processed.switzerland.data",
+    "heart_disease/processed.va.data",
+    "medmnist/retinamnist.npz",
+    "medmnist/breastmnist.npz",
 )
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -61,7 +66,14 @@ def ray_cluster():
             num_cpus=4,
             include_dashboard=False,
             logging_level="WARNING",
-            runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "LIGHTNING_FED_DATA": os.environ["LIGHTNING_FED_DATA"], "WANDB_MODE": "offline", "WANDB_SILENT": "true"}},
+            runtime_env={
+                "env_vars": {
+                    "PYTHONPATH": str(REPO),
+                    "LIGHTNING_FED_DATA": os.environ["LIGHTNING_FED_DATA"],
+                    "WANDB_MODE": "offline",
+                    "WANDB_SILENT": "true",
+                }
+            },
         )
         started = True
     yield ray

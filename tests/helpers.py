@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import time
 import random
+import time
 
 import lightning as L
 import numpy as np
@@ -20,10 +20,20 @@ from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.strategies.site import SiteAlgorithm
 
 
-def small_hospitals(sizes=(400, 200, 200), ratios=(0.5, 0.1, 0.1), val_fraction=0.2, batch_size=50, seed=0, **kw) -> HospitalsDataModule:
+def small_hospitals(
+    sizes=(400, 200, 200), ratios=(0.5, 0.1, 0.1), val_fraction=0.2, batch_size=50, seed=0, **kw
+) -> HospitalsDataModule:
     names = ["large"] + [f"small_{i}" for i in range(1, len(sizes))]
-    return HospitalsDataModule(site_names=names, sizes=sizes, positive_ratios=ratios, val_fraction=val_fraction,
-                               test_fraction=0.2, batch_size=batch_size, seed=seed, **kw)
+    return HospitalsDataModule(
+        site_names=names,
+        sizes=sizes,
+        positive_ratios=ratios,
+        val_fraction=val_fraction,
+        test_fraction=0.2,
+        batch_size=batch_size,
+        seed=seed,
+        **kw,
+    )
 
 
 class PlainFashionMNIST(L.LightningDataModule):
@@ -95,8 +105,14 @@ class NoisyCNN(SmallCNN):
 class FailingDataset(Dataset):
     """Real samples that raise once the site reaches a given epoch: a scanner going offline mid-run."""
 
-    def __init__(self, base: Dataset, fail_at_access: int, mode: str = "raise", once_flag: str | None = None,
-                 stall_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        base: Dataset,
+        fail_at_access: int,
+        mode: str = "raise",
+        once_flag: str | None = None,
+        stall_seconds: float = 30.0,
+    ) -> None:
         self.base, self.fail_at_access, self.mode, self.accesses = base, fail_at_access, mode, 0
         self.stall_seconds = stall_seconds
         self.once_flag = once_flag  # a file: fail only if it does not exist yet, and create it (once per test)
@@ -127,35 +143,68 @@ class FailingDataset(Dataset):
 class FailingSiteData(PooledIndexData):
     """A hospital whose data fails after ``fail_at_access`` samples, shuffled by a generator of its own."""
 
-    def __init__(self, *args, fail_at_access: int, mode: str = "raise", once_flag: str | None = None,
-                 stall_seconds: float = 30.0, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        fail_at_access: int,
+        mode: str = "raise",
+        once_flag: str | None = None,
+        stall_seconds: float = 30.0,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.fail_at_access, self.mode, self.once_flag, self.stall_seconds = fail_at_access, mode, once_flag, stall_seconds
+        self.fail_at_access, self.mode, self.once_flag, self.stall_seconds = (
+            fail_at_access,
+            mode,
+            once_flag,
+            stall_seconds,
+        )
 
     def setup(self, stage):
         super().setup(stage)
-        self.datasets["train"] = FailingDataset(self.datasets["train"], self.fail_at_access, self.mode, self.once_flag,
-                                                self.stall_seconds)
+        self.datasets["train"] = FailingDataset(
+            self.datasets["train"], self.fail_at_access, self.mode, self.once_flag, self.stall_seconds
+        )
 
     def train_dataloader(self):
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(11))
+        return DataLoader(
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(11),
+        )
 
 
 class HospitalsWithFailingSite(L.LightningDataModule):
     """Two healthy hospitals and one ('bad') whose data source fails after ``fail_at_access`` samples."""
 
-    def __init__(self, fail_at_access: int, mode: str = "raise", once_flag: str | None = None,
-                 stall_seconds: float = 30.0) -> None:
+    def __init__(
+        self, fail_at_access: int, mode: str = "raise", once_flag: str | None = None, stall_seconds: float = 30.0
+    ) -> None:
         super().__init__()
         self.base = small_hospitals(sizes=(300, 200, 200))
-        self.fail_at_access, self.mode, self.once_flag, self.stall_seconds = fail_at_access, mode, once_flag, stall_seconds
+        self.fail_at_access, self.mode, self.once_flag, self.stall_seconds = (
+            fail_at_access,
+            mode,
+            once_flag,
+            stall_seconds,
+        )
 
     def federated_sites(self):
         sites = self.base.federated_sites()
         bad = sites[-1]
-        sites[-1] = Site("bad", FailingSiteData(bad.datamodule.data_dir, bad.datamodule.indices, bad.datamodule.batch_size,
-                                                fail_at_access=self.fail_at_access, mode=self.mode, once_flag=self.once_flag,
-                                                stall_seconds=self.stall_seconds))
+        sites[-1] = Site(
+            "bad",
+            FailingSiteData(
+                bad.datamodule.data_dir,
+                bad.datamodule.indices,
+                bad.datamodule.batch_size,
+                fail_at_access=self.fail_at_access,
+                mode=self.mode,
+                once_flag=self.once_flag,
+                stall_seconds=self.stall_seconds,
+            ),
+        )
         return sites
 
 
@@ -169,8 +218,14 @@ class BNCNN(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4),
-                                 nn.Flatten(), nn.Linear(8 * 7 * 7, 2))
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(4),
+            nn.Flatten(),
+            nn.Linear(8 * 7 * 7, 2),
+        )
 
     def forward(self, x):
         return self.net(x)

@@ -9,13 +9,33 @@ from torchmetrics.classification import BinaryAUROC, BinaryRecall
 from lightning_fed import FederatedStrategy
 from lightning_fed.data import IID, Dirichlet, SizeAndRatio, split_fractions
 from lightning_fed.metrics import TaskSpec, merge_metric_states, metric_states
-from lightning_fed.strategies import Aggregator, FedAvg, GlobalModel, SiteUpdate, available_aggregators, get_aggregator, register_aggregator
+from lightning_fed.strategies import (
+    Aggregator,
+    FedAvg,
+    GlobalModel,
+    SiteUpdate,
+    available_aggregators,
+    get_aggregator,
+    register_aggregator,
+)
 
 
 def test_fedavg_matches_hand_computation():
-    a = {"w": np.array([1.0, 2.0], dtype=np.float32), "b": np.array([0.5], dtype=np.float32), "count": np.array(7, dtype=np.int64)}
-    b = {"w": np.array([3.0, 6.0], dtype=np.float32), "b": np.array([-0.5], dtype=np.float32), "count": np.array(3, dtype=np.int64)}
-    c = {"w": np.array([0.0, 0.0], dtype=np.float32), "b": np.array([1.5], dtype=np.float32), "count": np.array(1, dtype=np.int64)}
+    a = {
+        "w": np.array([1.0, 2.0], dtype=np.float32),
+        "b": np.array([0.5], dtype=np.float32),
+        "count": np.array(7, dtype=np.int64),
+    }
+    b = {
+        "w": np.array([3.0, 6.0], dtype=np.float32),
+        "b": np.array([-0.5], dtype=np.float32),
+        "count": np.array(3, dtype=np.int64),
+    }
+    c = {
+        "w": np.array([0.0, 0.0], dtype=np.float32),
+        "b": np.array([1.5], dtype=np.float32),
+        "count": np.array(1, dtype=np.int64),
+    }
     out = FedAvg().aggregate(1, [SiteUpdate("a", a, 100), SiteUpdate("b", b, 300), SiteUpdate("c", c, 100)], None)
     # w = 0.2*[1,2] + 0.6*[3,6] + 0.2*[0,0] = [2.0, 4.0]; b = 0.2*0.5 + 0.6*(-0.5) + 0.2*1.5 = 0.1
     np.testing.assert_allclose(out.weights["w"], [2.0, 4.0], rtol=0, atol=1e-6)
@@ -61,11 +81,15 @@ def test_third_party_aggregator_registers_by_name_and_flag():
     @register_aggregator("median_test_rule")
     class Median(Aggregator):
         def aggregate(self, round, updates, current):
-            return GlobalModel({k: np.median([u.weights[k] for u in updates], axis=0) for k in updates[0].weights}, round)
+            return GlobalModel(
+                {k: np.median([u.weights[k] for u in updates], axis=0) for k in updates[0].weights}, round
+            )
 
     strategy = FederatedStrategy(aggregator="median_test_rule")
     assert isinstance(strategy.aggregator, Median) and strategy.aggregator.name == "median_test_rule"
-    out = strategy.aggregator.aggregate(2, [SiteUpdate(str(i), {"w": np.array([v])}, 1) for i, v in enumerate([1.0, 5.0, 100.0])], None)
+    out = strategy.aggregator.aggregate(
+        2, [SiteUpdate(str(i), {"w": np.array([v])}, 1) for i, v in enumerate([1.0, 5.0, 100.0])], None
+    )
     assert out.weights["w"][0] == 5.0
 
 
@@ -89,7 +113,9 @@ def test_iid_and_dirichlet_partitions_are_seeded_and_complete():
     skew = Dirichlet(alpha=0.1, seed=0)(labels, 4)
     top_share = max(np.bincount(labels[p], minlength=10).max() / len(p) for p in skew)
     assert top_share > 0.4
-    assert not any(np.array_equal(a, b) for a, b in zip(Dirichlet(0.3, seed=1)(labels, 4), Dirichlet(0.3, seed=2)(labels, 4)))
+    assert not any(
+        np.array_equal(a, b) for a, b in zip(Dirichlet(0.3, seed=1)(labels, 4), Dirichlet(0.3, seed=2)(labels, 4))
+    )
 
 
 def test_size_and_ratio_reproduces_study_b_layout():
@@ -172,7 +198,11 @@ def test_coordinator_aborts_instead_of_hanging_when_sites_fall_out_of_step():
 
     async def agreed():
         coordinator = Coordinator(FedAvg(), ["a", "b"])
-        return await asyncio.gather(coordinator.agree("a", ("stop", 1), True, all=False), coordinator.agree("b", ("stop", 1), False, all=False),
-                                    coordinator.agree("a", ("stop", 2), True, all=True), coordinator.agree("b", ("stop", 2), False, all=True))
+        return await asyncio.gather(
+            coordinator.agree("a", ("stop", 1), True, all=False),
+            coordinator.agree("b", ("stop", 1), False, all=False),
+            coordinator.agree("a", ("stop", 2), True, all=True),
+            coordinator.agree("b", ("stop", 2), False, all=True),
+        )
 
     assert asyncio.run(agreed()) == [True, True, False, False]

@@ -33,8 +33,16 @@ def test_class_weighted_loss_uses_the_sites_own_counts(tmp_path):
     model = TabularMLP(in_features=4, hidden=[8], dropout=0.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     recorder = Recorder()
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, callbacks=[ClassBalance("loss"), recorder], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        callbacks=[ClassBalance("loss"), recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, DataLoader(data, batch_size=40))
     expected = torch.tensor([40 / (2 * 30), 40 / (2 * 10)])
     assert torch.allclose(model.class_weights, expected)  # n / (C n_c): the minority class weighs 3x the majority
@@ -66,7 +74,9 @@ def test_weighted_losses_of_the_image_classifier():
     assert weights.tolist() == [3.0, 3.0, 2.0]  # n_neg / n_pos per label over annotated entries
     multilabel.set_class_weights(weights)
     ml_logits = torch.randn(4, 3)
-    per = F.binary_cross_entropy_with_logits(ml_logits, targets.clamp(min=0).float(), pos_weight=weights, reduction="none")
+    per = F.binary_cross_entropy_with_logits(
+        ml_logits, targets.clamp(min=0).float(), pos_weight=weights, reduction="none"
+    )
     mask = (targets != -1).float()
     assert float(multilabel.loss(ml_logits, targets)) == pytest.approx(float((per * mask).sum() / mask.sum()))
 
@@ -95,12 +105,15 @@ def test_class_balance_refuses_what_it_cannot_do(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    kw = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    kw = dict(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
     with pytest.raises(ValueError, match="needs a module with set_class_weights.*use class_balance='sampler'"):
         L.Trainer(callbacks=[ClassBalance("loss")], **kw).fit(Plain(), DataLoader(_imbalanced(), batch_size=8))
     with pytest.raises(ValueError, match="use class_balance='loss' with DP-SGD"):
         L.Trainer(callbacks=[SiteDPSGD("a", DPSGD(noise_multiplier=1.0)), ClassBalance("sampler")], **kw).fit(
-            Plain(), DataLoader(_imbalanced(), batch_size=8))
+            Plain(), DataLoader(_imbalanced(), batch_size=8)
+        )
     with pytest.raises(ValueError, match="'loss' or 'sampler'"):
         ClassBalance("oversample")
     from lightning_fed import FederatedStrategy
@@ -114,7 +127,9 @@ def test_each_hospital_weights_its_loss_by_its_own_labels(tmp_path, ray_cluster,
     from lightning_fed.data.heart_disease import HeartDiseaseSites, load_heart_disease
 
     strategy = FederatedStrategy(progress=False, checkpoint_every=0, class_balance="loss")
-    trainer = L.Trainer(strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     dm = HeartDiseaseSites(site_cpus=0.5)
     try:
         trainer.fit(TabularMLP(), datamodule=dm)

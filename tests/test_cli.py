@@ -34,7 +34,14 @@ def _cli(args, cwd, ray_cluster):
     # join the session's Ray as `ray job submit` would (RAY_ADDRESS), instead of starting a second one
     env["RAY_ADDRESS"] = ray_cluster.get_runtime_context().gcs_address
     env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "lightning_fed.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_fed.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.usefixtures("fed_data")
@@ -52,7 +59,9 @@ def test_cli_fit_writes_results_json(tmp_path, ray_cluster):
         assert {"recall", "precision", "auroc", "accuracy", "confusion_matrix"} <= set(site)
     mean = results["test"]["mean_over_sites"]
     assert mean["sites"] == ["small_1", "small_2"]
-    assert mean["recall"] == pytest.approx((results["test"]["sites"]["small_1"]["recall"] + results["test"]["sites"]["small_2"]["recall"]) / 2)
+    assert mean["recall"] == pytest.approx(
+        (results["test"]["sites"]["small_1"]["recall"] + results["test"]["sites"]["small_2"]["recall"]) / 2
+    )
     assert 0.5 < results["test"]["federated"]["auroc"] <= 1.0
     assert results["config"]["trainer"]["max_epochs"] == 1
     assert results["wall_seconds"] > 0 and len(results["round_seconds"]) == 1
@@ -125,7 +134,9 @@ def test_wandb_group_is_set_when_lightning_cli_passes_none(tmp_path):
     from lightning_fed.loggers import wandb_site_kwargs
 
     # LightningCLI instantiates WandbLogger with every argument, unset ones as None
-    logger = WandbLogger(save_dir=str(tmp_path), project="p", name="hosp", offline=True, group=None, job_type=None, tags=None)
+    logger = WandbLogger(
+        save_dir=str(tmp_path), project="p", name="hosp", offline=True, group=None, job_type=None, tags=None
+    )
     site = wandb_site_kwargs(logger)
     assert logger._wandb_init["group"] == "hosp" and logger._wandb_init["job_type"] == "federated"
     assert site["group"] == "hosp" and site["run_name"] == "hosp" and site["offline"] is True and "tags" not in site
@@ -158,11 +169,18 @@ def test_wandb_offline_run_per_site_plus_global(tmp_path, ray_cluster):
                 keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
             elif kind == "exit":
                 exited = True
-        assert info is not None, (path, path.stat().st_size, [r.WhichOneof("record_type") for r in _wandb_records(path)])
+        assert info is not None, (
+            path,
+            path.stat().st_size,
+            [r.WhichOneof("record_type") for r in _wandb_records(path)],
+        )
         runs[info[0]] = {"group": info[1], "job": info[2], "keys": keys, "steps": steps, "exited": exited}
     assert sorted(runs) == ["hosp", "hosp-large", "hosp-small_1", "hosp-small_2"]
     assert {r["group"] for r in runs.values()} == {"hosp"}  # one experiment, grouped
-    assert runs["hosp"]["job"] == "federated" and {"fl/val_auroc", "fl/val_recall", "site/small_1/val_auroc"} <= runs["hosp"]["keys"]
+    assert (
+        runs["hosp"]["job"] == "federated"
+        and {"fl/val_auroc", "fl/val_recall", "site/small_1/val_auroc"} <= runs["hosp"]["keys"]
+    )
     for site in ("large", "small_1", "small_2"):
         run = runs[f"hosp-{site}"]
         assert run["job"] == "site" and run["exited"], site  # finished inside its actor

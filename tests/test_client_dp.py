@@ -11,13 +11,16 @@ from opacus.accountants import RDPAccountant
 from lightning_fed import FederatedStrategy
 from lightning_fed.strategies import SiteUpdate, get_aggregator
 from lightning_fed.strategies.dp_fedavg import clip
-from lightning_fed.strategies.site.dp_fedavg import DPFedAvgSite
 from lightning_fed.strategies.site import SiteAlgorithm, state_to_numpy
+from lightning_fed.strategies.site.dp_fedavg import DPFedAvgSite
 from tests.helpers import small_hospitals
 
 
 def _updates(deltas, unclipped=True):
-    return [SiteUpdate(f"s{i}", {"w": d}, num_samples=10 * (i + 1), extras={"unclipped": unclipped}) for i, d in enumerate(deltas)]
+    return [
+        SiteUpdate(f"s{i}", {"w": d}, num_samples=10 * (i + 1), extras={"unclipped": unclipped})
+        for i, d in enumerate(deltas)
+    ]
 
 
 def test_sites_send_clipped_differences_from_the_global_model():
@@ -64,8 +67,16 @@ def test_server_noise_has_the_configured_scale_and_sites_count_equally():
 
 
 def test_adaptive_clipping_follows_andrew_et_al():
-    rule = get_aggregator("dp_fedavg", noise_multiplier=0.0, clip_norm=1.0, adaptive=True, target_quantile=0.5,
-                          clip_learning_rate=0.2, clipped_count_stddev=0.0, seed=0)
+    rule = get_aggregator(
+        "dp_fedavg",
+        noise_multiplier=0.0,
+        clip_norm=1.0,
+        adaptive=True,
+        target_quantile=0.5,
+        clip_learning_rate=0.2,
+        clipped_count_stddev=0.0,
+        seed=0,
+    )
     rule.aggregate(1, _updates([np.zeros(2)] * 4, unclipped=True), {"w": np.zeros(2)})
     assert rule.clip_norm == pytest.approx(math.exp(-0.2 * (1.0 - 0.5)))  # every site under S: S shrinks
     rule.aggregate(2, _updates([np.zeros(2)] * 4, unclipped=False), {"w": np.zeros(2)})
@@ -73,14 +84,18 @@ def test_adaptive_clipping_follows_andrew_et_al():
     noisy = get_aggregator("dp_fedavg", noise_multiplier=1.0, adaptive=True, clipped_count_stddev=2.0)
     assert noisy.update_noise_multiplier(4) == pytest.approx((1.0 - 1 / 16) ** -0.5)  # z_Δ = (z⁻² − (2σ_b)⁻²)^-½
     with pytest.raises(ValueError, match="too small"):
-        get_aggregator("dp_fedavg", noise_multiplier=1.0, adaptive=True, clipped_count_stddev=0.4).update_noise_multiplier(4)
+        get_aggregator(
+            "dp_fedavg", noise_multiplier=1.0, adaptive=True, clipped_count_stddev=0.4
+        ).update_noise_multiplier(4)
 
 
 def test_client_level_epsilon_is_the_accountants_and_survives_a_restart():
     rule = get_aggregator("dp_fedavg", noise_multiplier=1.1, clip_norm=1.0, delta=1e-5, seed=3)
     eps = []
     for r in range(1, 4):
-        eps.append(rule.aggregate(r, _updates([np.ones(2)] * 3), {"w": np.zeros(2)}).extras["metrics"]["client_dp_epsilon"])
+        eps.append(
+            rule.aggregate(r, _updates([np.ones(2)] * 3), {"w": np.zeros(2)}).extras["metrics"]["client_dp_epsilon"]
+        )
     accountant = RDPAccountant()
     accountant.history = [(1.1, 1.0, 3)]
     assert eps[-1] == pytest.approx(accountant.get_epsilon(1e-5)) and eps[0] < eps[1] < eps[2]
@@ -94,7 +109,9 @@ def test_client_level_epsilon_is_the_accountants_and_survives_a_restart():
 
     tighter = get_aggregator("dp_fedavg", noise_multiplier=1.1, clip_norm=1.0, delta=1e-5, seed=3, accountant="prv")
     for r in range(1, 4):
-        prv = tighter.aggregate(r, _updates([np.ones(2)] * 3), {"w": np.zeros(2)}).extras["metrics"]["client_dp_epsilon"]
+        prv = tighter.aggregate(r, _updates([np.ones(2)] * 3), {"w": np.zeros(2)}).extras["metrics"][
+            "client_dp_epsilon"
+        ]
     independent = PRVAccountant()
     independent.history = [(1.1, 1.0, 3)]
     with np.errstate(divide="ignore"):
@@ -107,9 +124,15 @@ def test_dp_fedavg_federation_reports_client_epsilon(tmp_path, ray_cluster):
 
     torch.manual_seed(0)
     model = SmallCNN()
-    strategy = FederatedStrategy(aggregator="dp_fedavg", aggregator_kwargs={"noise_multiplier": 0.5, "clip_norm": 5.0, "seed": 0, "inner": "fedprox"},
-                                 progress=False, checkpoint_every=0)
-    trainer = L.Trainer(strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    strategy = FederatedStrategy(
+        aggregator="dp_fedavg",
+        aggregator_kwargs={"noise_multiplier": 0.5, "clip_norm": 5.0, "seed": 0, "inner": "fedprox"},
+        progress=False,
+        checkpoint_every=0,
+    )
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     try:
         trainer.fit(model, datamodule=small_hospitals())
         sites = strategy.federation.site_weights()
@@ -117,7 +140,9 @@ def test_dp_fedavg_federation_reports_client_epsilon(tmp_path, ray_cluster):
         strategy.shutdown()
     accountant = RDPAccountant()
     accountant.history = [(0.5, 1.0, 2)]
-    assert float(trainer.callback_metrics["fl/client_dp_epsilon"]) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-6)
+    assert float(trainer.callback_metrics["fl/client_dp_epsilon"]) == pytest.approx(
+        accountant.get_epsilon(1e-5), rel=1e-6
+    )
     for state in sites.values():  # every site holds the noisy global model
         for key, value in model.state_dict().items():
             np.testing.assert_array_equal(state[key], value.numpy())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_fed.barriers import Barriers, BarrierKey, FederationAborted, SiteLeftOut
+from lightning_fed.barriers import BarrierKey, Barriers, FederationAborted, SiteLeftOut
 from lightning_fed.checkpoint import find_checkpoint, site_checkpoint_path
 from lightning_fed.commits import RoundCommits
 from lightning_fed.config import Checkpointing, Reliability
@@ -27,11 +27,15 @@ CONTINUE = Reliability(on_site_failure="continue")
 def test_site_keys_read_as_kind_epoch_and_tag_and_print_as_before():
     assert BarrierKey.from_site(("epoch_end", 3)) == BarrierKey("epoch_end", epoch=3)
     assert BarrierKey.from_site(("val", 3, 2)) == BarrierKey("val", epoch=3, tag=(2,))
-    assert BarrierKey.from_site(["decision", 0, 1]) == BarrierKey("decision", epoch=0, tag=(1,))  # as pickled lists come
+    assert BarrierKey.from_site(["decision", 0, 1]) == BarrierKey(
+        "decision", epoch=0, tag=(1,)
+    )  # as pickled lists come
     assert BarrierKey.from_site(("stop", "late")) == BarrierKey("stop", tag=("late",))  # no epoch: every site
     assert BarrierKey.from_site(("val", 3, 1)) != BarrierKey.from_site(("val", 3, 2))
-    assert [str(k) for k in (BarrierKey.hand_over(4), BarrierKey.from_site(("val", 3, 2)), BarrierKey.exchange("secagg/2/keys"))] == \
-        ["round 4", "val 3", "gather secagg/2/keys"]
+    assert [
+        str(k)
+        for k in (BarrierKey.hand_over(4), BarrierKey.from_site(("val", 3, 2)), BarrierKey.exchange("secagg/2/keys"))
+    ] == ["round 4", "val 3", "gather secagg/2/keys"]
 
 
 def test_a_key_expects_the_sites_that_take_part_in_its_round_or_epoch():
@@ -107,7 +111,9 @@ def test_a_round_is_committed_once_every_site_in_it_saved_and_a_site_out_of_it_k
     # a part that never reached the disk: the commit fails and says why
     commits.aggregated(3, {"round": 3})
     commits.saved("a", 3)
-    assert "checkpoint of round 3 could not be written: FileNotFoundError" in commits.commit_if_complete(3, expected={"a"})
+    assert "checkpoint of round 3 could not be written: FileNotFoundError" in commits.commit_if_complete(
+        3, expected={"a"}
+    )
     # a later round supersedes earlier ones still waiting
     commits.aggregated(4, {"round": 4})
     commits.aggregated(5, {"round": 5})
@@ -134,7 +140,9 @@ def test_continue_mode_completes_a_barrier_without_the_failed_site_and_lets_it_r
         assert not a.done()  # c has not arrived
         coordinator.site_finished("c", "RuntimeError: scanner offline")
         decided = await asyncio.wait_for(asyncio.gather(a, b), timeout=5)
-        with pytest.raises(SiteLeftOut, match="site 'c' was left out of round 1: failed: RuntimeError: scanner offline"):
+        with pytest.raises(
+            SiteLeftOut, match="site 'c' was left out of round 1: failed: RuntimeError: scanner offline"
+        ):
             await coordinator.agree("c", ("epoch_end", 0), True, all=False)
         rejoining = asyncio.ensure_future(coordinator.rejoin("c"))
         await asyncio.sleep(0)
@@ -154,7 +162,9 @@ def test_continue_mode_completes_a_barrier_without_the_failed_site_and_lets_it_r
 def test_a_late_site_is_left_out_in_continue_mode_and_stops_the_run_otherwise():
     async def late(reliability):
         coordinator = Coordinator(FedAvg(), ["a", "b"], reliability=reliability)
-        return await asyncio.wait_for(coordinator.agree("a", ("decision", 1, 1), True, all=True), timeout=5), coordinator
+        return await asyncio.wait_for(
+            coordinator.agree("a", ("decision", 1, 1), True, all=True), timeout=5
+        ), coordinator
 
     decided, coordinator = asyncio.run(late(Reliability(on_site_failure="continue", barrier_timeout=0.05)))
     assert decided and coordinator.roster.out == {"b": "missed decision 1 within barrier_timeout=0.05s"}
@@ -168,10 +178,14 @@ def test_a_late_site_is_left_out_in_continue_mode_and_stops_the_run_otherwise():
 def test_the_frozen_configuration_and_the_coordinator_import_without_torch():
     # as in the coordinator's process: the package's own __init__ then skips Lightning, so what loads is what
     # these modules import themselves
-    script = ("import sys\nimport lightning_fed.config, lightning_fed.privacy_settings, lightning_fed.coordinator\n"
-              "print(sorted(m for m in ('torch', 'lightning', 'opacus', 'lightning_fed.data') if m in sys.modules))")
+    script = (
+        "import sys\nimport lightning_fed.config, lightning_fed.privacy_settings, lightning_fed.coordinator\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'opacus', 'lightning_fed.data') if m in sys.modules))"
+    )
     env = {**os.environ, "LIGHTNING_FED_ROLE": "coordinator", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=REPO
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
     from lightning_fed.config import DPSGD as configured
     from lightning_fed.privacy import DPSGD

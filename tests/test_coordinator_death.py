@@ -60,7 +60,7 @@ trainer:
       aggregator: fedavg
       workers: 1
       progress: false
-      checkpoint_dir: {tmp / 'ckpt'}
+      checkpoint_dir: {tmp / "ckpt"}
 model:
   class_path: lightning_fed.models.SmallCNN
   init_args: {{num_classes: 2, lr: 0.001}}

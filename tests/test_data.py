@@ -110,8 +110,12 @@ def test_heart_disease_hospitals_are_read_verified_and_prepared_locally(fed_data
     site.datamodule.setup("fit")
     train, test = (site.datamodule.datasets[s].tensors[0].numpy() for s in ("train", "test"))
     assert not np.isnan(train).any() and not np.isnan(test).any()
-    assert np.allclose(train.mean(0), 0, atol=1e-5) and np.allclose(train.std(0), 1, atol=1e-3)  # the hospital's own statistics
-    assert not np.allclose(test.mean(0), 0, atol=1e-3)  # the test split is scaled with the training statistics, not its own
+    assert np.allclose(train.mean(0), 0, atol=1e-5) and np.allclose(
+        train.std(0), 1, atol=1e-3
+    )  # the hospital's own statistics
+    assert not np.allclose(
+        test.mean(0), 0, atol=1e-3
+    )  # the test split is scaled with the training statistics, not its own
     with pytest.raises(ValueError, match="unknown hospitals \\['zurich'\\]"):
         HeartDiseaseSites(hospitals=["cleveland", "zurich"])
 
@@ -125,7 +129,9 @@ def test_heart_disease_federation_tests_every_hospital(tmp_path, ray_cluster):
     from lightning_fed.models import TabularMLP
 
     strategy = FederatedStrategy(progress=False, checkpoint_every=0)
-    trainer = L.Trainer(strategy=strategy, max_epochs=3, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=3, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     dm = HeartDiseaseSites()
     try:
         trainer.fit(TabularMLP(), datamodule=dm)
@@ -135,7 +141,9 @@ def test_heart_disease_federation_tests_every_hospital(tmp_path, ray_cluster):
     sites = strategy.last_evaluation.rows()
     assert set(sites) == {"cleveland", "hungary", "switzerland", "va", "federated"}
     counts = {h: int(np.sum(sites[h]["confusion_matrix"])) for h in dm.hospitals}
-    assert counts == {h: len(parts["test"]) for h, parts in dm.site_indices().items()}  # each tested on its own patients
+    assert counts == {
+        h: len(parts["test"]) for h, parts in dm.site_indices().items()
+    }  # each tested on its own patients
     assert sites["federated"]["auroc"] > 0.6
 
 
@@ -143,8 +151,14 @@ def test_retinamnist_binarised_and_split_4_to_6_as_study_a(fed_data):
     from lightning_fed.data.medmnist import MedMNISTSites, load_medmnist
 
     arrays = load_medmnist("retinamnist")
-    dm = MedMNISTSites("retinamnist", site_names=["site_a", "site_b"], site_shares=[4, 6], label_map=[0, None, None, 1, 1],
-                       label_names=["no_dr", "severe_or_proliferative_dr"], seed=3)
+    dm = MedMNISTSites(
+        "retinamnist",
+        site_names=["site_a", "site_b"],
+        site_shares=[4, 6],
+        label_map=[0, None, None, 1, 1],
+        label_names=["no_dr", "severe_or_proliferative_dr"],
+        seed=3,
+    )
     assert dm.label_names == ["no_dr", "severe_or_proliferative_dr"]
     idx = dm.site_indices()
     for split in ("train", "val", "test"):

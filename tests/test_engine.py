@@ -18,7 +18,9 @@ def _fit(tmp_path, placement, sizes=(160, 120, 100, 80)):
     model = NoisyCNN()
     dm = small_hospitals(sizes=sizes, ratios=(0.5, 0.2, 0.2, 0.2), val_fraction=0.2, seed=3)
     strategy = FederatedStrategy(progress=False, checkpoint_every=0, seed=7, placement=placement)
-    trainer = L.Trainer(strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     trainer.fit(model, datamodule=dm)
     try:
         layout = strategy.last_fit.startup.layout
@@ -32,7 +34,9 @@ def _fit(tmp_path, placement, sizes=(160, 120, 100, 80)):
 @pytest.mark.usefixtures("ray_cluster", "fed_data")
 def test_packed_and_one_process_per_site_give_bit_identical_results(tmp_path):
     # the same threads per worker (1) in both layouts: packing is the only difference
-    packed_layout, packed, packed_sites, packed_metrics = _fit(tmp_path / "a", Placement(sites_per_worker=2, worker_cpus=1))
+    packed_layout, packed, packed_sites, packed_metrics = _fit(
+        tmp_path / "a", Placement(sites_per_worker=2, worker_cpus=1)
+    )
     alone_layout, alone, alone_sites, alone_metrics = _fit(tmp_path / "b", Placement(sites_per_worker=1))
     assert packed_layout.startswith("2 workers") and alone_layout.startswith("4 workers"), (packed_layout, alone_layout)
     for key in packed:
@@ -46,14 +50,21 @@ def test_packed_and_one_process_per_site_give_bit_identical_results(tmp_path):
 @pytest.mark.usefixtures("ray_cluster", "fed_data")
 def test_the_coordinator_process_never_imports_torch_or_lightning(tmp_path):
     torch.manual_seed(0)
-    strategy = FederatedStrategy(aggregator="fedavg", progress=False, checkpointing=Checkpointing(dirpath=str(tmp_path / "ckpt")))
-    trainer = L.Trainer(strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    strategy = FederatedStrategy(
+        aggregator="fedavg", progress=False, checkpointing=Checkpointing(dirpath=str(tmp_path / "ckpt"))
+    )
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     trainer.fit(SmallCNN(), datamodule=small_hospitals(sizes=(200, 100, 100)))
 
     def heavy_modules(coordinator):  # runs inside the coordinator's process (pickled by value)
         import sys
 
-        return sorted({m.split(".")[0] for m in sys.modules} & {"torch", "lightning", "torchmetrics", "pytorch_lightning", "opacus"})
+        return sorted(
+            {m.split(".")[0] for m in sys.modules}
+            & {"torch", "lightning", "torchmetrics", "pytorch_lightning", "opacus"}
+        )
 
     try:
         import ray
@@ -76,17 +87,29 @@ STUDY_B = [_site("large", 24000)] + [_site(f"small_{i}", 2400) for i in range(1,
 
 def test_placement_packs_by_size_and_threads():
     # one large site and four small ones on 2 CPUs: one worker, both threads (the large site alone is the slow path)
-    assert place_sites(STUDY_B, Placement(), free_cpus=2) == [WorkerSpec(0, ("large", "small_1", "small_2", "small_3", "small_4"), 2.0, 0.0, (), 2)]
+    assert place_sites(STUDY_B, Placement(), free_cpus=2) == [
+        WorkerSpec(0, ("large", "small_1", "small_2", "small_3", "small_4"), 2.0, 0.0, (), 2)
+    ]
     # many equal sites: one single-thread worker per CPU, sites dealt evenly
     equal = place_sites([_site(f"s{i}") for i in range(100)], Placement(), free_cpus=2)
     assert [(len(w.sites), w.threads, w.num_cpus) for w in equal] == [(50, 1, 1.0), (50, 1, 1.0)]
     # fixed layouts: never more sites per worker than asked, the largest work first onto the least-loaded worker
-    assert [w.sites for w in place_sites(STUDY_B, Placement(sites_per_worker=2), 8)] == [("large",), ("small_1", "small_3"), ("small_2", "small_4")]
-    assert [w.sites for w in place_sites(STUDY_B, Placement(workers=2), 8)] == [("large",), ("small_1", "small_2", "small_3", "small_4")]
+    assert [w.sites for w in place_sites(STUDY_B, Placement(sites_per_worker=2), 8)] == [
+        ("large",),
+        ("small_1", "small_3"),
+        ("small_2", "small_4"),
+    ]
+    assert [w.sites for w in place_sites(STUDY_B, Placement(workers=2), 8)] == [
+        ("large",),
+        ("small_1", "small_2", "small_3", "small_4"),
+    ]
     alone = place_sites([_site("a", 10, cpus=2), _site("b", 10)], Placement(sites_per_worker=1), 8)
     assert [(w.sites, w.num_cpus, w.threads) for w in alone] == [(("a",), 2, 2), (("b",), 1, 1)]  # each its own ask
     assert [w.num_cpus for w in place_sites(STUDY_B, Placement(worker_cpus=3), 8)] == [3, 3]
-    assert deal([5, 1, 1, 1], 2, capacity=2) == [[0, 3], [1, 2]]  # the full worker takes no more: the last one overflows
+    assert deal([5, 1, 1, 1], 2, capacity=2) == [
+        [0, 3],
+        [1, 2],
+    ]  # the full worker takes no more: the last one overflows
 
 
 def test_placement_keeps_pinned_sites_alone_and_shares_gpus():
@@ -102,10 +125,19 @@ def test_placement_keeps_pinned_sites_alone_and_shares_gpus():
 
 
 def test_grouped_options_and_todays_flat_names_agree():
-    flat = FederatedStrategy(num_sites=4, checkpoint_every=0, keep_checkpoints=3, sites_per_worker=1, ray_address="auto")
-    grouped = FederatedStrategy(simulation=Simulation(num_sites=4), checkpointing=Checkpointing(every_n_rounds=0, keep=3),
-                                placement=Placement(sites_per_worker=1), cluster=flat.config.cluster)
-    assert flat.config.simulation == grouped.config.simulation and flat.config.checkpointing == grouped.config.checkpointing
+    flat = FederatedStrategy(
+        num_sites=4, checkpoint_every=0, keep_checkpoints=3, sites_per_worker=1, ray_address="auto"
+    )
+    grouped = FederatedStrategy(
+        simulation=Simulation(num_sites=4),
+        checkpointing=Checkpointing(every_n_rounds=0, keep=3),
+        placement=Placement(sites_per_worker=1),
+        cluster=flat.config.cluster,
+    )
+    assert (
+        flat.config.simulation == grouped.config.simulation
+        and flat.config.checkpointing == grouped.config.checkpointing
+    )
     assert flat.config.placement == grouped.config.placement and flat.config.cluster.address == "auto"
     assert isinstance(flat.config, FederationConfig)
     with pytest.raises(ValueError, match="num_sites is given twice"):

@@ -8,9 +8,22 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from lightning_fed.experiments import (CompareReport, LeaveOneOutReport, Run, SweepReport, confusion_plot, heat_maps,
-                                       legacy_kind, read_report, replot, write_compare, write_leave_one_out, write_sweep)
-from lightning_fed.experiments import outputs, reports
+from lightning_fed.experiments import (
+    CompareReport,
+    LeaveOneOutReport,
+    Run,
+    SweepReport,
+    confusion_plot,
+    heat_maps,
+    legacy_kind,
+    outputs,
+    read_report,
+    replot,
+    reports,
+    write_compare,
+    write_leave_one_out,
+    write_sweep,
+)
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
@@ -100,9 +113,13 @@ def test_single_model_compare_has_no_strip_wider_than_three_to_one(tmp_path):
     summary = read_report(RESULTS / "study_c_fiva").summary
     assert heat_maps(summary, ["dice"], ["A", "B"], ["federated"], tmp_path, "t") == []
     heart = read_report(RESULTS / "heart_disease")  # one model's confusion matrices at 4 hospitals and merged: wrapped
-    plot = confusion_plot(heart.confusion_matrices, ["federated"], [*heart.sites, "federated"], tmp_path, heart.label_names)
+    plot = confusion_plot(
+        heart.confusion_matrices, ["federated"], [*heart.sites, "federated"], tmp_path, heart.label_names
+    )
     assert _aspect_ok(plot)
-    plot = confusion_plot(heart.confusion_matrices, ["pooled", "local", "federated"], [*heart.sites, "federated"], tmp_path)
+    plot = confusion_plot(
+        heart.confusion_matrices, ["pooled", "local", "federated"], [*heart.sites, "federated"], tmp_path
+    )
     height, width = matplotlib.image.imread(plot).shape[:2]
     assert (width, height) == (1265, 726)  # where a row per model fits, the layout is as before
 
@@ -116,7 +133,9 @@ def test_compare_writes_results_json_once_atomically(tmp_path, writes, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".png")) == ["results.json", "results.md"]
     written = json.loads((tmp_path / "results.json").read_text())
     assert list(written)[:2] == ["kind", "command"] and written["wandb_dir"] == "wandb/run-1/files"
-    assert isinstance(report, CompareReport) and json.dumps(CompareReport.from_json(written).to_json()) == json.dumps(written)
+    assert isinstance(report, CompareReport) and json.dumps(CompareReport.from_json(written).to_json()) == json.dumps(
+        written
+    )
     assert json.dumps(report.to_json()) == json.dumps(written)  # what compare returns is what it wrote
     for key in ("sites", "columns", "models", "seeds", "metrics", "summary", "confusion_matrices"):
         assert written[key] == stored[key], key  # the stored run's numbers, written again
@@ -127,7 +146,7 @@ def test_sweep_writes_results_json_once_per_point(tmp_path, writes):
     stored = json.loads((RESULTS / "wire_study_b" / "results.json").read_text())
     experiment = _Recorded(stored)
     if stored["column"].startswith("mean("):  # a sweep keeps only its column's name
-        experiment.mean_over = stored["column"][len("mean("):-1].split(",")
+        experiment.mean_over = stored["column"][len("mean(") : -1].split(",")
     points, metrics = stored["points"], list(stored["rows"][0]["metrics"])
     write_sweep(experiment, points[:1], tmp_path, metrics, 1.0, ["lightning-fed", "sweep"], final=False)
     report = write_sweep(experiment, points, tmp_path, metrics, 2.0, ["lightning-fed", "sweep"])

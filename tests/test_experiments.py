@@ -1,16 +1,20 @@
 """`lightning-fed compare` / `sweep`: pooled, local and federated runs, every model tested on every site."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lightning_fed.experiments import compare, expand_grid, point_arguments, split_values, sweep
 from lightning_fed.errors import UsageError
+from lightning_fed.experiments import compare, expand_grid, point_arguments, split_values, sweep
 
-HEART = ["--config", str(Path(__file__).resolve().parents[1] / "recipes" / "heart_disease.yaml"), "--trainer.logger=false", "--data.init_args.site_cpus=0.5"]
+HEART = [
+    "--config",
+    str(Path(__file__).resolve().parents[1] / "recipes" / "heart_disease.yaml"),
+    "--trainer.logger=false",
+    "--data.init_args.site_cpus=0.5",
+]
 HOSPITALS = ["cleveland", "hungary", "switzerland", "va"]
 
 
@@ -18,14 +22,29 @@ def test_grid_expansion_and_list_overrides():
     assert split_values("0.1, 2, [1,2], 'a,b', null") == [0.1, 2, [1, 2], "a,b", None]
     points = expand_grid(["a=1,2", "b=x,y,z"], ["c[0]=10,20", "d=p,q"])
     assert len(points) == 2 * 3 * 2
-    assert points[0] == {"a": 1, "b": "x", "c[0]": 10, "d": "p"} and points[1] == {"a": 1, "b": "x", "c[0]": 20, "d": "q"}
+    assert points[0] == {"a": 1, "b": "x", "c[0]": 10, "d": "p"} and points[1] == {
+        "a": 1,
+        "b": "x",
+        "c[0]": 20,
+        "d": "q",
+    }
     assert {(p["c[0]"], p["d"]) for p in points} == {(10, "p"), (20, "q")}  # zipped axes vary together
     assert {(p["a"], p["b"]) for p in points} == {(a, b) for a in (1, 2) for b in "xyz"}  # grid axes: the product
     base = {"data": {"init_args": {"positive_ratios": [0.5, 0.1, 0.1, 0.1, 0.1], "sizes": [30000, 3000]}}}
-    args = point_arguments({"data.init_args.positive_ratios[0]": 0.2, "data.init_args.positive_ratios[1:]": 0.05,
-                            "data.init_args.sizes[-2]": 6000, "trainer.max_epochs": 3}, base)
-    assert args == ["--data.init_args.positive_ratios=[0.2, 0.05, 0.05, 0.05, 0.05]", "--data.init_args.sizes=[6000, 3000]",
-                    "--trainer.max_epochs=3"]
+    args = point_arguments(
+        {
+            "data.init_args.positive_ratios[0]": 0.2,
+            "data.init_args.positive_ratios[1:]": 0.05,
+            "data.init_args.sizes[-2]": 6000,
+            "trainer.max_epochs": 3,
+        },
+        base,
+    )
+    assert args == [
+        "--data.init_args.positive_ratios=[0.2, 0.05, 0.05, 0.05, 0.05]",
+        "--data.init_args.sizes=[6000, 3000]",
+        "--trainer.max_epochs=3",
+    ]
     assert base["data"]["init_args"]["positive_ratios"] == [0.5, 0.1, 0.1, 0.1, 0.1]  # the recipe itself is untouched
     with pytest.raises(ValueError, match="same number of values"):
         expand_grid([], ["a=1,2", "b=1"])
@@ -53,7 +72,14 @@ def test_compare_tests_every_model_on_every_site(heart_compare):
     assert report["sites"] == HOSPITALS and report["seeds"] == [0, 1]
     assert report["models"] == ["pooled", "local", *[f"local:{h}" for h in HOSPITALS], "federated"]
     runs = report["runs"]
-    assert [(r["repeat"], r["mode"]) for r in runs] == [(0, "pooled"), (0, "local"), (0, "federated"), (1, "pooled"), (1, "local"), (1, "federated")]
+    assert [(r["repeat"], r["mode"]) for r in runs] == [
+        (0, "pooled"),
+        (0, "local"),
+        (0, "federated"),
+        (1, "pooled"),
+        (1, "local"),
+        (1, "federated"),
+    ]
     for run in runs:
         # repetition r splits the data with seed 0 + r: every model is tested on exactly that split's test patients
         tests = {h: len(p["test"]) for h, p in HeartDiseaseSites(seed=run["repeat"]).site_indices().items()}
@@ -62,19 +88,27 @@ def test_compare_tests_every_model_on_every_site(heart_compare):
             for hospital in HOSPITALS:
                 assert int(np.sum(rows[hospital]["confusion_matrix"])) == tests[hospital], (model, hospital)
             # the merged column is every site's test data together: its confusion matrix is the sum of theirs
-            assert rows["federated"]["confusion_matrix"] == np.sum([rows[h]["confusion_matrix"] for h in HOSPITALS], axis=0).tolist()
+            assert (
+                rows["federated"]["confusion_matrix"]
+                == np.sum([rows[h]["confusion_matrix"] for h in HOSPITALS], axis=0).tolist()
+            )
         if run["mode"] == "local":
             for hospital in HOSPITALS:  # the "local" row is each hospital's own model on its own data
                 assert run["evaluations"]["local"][hospital] == run["evaluations"][f"local:{hospital}"][hospital]
             # four different models: the same test data gives different results
-            assert len({json.dumps(run["evaluations"][f"local:{h}"]["cleveland"]["confusion_matrix"]) for h in HOSPITALS}) > 1
+            assert (
+                len({json.dumps(run["evaluations"][f"local:{h}"]["cleveland"]["confusion_matrix"]) for h in HOSPITALS})
+                > 1
+            )
     summary = report["summary"]
     for model in report["models"]:
         for column in [*HOSPITALS, "federated"]:
             stats = summary[model][column]["accuracy"]
             values = [r["evaluations"][model][column]["accuracy"] for r in runs if model in r["evaluations"]]
             assert stats["n"] == 2 and stats["values"] == values
-            assert stats["mean"] == pytest.approx(np.mean(values)) and stats["std"] == pytest.approx(np.std(values, ddof=1))
+            assert stats["mean"] == pytest.approx(np.mean(values)) and stats["std"] == pytest.approx(
+                np.std(values, ddof=1)
+            )
     md = (out / "results.md").read_text()
     for metric in ("accuracy", "precision", "recall", "auroc"):
         table = md.split(f"### {metric}\n\n")[1].split("\n\n")[0].splitlines()
@@ -82,7 +116,10 @@ def test_compare_tests_every_model_on_every_site(heart_compare):
         assert (out / f"{metric}.png").stat().st_size > 5000
     assert "cleveland only" in md and "±" in md and (out / "confusion_matrices.png").is_file()
     traffic = report["traffic"]  # the federated runs' bytes per site and round, over repetitions
-    assert traffic["sent"]["n"] == 2 and traffic["update"]["mean"] < traffic["sent"]["mean"] < 10 * traffic["received"]["mean"]
+    assert (
+        traffic["sent"]["n"] == 2
+        and traffic["update"]["mean"] < traffic["sent"]["mean"] < 10 * traffic["received"]["mean"]
+    )
     assert "### communication (federated, per site and round)" in md
     assert json.loads((out / "results.json").read_text())["summary"] == json.loads(json.dumps(summary))
     startup = report["startup"]
@@ -116,7 +153,9 @@ def test_pooled_site_trains_on_the_union_of_the_sites(fed_data):
 
 def test_sweep_reuses_warm_sites_and_gives_the_same_result_as_a_fresh_start(tmp_path, ray_cluster, fed_data):
     out = tmp_path / "sweep"
-    report = sweep([*HEART, "--trainer.max_epochs=1", "--grid", "model.init_args.lr=0.003,0.03,0.003", "--out", str(out)])
+    report = sweep(
+        [*HEART, "--trainer.max_epochs=1", "--grid", "model.init_args.lr=0.003,0.03,0.003", "--out", str(out)]
+    )
     runs = report["runs"]
     assert [r["point"] for r in runs] == [{"model.init_args.lr": v} for v in (0.003, 0.03, 0.003)]
     assert [r["warm"] for r in runs] == [False, True, True]
@@ -132,9 +171,20 @@ def test_sweep_reuses_warm_sites_and_gives_the_same_result_as_a_fresh_start(tmp_
 
 def test_sweep_over_compression_plots_accuracy_against_bytes(tmp_path, ray_cluster, fed_data):
     out = tmp_path / "codecs"
-    report = sweep([*HEART, "--trainer.max_epochs=1", "--grid", "trainer.strategy.init_args.compression=null,fp16,int8",
-                    "--out", str(out)])
-    update = {json.dumps(r["point"]["trainer.strategy.init_args.compression"]): r["traffic"]["update"]["mean"] for r in report["rows"]}
+    report = sweep(
+        [
+            *HEART,
+            "--trainer.max_epochs=1",
+            "--grid",
+            "trainer.strategy.init_args.compression=null,fp16,int8",
+            "--out",
+            str(out),
+        ]
+    )
+    update = {
+        json.dumps(r["point"]["trainer.strategy.init_args.compression"]): r["traffic"]["update"]["mean"]
+        for r in report["rows"]
+    }
     assert update["null"] > update['"fp16"'] > update['"int8"']
     assert update['"int8"'] < 0.6 * update["null"]  # the model is small: pickling overhead keeps int8 above a quarter
     assert (out / "accuracy_vs_bytes.png").stat().st_size > 5000
@@ -157,7 +207,12 @@ def test_compare_results_go_to_one_wandb_run(heart_compare, tmp_path):
     from tests.test_cli import _wandb_records
 
     report, out = heart_compare
-    table = {"accuracy": (["model", "cleveland"], [[m, report["summary"][m]["cleveland"]["accuracy"]["mean"]] for m in report["models"]])}
+    table = {
+        "accuracy": (
+            ["model", "cleveland"],
+            [[m, report["summary"][m]["cleveland"]["accuracy"]["mean"]] for m in report["models"]],
+        )
+    }
     settings = {"project": "lightning-fed-test", "save_dir": str(tmp_path), "name": "heart", "offline": True}
     log_to_wandb(settings, "compare", table, [out / "accuracy.png"], {"command": report["command"]})
     import wandb

@@ -96,7 +96,13 @@ def test_unmodified_module_via_string_flag_simulates_sites(tmp_path):
         assert trainer.global_step == 2 * 6
         assert {"fl/val_loss", "fl/val_accuracy", "fl/val_auroc"} <= set(trainer.callback_metrics)
         out = trainer.test(model, datamodule=dm, verbose=False)[0]
-        assert {"fl/test_loss", "fl/test_accuracy", "fl/test_auroc", "site/site_0/test_auroc", "site/site_1/test_recall"} <= set(out)
+        assert {
+            "fl/test_loss",
+            "fl/test_accuracy",
+            "fl/test_auroc",
+            "site/site_0/test_auroc",
+            "site/site_1/test_recall",
+        } <= set(out)
         # the module's own key, as a plain fit returns it, holds the federated value (every site's test data)
         assert out["test_loss"] == out["fl/test_loss"] and out["test_loss"] != out["site/site_0/test_loss"]
         assert trainer.callback_metrics["val_loss"] == pytest.approx(trainer.callback_metrics["fl/val_loss"])
@@ -108,10 +114,18 @@ def test_unmodified_module_via_string_flag_simulates_sites(tmp_path):
         assert np.array(cm).shape == (10, 10) and np.array(cm).sum() == 200
         # validate runs inside the same site actors, on each site's share of the validation split
         val = trainer.validate(model, datamodule=dm, verbose=False)[0]
-        assert val["fl/val_loss"] == pytest.approx(np.mean([val["site/site_0/val_loss"], val["site/site_1/val_loss"]]), rel=1e-5)
-        assert val["fl/val_accuracy"] == pytest.approx(out["fl/test_accuracy"])  # this module's val and test data coincide
+        assert val["fl/val_loss"] == pytest.approx(
+            np.mean([val["site/site_0/val_loss"], val["site/site_1/val_loss"]]), rel=1e-5
+        )
+        assert val["fl/val_accuracy"] == pytest.approx(
+            out["fl/test_accuracy"]
+        )  # this module's val and test data coincide
         # the module's StepLR(gamma=0.5) lived through both rounds on every site: lr 0.05 -> 0.0125
-        ckpt = torch.load(Path(trainer.log_dir) / "federated_checkpoints" / "round-0002" / "site-site_1.ckpt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(
+            Path(trainer.log_dir) / "federated_checkpoints" / "round-0002" / "site-site_1.ckpt",
+            map_location="cpu",
+            weights_only=False,
+        )
         assert ckpt["lr_schedulers"][0]["last_epoch"] == 2
         assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0125)
     finally:
@@ -125,8 +139,12 @@ def test_three_fits_in_one_process_as_in_a_notebook(tmp_path):
     for run in range(3):
         torch.manual_seed(0)
         model = UnmodifiedMLP()
-        trainer = _trainer(tmp_path / str(run), FederatedStrategy(num_sites=2, progress=False, checkpoint_every=0, seed=0),
-                           max_epochs=1, logger=False)
+        trainer = _trainer(
+            tmp_path / str(run),
+            FederatedStrategy(num_sites=2, progress=False, checkpoint_every=0, seed=0),
+            max_epochs=1,
+            logger=False,
+        )
         trainer.fit(model, datamodule=PlainFashionMNIST(n=200))  # before: "the cluster could not place the sites"
         assert trainer.global_step == 2 and "val_loss" in trainer.callback_metrics
         weights = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -169,8 +187,10 @@ class _TwoTrainLoaders(L.LightningDataModule):
     """Two training loaders (a map-style dataset of 0..15 and an iterable one of 100..115), as Lightning combines them."""
 
     def train_dataloader(self):
-        return [DataLoader(torch.utils.data.TensorDataset(torch.arange(16.0).unsqueeze(1)), batch_size=2),
-                DataLoader(_Numbered(), batch_size=2)]
+        return [
+            DataLoader(torch.utils.data.TensorDataset(torch.arange(16.0).unsqueeze(1)), batch_size=2),
+            DataLoader(_Numbered(), batch_size=2),
+        ]
 
     def val_dataloader(self):
         return DataLoader(torch.utils.data.TensorDataset(torch.arange(8.0).unsqueeze(1)), batch_size=4)
@@ -202,7 +222,9 @@ def test_several_train_loaders_and_iterable_datasets_are_split_across_sites(tmp_
     strategy.shutdown()
     # every sample of the map-style loader reached exactly one site; the iterable one was dealt round-robin
     assert metrics["site/site_0/map_ids"] + metrics["site/site_1/map_ids"] == sum(range(16))
-    assert metrics["site/site_0/iter_ids"] == sum(range(100, 116, 2)) and metrics["site/site_1/iter_ids"] == sum(range(101, 116, 2))
+    assert metrics["site/site_0/iter_ids"] == sum(range(100, 116, 2)) and metrics["site/site_1/iter_ids"] == sum(
+        range(101, 116, 2)
+    )
     assert trainer.global_step == 4  # 8 samples a site in each loader, batches of 2
     # a non-IID split needs indices: an iterable dataset is refused in one line
     strategy = FederatedStrategy(num_sites=2, partitioner=Dirichlet(alpha=0.5), progress=False, checkpoint_every=0)
@@ -252,9 +274,17 @@ def test_early_stopping_and_model_checkpoint_behave_per_site(tmp_path):
     torch.manual_seed(0)
     # patience 0 on a federated key: every site sees the same value and all stop in the same epoch
     stop = EarlyStopping(monitor="fl/val_loss", patience=0, min_delta=10.0)
-    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="fl/val_auroc", mode="max", save_top_k=1, filename="{epoch}")
+    best = ModelCheckpoint(
+        dirpath=tmp_path / "best", monitor="fl/val_auroc", mode="max", save_top_k=1, filename="{epoch}"
+    )
     strategy = FederatedStrategy(progress=False, checkpoint_every=0)
-    trainer = L.Trainer(strategy=strategy, max_epochs=6, callbacks=[stop, best], logger=CSVLogger(tmp_path, name="run"), default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        strategy=strategy,
+        max_epochs=6,
+        callbacks=[stop, best],
+        logger=CSVLogger(tmp_path, name="run"),
+        default_root_dir=tmp_path,
+    )
     t0 = time.monotonic()
     trainer.fit(SmallCNN(), datamodule=small_hospitals())
     strategy.shutdown()
@@ -278,7 +308,9 @@ def test_failing_site_stops_the_run_with_its_name(tmp_path, mode, expected):
     trainer = _trainer(tmp_path, strategy, max_epochs=5)
     failed = tmp_path / "failed"  # made by the failing site just before it raises or dies
     with pytest.raises(SiteFailedError, match=rf"site 'bad'.*{expected}") as info:
-        trainer.fit(SmallCNN(), datamodule=HospitalsWithFailingSite(fail_at_access=270, mode=mode, once_flag=str(failed)))
+        trainer.fit(
+            SmallCNN(), datamodule=HospitalsWithFailingSite(fail_at_access=270, mode=mode, once_flag=str(failed))
+        )
     assert time.time() - failed.stat().st_mtime < 30  # the run ended within 30 s of the failure
     assert "\n" not in str(info.value)
     assert strategy.federation is None or not strategy.federation.alive
@@ -332,7 +364,10 @@ def test_bad_layouts_fail_before_training(tmp_path):
     class Pinned(L.LightningDataModule):
         def federated_sites(self):
             idx = {"train": np.arange(10), "val": np.arange(10, 20), "test": np.arange(20, 30)}
-            return [Site("a", PooledIndexData(None, idx, 5), resources={"site:hospital_a": 1}), Site("b", PooledIndexData(None, idx, 5))]
+            return [
+                Site("a", PooledIndexData(None, idx, 5), resources={"site:hospital_a": 1}),
+                Site("b", PooledIndexData(None, idx, 5)),
+            ]
 
     class Empty(L.LightningDataModule):
         def federated_sites(self):
@@ -345,12 +380,17 @@ def test_bad_layouts_fail_before_training(tmp_path):
         _trainer(tmp_path, strategy).fit(SmallCNN(), datamodule=Pinned())
     with pytest.raises(FederationConfigError, match=r"\['empty'\] have no training samples"):
         _trainer(tmp_path, strategy).fit(SmallCNN(), datamodule=Empty())
+
     class Unmounted(L.LightningDataModule):
         def federated_sites(self):
             return [*small_hospitals().federated_sites()[:2], Site("broken", unmounted_scans)]
 
-    with pytest.raises(SiteFailedError, match=r"^site 'broken' failed to start: FileNotFoundError: /data/scans is not mounted$"):
+    with pytest.raises(
+        SiteFailedError, match=r"^site 'broken' failed to start: FileNotFoundError: /data/scans is not mounted$"
+    ):
         _trainer(tmp_path, strategy).fit(SmallCNN(), datamodule=Unmounted())
     assert not _our_actors_alive()
     with pytest.raises(FederationConfigError, match="must be a federated checkpoint folder"):
-        _trainer(tmp_path, strategy).fit(SmallCNN(), datamodule=small_hospitals(), ckpt_path=str(tmp_path / "nothing.ckpt"))
+        _trainer(tmp_path, strategy).fit(
+            SmallCNN(), datamodule=small_hospitals(), ckpt_path=str(tmp_path / "nothing.ckpt")
+        )

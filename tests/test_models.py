@@ -58,7 +58,9 @@ def test_lightning_checkpoint_of_the_classifier_is_a_valid_source(tmp_path):
     trainer = L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(first)
     trainer.save_checkpoint(tmp_path / "first.ckpt")
-    second = ImageClassifier("resnet10t", task="multiclass", num_classes=4, in_chans=1, pretrained=str(tmp_path / "first.ckpt"))
+    second = ImageClassifier(
+        "resnet10t", task="multiclass", num_classes=4, in_chans=1, pretrained=str(tmp_path / "first.ckpt")
+    )
     for key, value in first.backbone.state_dict().items():
         assert torch.equal(second.backbone.state_dict()[key], value), key  # "backbone." prefix stripped, head kept
 
@@ -111,8 +113,10 @@ def test_masked_losses_skip_unannotated_entries():
 
     binary = ImageClassifier("resnet10t", task="binary", in_chans=1)
     b_logits, b_targets = torch.randn(4, 1), torch.tensor([1, -1, 0, 1])
-    assert torch.allclose(binary.loss(b_logits, b_targets),
-                          F.binary_cross_entropy_with_logits(b_logits.reshape(-1)[[0, 2, 3]], torch.tensor([1.0, 0.0, 1.0])))
+    assert torch.allclose(
+        binary.loss(b_logits, b_targets),
+        F.binary_cross_entropy_with_logits(b_logits.reshape(-1)[[0, 2, 3]], torch.tensor([1.0, 0.0, 1.0])),
+    )
     multiclass = ImageClassifier("resnet10t", task="multiclass", num_classes=3, in_chans=1)
     m_logits, m_targets = torch.randn(3, 3), torch.tensor([2, -1, 0])
     assert torch.allclose(multiclass.loss(m_logits, m_targets), F.cross_entropy(m_logits[[0, 2]], torch.tensor([2, 0])))
@@ -132,8 +136,14 @@ def test_head_warmup_trains_only_the_head_then_everything_but_frozen_layers():
             snapshots.append({k: v.detach().clone() for k, v in pl_module.backbone.state_dict().items()})
 
     start = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[FedFBNSite(), Snapshot()])
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FedFBNSite(), Snapshot()],
+    )
     trainer.fit(model, data)
     after_warmup, after_all = snapshots
     bn_keys = {f"{n}.{k}" for n, layer in batchnorm_layers(model.backbone).items() for k in layer.state_dict()}

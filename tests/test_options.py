@@ -15,11 +15,17 @@ def _updates(round_: int, count: int = 5) -> list[SiteUpdate]:
     rng = np.random.default_rng(round_)
     out = []
     for k in range(count):
-        w = {"w": rng.normal(size=3).astype(np.float32), "b": rng.normal(size=2).astype(np.float32), "n": np.array(7 + k)}
-        extras = {"delta_c": {"w": rng.normal(size=3).astype(np.float32), "b": rng.normal(size=2).astype(np.float32)},
-                  "unclipped": bool(k % 2),
-                  "uncertainty": {"epistemic": float(rng.uniform(0.01, 0.1)), "aleatoric": float(rng.uniform(0.05, 0.5))},
-                  "precision": {"w": rng.uniform(0, 5, size=3), "b": rng.uniform(0, 5, size=2)}}
+        w = {
+            "w": rng.normal(size=3).astype(np.float32),
+            "b": rng.normal(size=2).astype(np.float32),
+            "n": np.array(7 + k),
+        }
+        extras = {
+            "delta_c": {"w": rng.normal(size=3).astype(np.float32), "b": rng.normal(size=2).astype(np.float32)},
+            "unclipped": bool(k % 2),
+            "uncertainty": {"epistemic": float(rng.uniform(0.01, 0.1)), "aleatoric": float(rng.uniform(0.05, 0.5))},
+            "precision": {"w": rng.uniform(0, 5, size=3), "b": rng.uniform(0, 5, size=2)},
+        }
         out.append(SiteUpdate(f"s{k}", w, num_samples=10 * (k + 1), extras=extras))
     return out
 
@@ -43,6 +49,7 @@ def site_half(attribute: str):
         for part in attribute.split("."):
             site = getattr(site, part)
         return site if not isinstance(site, type) else site.__name__
+
     return observe
 
 
@@ -53,13 +60,26 @@ def inner_site_type(rule):
 # option -> (another value, options the comparison needs, what the option changes)
 OPTIONS = {
     "fedprox": {"mu": (0.5, {}, site_half("mu"))},
-    "fedadam": {"eta": (0.1, {}, aggregated), "beta1": (0.5, {}, aggregated), "beta2": (0.5, {}, aggregated), "tau": (0.1, {}, aggregated)},
-    "fedyogi": {"eta": (0.1, {}, aggregated), "beta1": (0.5, {}, aggregated), "beta2": (0.5, {}, aggregated), "tau": (0.1, {}, aggregated)},
+    "fedadam": {
+        "eta": (0.1, {}, aggregated),
+        "beta1": (0.5, {}, aggregated),
+        "beta2": (0.5, {}, aggregated),
+        "tau": (0.1, {}, aggregated),
+    },
+    "fedyogi": {
+        "eta": (0.1, {}, aggregated),
+        "beta1": (0.5, {}, aggregated),
+        "beta2": (0.5, {}, aggregated),
+        "tau": (0.1, {}, aggregated),
+    },
     "fedadagrad": {"eta": (0.1, {}, aggregated), "beta1": (0.5, {}, aggregated), "tau": (0.1, {}, aggregated)},
     "scaffold": {"eta_g": (0.5, {}, aggregated)},
     "trimmed_mean": {"beta": (0.25, {}, aggregated)},
-    "uncertainty_weighted": {"score": ("epistemic", {}, aggregated), "min_weight": (0.3, {}, aggregated),
-                             "max_images": (1, {}, site_half("max_images"))},
+    "uncertainty_weighted": {
+        "score": ("epistemic", {}, aggregated),
+        "min_weight": (0.3, {}, aggregated),
+        "max_images": (1, {}, site_half("max_images")),
+    },
     "fiva": {"prior": (1e3, {}, site_half("prior"))},
     "dp_fedavg": {
         "noise_multiplier": (0.3, {"seed": 0}, aggregated),
@@ -94,11 +114,16 @@ def test_every_option_of_every_registered_aggregator_changes_what_it_does():
 
 def test_wrappers_apply_their_inner_rule_or_refuse_it():
     # DP-FedAdam: the server optimizer steps on the noisy mean (it is not replaced by a plain mean)
-    assert aggregated(get_aggregator("dp_fedavg", inner="fedadam", seed=0)) != aggregated(get_aggregator("dp_fedavg", seed=0))
+    assert aggregated(get_aggregator("dp_fedavg", inner="fedadam", seed=0)) != aggregated(
+        get_aggregator("dp_fedavg", seed=0)
+    )
     # an averaging rule keeps the noisy mean as it is: fedprox's server half is fedavg's
-    assert aggregated(get_aggregator("dp_fedavg", inner="fedprox", seed=0)) == aggregated(get_aggregator("dp_fedavg", seed=0))
+    assert aggregated(get_aggregator("dp_fedavg", inner="fedprox", seed=0)) == aggregated(
+        get_aggregator("dp_fedavg", seed=0)
+    )
     assert aggregated(get_aggregator("dp_fedavg", inner=get_aggregator("fedyogi"), seed=0)) == aggregated(
-        get_aggregator("dp_fedavg", inner="fedyogi", seed=0))  # an instance works like its name
+        get_aggregator("dp_fedavg", inner="fedyogi", seed=0)
+    )  # an instance works like its name
     for inner in ("median", "trimmed_mean", "scaffold", "local", "dp_fedavg"):
         with pytest.raises(ValueError, match=f"dp_fedavg cannot wrap {inner}: .*use an averaging rule"):
             get_aggregator("dp_fedavg", inner=inner)
@@ -108,5 +133,7 @@ def test_wrappers_apply_their_inner_rule_or_refuse_it():
         with pytest.raises(ValueError, match="cannot run under secure aggregation"):
             FederatedStrategy(aggregator=rule, secagg=True)
     # secure aggregation around DP-FedAvg around FedAdam composes
-    assert isinstance(FederatedStrategy(aggregator="dp_fedavg", aggregator_kwargs={"inner": "fedadam"}, secagg=True).aggregator,
-                      SecureAggregation)
+    assert isinstance(
+        FederatedStrategy(aggregator="dp_fedavg", aggregator_kwargs={"inner": "fedadam"}, secagg=True).aggregator,
+        SecureAggregation,
+    )

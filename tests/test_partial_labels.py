@@ -111,13 +111,18 @@ def test_fedfbn_trains_a_pretrained_timm_backbone_on_partial_label_sites(tmp_pat
     torch.save(_trained_timm().state_dict(), checkpoint)
     torch.manual_seed(0)
     model = ImageClassifier("resnet10t", task="multilabel", num_classes=10, in_chans=1, pretrained=str(checkpoint))
-    bn_before = {k: v.clone() for k, v in model.state_dict().items()
-                 if any(k.startswith(f"backbone.{n}.") for n in batchnorm_layers(model.backbone))}
+    bn_before = {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if any(k.startswith(f"backbone.{n}.") for n in batchnorm_layers(model.backbone))
+    }
     head_before = model.backbone.fc.weight.detach().clone()
     # test labels masked like training labels: a label a site does not annotate has no support there
     dm = FashionMosaicSites(**TINY, test_fully_annotated=False, seed=0)
     strategy = FederatedStrategy(aggregator="fedfbn", progress=False, checkpoint_every=0)
-    trainer = L.Trainer(strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, num_sanity_val_steps=0
+    )
     try:
         trainer.fit(model, datamodule=dm)
         trainer.test(model, datamodule=dm, verbose=False)
@@ -135,7 +140,9 @@ def test_fedfbn_trains_a_pretrained_timm_backbone_on_partial_label_sites(tmp_pat
         supported = [v for v in per_label if v is not None]
         assert supported and rows[name]["auroc"] == pytest.approx(np.mean(supported))
     federated = rows["federated"]["auroc_per_label"]
-    assert sum(v is not None for v in federated) >= max(sum(v is not None for v in rows[n]["auroc_per_label"]) for n in dm.site_names)
+    assert sum(v is not None for v in federated) >= max(
+        sum(v is not None for v in rows[n]["auroc_per_label"]) for n in dm.site_names
+    )
     assert any("FedFBN" in note for note in evaluation.notes)
 
 
@@ -143,9 +150,17 @@ def test_fedfbn_trains_a_pretrained_timm_backbone_on_partial_label_sites(tmp_pat
 def test_partial_label_recipe_runs_and_reports_auroc_per_label(tmp_path, ray_cluster):
     checkpoint = tmp_path / "pretrained.pth"
     torch.save(_trained_timm().state_dict(), checkpoint)
-    args = ["fit", "--config", str(REPO / "recipes" / "partial_labels.yaml"), "--trainer.max_epochs=1",
-            f"--model.init_args.pretrained={checkpoint}", "--data.init_args.site_names=[a,b]",
-            "--data.init_args.train_sizes=[48,32]", "--data.init_args.test_size=40", "--trainer.logger=false"]
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "recipes" / "partial_labels.yaml"),
+        "--trainer.max_epochs=1",
+        f"--model.init_args.pretrained={checkpoint}",
+        "--data.init_args.site_names=[a,b]",
+        "--data.init_args.train_sizes=[48,32]",
+        "--data.init_args.test_size=40",
+        "--trainer.logger=false",
+    ]
     proc = _cli(args, tmp_path, ray_cluster)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "AUROC per label" in proc.stdout and "Ankle boot" in proc.stdout
@@ -158,4 +173,3 @@ def test_partial_label_recipe_runs_and_reports_auroc_per_label(tmp_path, ray_clu
 
     missing = _cli(args[:4] + ["--model.init_args.pretrained=/nowhere/weights.pth", *args[5:]], tmp_path, ray_cluster)
     assert missing.returncode != 0 and "pretrained checkpoint /nowhere/weights.pth does not exist" in missing.stderr
-

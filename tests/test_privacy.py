@@ -23,7 +23,9 @@ def _independent_epsilon(noise, sample_rate, steps, delta=1e-5):
 
 
 def _trainer(tmp_path, strategy, epochs):
-    return L.Trainer(strategy=strategy, max_epochs=epochs, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    return L.Trainer(
+        strategy=strategy, max_epochs=epochs, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
 
 
 @pytest.mark.usefixtures("fed_data")
@@ -47,7 +49,11 @@ def test_site_epsilon_is_an_accountants_and_keeps_growing_across_rounds_and_resu
     assert small_1.epsilon_per_epoch[0] < small_1.epsilon_per_epoch[1] == pytest.approx(small_1.epsilon)
     small_2 = report.sites["small_2"]
     # the noise for a 3.0 budget over max_epochs=2 is what Opacus derives; the spend after 2 epochs stays within it
-    assert small_2.noise_multiplier == pytest.approx(get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=small_2.sample_rate, epochs=2, accountant="rdp"))
+    assert small_2.noise_multiplier == pytest.approx(
+        get_noise_multiplier(
+            target_epsilon=3.0, target_delta=1e-5, sample_rate=small_2.sample_rate, epochs=2, accountant="rdp"
+        )
+    )
     assert 2.5 < small_2.epsilon <= 3.0
     assert report.max_epsilon == max(small_1.epsilon, small_2.epsilon)
     assert float(trainer.callback_metrics["fl/dp_epsilon_max"]) == pytest.approx(report.max_epsilon, rel=1e-6)
@@ -69,7 +75,9 @@ def test_site_epsilon_is_an_accountants_and_keeps_growing_across_rounds_and_resu
 @pytest.mark.usefixtures("fed_data")
 def test_dp_sgd_refuses_trainable_batchnorm_with_the_two_ways_out(tmp_path, ray_cluster):
     strategy = FederatedStrategy(privacy={"small_1": DPSGD(noise_multiplier=1.0)}, progress=False, checkpoint_every=0)
-    with pytest.raises(SiteFailedError, match=r"site 'small_1'.*cannot train BatchNorm layers \['net.1'\].*fedfbn.*GroupNorm") as info:
+    with pytest.raises(
+        SiteFailedError, match=r"site 'small_1'.*cannot train BatchNorm layers \['net.1'\].*fedfbn.*GroupNorm"
+    ) as info:
         _trainer(tmp_path, strategy, 1).fit(BNCNN(), datamodule=small_hospitals())
     assert "\n" not in str(info.value)
 
@@ -106,8 +114,18 @@ def _one_step(mu, dp):
     callbacks = [prox]
     if dp:  # no noise, no clipping: DP-SGD's gradient is the plain mean gradient, so the runs must agree
         callbacks.append(SiteDPSGD("s", DPSGD(noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)))
-    data = DataLoader(TensorDataset(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1] * 4)), batch_size=8)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    data = DataLoader(
+        TensorDataset(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1] * 4)),
+        batch_size=8,
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     trainer.fit(model, data)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -151,12 +169,19 @@ def test_only_parameter_shaped_arrays_counts_and_metric_states_leave_a_site(tmp_
             arrays += 1
             if message["method"] == "sync":
                 key = path.rsplit("/", 1)[-1]
-                assert ".weights/" in path and shape == parameter_shapes[key], (path, shape)  # a weight, in its own shape
+                assert ".weights/" in path and shape == parameter_shapes[key], (
+                    path,
+                    shape,
+                )  # a weight, in its own shape
             else:
                 # metric states: confusion counts and binned ROC counts, never one row per sample
                 assert "/states/" in path and shape in metric_shapes, (message["method"], path, shape)
             if shape:
-                assert shape[0] not in (50, 200, 240, 280), (message["method"], path, shape)  # no batch- or dataset-sized array
+                assert shape[0] not in (50, 200, 240, 280), (
+                    message["method"],
+                    path,
+                    shape,
+                )  # no batch- or dataset-sized array
         if message["method"] == "report":
             assert all(kind in ("scalar", "text", "none") for _p, kind, _s, _d in message["payload"])
     assert arrays > 0
@@ -164,8 +189,15 @@ def test_only_parameter_shaped_arrays_counts_and_metric_states_leave_a_site(tmp_
 
 def test_dp_sgd_refuses_gradient_accumulation():
     data = DataLoader(TensorDataset(torch.randn(8, 4), torch.tensor([0, 1] * 4)), batch_size=4)
-    trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[SiteDPSGD("s", DPSGD(noise_multiplier=1.0, poisson_sampling=False))])
+    trainer = L.Trainer(
+        max_steps=1,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SiteDPSGD("s", DPSGD(noise_multiplier=1.0, poisson_sampling=False))],
+    )
     with pytest.raises(ValueError, match="cannot accumulate gradients.*raise the batch size"):
         trainer.fit(_Linear(), data)
 
@@ -182,9 +214,14 @@ def test_prv_accountant_calibrates_less_noise_for_the_same_epsilon_and_stays_in_
     strategy.shutdown()
     site = strategy.last_fit.privacy.sites["small_2"]
     assert site.accountant == "prv"
-    rdp_noise = get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=site.sample_rate, epochs=2, accountant="rdp")
-    assert site.noise_multiplier == pytest.approx(get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=site.sample_rate,
-                                                                       epochs=2, accountant="prv"))
+    rdp_noise = get_noise_multiplier(
+        target_epsilon=3.0, target_delta=1e-5, sample_rate=site.sample_rate, epochs=2, accountant="rdp"
+    )
+    assert site.noise_multiplier == pytest.approx(
+        get_noise_multiplier(
+            target_epsilon=3.0, target_delta=1e-5, sample_rate=site.sample_rate, epochs=2, accountant="prv"
+        )
+    )
     assert site.noise_multiplier < 0.95 * rdp_noise  # the tighter accountant buys the same ε with less noise
     independent = PRVAccountant()
     independent.history = [(site.noise_multiplier, site.sample_rate, site.steps)]
@@ -192,7 +229,14 @@ def test_prv_accountant_calibrates_less_noise_for_the_same_epsilon_and_stays_in_
     with pytest.raises(ValueError, match="accountant must be one of rdp, prv"):
         DPSGD(target_epsilon=1.0, accountant="gdp")
     # the checkpoint remembers the accountant: resuming with another one is refused in one line
-    other = FederatedStrategy(aggregator="fedfbn", privacy={"small_2": DPSGD(target_epsilon=3.0)}, checkpoint_dir=str(ckpt), progress=False)
-    with pytest.raises(SiteFailedError, match=r"small_2.*accounted with 'prv', this run uses 'rdp': resume with DPSGD\(accountant='prv'\)"):
-        _trainer(tmp_path, other, 3).fit(pretrained_bn(BNCNN()), datamodule=small_hospitals(val_fraction=0.0), ckpt_path=str(ckpt))
+    other = FederatedStrategy(
+        aggregator="fedfbn", privacy={"small_2": DPSGD(target_epsilon=3.0)}, checkpoint_dir=str(ckpt), progress=False
+    )
+    with pytest.raises(
+        SiteFailedError,
+        match=r"small_2.*accounted with 'prv', this run uses 'rdp': resume with DPSGD\(accountant='prv'\)",
+    ):
+        _trainer(tmp_path, other, 3).fit(
+            pretrained_bn(BNCNN()), datamodule=small_hospitals(val_fraction=0.0), ckpt_path=str(ckpt)
+        )
     other.shutdown()

@@ -31,8 +31,12 @@ def drawn(monkeypatch):
     def record(plt, fig, path):
         ax = fig.axes[0]
         legend = ax.get_legend()
-        seen[path.name] = {"ylim": ax.get_ylim(), "texts": [t.get_text() for t in ax.texts],
-                           "legend": [t.get_text() for t in legend.get_texts()] if legend else [], "xlabel": ax.get_xlabel()}
+        seen[path.name] = {
+            "ylim": ax.get_ylim(),
+            "texts": [t.get_text() for t in ax.texts],
+            "legend": [t.get_text() for t in legend.get_texts()] if legend else [],
+            "xlabel": ax.get_xlabel(),
+        }
         return save(plt, fig, path)
 
     monkeypatch.setattr(plots, "_save", record)
@@ -97,16 +101,27 @@ def test_replot_command_says_what_it_needs(tmp_path):
     (tmp_path / "fit" / "results.json").write_text(json.dumps({"test": {}, "wall_seconds": 1.0}))
     with pytest.raises(UsageError, match="is not a compare's or sweep's"):
         experiments.replot_command([str(tmp_path / "fit")])
-    proc = subprocess.run([sys.executable, "-m", "lightning_fed.cli", "replot", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_fed.cli", "replot", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "holds no results.json" in proc.stderr.strip().splitlines()[-1]
 
 
 SNAPSHOT = ProgressSnapshot(
-    round=2, events=[],
-    sites={"large": {"status": "training", "epoch": 3, "global_step": 120, "metrics": {"train_loss": 0.4321}},
-           "small_1": {"status": "done", "epoch": 4, "global_step": 40, "metrics": {}}},
-    traffic={"large": {"sent": [1_500_000, 500_000], "received": [2_000_000, 1_000_000]},
-             "small_1": {"sent": [12_000, 8_000], "received": [2_000_000, 1_000_000]}})
+    round=2,
+    events=[],
+    sites={
+        "large": {"status": "training", "epoch": 3, "global_step": 120, "metrics": {"train_loss": 0.4321}},
+        "small_1": {"status": "done", "epoch": 4, "global_step": 40, "metrics": {}},
+    },
+    traffic={
+        "large": {"sent": [1_500_000, 500_000], "received": [2_000_000, 1_000_000]},
+        "small_1": {"sent": [12_000, 8_000], "received": [2_000_000, 1_000_000]},
+    },
+)
 
 
 def test_live_progress_table_on_a_terminal():
@@ -115,11 +130,27 @@ def test_live_progress_table_on_a_terminal():
     buffer = io.StringIO()
     progress = FederatedProgress(4, console=Console(file=buffer, force_terminal=True, width=120, color_system=None))
     progress.update(SNAPSHOT, {"fl/val_loss": 0.25})
-    progress.update(dataclasses.replace(SNAPSHOT, events=[SiteEvent(round=3, site="small_1", event="left out", reason="died", time=0.0)]), {})
+    progress.update(
+        dataclasses.replace(
+            SNAPSHOT, events=[SiteEvent(round=3, site="small_1", event="left out", reason="died", time=0.0)]
+        ),
+        {},
+    )
     progress.close()
     text = buffer.getvalue()
     assert "round 2/4" in text and "left" in text  # the title: round, elapsed, time left
-    for cell in ("large", "120", "training", "0.4321", "small_1", "done", "fl/val_loss=0.2500", "2.00 MB", "3.00 MB", "20.0 kB"):
+    for cell in (
+        "large",
+        "120",
+        "training",
+        "0.4321",
+        "small_1",
+        "done",
+        "fl/val_loss=0.2500",
+        "2.00 MB",
+        "3.00 MB",
+        "20.0 kB",
+    ):
         assert cell in text, cell
     assert "[lightning-fed] site 'small_1' left out (round 3): died" in text  # events stay above the table
     assert "\x1b[1A" in text  # redrawn in place: the cursor goes back up over the previous table
@@ -132,12 +163,22 @@ def test_progress_falls_back_to_lines_without_a_terminal():
     progress.update(SNAPSHOT, {"fl/val_loss": 0.25})  # nothing changed: no new line
     progress.close()
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("[lightning-fed] round 2/4 | large: e3 training | small_1: e4 done | 2.02 MB sent")
+    assert len(lines) == 1 and lines[0].startswith(
+        "[lightning-fed] round 2/4 | large: e3 training | small_1: e4 done | 2.02 MB sent"
+    )
     assert "┏" not in stream.getvalue() and "\x1b" not in stream.getvalue()
 
 
 def test_tables_are_plain_text_when_piped():
     stream = io.StringIO()
-    show_table(["site", "recall"], [["large", "0.9900"], ["federated", "0.9800"]], title="\nTest results:", stream=stream)
-    assert stream.getvalue().splitlines() == ["", "Test results:", "site       recall", "---------  ------",
-                                              "large      0.9900", "federated  0.9800"]
+    show_table(
+        ["site", "recall"], [["large", "0.9900"], ["federated", "0.9800"]], title="\nTest results:", stream=stream
+    )
+    assert stream.getvalue().splitlines() == [
+        "",
+        "Test results:",
+        "site       recall",
+        "---------  ------",
+        "large      0.9900",
+        "federated  0.9800",
+    ]

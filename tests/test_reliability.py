@@ -11,14 +11,15 @@ from lightning_fed.strategies import SiteUpdate
 from tests.helpers import HospitalsWithFailingSite, NoisyCNN
 
 
-
 def _fit(root, epochs, fail_at=10**9, resume=None, privacy=None):
     """The federation of 'large', 'small_1' and 'bad' (120 training images); 'bad' dies once it has read
     ``fail_at`` training samples (a kill -9 of its worker)."""
     L.seed_everything(3, verbose=False)
     model = NoisyCNN()
     strategy = FederatedStrategy(progress=False, seed=3, checkpoint_dir=str(root / "ckpt"), privacy=privacy)
-    trainer = L.Trainer(strategy=strategy, max_epochs=epochs, logger=False, enable_checkpointing=False, default_root_dir=root)
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=epochs, logger=False, enable_checkpointing=False, default_root_dir=root
+    )
     try:
         trainer.fit(model, datamodule=HospitalsWithFailingSite(fail_at_access=fail_at, mode="die"), ckpt_path=resume)
     finally:
@@ -63,7 +64,9 @@ def test_screening_refuses_non_finite_and_outlying_updates():
 @pytest.mark.usefixtures("ray_cluster", "fed_data")
 def test_a_diverging_site_stops_the_run_before_its_update_is_averaged(tmp_path):
     strategy = FederatedStrategy(progress=False, checkpoint_every=0)
-    trainer = L.Trainer(strategy=strategy, max_epochs=4, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=4, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     with pytest.raises(SiteFailedError) as info:
         trainer.fit(NoisyCNN(), datamodule=HospitalsWithFailingSite(fail_at_access=130, mode="nan"))
     message = str(info.value)
@@ -76,9 +79,17 @@ def test_a_diverging_site_stops_the_run_before_its_update_is_averaged(tmp_path):
 @pytest.mark.parametrize("mode", ["die", "raise"])
 def test_a_failed_site_is_left_out_restarted_and_rejoins_in_continue_mode(tmp_path, mode):
     # 'bad' (120 training images, DP-SGD) is killed -9 (or its data raises) in its third epoch; its worker is its own
-    strategy = FederatedStrategy(progress=False, seed=3, sites_per_worker=1, on_site_failure="continue",
-                                 checkpoint_dir=str(tmp_path / "ckpt"), privacy={"bad": DPSGD(noise_multiplier=1.0)})
-    trainer = L.Trainer(strategy=strategy, max_epochs=8, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    strategy = FederatedStrategy(
+        progress=False,
+        seed=3,
+        sites_per_worker=1,
+        on_site_failure="continue",
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        privacy={"bad": DPSGD(noise_multiplier=1.0)},
+    )
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=8, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     datamodule = HospitalsWithFailingSite(fail_at_access=290, mode=mode, once_flag=str(tmp_path / "failed-once"))
     try:
         trainer.fit(NoisyCNN(), datamodule=datamodule)
@@ -94,7 +105,9 @@ def test_a_failed_site_is_left_out_restarted_and_rejoins_in_continue_mode(tmp_pa
         if mode == "raise":
             assert back.round <= 8  # set up again in its own worker: back while the others still train
         everyone = ["large", "small_1", "bad"]
-        assert fit.round_sites == [everyone] * 2 + [["large", "small_1"]] * (back.round - 3) + [everyone] * (9 - back.round)
+        assert fit.round_sites == [everyone] * 2 + [["large", "small_1"]] * (back.round - 3) + [everyone] * (
+            9 - back.round
+        )
         # its accountant went on from its last released update: the epochs of the rounds it took part in, no more
         batches = 3  # Poisson sampling: len(loader) steps per epoch, 120 images in batches of 50
         assert fit.privacy.sites["bad"].steps == batches * (2 + 9 - back.round)
@@ -113,22 +126,40 @@ def test_a_failed_site_is_left_out_restarted_and_rejoins_in_continue_mode(tmp_pa
 
 @pytest.mark.usefixtures("ray_cluster", "fed_data")
 def test_a_straggler_past_round_timeout_is_left_out_or_aborts_the_run(tmp_path):
-    strategy = FederatedStrategy(progress=False, checkpoint_every=0, sites_per_worker=1, on_site_failure="continue", round_timeout=6)
-    trainer = L.Trainer(strategy=strategy, max_epochs=5, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    strategy = FederatedStrategy(
+        progress=False, checkpoint_every=0, sites_per_worker=1, on_site_failure="continue", round_timeout=6
+    )
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=5, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     try:
         # 'bad' stalls 12 s in epoch 2 (once): twice the round's deadline
-        trainer.fit(NoisyCNN(), datamodule=HospitalsWithFailingSite(fail_at_access=150, mode="stall", once_flag=str(tmp_path / "stalled"),
-                                                                    stall_seconds=12))
+        trainer.fit(
+            NoisyCNN(),
+            datamodule=HospitalsWithFailingSite(
+                fail_at_access=150, mode="stall", once_flag=str(tmp_path / "stalled"), stall_seconds=12
+            ),
+        )
         fit = strategy.last_fit
-        assert fit.events[0].event == "left out" and fit.events[0].round == 2 and "round_timeout=6s" in fit.events[0].reason
+        assert (
+            fit.events[0].event == "left out"
+            and fit.events[0].round == 2
+            and "round_timeout=6s" in fit.events[0].reason
+        )
         assert fit.round_sites[1] == ["large", "small_1"] and trainer.current_epoch == 5
     finally:
         strategy.shutdown()
     # the same straggler with min_sites=3 ends the run, naming it
-    strategy = FederatedStrategy(progress=False, checkpoint_every=0, sites_per_worker=1, on_site_failure="continue",
-                                 round_timeout=6, min_sites=3)
-    trainer = L.Trainer(strategy=strategy, max_epochs=3, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
-    with pytest.raises(SiteFailedError, match=r"site 'bad' missed round 2's deadline \(round_timeout=6s\); 2 site\(s\) left, fewer than min_sites=3"):
+    strategy = FederatedStrategy(
+        progress=False, checkpoint_every=0, sites_per_worker=1, on_site_failure="continue", round_timeout=6, min_sites=3
+    )
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=3, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
+    with pytest.raises(
+        SiteFailedError,
+        match=r"site 'bad' missed round 2's deadline \(round_timeout=6s\); 2 site\(s\) left, fewer than min_sites=3",
+    ):
         trainer.fit(NoisyCNN(), datamodule=HospitalsWithFailingSite(fail_at_access=150, mode="stall", stall_seconds=12))
     strategy.shutdown()
 
@@ -149,8 +180,12 @@ def test_resuming_a_round_a_site_missed_brings_it_in_at_the_next_round(tmp_path)
     ckpt = tmp_path / "ckpt"
 
     def fit(epochs, datamodule, resume=None):
-        strategy = FederatedStrategy(progress=False, seed=3, sites_per_worker=1, on_site_failure="continue", checkpoint_dir=str(ckpt))
-        trainer = L.Trainer(strategy=strategy, max_epochs=epochs, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+        strategy = FederatedStrategy(
+            progress=False, seed=3, sites_per_worker=1, on_site_failure="continue", checkpoint_dir=str(ckpt)
+        )
+        trainer = L.Trainer(
+            strategy=strategy, max_epochs=epochs, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+        )
         try:
             trainer.fit(NoisyCNN(), datamodule=datamodule, ckpt_path=resume)
             return trainer, strategy.last_fit

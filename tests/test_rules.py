@@ -39,13 +39,17 @@ def test_fedprox_adds_the_proximal_gradient():
 def test_server_optimizers_match_reddi_et_al():
     eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
     current = {"w": np.array([1.0], dtype=np.float32), "n": np.array(5, dtype=np.int64)}
-    updates = [SiteUpdate("a", {"w": np.array([2.0], np.float32), "n": np.array(7)}, 1),
-               SiteUpdate("b", {"w": np.array([3.0], np.float32), "n": np.array(9)}, 3)]
+    updates = [
+        SiteUpdate("a", {"w": np.array([2.0], np.float32), "n": np.array(7)}, 1),
+        SiteUpdate("b", {"w": np.array([3.0], np.float32), "n": np.array(9)}, 3),
+    ]
     delta = 0.25 * 2.0 + 0.75 * 3.0 - 1.0  # 1.75
     m = (1 - b1) * delta
-    expected_v = {FedAdam: b2 * tau**2 + (1 - b2) * delta**2,
-                  FedAdagrad: tau**2 + delta**2,
-                  FedYogi: tau**2 - (1 - b2) * delta**2 * np.sign(tau**2 - delta**2)}
+    expected_v = {
+        FedAdam: b2 * tau**2 + (1 - b2) * delta**2,
+        FedAdagrad: tau**2 + delta**2,
+        FedYogi: tau**2 - (1 - b2) * delta**2 * np.sign(tau**2 - delta**2),
+    }
     for rule, v in expected_v.items():
         options = dict(eta=eta, beta1=b1, tau=tau) if rule is FedAdagrad else dict(eta=eta, beta1=b1, beta2=b2, tau=tau)
         agg = rule(**options)
@@ -110,7 +114,9 @@ def test_fedprox_federation_needs_no_user_code(tmp_path):
 
     torch.manual_seed(0)
     model = SmallCNN()
-    strategy = FederatedStrategy(aggregator="fedprox", aggregator_kwargs={"mu": 0.1}, progress=False, checkpoint_every=0)
+    strategy = FederatedStrategy(
+        aggregator="fedprox", aggregator_kwargs={"mu": 0.1}, progress=False, checkpoint_every=0
+    )
     trainer = L.Trainer(strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False)
     trainer.fit(model, datamodule=small_hospitals(val_fraction=0.0))
     try:
@@ -178,7 +184,9 @@ def test_scaffold_control_variates_match_the_paper():
     assert float(site.c_site["weight"]) == pytest.approx(0.3)
     assert update.extras["delta_c"]["weight"].item() == pytest.approx(0.1)
 
-    other = SiteUpdate("b", {"weight": np.array([[1.10]], np.float32)}, 30, {"delta_c": {"weight": np.array([[-0.3]], np.float32)}})
+    other = SiteUpdate(
+        "b", {"weight": np.array([[1.10]], np.float32)}, 30, {"delta_c": {"weight": np.array([[-0.3]], np.float32)}}
+    )
     update.site = "a"
     server = Scaffold(eta_g=1.0)
     out = server.aggregate(1, [update, other], {"weight": np.array([[1.0]], np.float32)})
@@ -210,7 +218,9 @@ def test_scaffold_federation_and_resume_keep_control_variates(tmp_path):
 
     server = find_checkpoint(ckpt / "round-0002").server_state()
     c = server["aggregator_state"]["c"]
-    assert set(c) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"} and any(np.abs(v).sum() > 0 for v in c.values())
+    assert set(c) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"} and any(
+        np.abs(v).sum() > 0 for v in c.values()
+    )
     site = torch.load(ckpt / "round-0002" / "site-small_1.ckpt", map_location="cpu", weights_only=False)
     state = next(v for k, v in site["callbacks"].items() if "ScaffoldSite" in k)
     # after the hand-over the site holds the server's c, as last aggregated

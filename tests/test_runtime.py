@@ -65,7 +65,9 @@ def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     # packed sites fit the machine as it is; three one-CPU processes get three CPUs (at least the machine's cores)
@@ -109,7 +111,9 @@ def test_sites_are_pinned_to_their_hospitals_nodes(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["placed"] == report["expected"]
@@ -119,15 +123,17 @@ def test_sites_are_pinned_to_their_hospitals_nodes(tmp_path):
 def test_entry_point_aggregator_is_found_by_name(tmp_path, monkeypatch):
     package = tmp_path / "thirdparty_rules"
     package.mkdir()
-    (package / "__init__.py").write_text(textwrap.dedent(
-        """
+    (package / "__init__.py").write_text(
+        textwrap.dedent(
+            """
         from lightning_fed.strategies import Aggregator, GlobalModel
 
         class FirstSite(Aggregator):
             def aggregate(self, round, updates, current):
                 return GlobalModel(dict(updates[0].weights), round)
         """
-    ))
+        )
+    )
     dist = tmp_path / "thirdparty_rules-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-rules\nVersion: 1.0\n")
@@ -148,7 +154,9 @@ def test_importing_the_package_registers_every_aggregator_flag():
 def test_progress_view_prints_one_line_per_change():
     stream = io.StringIO()
     view = FederatedProgress(total_rounds=3, stream=stream)
-    snap = ProgressSnapshot(round=1, sites={"a": {"status": "training", "epoch": 1}, "b": {"status": "training", "epoch": 1}})
+    snap = ProgressSnapshot(
+        round=1, sites={"a": {"status": "training", "epoch": 1}, "b": {"status": "training", "epoch": 1}}
+    )
     view.update(snap, {"fl/val_auroc": 0.91234})
     view.update(snap, {"fl/val_auroc": 0.91234})  # nothing changed: nothing printed
     view.update(dataclasses.replace(snap, round=2), {"fl/val_auroc": 0.95})

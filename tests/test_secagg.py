@@ -11,8 +11,17 @@ import torch
 
 from lightning_fed import FederatedStrategy
 from lightning_fed.strategies import SiteUpdate, get_aggregator
-from lightning_fed.strategies.masking import (FRACTIONAL_BITS, SecAggError, combine_shares, from_fixed, private_key, public_of,
-                                              split_secret, to_fixed, write_identities)
+from lightning_fed.strategies.masking import (
+    FRACTIONAL_BITS,
+    SecAggError,
+    combine_shares,
+    from_fixed,
+    private_key,
+    public_of,
+    split_secret,
+    to_fixed,
+    write_identities,
+)
 from lightning_fed.strategies.secagg import SecureAggregation
 from lightning_fed.strategies.site import SiteAlgorithm
 from lightning_fed.strategies.site.secagg import SecAggSite
@@ -52,15 +61,19 @@ class Offline(SiteAlgorithm):
         raise RuntimeError("scanner offline")
 
 
-def _round(tmp_path, weights, samples, failing=(), threshold=None, tamper=None, inner=SiteAlgorithm, weighting="samples"):
+def _round(
+    tmp_path, weights, samples, failing=(), threshold=None, tamper=None, inner=SiteAlgorithm, weighting="samples"
+):
     """One round of the real site halves; returns their updates (or errors) and the halves."""
     names = sorted(weights)
     identities = tmp_path / "identities"
     if not identities.exists():
         write_identities(names, identities)
     exchange = Exchange(names, tamper, timeout=2.0 if tamper else 20.0)  # a site that stops leaves the others waiting
-    halves = {n: SecAggSite(Offline() if n in failing else inner(), weighting, FRACTIONAL_BITS, threshold, str(identities))
-              for n in names}
+    halves = {
+        n: SecAggSite(Offline() if n in failing else inner(), weighting, FRACTIONAL_BITS, threshold, str(identities))
+        for n in names
+    }
     out = {}
 
     def run(name):
@@ -96,7 +109,10 @@ def _exact_mean(weights, samples, names):
     """What the masked sum must decode to: Σ round(2^f n_i w_i) in the ring, over Σ n_i."""
     out = {}
     for key in weights[names[0]]:
-        ring = sum((to_fixed(weights[n][key] * samples[n]) for n in names[1:]), to_fixed(weights[names[0]][key] * samples[names[0]]))
+        ring = sum(
+            (to_fixed(weights[n][key] * samples[n]) for n in names[1:]),
+            to_fixed(weights[names[0]][key] * samples[names[0]]),
+        )
         out[key] = from_fixed(ring) / sum(samples[n] for n in names)
     return out
 
@@ -113,13 +129,13 @@ def test_masks_cancel_and_single_updates_look_like_noise(tmp_path):
     plain = get_aggregator("fedavg").aggregate(1, [SiteUpdate(n, weights[n], samples[n]) for n in names], None)
     for key in expected:
         np.testing.assert_array_equal(model.weights[key], expected[key])  # the ring sum, exactly
-        assert np.abs(model.weights[key] - plain.weights[key]).max() <= 3 * 2.0 ** -FRACTIONAL_BITS
+        assert np.abs(model.weights[key] - plain.weights[key]).max() <= 3 * 2.0**-FRACTIONAL_BITS
     for n in names:  # what the coordinator holds of one site says nothing about that site's update
         seen = updates[n].weights["weight"].ravel()
         assert seen.dtype == np.uint64
         real = to_fixed(weights[n]["weight"] * samples[n]).ravel()
         assert not np.any(seen == real)
-        assert np.abs(seen.astype(np.float64) / 2.0 ** 64 - 0.5).max() < 0.5  # spread over the ring
+        assert np.abs(seen.astype(np.float64) / 2.0**64 - 0.5).max() < 0.5  # spread over the ring
     again, _ = _round(tmp_path, weights, samples)  # fresh keys every round: fresh masks
     assert not np.any(again["a"].weights["weight"] == updates["a"].weights["weight"])
 
@@ -156,17 +172,22 @@ def test_clipped_updates_travel_in_the_32_bit_ring_and_sum_exactly(tmp_path):
     names = ["a", "b", "c", "d"]
     weights = _weights(rng, names)
     zeros = {k: np.zeros_like(v) for k, v in weights["a"].items()}
-    clipped, _ = _round(tmp_path, weights, {n: 10 for n in names}, inner=lambda: DPFedAvgSite(SiteAlgorithm(), clip_norm=1.0),
-                        weighting="uniform")
+    clipped, _ = _round(
+        tmp_path,
+        weights,
+        {n: 10 for n in names},
+        inner=lambda: DPFedAvgSite(SiteAlgorithm(), clip_norm=1.0),
+        weighting="uniform",
+    )
     wide, _ = _round(tmp_path, weights, {n: 10 for n in names}, weighting="uniform")
     info = clipped["a"].extras["secagg"]
     assert info["ring"] == 32 and clipped["a"].weights["weight"].dtype == np.uint32  # 4 bytes a value, not 8
-    assert 24 <= info["bits"] <= 30 and 4 * (2 ** info["bits"] * 1.0 + 1) < 2 ** 31  # four sites of norm ≤ 1 cannot wrap
+    assert 24 <= info["bits"] <= 30 and 4 * (2 ** info["bits"] * 1.0 + 1) < 2**31  # four sites of norm ≤ 1 cannot wrap
     assert wide["a"].extras["secagg"]["ring"] == 64
     assert 2 * sum(v.nbytes for v in clipped["a"].weights.values()) == sum(v.nbytes for v in wide["a"].weights.values())
     rule = SecureAggregation(get_aggregator("dp_fedavg", noise_multiplier=0.0, clip_norm=1.0))
     model = rule.aggregate(1, [clipped[n] for n in names], zeros)
-    norms = {n: np.sqrt(sum(np.sum(w ** 2) for w in weights[n].values())) for n in names}
+    norms = {n: np.sqrt(sum(np.sum(w**2) for w in weights[n].values())) for n in names}
     for key in zeros:  # the mean of the clipped differences (the module started at zero, so w itself is the Δ)
         expected = np.mean([weights[n][key] * min(1.0, 1.0 / norms[n]) for n in names], axis=0)
         assert np.abs(model.weights[key] - expected).max() <= 4 * 2.0 ** -info["bits"]
@@ -230,7 +251,9 @@ def test_secure_federation_trains_like_fedavg(tmp_path, ray_cluster):
         torch.manual_seed(0)
         model = SmallCNN()
         strategy = FederatedStrategy(secagg=secagg, audit_messages=True, progress=False, checkpoint_every=0, seed=0)
-        trainer = L.Trainer(strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+        trainer = L.Trainer(
+            strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+        )
         try:
             trainer.fit(model, datamodule=small_hospitals(val_fraction=0.0))
             audit = strategy.federation.audit()["coordinator"]
@@ -241,7 +264,9 @@ def test_secure_federation_trains_like_fedavg(tmp_path, ray_cluster):
     for key in plain:
         assert torch.allclose(plain[key], secure[key], atol=1e-5), key  # same training, sum exact to 2^-24
     synced = [m for m in audit if m["method"] == "sync"]
-    assert synced and all(dtype == "uint64" for m in synced for path, kind, _s, dtype in m["payload"] if kind == "array")
+    assert synced and all(
+        dtype == "uint64" for m in synced for path, kind, _s, dtype in m["payload"] if kind == "array"
+    )
     assert sum(m["method"] == "all_gather" for m in audit) == 2 * 3  # signed keys and sealed shares, once per site
 
 
@@ -253,10 +278,18 @@ def test_a_federation_survives_a_site_dropping_after_masking(tmp_path, ray_clust
     torch.manual_seed(0)
     model = SmallCNN()
     flag = tmp_path / "dropped-once"
-    strategy = FederatedStrategy(aggregator=DropsAfterMasking(site="small_2", round=2, once_flag=str(flag)), secagg=True,
-                                 on_site_failure="continue", progress=False, checkpoint_every=1,
-                                 checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
-    trainer = L.Trainer(strategy=strategy, max_epochs=6, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    strategy = FederatedStrategy(
+        aggregator=DropsAfterMasking(site="small_2", round=2, once_flag=str(flag)),
+        secagg=True,
+        on_site_failure="continue",
+        progress=False,
+        checkpoint_every=1,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        seed=0,
+    )
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=6, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     data = small_hospitals(sizes=(400, 200, 200))
     try:
         trainer.fit(model, datamodule=data)

@@ -18,8 +18,8 @@ from lightning_fed.data.ct_vendors import (
     SIGNATURES,
     STUDY_EXAMS,
     VENDORS,
-    Exam,
     CTSlices,
+    Exam,
     SimulatedCTHospitals,
     hospital_exams,
     simulate_exam,
@@ -64,7 +64,11 @@ def test_a_hospital_without_labels_trains_on_images_alone():
         data.setup("fit")
         batch = next(iter(data.train_dataloader()))
         assert set(batch) == ({"image", "group"} if name == "G" else {"image", "group", "label"})
-        assert batch["image"].shape[1:] == (1, 32, 32) and 0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1
+        assert (
+            batch["image"].shape[1:] == (1, 32, 32)
+            and 0 <= float(batch["image"].min())
+            and float(batch["image"].max()) <= 1
+        )
         assert "label" in next(iter(data.test_dataloader()))  # simulation keeps hidden labels for evaluation
     with pytest.raises(ValueError, match="at least one hospital needs ground truth"):
         SimulatedCTHospitals(hospitals=["A"], unlabelled=["A"])
@@ -111,16 +115,25 @@ def test_dice_per_class_group_and_federated_merge_match_hand_computations():
 
 # -- uncertainty under shift ------------------------------------------------------------------------------
 def _vendor_exams(vendor, n, offset):
-    exams = [Exam(offset + i, vendor, SIGNATURES[vendor].models[i % 2], SIGNATURES[vendor].kernels[i % 2].name) for i in range(n)]
+    exams = [
+        Exam(offset + i, vendor, SIGNATURES[vendor].models[i % 2], SIGNATURES[vendor].kernels[i % 2].name)
+        for i in range(n)
+    ]
     drawn = [simulate_exam(e, 0, "A", 64) for e in exams]
-    return CTSlices(np.stack([window(h) for h, _ in drawn]), np.stack([l for _, l in drawn]),
-                            np.full(n, VENDORS.index(vendor)), with_labels=True)
+    return CTSlices(
+        np.stack([window(h) for h, _ in drawn]),
+        np.stack([label for _, label in drawn]),
+        np.full(n, VENDORS.index(vendor)),
+        with_labels=True,
+    )
 
 
 def test_mc_dropout_uncertainty_is_higher_on_a_shifted_vendor():
     L.seed_everything(0)
     model = SegmentationModel()
-    trainer = L.Trainer(max_epochs=40, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=40, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.fit(model, DataLoader(_vendor_exams("CANON", 32, 0), batch_size=8, shuffle=True))
     seen = {}
     for vendor in ("CANON", "SIEMENS"):
@@ -153,7 +166,9 @@ def test_an_unlabelled_batch_never_reaches_the_supervised_loss(monkeypatch):
     dm = SimulatedCTHospitals(hospitals=["A", "J"], exams=16, unlabelled=["J"], image_size=32)
     data = dm.hospital_data("J")
     data.setup("fit")
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.fit(model, data.train_dataloader())
     assert model.supervised_batches == 0 and model.pseudo_labelled_batches == len(data.train_dataloader())
     assert 0 <= float(trainer.callback_metrics["train_pseudo_label_fraction"]) <= 1
@@ -161,8 +176,16 @@ def test_an_unlabelled_batch_never_reaches_the_supervised_loss(monkeypatch):
 
 # -- uncertainty-weighted averaging -----------------------------------------------------------------------
 def test_uncertainty_weighted_rule_against_hand_computation():
-    updates = [SiteUpdate(s, {"w": np.array([w], np.float32), "n": np.array(c)}, n, {"uncertainty": {"epistemic": e, "aleatoric": a}})
-               for s, w, c, n, e, a in [("a", 1.0, 3, 10, 0.02, 0.10), ("b", 2.0, 5, 30, 0.06, 0.05), ("c", 4.0, 7, 20, 0.01, 0.20)]]
+    updates = [
+        SiteUpdate(
+            s, {"w": np.array([w], np.float32), "n": np.array(c)}, n, {"uncertainty": {"epistemic": e, "aleatoric": a}}
+        )
+        for s, w, c, n, e, a in [
+            ("a", 1.0, 3, 10, 0.02, 0.10),
+            ("b", 2.0, 5, 30, 0.06, 0.05),
+            ("c", 4.0, 7, 20, 0.01, 0.20),
+        ]
+    ]
     fedevi = get_aggregator("uncertainty_weighted")
     raw = np.array([0.02 / 0.10, 0.06 / 0.05, 0.01 / 0.20])
     a = raw / raw.sum()
@@ -197,10 +220,20 @@ def _dicom_sites(tmp_path):
     shutil.copy(ct, a / "series1" / "1.dcm")
     (a / "notes.txt").write_text("not a DICOM file")
     study = generate_uid()
-    for i, (maker, model, kernel, exam) in enumerate([("TOSHIBA", "Aquilion", "FC18", study), ("TOSHIBA", "Aquilion", "FC18", study),
-                                                      ("SIEMENS", "SOMATOM Force", "Br40", generate_uid())]):
+    for i, (maker, model, kernel, exam) in enumerate(
+        [
+            ("TOSHIBA", "Aquilion", "FC18", study),
+            ("TOSHIBA", "Aquilion", "FC18", study),
+            ("SIEMENS", "SOMATOM Force", "Br40", generate_uid()),
+        ]
+    ):
         ds = pydicom.dcmread(ct)  # two images of one Toshiba exam, one Siemens exam
-        ds.Manufacturer, ds.ManufacturerModelName, ds.ConvolutionKernel, ds.StudyInstanceUID = maker, model, kernel, exam
+        ds.Manufacturer, ds.ManufacturerModelName, ds.ConvolutionKernel, ds.StudyInstanceUID = (
+            maker,
+            model,
+            kernel,
+            exam,
+        )
         ds.save_as(b / f"{i}.dcm")
     return a, b
 
@@ -212,18 +245,31 @@ def test_inventory_reads_vendor_model_and_kernel_from_dicom_headers(tmp_path):
     a, b = _dicom_sites(tmp_path)
     records, skipped = read_dicom_headers(a)
     assert skipped == 1 and len(records) == 1
-    assert count_exams(records) == [{"vendor": "GE", "model": "RHAPSODE", "kernel": "STANDARD", "exams": 1, "images": 1}]
+    assert count_exams(records) == [
+        {"vendor": "GE", "model": "RHAPSODE", "kernel": "STANDARD", "exams": 1, "images": 1}
+    ]
     rows = count_exams(read_dicom_headers(b)[0])
-    assert rows == [{"vendor": "CANON", "model": "Aquilion", "kernel": "FC18", "exams": 1, "images": 2},  # Toshiba is Canon now
-                    {"vendor": "SIEMENS", "model": "SOMATOM Force", "kernel": "Br40", "exams": 1, "images": 1}]
+    assert rows == [
+        {"vendor": "CANON", "model": "Aquilion", "kernel": "FC18", "exams": 1, "images": 2},  # Toshiba is Canon now
+        {"vendor": "SIEMENS", "model": "SOMATOM Force", "kernel": "Br40", "exams": 1, "images": 1},
+    ]
     out = tmp_path / "inventory.csv"
-    proc = subprocess.run([sys.executable, "-m", "lightning_fed.cli", "inventory", str(a), str(b), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_fed.cli", "inventory", str(a), str(b), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "1 files were not DICOM" in proc.stdout and "SOMATOM Force" in proc.stdout
     lines = out.read_text().splitlines()
     assert lines[0] == "site,vendor,model,kernel,exams,images" and "hospital_b,CANON,Aquilion,FC18,1,2" in lines
-    missing = subprocess.run([sys.executable, "-m", "lightning_fed.cli", "inventory", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "lightning_fed.cli", "inventory", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr.strip().splitlines()[-1]
 
 
@@ -243,7 +289,9 @@ def test_ten_hospital_federation_with_three_unlabelled(ray_cluster, tmp_path):
     reports Dice and uncertainty per hospital and vendor, marks the hidden labels."""
     dm = SimulatedCTHospitals(exams=24, unlabelled=["C", "G", "J"], image_size=32, site_cpus=0.2)
     strategy = FederatedStrategy(aggregator="uncertainty_weighted", sync_every=1, progress=False)
-    trainer = L.Trainer(strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     trainer.fit(SegmentationModel(mc_samples=4), datamodule=dm)
     fit = strategy.last_fit
     assert len(fit.round_metrics) == 2
@@ -271,8 +319,13 @@ class _MislabelledSites(SimulatedCTHospitals):
 
 def test_a_site_declared_unlabelled_whose_batches_carry_labels_is_stopped(ray_cluster, tmp_path):
     dm = _MislabelledSites(hospitals=["A", "B"], exams=12, image_size=32, site_cpus=0.5)
-    trainer = L.Trainer(strategy=FederatedStrategy(progress=False), max_epochs=1, logger=False, enable_checkpointing=False,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        strategy=FederatedStrategy(progress=False),
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(Exception, match="site 'B' is declared labelled=False but its training batches carry targets"):
         trainer.fit(SegmentationModel(mc_samples=2), datamodule=dm)
 
@@ -292,7 +345,9 @@ def _nifti_folder(root, cases=5, with_labels=True):
         nib.save(nib.Nifti1Image(volume.astype(np.int16), affine), root / "images" / f"case{i}.nii.gz")
         if with_labels:
             nib.save(nib.Nifti1Image(mask, affine), root / "labels" / f"case{i}.nii.gz")
-    (root / "cases.csv").write_text("case,vendor\n" + "".join(f"case{i},{'GE' if i % 2 else 'Siemens'}\n" for i in range(cases)))
+    (root / "cases.csv").write_text(
+        "case,vendor\n" + "".join(f"case{i},{'GE' if i % 2 else 'Siemens'}\n" for i in range(cases))
+    )
     return root
 
 
@@ -303,13 +358,21 @@ def test_ct_folder_site_reads_nifti_volumes_by_case(tmp_path):
     site.setup("fit")
     splits = site.split_cases()
     assert sorted(sum(splits.values(), [])) == [f"case{i}" for i in range(5)]  # cases, not slices, are split
-    assert {k: len(v) for k, v in site.datasets.items()} == {k: 4 * len(v) for k, v in splits.items()}  # 4 labelled slices each
+    assert {k: len(v) for k, v in site.datasets.items()} == {
+        k: 4 * len(v) for k, v in splits.items()
+    }  # 4 labelled slices each
     batch = next(iter(site.train_dataloader()))
-    assert batch["image"].shape[1:] == (1, 32, 32) and float(batch["image"].max()) <= 1 and float(batch["image"].min()) >= 0
+    assert (
+        batch["image"].shape[1:] == (1, 32, 32)
+        and float(batch["image"].max()) <= 1
+        and float(batch["image"].min()) >= 0
+    )
     assert set(batch["label"].unique().tolist()) == {0, 1, 2}
     assert set(batch["group"].tolist()) <= {VENDORS.index("GE"), VENDORS.index("SIEMENS")}
-    assert site.inventory() == [{"vendor": "SIEMENS", "model": "(not recorded)", "kernel": "(not recorded)", "exams": 3, "images": 3},
-                                {"vendor": "GE", "model": "(not recorded)", "kernel": "(not recorded)", "exams": 2, "images": 2}]
+    assert site.inventory() == [
+        {"vendor": "SIEMENS", "model": "(not recorded)", "kernel": "(not recorded)", "exams": 3, "images": 3},
+        {"vendor": "GE", "model": "(not recorded)", "kernel": "(not recorded)", "exams": 2, "images": 2},
+    ]
     unlabelled = CTFolderSite(str(_nifti_folder(tmp_path / "u", with_labels=False)), image_size=32, slice_step=2)
     unlabelled.setup("fit")
     assert "label" not in next(iter(unlabelled.train_dataloader()))
@@ -332,7 +395,10 @@ def test_ct_folder_site_reads_a_dicom_series(tmp_path):
     for z in range(3):
         ds = copy.deepcopy(source)
         ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = generate_uid(), series, z + 1
-        ds.ImagePositionPatient = [*map(float, source.ImagePositionPatient[:2]), float(source.ImagePositionPatient[2]) + 5 * z]
+        ds.ImagePositionPatient = [
+            *map(float, source.ImagePositionPatient[:2]),
+            float(source.ImagePositionPatient[2]) + 5 * z,
+        ]
         ds.save_as(series_dir / f"{z}.dcm")
     site = CTFolderSite(str(tmp_path / "h"), image_size=32, spacing=None, slice_step=1)
     assert site.vendors() == {"p1": "GE"}
@@ -346,9 +412,24 @@ def test_compare_holds_hospitals_out_in_turn(ray_cluster, tmp_path):
     from lightning_fed.experiments import compare
 
     out = tmp_path / "loo"
-    report = compare(["--config", str(RECIPE), "--modes", "pooled,federated", "--holdout", "E,G", "--out", str(out),
-                      "--trainer.logger=false", "--trainer.max_epochs=1", "--data.init_args.hospitals=[A,E,G]",
-                      "--data.init_args.exams=12", "--data.init_args.image_size=32", "--data.init_args.site_cpus=0.5"])
+    report = compare(
+        [
+            "--config",
+            str(RECIPE),
+            "--modes",
+            "pooled,federated",
+            "--holdout",
+            "E,G",
+            "--out",
+            str(out),
+            "--trainer.logger=false",
+            "--trainer.max_epochs=1",
+            "--data.init_args.hospitals=[A,E,G]",
+            "--data.init_args.exams=12",
+            "--data.init_args.image_size=32",
+            "--data.init_args.site_cpus=0.5",
+        ]
+    )
     assert report["holdouts"] == ["E", "G"] and report["metrics"] == ["dice", "mutual_information", "entropy"]
     for held in ("E", "G"):
         single = json.loads((out / f"holdout-{held}" / "results.json").read_text())
@@ -372,10 +453,20 @@ def test_held_out_sites_leave_exactly_one_hospital_out():
 
 
 def test_fiva_weights_each_parameter_by_its_precision():
-    updates = [SiteUpdate("a", {"w": np.array([1.0, 1.0], np.float32), "bn": np.array([1.0], np.float32)}, 10,
-                          {"precision": {"w": np.array([3.0, 1e-8])}}),
-               SiteUpdate("b", {"w": np.array([3.0, 5.0], np.float32), "bn": np.array([5.0], np.float32)}, 30,
-                          {"precision": {"w": np.array([1.0, 2.0])}})]
+    updates = [
+        SiteUpdate(
+            "a",
+            {"w": np.array([1.0, 1.0], np.float32), "bn": np.array([1.0], np.float32)},
+            10,
+            {"precision": {"w": np.array([3.0, 1e-8])}},
+        ),
+        SiteUpdate(
+            "b",
+            {"w": np.array([3.0, 5.0], np.float32), "bn": np.array([5.0], np.float32)},
+            30,
+            {"precision": {"w": np.array([1.0, 2.0])}},
+        ),
+    ]
     out = get_aggregator("fiva").aggregate(1, updates, None).weights
     assert out["w"] == pytest.approx([(3 * 1 + 1 * 3) / 4, 5.0], rel=1e-6)  # a parameter site a never moved: b's
     assert out["bn"] == pytest.approx([0.25 * 1 + 0.75 * 5])  # no precision (a buffer): sample-weighted

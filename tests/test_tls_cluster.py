@@ -21,13 +21,12 @@ from pathlib import Path
 
 import pytest
 
-
 from lightning_fed.tls import ray_tls_env, write_certificates
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
-DRIVER = '''
+DRIVER = """
 import json, sys
 import lightning as L, torch
 from torch.utils.data import DataLoader
@@ -80,14 +79,20 @@ print("RESULT " + json.dumps({"nodes": strategy.federation.site_nodes, "rounds":
                               "sent": fit.traffic.total_sent, "ray_nodes": nodes, "listening": listening,
                               "driver_pid": os.getpid()}))
 strategy.shutdown()
-'''
+"""
 
 
 # Every port of the cluster, as offsets into one contiguous block: the head's own, then per node (head, hospital_b)
 # six single ports and a worker range. The flag names are the ones docs/deploy.md tells a hospital to use.
 HEAD_PORTS = ("gcs", "dashboard", "client", "dashboard_metrics", "autoscaler_metrics")
-NODE_PORTS = ("node_manager", "object_manager", "runtime_env_agent", "dashboard_agent_grpc", "dashboard_agent_listen",
-              "metrics_export")
+NODE_PORTS = (
+    "node_manager",
+    "object_manager",
+    "runtime_env_agent",
+    "dashboard_agent_grpc",
+    "dashboard_agent_listen",
+    "metrics_export",
+)
 WORKER_PORTS = 16  # per node: the job's driver, its supervisor, the coordinator, site workers and Ray's idle workers
 BLOCK = len(HEAD_PORTS) + 2 * (len(NODE_PORTS) + WORKER_PORTS)
 
@@ -131,12 +136,24 @@ def _layout(block):
 
 def _node_flags(node):
     """The ``ray start`` flags that pin one node's ports (every node: head and hospitals)."""
-    return ["--node-manager-port", str(node["node_manager"]), "--object-manager-port", str(node["object_manager"]),
-            "--runtime-env-agent-port", str(node["runtime_env_agent"]),
-            "--dashboard-agent-grpc-port", str(node["dashboard_agent_grpc"]),
-            "--dashboard-agent-listen-port", str(node["dashboard_agent_listen"]),
-            "--metrics-export-port", str(node["metrics_export"]),
-            "--min-worker-port", str(node["workers"][0]), "--max-worker-port", str(node["workers"][1])]
+    return [
+        "--node-manager-port",
+        str(node["node_manager"]),
+        "--object-manager-port",
+        str(node["object_manager"]),
+        "--runtime-env-agent-port",
+        str(node["runtime_env_agent"]),
+        "--dashboard-agent-grpc-port",
+        str(node["dashboard_agent_grpc"]),
+        "--dashboard-agent-listen-port",
+        str(node["dashboard_agent_listen"]),
+        "--metrics-export-port",
+        str(node["metrics_export"]),
+        "--min-worker-port",
+        str(node["workers"][0]),
+        "--max-worker-port",
+        str(node["workers"][1]),
+    ]
 
 
 def _allowed(layout, index):
@@ -154,13 +171,27 @@ def _check_ports(result, layout, sessions):
     assert set(reported) == {("site:hospital_a",), ("site:hospital_b",)}, result["ray_nodes"]
     for index, site in enumerate(("site:hospital_a", "site:hospital_b")):
         node, pinned = reported[(site,)], layout["nodes"][index]
-        assert (node["NodeManagerPort"], node["ObjectManagerPort"], node["MetricsExportPort"], node["MetricsAgentPort"],
-                node["DashboardAgentListenPort"], node["RuntimeEnvAgentPort"]) == (
-            pinned["node_manager"], pinned["object_manager"], pinned["metrics_export"], pinned["dashboard_agent_grpc"],
-            pinned["dashboard_agent_listen"], pinned["runtime_env_agent"]), (site, node, pinned)
+        assert (
+            node["NodeManagerPort"],
+            node["ObjectManagerPort"],
+            node["MetricsExportPort"],
+            node["MetricsAgentPort"],
+            node["DashboardAgentListenPort"],
+            node["RuntimeEnvAgentPort"],
+        ) == (
+            pinned["node_manager"],
+            pinned["object_manager"],
+            pinned["metrics_export"],
+            pinned["dashboard_agent_grpc"],
+            pinned["dashboard_agent_listen"],
+            pinned["runtime_env_agent"],
+        ), (site, node, pinned)
     for index, sid in enumerate(sessions):
-        mine = [entry for entry in result["listening"]
-                if entry[2] == sid or (index == 0 and entry[1] == result["driver_pid"])]
+        mine = [
+            entry
+            for entry in result["listening"]
+            if entry[2] == sid or (index == 0 and entry[1] == result["driver_pid"])
+        ]
         ports = {port for port, *_ in mine}
         outside = [entry for entry in mine if entry[0] not in _allowed(layout, index)]
         assert not outside, f"node {index} listens outside its pinned ports: {outside}"
@@ -185,8 +216,13 @@ def _node_ip():
 
 def _start_node(args, env, log):
     # --block keeps `ray start` in the foreground; its own session holds every process of the node, ended by PID group
-    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [RAY, "start", "--block", "--disable-usage-stats", *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _stop(proc):
@@ -211,37 +247,97 @@ def test_a_federation_runs_across_a_two_node_cluster_with_tls_and_token_auth(tmp
     layout = _layout(_free_block(BLOCK))
     gcs, dashboard = layout["gcs"], layout["dashboard"]
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    base.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0",
-                 "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"})
+    base.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_file),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONPATH": str(REPO),
+            "WANDB_MODE": "offline",
+        }
+    )
     # the head's two Prometheus endpoints (dashboard, autoscaler) have no ray start flag, only these variables
-    head_env = {**base, **ray_tls_env(certs, "head"), "DASHBOARD_METRIC_PORT": str(layout["dashboard_metrics"]),
-                "AUTOSCALER_METRIC_PORT": str(layout["autoscaler_metrics"])}
+    head_env = {
+        **base,
+        **ray_tls_env(certs, "head"),
+        "DASHBOARD_METRIC_PORT": str(layout["dashboard_metrics"]),
+        "AUTOSCALER_METRIC_PORT": str(layout["autoscaler_metrics"]),
+    }
     node_env = {**base, **ray_tls_env(certs, "hospital_b")}
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("head", "hospital_b")}
     ray_dir = tempfile.mkdtemp(prefix="lf-tls-")  # short: Ray's socket paths must fit in 107 bytes
-    head = _start_node(["--head", "--node-ip-address", ip, "--port", str(gcs), "--num-cpus", "2",
-                        "--resources", '{"site:hospital_a": 1}', "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                        "--dashboard-port", str(dashboard), "--ray-client-server-port", str(layout["client"]),
-                        "--temp-dir", ray_dir, *_node_flags(layout["nodes"][0])], head_env, logs["head"])
+    head = _start_node(
+        [
+            "--head",
+            "--node-ip-address",
+            ip,
+            "--port",
+            str(gcs),
+            "--num-cpus",
+            "2",
+            "--resources",
+            '{"site:hospital_a": 1}',
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--ray-client-server-port",
+            str(layout["client"]),
+            "--temp-dir",
+            ray_dir,
+            *_node_flags(layout["nodes"][0]),
+        ],
+        head_env,
+        logs["head"],
+    )
     nodes = [head]
     try:
         job = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--", sys.executable, "-c", DRIVER]
         deadline = time.monotonic() + 90
-        while subprocess.run([RAY, "job", "list", "--address", f"http://127.0.0.1:{dashboard}"], env=head_env,
-                             capture_output=True).returncode != 0:
+        while (
+            subprocess.run(
+                [RAY, "job", "list", "--address", f"http://127.0.0.1:{dashboard}"], env=head_env, capture_output=True
+            ).returncode
+            != 0
+        ):
             assert time.monotonic() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(1)
-        nodes.append(_start_node(["--address", f"{ip}:{gcs}", "--node-ip-address", ip, "--num-cpus", "2",
-                                  "--resources", '{"site:hospital_b": 1}', *_node_flags(layout["nodes"][1])],
-                                 node_env, logs["hospital_b"]))
+        nodes.append(
+            _start_node(
+                [
+                    "--address",
+                    f"{ip}:{gcs}",
+                    "--node-ip-address",
+                    ip,
+                    "--num-cpus",
+                    "2",
+                    "--resources",
+                    '{"site:hospital_b": 1}',
+                    *_node_flags(layout["nodes"][1]),
+                ],
+                node_env,
+                logs["hospital_b"],
+            )
+        )
         # without the token the job server refuses the submission
-        refused = subprocess.run(job, env={**base, "RAY_AUTH_TOKEN_PATH": "", "HOME": str(tmp_path)}, capture_output=True,
-                                 text=True, timeout=120)
-        assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower(), refused.stdout[-2000:] + refused.stderr[-2000:]
+        refused = subprocess.run(
+            job,
+            env={**base, "RAY_AUTH_TOKEN_PATH": "", "HOME": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower(), (
+            refused.stdout[-2000:] + refused.stderr[-2000:]
+        )
         done = subprocess.run(job, env=head_env, capture_output=True, text=True, timeout=400)
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-4000:] + (tmp_path / "hospital_b.log").read_text()[-2000:]
-        result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
+        result = json.loads(
+            next(line for line in output.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT ")
+        )
         assert result["rounds"] == 2 and result["sent"] > 0
         assert len(set(result["nodes"].values())) == 2  # each hospital on its own node: the links between them are TLS
         _check_ports(result, layout, [proc.pid for proc in nodes])  # `ray start` leads its node's session

@@ -10,7 +10,15 @@ import torch
 
 from lightning_fed import FederatedStrategy
 from lightning_fed.strategies import GlobalModel, SiteUpdate, get_aggregator
-from lightning_fed.strategies.compression import Compressed, Float16, Int8Blocks, TopK, encode_update, get_codec, l2_norm
+from lightning_fed.strategies.compression import (
+    Compressed,
+    Float16,
+    Int8Blocks,
+    TopK,
+    encode_update,
+    get_codec,
+    l2_norm,
+)
 from lightning_fed.traffic import wire_size
 from tests.helpers import small_hospitals
 
@@ -22,16 +30,16 @@ def test_codecs_round_trip_within_their_bounds():
     n = x.size
 
     half = Float16().encode(x).decode()
-    assert np.all(np.abs(half - x) <= 2.0 ** -11 * np.abs(x) + 2.0 ** -25)
+    assert np.all(np.abs(half - x) <= 2.0**-11 * np.abs(x) + 2.0**-25)
     with pytest.raises(ValueError, match="beyond half precision.*compression='int8'"):
         Float16().encode(np.array([1e6]))
 
     int8 = Int8Blocks(block=64).encode(x)
     flat, back = x.reshape(-1), int8.decode().reshape(-1)
     for start in range(0, n, 64):
-        block = flat[start:start + 64]
+        block = flat[start : start + 64]
         step = np.float32(np.abs(block).max() / 127.0)  # the scale as it travels (float32)
-        assert np.all(np.abs(back[start:start + 64] - block) <= step / 2 * (1 + 1e-6) + 1e-300)
+        assert np.all(np.abs(back[start : start + 64] - block) <= step / 2 * (1 + 1e-6) + 1e-300)
     assert np.all(int8.decode()[:64] == 0)  # a block of zeros stays zeros
 
     top = TopK(fraction=0.05).encode(x)
@@ -124,8 +132,10 @@ def test_coordinator_counts_the_serialized_size_of_every_message(ray_cluster):
     rng = np.random.default_rng(3)
     w0 = {"w": rng.normal(size=(30, 10)).astype(np.float32), "n": np.array(3)}
     coordinator = Coordinator(get_aggregator("fedavg"), ["a", "b"], initial_model=GlobalModel(w0, 0))
-    updates = {s: SiteUpdate("", {"w": rng.normal(size=(30, 10)).astype(np.float32), "n": np.array(4)}, 10 + i)
-               for i, s in enumerate("ab")}
+    updates = {
+        s: SiteUpdate("", {"w": rng.normal(size=(30, 10)).astype(np.float32), "n": np.array(4)}, 10 + i)
+        for i, s in enumerate("ab")
+    }
     carry = {"a": None, "b": {"SiteDPSGD": {"history": [(1.1, 0.1, 20)]}}}
     expected_sent = {s: wire_size((s, 1, updates[s], carry[s])) for s in "ab"}  # before the coordinator touches them
     metrics = {s: {"scalars": {"val_loss": 0.5 + i}, "num_samples": 7, "metrics": None} for i, s in enumerate("ab")}
@@ -152,7 +162,9 @@ def _hospitals_fit(tmp_path, **strategy_kwargs):
     torch.manual_seed(0)
     model = SmallCNN()
     strategy = FederatedStrategy(progress=False, checkpoint_every=0, seed=0, **strategy_kwargs)
-    trainer = L.Trainer(strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     data = small_hospitals(sizes=(400, 200, 200))
     trainer.fit(model, datamodule=data)
     fit = strategy.last_fit
@@ -179,7 +191,11 @@ def test_a_federation_trains_with_each_codec_and_sends_what_it_promises(tmp_path
     full_sent, full_update = traffic.per_site_round()[0], traffic.update_per_site_round()
     assert model_bytes <= full_update < full_sent
     assert auroc > 0.85
-    for name, options, ratio in (("fp16", None, 0.5), ("int8", None, 0.25 + 1 / 256), ("topk", {"fraction": 0.05}, 0.1)):
+    for name, options, ratio in (
+        ("fp16", None, 0.5),
+        ("int8", None, 0.25 + 1 / 256),
+        ("topk", {"fraction": 0.05}, 0.1),
+    ):
         fit, coded_auroc, _ = _hospitals_fit(tmp_path / name, compression=name, compression_kwargs=options)
         sent, received = fit.traffic.per_site_round()
         # the update shrinks by the codec's ratio; metric states and reports do not

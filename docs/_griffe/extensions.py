@@ -42,8 +42,11 @@ def _mapped_packages(root: Path) -> dict[str, Path]:
     else:  # the table's '"name" = "folder"' lines
         table = re.search(r"^\[tool\.setuptools\.package-dir\]\n(.*?)(?:^\[|\Z)", text, re.M | re.S)
         package_dir = dict(re.findall(r'^"([^"]+)"\s*=\s*"([^"]+)"', table.group(1), re.M)) if table else {}
-    return {name: root / folder for name, folder in package_dir.items()
-            if "." in name and Path(folder) != Path(*name.split("."))}
+    return {
+        name: root / folder
+        for name, folder in package_dir.items()
+        if "." in name and Path(folder) != Path(*name.split("."))
+    }
 
 
 class PackageDir(griffe.Extension):
@@ -99,8 +102,9 @@ def split_shared_names(text: str) -> str:
                 continue
             # the item's continuation lines: blank, or indented deeper than the item
             end = i + 1
-            while end < len(lines) and (not lines[end].strip()
-                                        or len(lines[end]) - len(lines[end].lstrip()) > item_indent):
+            while end < len(lines) and (
+                not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > item_indent
+            ):
                 end += 1
             while end > i + 1 and not lines[end - 1].strip():
                 end -= 1  # trailing blank lines stay after the last copy

@@ -7,7 +7,7 @@ from lightning_fed.data.heart_disease import HeartDiseaseSites, load_heart_disea
 from lightning_fed.data.medmnist import MedMNISTSites, load_medmnist
 from lightning_fed.data.mosaic import FashionMosaicSites
 from lightning_fed.data.partition import IID, Dirichlet, Partitioner, SizeAndRatio, split_fractions
-from lightning_fed.data.sites import Site, SimulatedSiteData, describe_sites, simulate_sites
+from lightning_fed.data.sites import SimulatedSiteData, Site, describe_sites, simulate_sites
 
 __all__ = [
     "CTFolderSite",

@@ -80,8 +80,10 @@ class CTFolderSite(SiteSplits):
         """Case name -> its image (a NIfTI file or a DICOM series folder)."""
         images = self.root / "images"
         if not images.is_dir():
-            raise FileNotFoundError(f"CT folder {self.root} has no images/ folder: put one NIfTI volume or DICOM series "
-                                    "folder per case in <root>/images (and masks in <root>/labels)")
+            raise FileNotFoundError(
+                f"CT folder {self.root} has no images/ folder: put one NIfTI volume or DICOM series "
+                "folder per case in <root>/images (and masks in <root>/labels)"
+            )
         found = {_case_name(p): p for p in sorted(images.iterdir()) if p.is_dir() or p.name.endswith(_NIFTI)}
         if not found:
             raise FileNotFoundError(f"{images} holds no NIfTI volumes (.nii, .nii.gz) or DICOM series folders")
@@ -112,14 +114,20 @@ class CTFolderSite(SiteSplits):
             if path.is_dir():
                 records += [{**r, "exam": r["exam"] or case} for r in read_dicom_headers(path)[0]]
             else:
-                records.append({"vendor": vendors.get(case, UNKNOWN), "model": UNKNOWN, "kernel": UNKNOWN, "exam": case})
+                records.append(
+                    {"vendor": vendors.get(case, UNKNOWN), "model": UNKNOWN, "kernel": UNKNOWN, "exam": case}
+                )
         return count_exams(records)
 
     # -- loading ---------------------------------------------------------------------------------
     def _transforms(self, keys: list[str]) -> Any:
         from monai import transforms as T
 
-        steps = [T.LoadImaged(keys=keys, image_only=True), T.EnsureChannelFirstd(keys=keys), T.Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+        steps = [
+            T.LoadImaged(keys=keys, image_only=True),
+            T.EnsureChannelFirstd(keys=keys),
+            T.Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        ]
         if self.spacing is not None:
             steps.append(T.Spacingd(keys=keys, pixdim=tuple(self.spacing), mode=["bilinear", "nearest"][: len(keys)]))
         lo, hi = self.window
@@ -131,9 +139,18 @@ class CTFolderSite(SiteSplits):
 
         item = {"image": str(path)}
         if with_labels:
-            mask = next((self.root / "labels" / f"{case}{s}" for s in _NIFTI if (self.root / "labels" / f"{case}{s}").is_file()), None)
+            mask = next(
+                (
+                    self.root / "labels" / f"{case}{s}"
+                    for s in _NIFTI
+                    if (self.root / "labels" / f"{case}{s}").is_file()
+                ),
+                None,
+            )
             if mask is None:
-                raise FileNotFoundError(f"case {case!r} has no mask in {self.root / 'labels'}: add {case}.nii.gz or remove the labels/ folder")
+                raise FileNotFoundError(
+                    f"case {case!r} has no mask in {self.root / 'labels'}: add {case}.nii.gz or remove the labels/ folder"
+                )
             item["label"] = str(mask)
         keys = tuple(item)
         if keys not in self._pipelines:
@@ -146,10 +163,14 @@ class CTFolderSite(SiteSplits):
         else:
             keep = list(range(0, image.shape[-1], self.slice_step))
         size = (self.image_size, self.image_size)
-        images = np.stack([Resize(size, mode="bilinear")(image[None, ..., z])[0].numpy() for z in keep]).astype(np.float32)
+        images = np.stack([Resize(size, mode="bilinear")(image[None, ..., z])[0].numpy() for z in keep]).astype(
+            np.float32
+        )
         labels = None
         if label is not None:
-            labels = np.stack([Resize(size, mode="nearest")(label[None, ..., z].float())[0].numpy() for z in keep]).astype(np.int64)
+            labels = np.stack(
+                [Resize(size, mode="nearest")(label[None, ..., z].float())[0].numpy() for z in keep]
+            ).astype(np.int64)
         return images, labels
 
     def split_cases(self) -> dict[str, list[str]]:
@@ -172,7 +193,9 @@ class CTFolderSite(SiteSplits):
             if not images:
                 continue
             with_labels = labels_exist and (self.labelled or split != "train")
-            self.datasets[split] = CTSlices(np.concatenate(images), np.concatenate(labels), np.concatenate(groups), with_labels)
+            self.datasets[split] = CTSlices(
+                np.concatenate(images), np.concatenate(labels), np.concatenate(groups), with_labels
+            )
 
 
 class CTFolderSites(LightningDataModule):
@@ -182,15 +205,34 @@ class CTFolderSites(LightningDataModule):
 
     group_names = VENDORS
 
-    def __init__(self, folders: dict[str, str], unlabelled: Sequence[str] = (), pin: bool = False, site_cpus: float = 1.0,
-                 **site_options: Any) -> None:
+    def __init__(
+        self,
+        folders: dict[str, str],
+        unlabelled: Sequence[str] = (),
+        pin: bool = False,
+        site_cpus: float = 1.0,
+        **site_options: Any,
+    ) -> None:
         super().__init__()
         unknown = sorted(set(unlabelled) - set(folders))
         if not folders or unknown:
             raise ValueError(f"folders must map each site to its CT folder; unlabelled names unknown sites {unknown}")
-        self.folders, self.unlabelled, self.pin, self.site_cpus, self.site_options = dict(folders), list(unlabelled), pin, site_cpus, site_options
+        self.folders, self.unlabelled, self.pin, self.site_cpus, self.site_options = (
+            dict(folders),
+            list(unlabelled),
+            pin,
+            site_cpus,
+            site_options,
+        )
 
     def federated_sites(self) -> list[Site]:
-        return [Site(name, CTFolderSite(folder, labelled=name not in self.unlabelled, **self.site_options), num_cpus=self.site_cpus,
-                     resources={f"site:{name}": 0.01} if self.pin else {}, labelled=name not in self.unlabelled)
-                for name, folder in self.folders.items()]
+        return [
+            Site(
+                name,
+                CTFolderSite(folder, labelled=name not in self.unlabelled, **self.site_options),
+                num_cpus=self.site_cpus,
+                resources={f"site:{name}": 0.01} if self.pin else {},
+                labelled=name not in self.unlabelled,
+            )
+            for name, folder in self.folders.items()
+        ]

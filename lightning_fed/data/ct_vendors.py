@@ -81,14 +81,42 @@ class Acquisition:
 
 
 SIGNATURES: dict[str, Acquisition] = {
-    "CANON": Acquisition("CANON", ("Aquilion ONE", "Aquilion Prime"), (Kernel("FC03", -0.8), Kernel("FC18", -0.45)),
-                         spacing_mm=0.78, hu_scale=1.00, hu_offset=0.0, noise_hu=12.0),
-    "GE": Acquisition("GE", ("Revolution CT", "Discovery CT750 HD"), (Kernel("STANDARD", -0.3), Kernel("BONE", 0.8)),
-                      spacing_mm=0.70, hu_scale=1.05, hu_offset=30.0, noise_hu=20.0),
-    "PHILIPS": Acquisition("PHILIPS", ("Brilliance 64", "IQon"), (Kernel("B", -0.3), Kernel("YC", 1.0)),
-                           spacing_mm=0.88, hu_scale=0.93, hu_offset=-45.0, noise_hu=25.0),
-    "SIEMENS": Acquisition("SIEMENS", ("SOMATOM Force", "SOMATOM Definition AS"), (Kernel("Br40", 0.4), Kernel("Br64", 1.6)),
-                           spacing_mm=0.62, hu_scale=1.10, hu_offset=60.0, noise_hu=32.0),
+    "CANON": Acquisition(
+        "CANON",
+        ("Aquilion ONE", "Aquilion Prime"),
+        (Kernel("FC03", -0.8), Kernel("FC18", -0.45)),
+        spacing_mm=0.78,
+        hu_scale=1.00,
+        hu_offset=0.0,
+        noise_hu=12.0,
+    ),
+    "GE": Acquisition(
+        "GE",
+        ("Revolution CT", "Discovery CT750 HD"),
+        (Kernel("STANDARD", -0.3), Kernel("BONE", 0.8)),
+        spacing_mm=0.70,
+        hu_scale=1.05,
+        hu_offset=30.0,
+        noise_hu=20.0,
+    ),
+    "PHILIPS": Acquisition(
+        "PHILIPS",
+        ("Brilliance 64", "IQon"),
+        (Kernel("B", -0.3), Kernel("YC", 1.0)),
+        spacing_mm=0.88,
+        hu_scale=0.93,
+        hu_offset=-45.0,
+        noise_hu=25.0,
+    ),
+    "SIEMENS": Acquisition(
+        "SIEMENS",
+        ("SOMATOM Force", "SOMATOM Definition AS"),
+        (Kernel("Br40", 0.4), Kernel("Br64", 1.6)),
+        spacing_mm=0.62,
+        hu_scale=1.10,
+        hu_offset=60.0,
+        noise_hu=32.0,
+    ),
 }
 
 
@@ -122,7 +150,9 @@ def hospital_exams(hospital: str, exams: int, seed: int) -> list[Exam]:
     out = []
     for i, vendor in enumerate(vendors):
         acq = SIGNATURES[vendor]
-        out.append(Exam(i, vendor, acq.models[rng.integers(len(acq.models))], acq.kernels[rng.integers(len(acq.kernels))].name))
+        out.append(
+            Exam(i, vendor, acq.models[rng.integers(len(acq.models))], acq.kernels[rng.integers(len(acq.kernels))].name)
+        )
     return out
 
 
@@ -206,8 +236,16 @@ class SimulatedCTHospital(SiteSplits):
     group_names = VENDORS
     class_names = CLASSES
 
-    def __init__(self, hospital: str, exams: int, fractions: Sequence[float], seed: int, image_size: int,
-                 batch_size: int, labelled: bool) -> None:
+    def __init__(
+        self,
+        hospital: str,
+        exams: int,
+        fractions: Sequence[float],
+        seed: int,
+        image_size: int,
+        batch_size: int,
+        labelled: bool,
+    ) -> None:
         super().__init__(batch_size, eval_batch_size=64)
         self.hospital, self.exams, self.fractions, self.seed = hospital, exams, list(fractions), seed
         self.image_size, self.labelled = image_size, labelled
@@ -221,7 +259,9 @@ class SimulatedCTHospital(SiteSplits):
 
     def inventory(self) -> list[dict[str, Any]]:
         """Exams by vendor, model and kernel, as :func:`~lightning_fed.data.dicom.count_exams` counts them from headers."""
-        return count_exams([{"vendor": e.vendor, "model": e.model, "kernel": e.kernel, "exam": str(e.index)} for e in self.exam_list()])
+        return count_exams(
+            [{"vendor": e.vendor, "model": e.model, "kernel": e.kernel, "exam": str(e.index)} for e in self.exam_list()]
+        )
 
     def setup(self, stage: str) -> None:
         if self.datasets:
@@ -275,7 +315,9 @@ class SimulatedCTHospitals(LightningDataModule):
         if len(counts) != len(hospitals) or min(counts) < 4:
             raise ValueError(f"exams must be one number >= 4 or one per hospital ({len(hospitals)}), got {exams!r}")
         if image_size < 16 or image_size % 8:
-            raise ValueError(f"image_size must be a multiple of 8 and >= 16 (the U-Net halves it three times), got {image_size}")
+            raise ValueError(
+                f"image_size must be a multiple of 8 and >= 16 (the U-Net halves it three times), got {image_size}"
+            )
         self.fractions = train_val_test(test_fraction, val_fraction)
         self.hospitals, self.exams, self.unlabelled = list(hospitals), counts, list(unlabelled)
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
@@ -283,13 +325,27 @@ class SimulatedCTHospitals(LightningDataModule):
 
     def hospital_data(self, hospital: str) -> SimulatedCTHospital:
         k = self.hospitals.index(hospital)
-        return SimulatedCTHospital(hospital, self.exams[k], self.fractions, self.seed, self.image_size, self.batch_size,
-                                   labelled=hospital not in self.unlabelled)
+        return SimulatedCTHospital(
+            hospital,
+            self.exams[k],
+            self.fractions,
+            self.seed,
+            self.image_size,
+            self.batch_size,
+            labelled=hospital not in self.unlabelled,
+        )
 
     def federated_sites(self) -> list[Site]:
         out = []
         for hospital, cpus in zip(self.hospitals, self.site_cpus):
             data = self.hospital_data(hospital)
-            out.append(Site(hospital, data, num_cpus=cpus, train_size=len(data.split_indices()["train"]),
-                            labelled=hospital not in self.unlabelled))
+            out.append(
+                Site(
+                    hospital,
+                    data,
+                    num_cpus=cpus,
+                    train_size=len(data.split_indices()["train"]),
+                    labelled=hospital not in self.unlabelled,
+                )
+            )
         return out

@@ -20,7 +20,14 @@ def read_dicom_headers(folder: str | Path) -> tuple[list[dict[str, str]], int]:
     if not root.is_dir():
         raise FileNotFoundError(f"DICOM folder {root} does not exist: point the site at its own folder of DICOM files")
     records, skipped = [], 0
-    tags = ["Manufacturer", "ManufacturerModelName", "ConvolutionKernel", "StudyInstanceUID", "SeriesInstanceUID", "Modality"]
+    tags = [
+        "Manufacturer",
+        "ManufacturerModelName",
+        "ConvolutionKernel",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+    ]
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
@@ -33,18 +40,29 @@ def read_dicom_headers(folder: str | Path) -> tuple[list[dict[str, str]], int]:
         kernel = ds.get("ConvolutionKernel", "")
         if isinstance(kernel, (list, tuple)) or type(kernel).__name__ == "MultiValue":
             kernel = "\\".join(str(k) for k in kernel)
-        records.append({
-            "vendor": normalise_vendor(str(ds.get("Manufacturer", "") or "")),
-            "model": str(ds.get("ManufacturerModelName", "") or "").strip() or UNKNOWN,
-            "kernel": str(kernel).strip() or UNKNOWN,
-            "exam": str(ds.get("StudyInstanceUID", "") or ds.get("SeriesInstanceUID", "") or path),
-            "modality": str(ds.get("Modality", "") or ""),
-        })
+        records.append(
+            {
+                "vendor": normalise_vendor(str(ds.get("Manufacturer", "") or "")),
+                "model": str(ds.get("ManufacturerModelName", "") or "").strip() or UNKNOWN,
+                "kernel": str(kernel).strip() or UNKNOWN,
+                "exam": str(ds.get("StudyInstanceUID", "") or ds.get("SeriesInstanceUID", "") or path),
+                "modality": str(ds.get("Modality", "") or ""),
+            }
+        )
     return records, skipped
 
 
-_VENDOR_NAMES = (("GE", "GE"), ("G.E.", "GE"), ("SIEMENS", "SIEMENS"), ("PHILIPS", "PHILIPS"), ("TOSHIBA", "CANON"),
-                 ("CANON", "CANON"), ("HITACHI", "HITACHI"), ("FUJIFILM", "FUJIFILM"), ("UNITED IMAGING", "UIH"))
+_VENDOR_NAMES = (
+    ("GE", "GE"),
+    ("G.E.", "GE"),
+    ("SIEMENS", "SIEMENS"),
+    ("PHILIPS", "PHILIPS"),
+    ("TOSHIBA", "CANON"),
+    ("CANON", "CANON"),
+    ("HITACHI", "HITACHI"),
+    ("FUJIFILM", "FUJIFILM"),
+    ("UNITED IMAGING", "UIH"),
+)
 
 
 def normalise_vendor(manufacturer: str) -> str:
@@ -66,5 +84,7 @@ def count_exams(records: Iterable[dict[str, str]]) -> list[dict[str, Any]]:
         key = (r["vendor"], r["model"], r["kernel"])
         images[key] += 1
         exams.setdefault(key, set()).add(r["exam"])
-    rows = [{"vendor": k[0], "model": k[1], "kernel": k[2], "exams": len(exams[k]), "images": images[k]} for k in images]
+    rows = [
+        {"vendor": k[0], "model": k[1], "kernel": k[2], "exams": len(exams[k]), "images": images[k]} for k in images
+    ]
     return sorted(rows, key=lambda r: (-r["exams"], r["vendor"], r["model"], r["kernel"]))

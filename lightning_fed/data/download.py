@@ -64,7 +64,9 @@ def ensure_files(
             continue
         actual = md5(root / name)
         if actual != expected:
-            raise ValueError(f"{root / name} is corrupt (MD5 {actual}, expected {expected}): delete it to download it again")
+            raise ValueError(
+                f"{root / name} is corrupt (MD5 {actual}, expected {expected}): delete it to download it again"
+            )
         _VERIFIED.add(key)
     return root
 
@@ -79,7 +81,10 @@ def _download(root: Path, name: str, expected_md5: str, mirrors: Sequence[str]) 
         url = mirror.rstrip("/") + "/" + name
         tmp = None
         try:
-            with urllib.request.urlopen(url, timeout=30) as response, tempfile.NamedTemporaryFile(dir=root, prefix=f".{name}.", delete=False) as fh:
+            with (
+                urllib.request.urlopen(url, timeout=30) as response,
+                tempfile.NamedTemporaryFile(dir=root, prefix=f".{name}.", delete=False) as fh,
+            ):
                 tmp = Path(fh.name)
                 shutil.copyfileobj(response, fh)
             actual = md5(tmp)

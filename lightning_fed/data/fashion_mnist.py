@@ -73,7 +73,9 @@ class FashionMNISTDataModule(LightningDataModule):
     Use it to run an unmodified script through the simulation path, or as a centralised baseline.
     """
 
-    def __init__(self, data_dir: Optional[str] = None, batch_size: int = 64, binary: bool = False, num_workers: int = 0) -> None:
+    def __init__(
+        self, data_dir: Optional[str] = None, batch_size: int = 64, binary: bool = False, num_workers: int = 0
+    ) -> None:
         super().__init__()
         self.data_dir, self.batch_size, self.binary, self.num_workers = data_dir, batch_size, binary, num_workers
         self.train_set: Optional[Dataset] = None
@@ -105,7 +107,9 @@ class PooledIndexData(SiteSplits):
     Built inside the hospital's actor: the images are read from the hospital's own copy of the files.
     """
 
-    def __init__(self, data_dir: Optional[str], indices: dict[str, np.ndarray], batch_size: int, eval_batch_size: int = 512) -> None:
+    def __init__(
+        self, data_dir: Optional[str], indices: dict[str, np.ndarray], batch_size: int, eval_batch_size: int = 512
+    ) -> None:
         super().__init__(batch_size, eval_batch_size)
         self.data_dir, self.indices = data_dir, indices
 
@@ -146,7 +150,9 @@ class HospitalsDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if not (len(site_names) == len(sizes) == len(positive_ratios)):
-            raise ValueError(f"site_names, sizes and positive_ratios must have the same length, got {len(site_names)}, {len(sizes)}, {len(positive_ratios)}")
+            raise ValueError(
+                f"site_names, sizes and positive_ratios must have the same length, got {len(site_names)}, {len(sizes)}, {len(positive_ratios)}"
+            )
         train_val_test(test_fraction, val_fraction)
         self.data_dir, self.site_names = data_dir, list(site_names)
         self.partitioner = SizeAndRatio(sizes=list(sizes), positive_ratios=list(positive_ratios), seed=seed)
@@ -170,6 +176,8 @@ class HospitalsDataModule(LightningDataModule):
 
     def federated_sites(self) -> list[Site]:
         return [
-            Site(name, PooledIndexData(self.data_dir, idx, self.batch_size), num_cpus=cpus, train_size=len(idx["train"]))
+            Site(
+                name, PooledIndexData(self.data_dir, idx, self.batch_size), num_cpus=cpus, train_size=len(idx["train"])
+            )
             for (name, idx), cpus in zip(self.site_indices().items(), self.site_cpus)
         ]

@@ -27,15 +27,33 @@ HOSPITALS = {
     "va": ("processed.va.data", "4249d03ca7711e84f4444768c9426170"),
 }
 MIRRORS = ("https://archive.ics.uci.edu/ml/machine-learning-databases/heart-disease/",)
-FEATURES = ("age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal")
+FEATURES = (
+    "age",
+    "sex",
+    "cp",
+    "trestbps",
+    "chol",
+    "fbs",
+    "restecg",
+    "thalach",
+    "exang",
+    "oldpeak",
+    "slope",
+    "ca",
+    "thal",
+)
 
 
-def load_heart_disease(hospital: str, data_dir: Optional[str] = None, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def load_heart_disease(
+    hospital: str, data_dir: Optional[str] = None, download: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """``(features float64 [N, 13] with NaN for missing, target int64 [N] in {0, 1})`` of one hospital, MD5-checked."""
     if hospital not in HOSPITALS:
         raise ValueError(f"unknown hospital {hospital!r}: pick from {sorted(HOSPITALS)}")
     name, md5 = HOSPITALS[hospital]
-    root = ensure_files(data_root(data_dir, "heart_disease"), {name: md5}, MIRRORS, f"UCI heart disease ({hospital})", download=download)
+    root = ensure_files(
+        data_root(data_dir, "heart_disease"), {name: md5}, MIRRORS, f"UCI heart disease ({hospital})", download=download
+    )
     rows = [line.split(",") for line in (root / name).read_text().splitlines() if line.strip()]
     values = np.array([[np.nan if v.strip() == "?" else float(v) for v in row] for row in rows], dtype=np.float64)
     return values[:, :13], (values[:, 13] > 0).astype(np.int64)
@@ -62,7 +80,9 @@ class HeartDiseaseSiteData(SiteSplits):
         std = filled[self.indices["train"]].std(axis=0)
         scaled = (filled - filled[self.indices["train"]].mean(axis=0)) / np.where(std > 0, std, 1.0)
         for split, idx in self.indices.items():
-            self.datasets[split] = TensorDataset(torch.from_numpy(scaled[idx].astype(np.float32)), torch.from_numpy(y[idx]))
+            self.datasets[split] = TensorDataset(
+                torch.from_numpy(scaled[idx].astype(np.float32)), torch.from_numpy(y[idx])
+            )
 
 
 class HeartDiseaseSites(LightningDataModule):
@@ -82,7 +102,12 @@ class HeartDiseaseSites(LightningDataModule):
         hospitals = chosen_sites(hospitals, list(HOSPITALS))
         train_val_test(test_fraction, val_fraction)
         self.data_dir, self.hospitals = data_dir, list(hospitals)
-        self.test_fraction, self.val_fraction, self.batch_size, self.seed = test_fraction, val_fraction, batch_size, seed
+        self.test_fraction, self.val_fraction, self.batch_size, self.seed = (
+            test_fraction,
+            val_fraction,
+            batch_size,
+            seed,
+        )
         self.site_cpus = per_site(site_cpus, len(self.hospitals))
 
     def prepare_data(self) -> None:
@@ -99,5 +124,12 @@ class HeartDiseaseSites(LightningDataModule):
         return out
 
     def federated_sites(self) -> list[Site]:
-        return [Site(h, HeartDiseaseSiteData(h, self.data_dir, idx, self.batch_size), num_cpus=c, train_size=len(idx["train"]))
-                for (h, idx), c in zip(self.site_indices().items(), self.site_cpus)]
+        return [
+            Site(
+                h,
+                HeartDiseaseSiteData(h, self.data_dir, idx, self.batch_size),
+                num_cpus=c,
+                train_size=len(idx["train"]),
+            )
+            for (h, idx), c in zip(self.site_indices().items(), self.site_cpus)
+        ]

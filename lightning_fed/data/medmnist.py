@@ -22,8 +22,22 @@ from lightning_fed.data.partition import IID, Dirichlet
 from lightning_fed.data.sites import Site, SiteSplits, per_site
 
 MIRRORS = ("https://zenodo.org/record/6496656/files/",)
-CHEST_LABELS = ("atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia", "pneumothorax",
-                "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia")
+CHEST_LABELS = (
+    "atelectasis",
+    "cardiomegaly",
+    "effusion",
+    "infiltration",
+    "mass",
+    "nodule",
+    "pneumonia",
+    "pneumothorax",
+    "consolidation",
+    "edema",
+    "emphysema",
+    "fibrosis",
+    "pleural",
+    "hernia",
+)
 
 
 @dataclass(frozen=True)
@@ -87,10 +101,25 @@ def remap_labels(labels: np.ndarray, label_map: Sequence[Optional[int]]) -> np.n
 class MedMNISTSiteData(SiteSplits):
     """One site's share of a MedMNIST file, read inside the site's actor."""
 
-    def __init__(self, dataset: str, data_dir: Optional[str], indices: dict[str, np.ndarray], annotated: Optional[list[int]],
-                 batch_size: int, image_size: int = 28, eval_batch_size: int = 512, label_map: Optional[Sequence[Optional[int]]] = None) -> None:
+    def __init__(
+        self,
+        dataset: str,
+        data_dir: Optional[str],
+        indices: dict[str, np.ndarray],
+        annotated: Optional[list[int]],
+        batch_size: int,
+        image_size: int = 28,
+        eval_batch_size: int = 512,
+        label_map: Optional[Sequence[Optional[int]]] = None,
+    ) -> None:
         super().__init__(batch_size, eval_batch_size)
-        self.dataset, self.data_dir, self.indices, self.annotated, self.image_size = dataset, data_dir, indices, annotated, image_size
+        self.dataset, self.data_dir, self.indices, self.annotated, self.image_size = (
+            dataset,
+            data_dir,
+            indices,
+            annotated,
+            image_size,
+        )
         self.label_map = label_map
 
     def prepare_data(self) -> None:
@@ -149,22 +178,36 @@ class MedMNISTSites(LightningDataModule):
             if self.info.task == "multilabel":
                 raise ValueError(f"{dataset} is multi-label: label_map regroups the classes of a single-label dataset")
             if len(label_map) != self.info.num_classes:
-                raise ValueError(f"label_map needs one entry per {dataset} class ({self.info.num_classes}), got {len(label_map)}")
+                raise ValueError(
+                    f"label_map needs one entry per {dataset} class ({self.info.num_classes}), got {len(label_map)}"
+                )
             kept = sorted({int(v) for v in label_map if v is not None})
             if kept != list(range(len(kept))) or len(kept) < 2:
                 raise ValueError(f"label_map must map classes onto 0..K-1 (K >= 2) or null, got {list(label_map)}")
         if site_shares is not None and alpha is not None:
-            raise ValueError("site_shares (IID shares in a ratio) and alpha (Dirichlet label skew) exclude each other: give one")
+            raise ValueError(
+                "site_shares (IID shares in a ratio) and alpha (Dirichlet label skew) exclude each other: give one"
+            )
         self.label_map = list(label_map) if label_map is not None else None
         self.site_shares = list(site_shares) if site_shares is not None else None
-        fractions = [float(train_fraction)] * n if isinstance(train_fraction, (int, float)) else [float(f) for f in train_fraction]
+        fractions = (
+            [float(train_fraction)] * n
+            if isinstance(train_fraction, (int, float))
+            else [float(f) for f in train_fraction]
+        )
         if len(fractions) != n or not all(0 < f <= 1 for f in fractions):
             raise ValueError(f"train_fraction needs one value in (0, 1] (or one per site), got {train_fraction}")
         if self.info.task == "multilabel" and (annotated_labels is not None or labels_per_site is not None):
-            sets = annotated_labels if annotated_labels is not None else rotating_label_sets(n, self.info.num_classes, labels_per_site)
+            sets = (
+                annotated_labels
+                if annotated_labels is not None
+                else rotating_label_sets(n, self.info.num_classes, labels_per_site)
+            )
             self.annotated_labels: list[Optional[list[int]]] = list(check_label_sets(sets, n, self.info.num_classes))
         elif annotated_labels is not None or labels_per_site is not None:
-            raise ValueError(f"{dataset} is a {self.info.task} dataset: partial labels (annotated_labels, labels_per_site) need a multi-label one")
+            raise ValueError(
+                f"{dataset} is a {self.info.task} dataset: partial labels (annotated_labels, labels_per_site) need a multi-label one"
+            )
         else:
             self.annotated_labels = [None] * n
         self.dataset, self.data_dir, self.site_names, self.alpha = dataset, data_dir, list(site_names), alpha
@@ -197,7 +240,11 @@ class MedMNISTSites(LightningDataModule):
             kept = np.arange(len(key))
             if self.label_map is not None:  # samples of dropped classes never reach a site
                 kept = kept[np.array([self.label_map[c] is not None for c in key], dtype=bool)]
-            rule = IID(seed=self.seed + s, shares=self.site_shares) if self.alpha is None else Dirichlet(self.alpha, seed=self.seed + s)
+            rule = (
+                IID(seed=self.seed + s, shares=self.site_shares)
+                if self.alpha is None
+                else Dirichlet(self.alpha, seed=self.seed + s)
+            )
             for k, (name, part) in enumerate(zip(self.site_names, rule(key[kept], n))):
                 idx = kept[part]
                 if split == "train" and self.fractions[k] < 1:
@@ -208,8 +255,19 @@ class MedMNISTSites(LightningDataModule):
 
     def federated_sites(self) -> list[Site]:
         return [
-            Site(name, MedMNISTSiteData(self.dataset, self.data_dir, idx, self.annotated_labels[k], self.batch_size, self.image_size,
-                                        label_map=self.label_map),
-                 num_cpus=self.site_cpus[k], train_size=len(idx["train"]))
+            Site(
+                name,
+                MedMNISTSiteData(
+                    self.dataset,
+                    self.data_dir,
+                    idx,
+                    self.annotated_labels[k],
+                    self.batch_size,
+                    self.image_size,
+                    label_map=self.label_map,
+                ),
+                num_cpus=self.site_cpus[k],
+                train_size=len(idx["train"]),
+            )
             for k, (name, idx) in enumerate(self.site_indices().items())
         ]

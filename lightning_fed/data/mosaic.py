@@ -85,10 +85,15 @@ class MosaicSiteData(SiteSplits):
     def setup(self, stage: str) -> None:
         if self.datasets:
             return
-        pools = {"train": load_fashion_mnist(self.data_dir, "train")[0], "test": load_fashion_mnist(self.data_dir, "test")[0]}
+        pools = {
+            "train": load_fashion_mnist(self.data_dir, "train")[0],
+            "test": load_fashion_mnist(self.data_dir, "test")[0],
+        }
         for split, part in self.plan.items():
             x = scanner(compose_mosaics(pools[part["pool"]], part["tiles"]), self.contrast, self.brightness)
-            self.datasets[split] = TensorDataset(x, torch.from_numpy(np.array(part["targets"])))  # Ray hands over read-only arrays
+            self.datasets[split] = TensorDataset(
+                x, torch.from_numpy(np.array(part["targets"]))
+            )  # Ray hands over read-only arrays
 
 
 class FashionMosaicSites(LightningDataModule):
@@ -132,23 +137,42 @@ class FashionMosaicSites(LightningDataModule):
         if len(train_sizes) != n:
             raise ValueError(f"train_sizes has {len(train_sizes)} entries for {n} sites: give one size per site")
         if min(train_sizes) < 1 or test_size < 0:
-            raise ValueError(f"every site needs train_sizes >= 1 and test_size >= 0, got {list(train_sizes)}, {test_size}")
+            raise ValueError(
+                f"every site needs train_sizes >= 1 and test_size >= 0, got {list(train_sizes)}, {test_size}"
+            )
         if alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         num_labels = len(CLASSES)
-        labels = annotated_labels if annotated_labels is not None else rotating_label_sets(n, num_labels, labels_per_site)
+        labels = (
+            annotated_labels if annotated_labels is not None else rotating_label_sets(n, num_labels, labels_per_site)
+        )
         self.annotated_labels = check_label_sets(labels, n, num_labels)
         if scanner_shift:
-            contrast = list(contrast) if contrast is not None else [DEFAULT_CONTRAST[k % len(DEFAULT_CONTRAST)] for k in range(n)]
-            brightness = list(brightness) if brightness is not None else [DEFAULT_BRIGHTNESS[k % len(DEFAULT_BRIGHTNESS)] for k in range(n)]
+            contrast = (
+                list(contrast)
+                if contrast is not None
+                else [DEFAULT_CONTRAST[k % len(DEFAULT_CONTRAST)] for k in range(n)]
+            )
+            brightness = (
+                list(brightness)
+                if brightness is not None
+                else [DEFAULT_BRIGHTNESS[k % len(DEFAULT_BRIGHTNESS)] for k in range(n)]
+            )
         else:
             contrast, brightness = [1.0] * n, [0.0] * n
         if len(contrast) != n or len(brightness) != n:
-            raise ValueError(f"contrast and brightness need one value per site ({n}), got {len(contrast)} and {len(brightness)}")
+            raise ValueError(
+                f"contrast and brightness need one value per site ({n}), got {len(contrast)} and {len(brightness)}"
+            )
         self.data_dir, self.site_names = data_dir, list(site_names)
-        self.train_sizes, self.test_size, self.val_fraction, self.alpha = list(train_sizes), test_size, val_fraction, alpha
+        self.train_sizes, self.test_size, self.val_fraction, self.alpha = (
+            list(train_sizes),
+            test_size,
+            val_fraction,
+            alpha,
+        )
         self.test_fully_annotated, self.contrast, self.brightness = test_fully_annotated, contrast, brightness
         self.batch_size, self.seed, self.site_cpus = batch_size, seed, per_site(site_cpus, n)
         self.label_names = list(CLASSES)
@@ -168,15 +192,21 @@ class FashionMosaicSites(LightningDataModule):
         mix = self.class_mix()
         rng = np.random.default_rng([self.seed, 2])
         train_pool = site_pool_indices(len(train_y))
-        shares = {"train": _split_by_class(train_pool, train_y[train_pool], len(self.site_names), rng),
-                  "test": _split_by_class(np.arange(len(test_y)), test_y, len(self.site_names), rng)}
+        shares = {
+            "train": _split_by_class(train_pool, train_y[train_pool], len(self.site_names), rng),
+            "test": _split_by_class(np.arange(len(test_y)), test_y, len(self.site_names), rng),
+        }
         plans = {}
         for k, name in enumerate(self.site_names):
             train_tiles, train_cls = _draw_mosaics(shares["train"][k], mix[k], self.train_sizes[k], rng)
             test_tiles, test_cls = _draw_mosaics(shares["test"][k], mix[k], self.test_size, rng)
             train_targets = mask_labels(mosaic_labels(train_cls), self.annotated_labels[k])
-            test_targets = mask_labels(mosaic_labels(test_cls), None if self.test_fully_annotated else self.annotated_labels[k])
-            keep, val = split_fractions(np.arange(len(train_tiles)), [1 - self.val_fraction, self.val_fraction], seed=self.seed + 1 + k)
+            test_targets = mask_labels(
+                mosaic_labels(test_cls), None if self.test_fully_annotated else self.annotated_labels[k]
+            )
+            keep, val = split_fractions(
+                np.arange(len(train_tiles)), [1 - self.val_fraction, self.val_fraction], seed=self.seed + 1 + k
+            )
             plans[name] = {
                 "train": {"pool": "train", "tiles": train_tiles[keep], "targets": train_targets[keep]},
                 "val": {"pool": "train", "tiles": train_tiles[val], "targets": train_targets[val]},
@@ -186,13 +216,19 @@ class FashionMosaicSites(LightningDataModule):
 
     def federated_sites(self) -> list[Site]:
         return [
-            Site(name, MosaicSiteData(self.data_dir, plan, self.contrast[k], self.brightness[k], self.batch_size), num_cpus=self.site_cpus[k],
-                 train_size=len(plan["train"]["tiles"]))
+            Site(
+                name,
+                MosaicSiteData(self.data_dir, plan, self.contrast[k], self.brightness[k], self.batch_size),
+                num_cpus=self.site_cpus[k],
+                train_size=len(plan["train"]["tiles"]),
+            )
             for k, (name, plan) in enumerate(self.site_plans().items())
         ]
 
 
-def _split_by_class(indices: np.ndarray, labels: np.ndarray, num_sites: int, rng: np.random.Generator) -> list[dict[int, np.ndarray]]:
+def _split_by_class(
+    indices: np.ndarray, labels: np.ndarray, num_sites: int, rng: np.random.Generator
+) -> list[dict[int, np.ndarray]]:
     # every class's images dealt out evenly: sites never share an image, whatever their class mix
     out: list[dict[int, np.ndarray]] = [{} for _ in range(num_sites)]
     for cls in np.unique(labels):
@@ -202,7 +238,9 @@ def _split_by_class(indices: np.ndarray, labels: np.ndarray, num_sites: int, rng
     return out
 
 
-def _draw_mosaics(share: dict[int, np.ndarray], mix: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _draw_mosaics(
+    share: dict[int, np.ndarray], mix: np.ndarray, count: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     classes = rng.choice(len(mix), size=(count, TILES), p=mix)
     tiles = np.empty_like(classes)
     for cls in np.unique(classes):

@@ -117,7 +117,9 @@ class SizeAndRatio:
 def train_val_test(test_fraction: float, val_fraction: float) -> list[float]:
     """``[train, val, test]`` shares of a site's data, checked: ``0 < test``, ``0 <= val``, ``test + val < 1``."""
     if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1 or test_fraction + val_fraction >= 1:
-        raise ValueError(f"need 0 < test_fraction, 0 <= val_fraction and test_fraction + val_fraction < 1, got {test_fraction}, {val_fraction}")
+        raise ValueError(
+            f"need 0 < test_fraction, 0 <= val_fraction and test_fraction + val_fraction < 1, got {test_fraction}, {val_fraction}"
+        )
     return [1.0 - test_fraction - val_fraction, val_fraction, test_fraction]
 
 

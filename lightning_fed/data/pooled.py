@@ -63,8 +63,10 @@ class PooledSites(LightningDataModule):
         super().__init__()
         pinned = [s.name for s in sites if any(k.startswith("site:") for k in s.resources)]
         if pinned:
-            raise ValueError(f"sites {pinned} are pinned to their own nodes, so their data cannot be pooled: "
-                             "run the pooled baseline only where every site's data is readable from one machine")
+            raise ValueError(
+                f"sites {pinned} are pinned to their own nodes, so their data cannot be pooled: "
+                "run the pooled baseline only where every site's data is readable from one machine"
+            )
         self.sites = sites
         self.num_cpus = num_cpus if num_cpus is not None else max(s.num_cpus for s in sites)
         self.num_gpus = max(s.num_gpus for s in sites)
@@ -72,7 +74,9 @@ class PooledSites(LightningDataModule):
     def federated_sites(self) -> list[Site]:
         sizes = [s.train_size for s in self.sites]
         total = sum(sizes) if all(n is not None for n in sizes) else None
-        return [Site(POOLED, PooledSiteData(self.sites), num_cpus=self.num_cpus, num_gpus=self.num_gpus, train_size=total)]
+        return [
+            Site(POOLED, PooledSiteData(self.sites), num_cpus=self.num_cpus, num_gpus=self.num_gpus, train_size=total)
+        ]
 
 
 class HeldOutSites(LightningDataModule):
@@ -88,8 +92,10 @@ class HeldOutSites(LightningDataModule):
 
         sites = describe_sites(self.datamodule)
         if sites is None:
-            raise ValueError(f"--holdout needs a datamodule that names its sites (federated_sites()); "
-                             f"{type(self.datamodule).__name__} is split by simulation, so no site is a hospital to hold out")
+            raise ValueError(
+                f"--holdout needs a datamodule that names its sites (federated_sites()); "
+                f"{type(self.datamodule).__name__} is split by simulation, so no site is a hospital to hold out"
+            )
         names = [s.name for s in sites]
         if self.holdout not in names:
             raise ValueError(f"--holdout {self.holdout!r} is not a site of the recipe: its sites are {names}")

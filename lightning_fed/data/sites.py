@@ -51,7 +51,9 @@ class Site:
 
     def __post_init__(self) -> None:
         if not _SITE_NAME.match(self.name):
-            raise ValueError(f"site name {self.name!r} must be letters, digits, '_', '.' or '-' (it names folders and metric keys)")
+            raise ValueError(
+                f"site name {self.name!r} must be letters, digits, '_', '.' or '-' (it names folders and metric keys)"
+            )
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError(f"site {self.name!r}: num_cpus and num_gpus must be >= 0")
         if self.train_size is not None and self.train_size < 0:
@@ -60,7 +62,9 @@ class Site:
     def build_datamodule(self) -> LightningDataModule:
         dm = self.datamodule if isinstance(self.datamodule, LightningDataModule) else self.datamodule()
         if not isinstance(dm, LightningDataModule):
-            raise TypeError(f"site {self.name!r}: datamodule factory returned {type(dm).__name__}, not a LightningDataModule")
+            raise TypeError(
+                f"site {self.name!r}: datamodule factory returned {type(dm).__name__}, not a LightningDataModule"
+            )
         return dm
 
 
@@ -75,7 +79,9 @@ def describe_sites(datamodule: Any) -> Optional[list[Site]]:
     names = [s.name for s in sites]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"{type(datamodule).__name__}.federated_sites() repeats site names {dupes}: names must be unique")
+        raise ValueError(
+            f"{type(datamodule).__name__}.federated_sites() repeats site names {dupes}: names must be unique"
+        )
     return sites
 
 
@@ -86,13 +92,17 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     for attr in ("targets", "labels", "y"):
         values = getattr(dataset, attr, None)
         if values is not None:
-            return np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values).reshape(len(dataset), -1)[:, 0]
+            return np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values).reshape(len(dataset), -1)[
+                :, 0
+            ]
     try:
         return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
     except (IndexError, TypeError, ValueError, KeyError):
-        raise ValueError(f"a split by label needs class labels, but the samples of {type(dataset).__name__} are not "
-                         "(input, label) pairs and it has no targets/labels attribute: use partitioner=IID() or describe "
-                         "sites with federated_sites()") from None
+        raise ValueError(
+            f"a split by label needs class labels, but the samples of {type(dataset).__name__} are not "
+            "(input, label) pairs and it has no targets/labels attribute: use partitioner=IID() or describe "
+            "sites with federated_sites()"
+        ) from None
 
 
 def chosen_sites(chosen: Sequence[str], known: Sequence[str], what: str = "hospitals") -> list[str]:
@@ -142,7 +152,9 @@ class SiteSplits(SplitLoaders):
         if len(self.datasets.get(split, ())) == 0:
             return []
         train = split == "train"
-        return DataLoader(self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train)
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train
+        )
 
 
 @dataclass(frozen=True)
@@ -216,7 +228,11 @@ class SimulatedSiteData(SplitLoaders):
             else:
                 share = self.indices[split]
                 rebuilt = {key: _site_share(loader, share[key]) for key, loader in _items(original)}
-                self._loaders[split] = rebuilt if isinstance(original, Mapping) else type(original)(rebuilt[k] for k in range(len(original)))
+                self._loaders[split] = (
+                    rebuilt
+                    if isinstance(original, Mapping)
+                    else type(original)(rebuilt[k] for k in range(len(original)))
+                )
         return self._loaders[split]
 
 
@@ -242,12 +258,16 @@ def source_loaders(source: Union[LightningDataModule, Mapping[str, Any]], split:
         else:
             for key, loader in _items(loaders):
                 if not isinstance(loader, DataLoader):
-                    raise TypeError(f"simulation needs torch DataLoaders for {split}, got {type(loader).__name__} at {key!r}: "
-                                    "describe sites with federated_sites() instead")
+                    raise TypeError(
+                        f"simulation needs torch DataLoaders for {split}, got {type(loader).__name__} at {key!r}: "
+                        "describe sites with federated_sites() instead"
+                    )
             return loaders
     if not isinstance(loaders, DataLoader):
-        raise TypeError(f"simulation needs a torch DataLoader for {split} (or a list or dict of them), got "
-                        f"{type(loaders).__name__}: describe sites with federated_sites() instead")
+        raise TypeError(
+            f"simulation needs a torch DataLoader for {split} (or a list or dict of them), got "
+            f"{type(loaders).__name__}: describe sites with federated_sites() instead"
+        )
     return loaders
 
 
@@ -258,7 +278,9 @@ def _raw_loaders(source: Union[LightningDataModule, Mapping[str, Any]], split: s
 
     hook = getattr(source, f"{split}_dataloader", None)
     # LightningDataModule's own hooks for a split the datamodule does not define only raise
-    defined = hook is not None and (not isinstance(source, LightningDataModule) or is_overridden(f"{split}_dataloader", source))
+    defined = hook is not None and (
+        not isinstance(source, LightningDataModule) or is_overridden(f"{split}_dataloader", source)
+    )
     try:
         return hook() if defined else None
     except NotImplementedError:
@@ -316,8 +338,13 @@ def simulate_sites(
     if not any("train" in p for p in per_site) and "train" in splits:
         raise ValueError("the datamodule has no train_dataloader to split across simulated sites")
     return [
-        Site(name=f"site_{k}", datamodule=SimulatedSiteData(shipped, per_site[k]), num_cpus=site_cpus, num_gpus=site_gpus,
-             train_size=sizes[k] if "train" in per_site[k] and sizes[k] else None)
+        Site(
+            name=f"site_{k}",
+            datamodule=SimulatedSiteData(shipped, per_site[k]),
+            num_cpus=site_cpus,
+            num_gpus=site_gpus,
+            train_size=sizes[k] if "train" in per_site[k] and sizes[k] else None,
+        )
         for k in range(num_sites)
     ]
 
@@ -327,9 +354,11 @@ def _split(dataset: Dataset, split: str, partitioner: Partitioner, num_sites: in
     iterable dataset (which has no indices; only an IID split can be dealt that way)."""
     if isinstance(dataset, IterableDataset):
         if not isinstance(partitioner, IID):
-            raise ValueError(f"the {split} loader's dataset is an IterableDataset, which simulation can only deal out "
-                             f"round-robin (IID), not by {type(partitioner).__name__}: use partitioner=IID() or describe "
-                             "sites with federated_sites()")
+            raise ValueError(
+                f"the {split} loader's dataset is an IterableDataset, which simulation can only deal out "
+                f"round-robin (IID), not by {type(partitioner).__name__}: use partitioner=IID() or describe "
+                "sites with federated_sites()"
+            )
         return [Shard(k, num_sites) for k in range(num_sites)]
     labels = dataset_labels(dataset) if not isinstance(partitioner, IID) else np.zeros(len(dataset))
     return partitioner(labels, num_sites)

@@ -33,18 +33,66 @@ One job per module, each depending only on those before it:
 from lightning_fed.experiments.commands import COMMANDS, compare, main, replot_command, sweep
 from lightning_fed.experiments.grid import expand_grid, parse_axis, point_arguments, point_label, split_values
 from lightning_fed.experiments.outputs import replot, write_compare, write_leave_one_out, write_sweep
-from lightning_fed.experiments.plots import (bytes_plots, confusion_plot, dot_plots, fitted_limits, heat_maps, line_plots,
-                                             model_site_matrix)
-from lightning_fed.experiments.reports import (CompareReport, LeaveOneOutReport, Report, SweepReport, legacy_kind, read_report,
-                                               write_report)
+from lightning_fed.experiments.plots import (
+    bytes_plots,
+    confusion_plot,
+    dot_plots,
+    fitted_limits,
+    heat_maps,
+    line_plots,
+    model_site_matrix,
+)
+from lightning_fed.experiments.reports import (
+    CompareReport,
+    LeaveOneOutReport,
+    Report,
+    SweepReport,
+    legacy_kind,
+    read_report,
+    write_report,
+)
 from lightning_fed.experiments.runs import MERGED, METRICS, MODES, SEGMENTATION_METRICS, Experiment, Run
 from lightning_fed.experiments.summaries import Stats, markdown_tables, model_order, summarize
 from lightning_fed.experiments.wandb_log import log_to_wandb
 
 __all__ = [
-    "COMMANDS", "MERGED", "METRICS", "MODES", "SEGMENTATION_METRICS", "CompareReport", "Experiment", "LeaveOneOutReport",
-    "Report", "Run", "Stats", "SweepReport", "bytes_plots", "compare", "confusion_plot", "dot_plots", "expand_grid",
-    "fitted_limits", "heat_maps", "legacy_kind", "line_plots", "log_to_wandb", "main", "markdown_tables", "model_order",
-    "model_site_matrix", "parse_axis", "point_arguments", "point_label", "read_report", "replot", "replot_command",
-    "split_values", "summarize", "sweep", "write_compare", "write_leave_one_out", "write_report", "write_sweep",
+    "COMMANDS",
+    "MERGED",
+    "METRICS",
+    "MODES",
+    "SEGMENTATION_METRICS",
+    "CompareReport",
+    "Experiment",
+    "LeaveOneOutReport",
+    "Report",
+    "Run",
+    "Stats",
+    "SweepReport",
+    "bytes_plots",
+    "compare",
+    "confusion_plot",
+    "dot_plots",
+    "expand_grid",
+    "fitted_limits",
+    "heat_maps",
+    "legacy_kind",
+    "line_plots",
+    "log_to_wandb",
+    "main",
+    "markdown_tables",
+    "model_order",
+    "model_site_matrix",
+    "parse_axis",
+    "point_arguments",
+    "point_label",
+    "read_report",
+    "replot",
+    "replot_command",
+    "split_values",
+    "summarize",
+    "sweep",
+    "write_compare",
+    "write_leave_one_out",
+    "write_report",
+    "write_sweep",
 ]

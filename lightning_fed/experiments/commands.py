@@ -24,15 +24,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
-                     epilog="Any other --key=value is a recipe override, as with `lightning-fed fit` (e.g. --trainer.max_epochs=3).")
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        allow_abbrev=False,
+        epilog="Any other --key=value is a recipe override, as with `lightning-fed fit` (e.g. --trainer.max_epochs=3).",
+    )
     parser.add_argument("--config", action="append", required=True, help="recipe YAML (repeatable, as for fit)")
     parser.add_argument("--repeats", type=int, default=1, help="repetitions per mode, seeds seed_everything + 0..N-1")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<kind>/<recipe>-<time>)")
-    parser.add_argument("--metrics", default=None, help="metrics in tables and plots (default: accuracy, precision, recall, "
-                        "auroc; for segmentation dice, mutual_information, entropy; per vendor e.g. dice_siemens)")
-    parser.add_argument("--fixed-data", action="store_true", help="keep the recipe's data split seed in every repetition")
-    parser.add_argument("--no-reuse", action="store_true", help="start new site processes for every run (measure the saving)")
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="metrics in tables and plots (default: accuracy, precision, recall, "
+        "auroc; for segmentation dice, mutual_information, entropy; per vendor e.g. dice_siemens)",
+    )
+    parser.add_argument(
+        "--fixed-data", action="store_true", help="keep the recipe's data split seed in every repetition"
+    )
+    parser.add_argument(
+        "--no-reuse", action="store_true", help="start new site processes for every run (measure the saving)"
+    )
     parser.add_argument("--progress", action="store_true", help="show each run's federated progress")
     return parser
 
@@ -51,24 +63,43 @@ def _metrics(text: Optional[str]) -> Optional[list[str]]:
     known = (*METRICS, *SEGMENTATION_METRICS, "aleatoric", "loss")
     unknown = [m for m in metrics if m not in known and not GROUPED.match(m)]
     if unknown:
-        raise UsageError(f"unknown metric(s) {unknown}: choose from {', '.join(known)} (or a per-vendor one, e.g. dice_siemens)")
+        raise UsageError(
+            f"unknown metric(s) {unknown}: choose from {', '.join(known)} (or a per-vendor one, e.g. dice_siemens)"
+        )
     return metrics
 
 
-def _experiment(args: argparse.Namespace, overrides: list[str], modes: list[str], holdout: Optional[str] = None) -> Experiment:
+def _experiment(
+    args: argparse.Namespace, overrides: list[str], modes: list[str], holdout: Optional[str] = None
+) -> Experiment:
     try:
-        return Experiment(configs=args.config, overrides=overrides, modes=modes, repeats=args.repeats,
-                          vary_data_seed=not args.fixed_data, reuse_sites=not args.no_reuse, progress=args.progress, holdout=holdout)
+        return Experiment(
+            configs=args.config,
+            overrides=overrides,
+            modes=modes,
+            repeats=args.repeats,
+            vary_data_seed=not args.fixed_data,
+            reuse_sites=not args.no_reuse,
+            progress=args.progress,
+            holdout=holdout,
+        )
     except ValueError as err:
         raise UsageError(str(err)) from None
 
 
 def compare(argv: Sequence[str]) -> Union[CompareReport, LeaveOneOutReport]:
     """``lightning-fed compare``: pooled / local / federated on every site's test set, mean ± std, plots."""
-    parser = _common_parser("lightning-fed compare", "Train the recipe pooled, locally and federated; test every model on every site's test set.")
+    parser = _common_parser(
+        "lightning-fed compare",
+        "Train the recipe pooled, locally and federated; test every model on every site's test set.",
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: pooled, local, federated")
-    parser.add_argument("--holdout", default=None, metavar="SITE[,SITE...]",
-                        help="train without SITE and test every model on it too; several: each held out in turn (leave-one-site-out)")
+    parser.add_argument(
+        "--holdout",
+        default=None,
+        metavar="SITE[,SITE...]",
+        help="train without SITE and test every model on it too; several: each held out in turn (leave-one-site-out)",
+    )
     args, overrides = parser.parse_known_args(list(argv))
     metrics = _metrics(args.metrics)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -93,13 +124,30 @@ def compare(argv: Sequence[str]) -> Union[CompareReport, LeaveOneOutReport]:
 
 def sweep(argv: Sequence[str]) -> SweepReport:
     """``lightning-fed sweep``: a grid of recipe overrides × modes × repetitions; one table, one line plot per metric."""
-    parser = _common_parser("lightning-fed sweep", "Run a grid of recipe overrides; one table and one line plot per metric.")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="an axis of the grid (repeatable; the grid is their product); KEY may index a list: key[0], key[1:]")
-    parser.add_argument("--zip", action="append", default=[], metavar="KEY=V1,V2",
-                        help="axes that vary together (same length), crossed with the --grid axes")
+    parser = _common_parser(
+        "lightning-fed sweep", "Run a grid of recipe overrides; one table and one line plot per metric."
+    )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="an axis of the grid (repeatable; the grid is their product); KEY may index a list: key[0], key[1:]",
+    )
+    parser.add_argument(
+        "--zip",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="axes that vary together (same length), crossed with the --grid axes",
+    )
     parser.add_argument("--modes", default="federated", help="comma-separated: pooled, local, federated")
-    parser.add_argument("--x", default=None, metavar="KEY", help="grid key on the plots' x axis (default: the first --grid key, else the first --zip key)")
+    parser.add_argument(
+        "--x",
+        default=None,
+        metavar="KEY",
+        help="grid key on the plots' x axis (default: the first --grid key, else the first --zip key)",
+    )
     args, overrides = parser.parse_known_args(list(argv))
     metrics = _metrics(args.metrics)
     try:
@@ -145,10 +193,14 @@ def replot_command(argv: Sequence[str]) -> list[Path]:
             continue
         paths += replot(folder)
     if skipped and not paths:
-        raise UsageError(f"{', '.join(skipped)}: results.json is not a compare's or sweep's (a fit's?): give a folder "
-                         "that lightning-fed compare or sweep wrote")
-    print(f"redrew {len(paths)} figure(s) in {len(args.folders) - len(skipped)} folder(s)"
-          + (f"; skipped {len(skipped)} that hold a fit's results ({', '.join(skipped)})" if skipped else ""))
+        raise UsageError(
+            f"{', '.join(skipped)}: results.json is not a compare's or sweep's (a fit's?): give a folder "
+            "that lightning-fed compare or sweep wrote"
+        )
+    print(
+        f"redrew {len(paths)} figure(s) in {len(args.folders) - len(skipped)} folder(s)"
+        + (f"; skipped {len(skipped)} that hold a fit's results ({', '.join(skipped)})" if skipped else "")
+    )
     return paths
 
 

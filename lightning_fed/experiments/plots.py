@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from lightning_fed.experiments.grid import Point, short_key
-from lightning_fed.experiments.summaries import Confusions, Stats, Summary, SweepRow, axis_label, column_title, model_title
+from lightning_fed.experiments.summaries import (
+    Confusions,
+    Stats,
+    Summary,
+    SweepRow,
+    axis_label,
+    column_title,
+    model_title,
+)
 
 MAX_FIGURE_INCHES = (10.0, 5.0)  # at 110 dpi: at most 1100 x 550 pixels, a laptop screen or a paper column
 MAX_ASPECT = 3.0  # no figure wider than 3:1: a wider strip shrinks to unreadable on a page
@@ -45,7 +53,9 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
     return path
 
 
-def fitted_limits(lows: Sequence[float], highs: Sequence[float], pad: float = 0.08, floor: float = 0.02) -> tuple[float, float]:
+def fitted_limits(
+    lows: Sequence[float], highs: Sequence[float], pad: float = 0.08, floor: float = 0.02
+) -> tuple[float, float]:
     """A value axis around the data (error bars included) with ``pad`` of its span on each side, never narrower
     than ``floor``: the differences between models fill the plot, not the distance from zero."""
     lo, hi = min(lows), max(highs)
@@ -54,7 +64,9 @@ def fitted_limits(lows: Sequence[float], highs: Sequence[float], pad: float = 0.
     return middle - span * (0.5 + pad), middle + span * (0.5 + pad)
 
 
-def dot_plots(summary: Summary, metrics: Sequence[str], columns: Sequence[str], models: Sequence[str], out: Path, title: str) -> list[Path]:
+def dot_plots(
+    summary: Summary, metrics: Sequence[str], columns: Sequence[str], models: Sequence[str], out: Path, title: str
+) -> list[Path]:
     """``<metric>.png``: one column of dots per test set, one dot per model (error bar = std over repetitions), the
     value axis fitted to the data, the legend beside the plot."""
     plt = _pyplot()
@@ -70,10 +82,23 @@ def dot_plots(summary: Summary, metrics: Sequence[str], columns: Sequence[str], 
             xs = [j + (i - (len(models) - 1) / 2) * spread for j, st in enumerate(points[model]) if st]
             stats = [st for st in points[model] if st]
             if stats:
-                ax.errorbar(xs, [st["mean"] for st in stats], yerr=[st["std"] for st in stats], fmt=_MARKERS[i % len(_MARKERS)],
-                            ms=5, capsize=2, lw=1, label=model_title(model))
+                ax.errorbar(
+                    xs,
+                    [st["mean"] for st in stats],
+                    yerr=[st["std"] for st in stats],
+                    fmt=_MARKERS[i % len(_MARKERS)],
+                    ms=5,
+                    capsize=2,
+                    lw=1,
+                    label=model_title(model),
+                )
         ax.set_ylim(*fitted_limits([v["mean"] - v["std"] for v in values], [v["mean"] + v["std"] for v in values]))
-        ax.set_xticks(range(len(columns)), [axis_label(c) for c in columns], rotation=20 if len(columns) > 4 else 0, ha="right" if len(columns) > 4 else "center")
+        ax.set_xticks(
+            range(len(columns)),
+            [axis_label(c) for c in columns],
+            rotation=20 if len(columns) > 4 else 0,
+            ha="right" if len(columns) > 4 else "center",
+        )
         for j in range(1, len(columns)):
             ax.axvline(j - 0.5, color="0.9", lw=0.8, zorder=0)
         ax.grid(axis="y", alpha=0.3)
@@ -84,12 +109,16 @@ def dot_plots(summary: Summary, metrics: Sequence[str], columns: Sequence[str], 
     return paths
 
 
-def model_site_matrix(summary: Summary, metric: str, models: Sequence[str], columns: Sequence[str]) -> list[list[Optional[float]]]:
+def model_site_matrix(
+    summary: Summary, metric: str, models: Sequence[str], columns: Sequence[str]
+) -> list[list[Optional[float]]]:
     """Mean ``metric`` of every model (rows) on every test set (columns); ``None`` where a model was not tested."""
     return [[(summary.get(m, {}).get(c, {}).get(metric) or {}).get("mean") for c in columns] for m in models]
 
 
-def heat_maps(summary: Summary, metrics: Sequence[str], columns: Sequence[str], models: Sequence[str], out: Path, title: str) -> list[Path]:
+def heat_maps(
+    summary: Summary, metrics: Sequence[str], columns: Sequence[str], models: Sequence[str], out: Path, title: str
+) -> list[Path]:
     """``<metric>_models_by_site.png``: every model (rows: pooled, local, each site only, federated) tested on every
     site (columns), each cell its mean over repetitions.
 
@@ -115,9 +144,22 @@ def heat_maps(summary: Summary, metrics: Sequence[str], columns: Sequence[str], 
         for i, row in enumerate(matrix):
             for j, value in enumerate(row):
                 if value is not None:
-                    ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7, color="black" if value > middle else "white")
-        ax.set_xticks(range(len(columns)), [axis_label(c) for c in columns], rotation=20 if len(columns) > 4 else 0,
-                      ha="right" if len(columns) > 4 else "center", fontsize=8)
+                    ax.text(
+                        j,
+                        i,
+                        f"{value:.3f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if value > middle else "white",
+                    )
+        ax.set_xticks(
+            range(len(columns)),
+            [axis_label(c) for c in columns],
+            rotation=20 if len(columns) > 4 else 0,
+            ha="right" if len(columns) > 4 else "center",
+            fontsize=8,
+        )
         ax.set_yticks(range(len(models)), [model_title(m) for m in models], fontsize=8)
         ax.set_xlabel("test set")
         fig.colorbar(image, ax=ax, fraction=0.04, label=metric)
@@ -138,8 +180,13 @@ def _panel_lines(columns: int, models: int) -> int:
     return lines
 
 
-def confusion_plot(totals: Confusions, models: Sequence[str], columns: Sequence[str], out: Path,
-                   label_names: Optional[Sequence[str]] = None) -> Optional[Path]:
+def confusion_plot(
+    totals: Confusions,
+    models: Sequence[str],
+    columns: Sequence[str],
+    out: Path,
+    label_names: Optional[Sequence[str]] = None,
+) -> Optional[Path]:
     """``confusion_matrices.png``: a row per model, a column per test set, counts summed over repetitions. When one
     row per model would be wider than ``MAX_ASPECT`` (one or two models, many sites), each model's test sets wrap
     onto several lines, every matrix then titled with its test set."""
@@ -163,7 +210,11 @@ def confusion_plot(totals: Confusions, models: Sequence[str], columns: Sequence[
             ax = axes[row][col]
             bottom = (row + 1, col) not in used  # nothing drawn below: this panel names the predicted classes
             matrix = totals[model].get(column)
-            names = list(label_names) if label_names and matrix and len(label_names) == len(matrix) else [""] * len(matrix or [])
+            names = (
+                list(label_names)
+                if label_names and matrix and len(label_names) == len(matrix)
+                else [""] * len(matrix or [])
+            )
             ax.set_xticks(range(len(names)), names if bottom else [""] * len(names), fontsize=6)
             ax.set_yticks(range(len(names)), names if col == 0 else [""] * len(names), fontsize=6)
             if matrix is None:
@@ -182,7 +233,9 @@ def confusion_plot(totals: Confusions, models: Sequence[str], columns: Sequence[
     return _save(plt, fig, out / "confusion_matrices.png")
 
 
-def line_plots(rows: Sequence[SweepRow], keys: Sequence[str], metrics: Sequence[str], out: Path, column: str) -> list[Path]:
+def line_plots(
+    rows: Sequence[SweepRow], keys: Sequence[str], metrics: Sequence[str], out: Path, column: str
+) -> list[Path]:
     """``<metric>.png`` for a sweep: the first grid key on the x axis, one line per other grid values × model."""
     if not keys:
         return []
@@ -197,14 +250,25 @@ def line_plots(rows: Sequence[SweepRow], keys: Sequence[str], metrics: Sequence[
         lows: list[float] = []
         highs: list[float] = []
         for row in rows:
-            lines.setdefault((row["model"], *[json.dumps(row["point"][k]) for k in rest]), []).append((row["point"][x_key], row["metrics"].get(metric)))
+            lines.setdefault((row["model"], *[json.dumps(row["point"][k]) for k in rest]), []).append(
+                (row["point"][x_key], row["metrics"].get(metric))
+            )
         for line, found in lines.items():
             points = [(x, s) for x, s in found if s]
             if not points:
                 continue
             label = ", ".join([model_title(line[0]), *[f"{short_key(k)}={v}" for k, v in zip(rest, line[1:])]])
             xs = [x if isinstance(x, (int, float)) else str(x) for x, _ in points]
-            ax.errorbar(xs, [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points], marker="o", ms=4, capsize=2, lw=1, label=label)
+            ax.errorbar(
+                xs,
+                [s["mean"] for _, s in points],
+                yerr=[s["std"] for _, s in points],
+                marker="o",
+                ms=4,
+                capsize=2,
+                lw=1,
+                label=label,
+            )
             lows += [s["mean"] - s["std"] for _, s in points]
             highs += [s["mean"] + s["std"] for _, s in points]
         if lows:
@@ -243,7 +307,9 @@ def bytes_plots(rows: Sequence[SweepRow], metrics: Sequence[str], out: Path, col
 
     paths = []
     for metric in metrics:
-        found = [(r["traffic"]["sent"]["mean"] / 1e6, r["metrics"].get(metric), point_title(r["point"])) for r in measured]
+        found = [
+            (r["traffic"]["sent"]["mean"] / 1e6, r["metrics"].get(metric), point_title(r["point"])) for r in measured
+        ]
         points = [(x, s, label) for x, s, label in found if s]
         if not points:
             continue
@@ -253,7 +319,9 @@ def bytes_plots(rows: Sequence[SweepRow], metrics: Sequence[str], out: Path, col
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_ylim(*fitted_limits([s["mean"] - s["std"] for _, s, _ in points], [s["mean"] + s["std"] for _, s, _ in points]))
+        ax.set_ylim(
+            *fitted_limits([s["mean"] - s["std"] for _, s, _ in points], [s["mean"] + s["std"] for _, s, _ in points])
+        )
         ax.set_xlabel("MB a site sends per round (federated, log scale)")
         ax.set_ylabel(f"{metric} ({axis_label(column)})")
         ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)

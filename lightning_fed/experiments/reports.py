@@ -99,8 +99,14 @@ class CompareReport(_Report):
     traffic: Traffic
     wandb_dir: Optional[str] = None
 
-    _OPTIONAL: ClassVar[Mapping[str, Any]] = {"metrics": [], "holdout": None, "traffic": {}, "mean_over": None,
-                                              "label_names": None, "confusion_matrices": {}}
+    _OPTIONAL: ClassVar[Mapping[str, Any]] = {
+        "metrics": [],
+        "holdout": None,
+        "traffic": {},
+        "mean_over": None,
+        "label_names": None,
+        "confusion_matrices": {},
+    }
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,9 @@ class Experiment:
         args = [a for c in self.configs for a in ("--config", c)] + list(self.overrides) + list(extra)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-            return FederatedCLI(args=args, run=False, save_config_callback=None, parser_kwargs={"prog": "lightning-fed"})
+            return FederatedCLI(
+                args=args, run=False, save_config_callback=None, parser_kwargs={"prog": "lightning-fed"}
+            )
 
     def _pin_layouts(self, cluster_cpus: float) -> float:
         """Fix the sites' worker layout and the pooled run's once, so that the idle workers of both fit the
@@ -133,14 +135,17 @@ class Experiment:
         if self._placement.automatic and shared:  # the cost model's choice, written down
             sites = Placement(workers=len(shared), worker_cpus=shared[0].num_cpus, timeout=self._placement.timeout)
         pooled_cpus = shared[0].num_cpus if shared else max(spec.num_cpus for spec in specs)
-        self._layouts = {"sites": sites, "pooled": Placement(workers=1, worker_cpus=pooled_cpus, timeout=self._placement.timeout)}
+        self._layouts = {
+            "sites": sites,
+            "pooled": Placement(workers=1, worker_cpus=pooled_cpus, timeout=self._placement.timeout),
+        }
         return sum(spec.num_cpus for spec in specs) + ("pooled" in self.modes) * pooled_cpus
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "Experiment":
-        from lightning_fed.runtime import RayRuntime, local_ray_started
-
         import ray
+
+        from lightning_fed.runtime import RayRuntime, local_ray_started
 
         self._runtime = RayRuntime(self._cluster.address, self._cluster.init_kwargs)
         joined = (ray.is_initialized() and not local_ray_started()) or bool(self._runtime.address)
@@ -177,9 +182,11 @@ class Experiment:
                 run = self._run_mode(mode, extra + args, point, repeat, seed)
                 runs.append(run)
                 self.runs.append(run)
-                say(f"[lightning-fed] {point_label(point)} | repeat {repeat + 1}/{self.repeats} | {mode}: "
+                say(
+                    f"[lightning-fed] {point_label(point)} | repeat {repeat + 1}/{self.repeats} | {mode}: "
                     f"{time.monotonic() - t0:.1f}s (start-up {run.startup_seconds:.1f}s{', warm sites' if run.warm else ''}) | "
-                    + _brief(run, self.mean_over))
+                    + _brief(run, self.mean_over)
+                )
         return runs
 
     def _run_mode(self, mode: str, extra: list[str], point: Point, repeat: int, seed: int) -> Run:
@@ -218,12 +225,16 @@ class Experiment:
                 tested = federation.site_weights()
                 raw = {name: federation.evaluate("test", state, exact=True) for name, state in tested.items()}
                 evaluations = {f"local:{name}": evaluation_rows_of(r) for name, r in raw.items()}
-                evaluations["local"] = evaluation_rows_of(evaluation_of("test", {name: raw[name].sites[name] for name in raw}))
+                evaluations["local"] = evaluation_rows_of(
+                    evaluation_of("test", {name: raw[name].sites[name] for name in raw})
+                )
                 tested = {f"local:{name}": weights for name, weights in tested.items()}
             else:
                 pooled_weights = federation.site_weights()[POOLED]
                 load_weights(model, pooled_weights)
-                federation, seconds = self._test_federation(strategy, trainer, model, train_data)  # at every site it pooled
+                federation, seconds = self._test_federation(
+                    strategy, trainer, model, train_data
+                )  # at every site it pooled
                 startup += seconds
                 evaluations = {"pooled": evaluation_rows_of(federation.evaluate("test", pooled_weights, exact=True))}
                 tested = {"pooled": pooled_weights}
@@ -231,15 +242,29 @@ class Experiment:
                 federation, seconds = self._test_federation(strategy, trainer, model, datamodule, only=self.holdout)
                 startup += seconds
                 for label, weights in tested.items():
-                    evaluations[label][self.holdout] = evaluation_rows_of(federation.evaluate("test", weights, exact=True))[self.holdout]
+                    evaluations[label][self.holdout] = evaluation_rows_of(
+                        federation.evaluate("test", weights, exact=True)
+                    )[self.holdout]
         finally:
             strategy.shutdown()
         warm = self.pool is not None and self.pool.started == started_before  # no new worker process in this run
-        return Run(point=point, repeat=repeat, seed=seed, mode=mode, evaluations=evaluations,
-                   fit_seconds=float(fit.fit_seconds), startup_seconds=float(startup), warm=warm, note=note, holdout=self.holdout,
-                   traffic=traffic_of(fit) if mode == "federated" else None)
+        return Run(
+            point=point,
+            repeat=repeat,
+            seed=seed,
+            mode=mode,
+            evaluations=evaluations,
+            fit_seconds=float(fit.fit_seconds),
+            startup_seconds=float(startup),
+            warm=warm,
+            note=note,
+            holdout=self.holdout,
+            traffic=traffic_of(fit) if mode == "federated" else None,
+        )
 
-    def _test_federation(self, strategy: Any, trainer: Any, model: Any, datamodule: Any, only: Optional[str] = None) -> tuple[Any, float]:
+    def _test_federation(
+        self, strategy: Any, trainer: Any, model: Any, datamodule: Any, only: Optional[str] = None
+    ) -> tuple[Any, float]:
         """A test-only federation of the recipe's sites (or of ``only``) on the sites' workers, and its start-up time."""
         strategy.reconfigure(placement=self._layouts["sites"])
         sites = strategy.sites(datamodule, model, splits=("test",))
@@ -255,7 +280,8 @@ class Experiment:
         cold = [r.startup_seconds for r in self.runs if not r.warm]
         warm = [r.startup_seconds for r in self.runs if r.warm]
         report: Startup = {
-            "cold_runs": len(cold), "warm_runs": len(warm),
+            "cold_runs": len(cold),
+            "warm_runs": len(warm),
             "cold_mean_seconds": statistics.fmean(cold) if cold else None,
             "warm_mean_seconds": statistics.fmean(warm) if warm else None,
             "worker_processes_started": self.pool.started if self.pool is not None else None,
@@ -270,8 +296,20 @@ class Experiment:
 
 def evaluation_rows_of(evaluation: Any) -> dict[str, Row]:
     """An :class:`~lightning_fed.results.Evaluation`'s rows, with the figures compare reports."""
-    keep = (*METRICS, *SEGMENTATION_METRICS, "aleatoric", "loss", "confusion_matrix", "auroc_per_label", "dice_per_class", "labels")
-    return {column: {k: v for k, v in row.items() if k in keep or GROUPED.match(k)} for column, row in evaluation.rows().items()}
+    keep = (
+        *METRICS,
+        *SEGMENTATION_METRICS,
+        "aleatoric",
+        "loss",
+        "confusion_matrix",
+        "auroc_per_label",
+        "dice_per_class",
+        "labels",
+    )
+    return {
+        column: {k: v for k, v in row.items() if k in keep or GROUPED.match(k)}
+        for column, row in evaluation.rows().items()
+    }
 
 
 def traffic_of(fit: Any) -> Optional[dict[str, float]]:
@@ -292,8 +330,11 @@ def column_values(rows: dict[str, Row], mean_over: Optional[Sequence[str]]) -> R
     """One model's values in its summary column: all sites merged, or the mean over the ``mean_over`` sites."""
     if not mean_over:
         return rows.get(MERGED, {})
-    return {m: statistics.fmean(rows[s][m] for s in mean_over) for m in (*METRICS, *SEGMENTATION_METRICS)
-            if all(isinstance(rows.get(s, {}).get(m), float) for s in mean_over)}
+    return {
+        m: statistics.fmean(rows[s][m] for s in mean_over)
+        for m in (*METRICS, *SEGMENTATION_METRICS)
+        if all(isinstance(rows.get(s, {}).get(m), float) for s in mean_over)
+    }
 
 
 def _brief(run: Run, mean_over: Optional[Sequence[str]]) -> str:
@@ -301,5 +342,7 @@ def _brief(run: Run, mean_over: Optional[Sequence[str]]) -> str:
     rows = run.evaluations.get(label, {})
     column = f"mean over {len(mean_over)} sites" if mean_over else "all sites"
     values = column_values(rows, mean_over)
-    shown = "  ".join(f"{m}={values[m]:.3f}" for m in (*METRICS, *SEGMENTATION_METRICS) if isinstance(values.get(m), float))
+    shown = "  ".join(
+        f"{m}={values[m]:.3f}" for m in (*METRICS, *SEGMENTATION_METRICS) if isinstance(values.get(m), float)
+    )
     return f"{column}: {shown}"

@@ -44,7 +44,9 @@ def model_order(labels: Sequence[str], sites: Sequence[str]) -> list[str]:
     return [m for m in order if m in labels] + sorted(set(labels) - set(order))
 
 
-def summarize(runs: Sequence[Run], metrics: Sequence[str] = METRICS, mean_over: Optional[Sequence[str]] = None) -> Summary:
+def summarize(
+    runs: Sequence[Run], metrics: Sequence[str] = METRICS, mean_over: Optional[Sequence[str]] = None
+) -> Summary:
     """``{model: {column: {metric: {"mean", "std", "n", "values"}}}}`` over repetitions; columns are the sites,
     ``mean(<sites>)`` when ``mean_over`` is given (the mean of those sites' values in each repetition), and
     ``federated`` (all sites' test data merged). ``std`` is the sample standard deviation (0 for one value)."""
@@ -58,10 +60,16 @@ def summarize(runs: Sequence[Run], metrics: Sequence[str] = METRICS, mean_over: 
                 for metric in metrics:
                     value = values.get(metric)
                     if isinstance(value, (int, float)) and math.isfinite(value):
-                        collected.setdefault(model, {}).setdefault(column, {}).setdefault(metric, []).append(float(value))
-    return {model: {column: {metric: stats_of(values) for metric, values in by_metric.items()}
-                    for column, by_metric in by_column.items()}
-            for model, by_column in collected.items()}
+                        collected.setdefault(model, {}).setdefault(column, {}).setdefault(metric, []).append(
+                            float(value)
+                        )
+    return {
+        model: {
+            column: {metric: stats_of(values) for metric, values in by_metric.items()}
+            for column, by_metric in by_column.items()
+        }
+        for model, by_column in collected.items()
+    }
 
 
 def mean_label(sites: Sequence[str]) -> str:
@@ -71,8 +79,12 @@ def mean_label(sites: Sequence[str]) -> str:
 
 def stats_of(values: list[float]) -> Stats:
     """Mean, sample std (0 for one value), count and the values themselves."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
 
 
 def confusion_totals(runs: Sequence[Run]) -> Confusions:
@@ -85,7 +97,9 @@ def confusion_totals(runs: Sequence[Run]) -> Confusions:
                 if not matrix:
                     continue
                 current = totals.setdefault(model, {}).get(column)
-                totals[model][column] = matrix if current is None else [[a + b for a, b in zip(r1, r2)] for r1, r2 in zip(current, matrix)]
+                totals[model][column] = (
+                    matrix if current is None else [[a + b for a, b in zip(r1, r2)] for r1, r2 in zip(current, matrix)]
+                )
     return totals
 
 
@@ -98,8 +112,15 @@ def traffic_summary(runs: Sequence[Run]) -> Traffic:
 def traffic_table(summary: Traffic) -> str:
     """The communication of the federated model: MB per site and round."""
     cells = " | ".join(f"{summary[k]['mean'] / 1e6:.4f}" for k in TRAFFIC)
-    return "\n".join(["### communication (federated, per site and round)", "",
-                      "| " + " | ".join(TRAFFIC.values()) + " |", "|" + "---|" * len(TRAFFIC), f"| {cells} |"])
+    return "\n".join(
+        [
+            "### communication (federated, per site and round)",
+            "",
+            "| " + " | ".join(TRAFFIC.values()) + " |",
+            "|" + "---|" * len(TRAFFIC),
+            f"| {cells} |",
+        ]
+    )
 
 
 def megabytes(traffic: Optional[Traffic]) -> str:
@@ -120,8 +141,12 @@ def markdown_tables(summary: Summary, metrics: Sequence[str], columns: Sequence[
     for metric in metrics:
         header = f"| {metric} | " + " | ".join(column_title(c) for c in columns) + " |"
         rule = "|---|" + "---|" * len(columns)
-        body = [f"| {model_title(m)} | " + " | ".join(cell(summary.get(m, {}).get(c, {}).get(metric)) for c in columns) + " |"
-                for m in models]
+        body = [
+            f"| {model_title(m)} | "
+            + " | ".join(cell(summary.get(m, {}).get(c, {}).get(metric)) for c in columns)
+            + " |"
+            for m in models
+        ]
         parts.append("\n".join([f"### {metric}", "", header, rule, *body]))
     return "\n\n".join(parts)
 
@@ -134,8 +159,10 @@ def startup_line(startup: Startup, wall: float) -> str:
     if startup["warm_runs"]:
         line += f", {startup['warm_runs']} run(s) on warm sites ({startup['warm_mean_seconds']:.1f} s each)"
     if startup.get("estimated_saving_seconds") is not None:
-        line += (f"; {startup['worker_processes_reused']} worker process start(s) avoided by reusing warm ones, an estimated "
-                 f"{startup['estimated_saving_seconds']:.0f} s saved (measure it exactly with --no-reuse)")
+        line += (
+            f"; {startup['worker_processes_reused']} worker process start(s) avoided by reusing warm ones, an estimated "
+            f"{startup['estimated_saving_seconds']:.0f} s saved (measure it exactly with --no-reuse)"
+        )
     return line + "."
 
 
@@ -158,4 +185,3 @@ def model_title(model: str) -> str:
     if model.startswith("local:"):
         return f"{model.split(':', 1)[1]} only"
     return model
-

@@ -17,13 +17,19 @@ def wandb_settings(loggers: Sequence[Any]) -> Optional[dict[str, Any]]:
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             init = logger._wandb_init  # the logger keeps its wandb.init arguments only here
-            return {"project": init.get("project"), "save_dir": init.get("dir") or ".", "name": init.get("name") or "experiment",
-                    "offline": bool(logger._offline or init.get("mode") == "offline"),
-                    **{k: init[k] for k in ("entity", "tags") if init.get(k) is not None}}
+            return {
+                "project": init.get("project"),
+                "save_dir": init.get("dir") or ".",
+                "name": init.get("name") or "experiment",
+                "offline": bool(logger._offline or init.get("mode") == "offline"),
+                **{k: init[k] for k in ("entity", "tags") if init.get(k) is not None},
+            }
     return None
 
 
-def log_to_wandb(settings: dict[str, Any], kind: str, tables: dict[str, Table], images: Sequence[Path], config: dict[str, Any]) -> str:
+def log_to_wandb(
+    settings: dict[str, Any], kind: str, tables: dict[str, Table], images: Sequence[Path], config: dict[str, Any]
+) -> str:
     """One W&B run (``job_type`` = ``compare``/``sweep``) holding the result tables and plots; returns its folder."""
     from lightning.pytorch.loggers import WandbLogger
 

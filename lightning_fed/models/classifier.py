@@ -87,13 +87,17 @@ class ImageClassifier(StagedModule):
             labelled = targets != UNLABELLED
             if not labelled.any():
                 return logits.sum() * 0.0
-            return F.cross_entropy(logits[labelled], targets[labelled].long(), weight=self._loss_weights(logits.shape[-1], stage))
+            return F.cross_entropy(
+                logits[labelled], targets[labelled].long(), weight=self._loss_weights(logits.shape[-1], stage)
+            )
         if task == "binary":
             logits, targets = logits.reshape(-1), targets.reshape(-1)
         mask = (targets != UNLABELLED).to(logits.dtype)
         weights = self._loss_weights(2 if task == "binary" else logits.shape[-1], stage)
         pos_weight = weights if task == "multilabel" else None
-        per_entry = F.binary_cross_entropy_with_logits(logits, targets.clamp(min=0).to(logits.dtype), reduction="none", pos_weight=pos_weight)
+        per_entry = F.binary_cross_entropy_with_logits(
+            logits, targets.clamp(min=0).to(logits.dtype), reduction="none", pos_weight=pos_weight
+        )
         if task == "binary" and weights is not None:
             mask = mask * weights[targets.clamp(min=0).long()]  # a weighted mean, as cross_entropy(weight=...) takes
         return (per_entry * mask).sum() / mask.sum().clamp(min=1e-12 if weights is not None else 1.0)
@@ -103,7 +107,6 @@ class ImageClassifier(StagedModule):
         loss = self.loss(self(x), y, stage)
         self.log(f"{stage}_loss", loss, prog_bar=stage != "test", on_step=False, on_epoch=True, batch_size=len(y))
         return loss
-
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         logits = self(batch[0] if isinstance(batch, (list, tuple)) else batch)
@@ -130,11 +133,15 @@ class ImageClassifier(StagedModule):
             p.requires_grad_(not warming_up)
 
 
-def create_backbone(name: str, outputs: int, in_chans: int, pretrained: Union[bool, str], drop_rate: float = 0.0) -> nn.Module:
+def create_backbone(
+    name: str, outputs: int, in_chans: int, pretrained: Union[bool, str], drop_rate: float = 0.0
+) -> nn.Module:
     """``timm.create_model`` with ImageNet weights (``True``), a local checkpoint file (a path), or none."""
     if not timm.is_model(name.split(".")[0]):  # "resnet18.a1_in1k" names a weight tag of resnet18
         close = timm.list_models(f"*{name.split('_')[0].split('.')[0]}*")[:5]
-        raise ValueError(f"unknown timm backbone {name!r}{f' (close: {close})' if close else ''}: pick a name from timm.list_models()")
+        raise ValueError(
+            f"unknown timm backbone {name!r}{f' (close: {close})' if close else ''}: pick a name from timm.list_models()"
+        )
     if pretrained is True:
         try:
             return timm.create_model(name, pretrained=True, num_classes=outputs, in_chans=in_chans, drop_rate=drop_rate)
@@ -155,11 +162,15 @@ def load_backbone_checkpoint(model: nn.Module, path: Union[str, Path], name: str
     model's input channels, anything else that does not fit is an error naming the keys."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist: pass the path of a weights file for {name!r}, or pretrained=False")
+        raise FileNotFoundError(
+            f"pretrained checkpoint {path} does not exist: pass the path of a weights file for {name!r}, or pretrained=False"
+        )
     try:
         state = timm.models.load_state_dict(str(path), use_ema=False)
     except Exception as err:
-        raise ValueError(f"pretrained checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): pass a torch.save'd state dict") from None
+        raise ValueError(
+            f"pretrained checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): pass a torch.save'd state dict"
+        ) from None
     own = model.state_dict()
     state = _strip_prefix(state, own)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -174,7 +185,9 @@ def load_backbone_checkpoint(model: nn.Module, path: Union[str, Path], name: str
             state[key] = timm.models.adapt_input_conv(own[key].shape[1], state[key])
     wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
     if wrong:
-        raise ValueError(f"pretrained checkpoint {path} does not fit {name!r}: shapes differ for {wrong[:3]} ({len(wrong)} keys): was it saved from another architecture?")
+        raise ValueError(
+            f"pretrained checkpoint {path} does not fit {name!r}: shapes differ for {wrong[:3]} ({len(wrong)} keys): was it saved from another architecture?"
+        )
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not any(k.startswith(h + ".") for h in heads)]
     if missing or result.unexpected_keys:
@@ -189,7 +202,7 @@ def _strip_prefix(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) 
     if not state or any(k in own for k in state):
         return state
     for prefix in {k.split(".", 1)[0] + "." for k in state if "." in k}:
-        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if any(k in own for k in stripped):
             return stripped
     return state

@@ -15,13 +15,24 @@ class SmallCNN(StagedModule):
     and federated are added by lightning-fed's metrics, whatever module you bring.
     """
 
-    def __init__(self, num_classes: int = 2, in_channels: int = 1, channels: tuple[int, int] = (16, 32), lr: float = 1e-3, image_size: int = 28) -> None:
+    def __init__(
+        self,
+        num_classes: int = 2,
+        in_channels: int = 1,
+        channels: tuple[int, int] = (16, 32),
+        lr: float = 1e-3,
+        image_size: int = 28,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         c1, c2 = channels
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Linear(c2 * (image_size // 4) ** 2, num_classes)
 
@@ -36,7 +47,6 @@ class SmallCNN(StagedModule):
         if stage != "train":
             self.log(f"{stage}_acc", (logits.argmax(1) == y).float().mean(), on_epoch=True, batch_size=len(y))
         return loss
-
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

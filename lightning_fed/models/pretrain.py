@@ -84,7 +84,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet10t")
     parser.add_argument("--out", required=True, help="checkpoint file to write")
-    parser.add_argument("--data-dir", default=None, help="folder with the FashionMNIST files (default: $LIGHTNING_FED_DATA/fashion_mnist)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the FashionMNIST files (default: $LIGHTNING_FED_DATA/fashion_mnist)",
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

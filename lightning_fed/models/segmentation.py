@@ -120,7 +120,9 @@ class SegmentationModel(StagedModule):
         if head not in ("softmax", "evidential"):
             raise ValueError(f"head must be 'softmax' or 'evidential', got {head!r}")
         if len(strides) != len(channels) - 1:
-            raise ValueError(f"a U-Net with {len(channels)} levels needs {len(channels) - 1} strides, got {list(strides)}")
+            raise ValueError(
+                f"a U-Net with {len(channels)} levels needs {len(channels) - 1} strides, got {list(strides)}"
+            )
         if head == "softmax" and (dropout <= 0 or mc_samples < 2):
             raise ValueError("MC-dropout uncertainty needs dropout > 0 and mc_samples >= 2 (or head='evidential')")
         if not 0 < pseudo_label_entropy <= 1:
@@ -130,8 +132,16 @@ class SegmentationModel(StagedModule):
         self.save_hyperparameters()
         from monai.networks.nets import UNet
 
-        self.net = UNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes, channels=tuple(channels),
-                        strides=tuple(strides), num_res_units=num_res_units, dropout=dropout, norm="batch")
+        self.net = UNet(
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=num_classes,
+            channels=tuple(channels),
+            strides=tuple(strides),
+            num_res_units=num_res_units,
+            dropout=dropout,
+            norm="batch",
+        )
         self._teacher: Optional[nn.Module] = None
         self.supervised_batches = 0
         self.pseudo_labelled_batches = 0
@@ -169,7 +179,9 @@ class SegmentationModel(StagedModule):
         probs = logits.softmax(1)
         return F.cross_entropy(logits, labels) + soft_dice_loss(probs, labels)
 
-    def _evidential_loss(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, with_dice: bool) -> torch.Tensor:
+    def _evidential_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, with_dice: bool
+    ) -> torch.Tensor:
         alpha = logits.clamp(max=80).exp() + 1
         total = alpha.sum(1, keepdim=True)
         onehot = F.one_hot(labels, alpha.shape[1]).movedim(-1, 1).to(alpha.dtype)
@@ -234,8 +246,12 @@ def _kl_to_uniform_dirichlet(alpha: torch.Tensor) -> torch.Tensor:
     """``KL(Dir(alpha) || Dir(1))`` per pixel (Sensoy et al., 2018)."""
     k = alpha.shape[1]
     total = alpha.sum(1)
-    return (torch.lgamma(total) - torch.lgamma(alpha).sum(1) - math.lgamma(k)
-            + ((alpha - 1) * (torch.digamma(alpha) - torch.digamma(total)[:, None])).sum(1))
+    return (
+        torch.lgamma(total)
+        - torch.lgamma(alpha).sum(1)
+        - math.lgamma(k)
+        + ((alpha - 1) * (torch.digamma(alpha) - torch.digamma(total)[:, None])).sum(1)
+    )
 
 
 class SegmentationOverlays(Callback):
@@ -254,13 +270,28 @@ class SegmentationOverlays(Callback):
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._shown = None
 
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
-                          dataloader_idx: int = 0) -> None:
-        if self._shown is not None or not isinstance(batch, dict) or not callable(getattr(pl_module, "predictive_uncertainty", None)):
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if (
+            self._shown is not None
+            or not isinstance(batch, dict)
+            or not callable(getattr(pl_module, "predictive_uncertainty", None))
+        ):
             return
         images = batch["image"][: self.count]
         u = pl_module.predictive_uncertainty(images)
-        self._shown = {"image": images.detach().cpu(), "prediction": u.probs.argmax(1).cpu(), "mi": u.mutual_information.cpu()}
+        self._shown = {
+            "image": images.detach().cpu(),
+            "prediction": u.probs.argmax(1).cpu(),
+            "mi": u.mutual_information.cpu(),
+        }
         if "label" in batch:
             self._shown["label"] = batch["label"][: self.count].cpu()
 
@@ -273,8 +304,12 @@ class SegmentationOverlays(Callback):
         import matplotlib.pyplot as plt
 
         shown, classes = self._shown, int(pl_module.hparams.get("num_classes", 4))
-        rows = [("image", "image"), *([("label", "labels")] if "label" in shown else []), ("prediction", "prediction"),
-                ("mi", "mutual information")]
+        rows = [
+            ("image", "image"),
+            *([("label", "labels")] if "label" in shown else []),
+            ("prediction", "prediction"),
+            ("mi", "mutual information"),
+        ]
         n = len(shown["image"])
         fig, axes = plt.subplots(len(rows), n, figsize=(1.7 * n, 1.7 * len(rows)), squeeze=False)
         for r, (key, title) in enumerate(rows):
@@ -283,8 +318,14 @@ class SegmentationOverlays(Callback):
                 ax.axis("off")
                 ax.imshow(shown["image"][c, 0], cmap="gray", vmin=0, vmax=1)
                 if key in ("label", "prediction"):
-                    ax.imshow(torch.where(shown[key][c] > 0, shown[key][c], 0).numpy(), cmap="tab10", vmin=0, vmax=9,
-                              alpha=(shown[key][c] > 0).float().numpy() * 0.45, interpolation="nearest")
+                    ax.imshow(
+                        torch.where(shown[key][c] > 0, shown[key][c], 0).numpy(),
+                        cmap="tab10",
+                        vmin=0,
+                        vmax=9,
+                        alpha=(shown[key][c] > 0).float().numpy() * 0.45,
+                        interpolation="nearest",
+                    )
                 elif key == "mi":
                     ax.imshow(shown["mi"][c], cmap="magma", alpha=0.8)
                 if c == 0:

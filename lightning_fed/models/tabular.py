@@ -16,8 +16,15 @@ class TabularMLP(StagedModule):
     Logs ``train_loss``, ``val_loss``, ``test_loss``; lightning-fed adds per-site and federated metrics.
     """
 
-    def __init__(self, in_features: int = 13, hidden: Sequence[int] = (32, 16), num_classes: int = 2, dropout: float = 0.1,
-                 lr: float = 1e-3, weight_decay: float = 1e-4) -> None:
+    def __init__(
+        self,
+        in_features: int = 13,
+        hidden: Sequence[int] = (32, 16),
+        num_classes: int = 2,
+        dropout: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         layers: list[nn.Module] = []
@@ -35,7 +42,6 @@ class TabularMLP(StagedModule):
         loss = self.cross_entropy(self(x), y, stage)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
-
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -58,7 +58,9 @@ class SiteAlgorithm(Callback):
 
     def answer_follow_up(self, trainer: Trainer, pl_module: LightningModule, question: Any) -> Any:
         """Called when the server half asks one more thing before it aggregates the round (its ``follow_up``)."""
-        raise NotImplementedError(f"{type(self).__name__} got a follow-up question from the coordinator it cannot answer")
+        raise NotImplementedError(
+            f"{type(self).__name__} got a follow-up question from the coordinator it cannot answer"
+        )
 
 
 def load_weights(module: torch.nn.Module, weights: Weights, skip: set[str] | None = None) -> None:

@@ -41,16 +41,24 @@ class CompressedSite(AnchoredSiteAlgorithm):
             values[key] = x
         broken = non_finite_key({**values, **as_is})
         if broken is not None:  # encoded, it could no longer be told from a sound update
-            raise FloatingPointError(f"site {self.context.site if self.context else '?'!r}: training diverged, its update holds "
-                                     f"NaN or Inf (in {broken!r}): lower the learning rate, clip gradients or check its data")
+            raise FloatingPointError(
+                f"site {self.context.site if self.context else '?'!r}: training diverged, its update holds "
+                f"NaN or Inf (in {broken!r}): lower the learning rate, clip gradients or check its data"
+            )
         bound = update.extras.get("norm_bound")
         if bound is not None:  # what the statistics sent as they are leave of the clip norm, for the parameters
-            bound = math.sqrt(max(float(bound) ** 2 - l2_norm(v for v in as_is.values() if is_averageable(v)) ** 2, 0.0))
+            bound = math.sqrt(
+                max(float(bound) ** 2 - l2_norm(v for v in as_is.values() if is_averageable(v)) ** 2, 0.0)
+            )
         encoded, decoded = encode_update(self.codec, values, bound)
         if self.codec.error_feedback:
             self.residual = {k: values[k] - decoded[k] for k in values}
-        return SiteUpdate(site="", weights=as_is, num_samples=num_samples,
-                          extras={**update.extras, "compressed": encoded, "compressed_difference": is_difference})
+        return SiteUpdate(
+            site="",
+            weights=as_is,
+            num_samples=num_samples,
+            extras={**update.extras, "compressed": encoded, "compressed_difference": is_difference},
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "residual": self.residual}

@@ -23,9 +23,17 @@ class DPFedAvgSite(AnchoredSiteAlgorithm):
         floating = {k: w - self.anchor[k] for k, w in update.weights.items() if is_averageable(w)}
         clipped, norm = clip(floating, self.clip_norm)
         counters = {k: w for k, w in update.weights.items() if not is_averageable(w)}
-        return SiteUpdate(site="", weights={**clipped, **counters}, num_samples=num_samples,
-                          extras={**update.extras, "unclipped": bool(norm <= self.clip_norm), "delta": True,
-                                  "norm_bound": self.clip_norm})
+        return SiteUpdate(
+            site="",
+            weights={**clipped, **counters},
+            num_samples=num_samples,
+            extras={
+                **update.extras,
+                "unclipped": bool(norm <= self.clip_norm),
+                "delta": True,
+                "norm_bound": self.clip_norm,
+            },
+        )
 
     def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
         super().receive_global(trainer, pl_module, model)

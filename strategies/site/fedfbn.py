@@ -21,8 +21,14 @@ def check_pretrained_batchnorm(module: nn.Module) -> None:
     layers = batchnorm_layers(module)
     if not layers:
         raise ValueError("fedfbn freezes BatchNorm layers, but the model has none: use fedavg or fedprox")
-    fresh = [n for n, l in layers.items() if l.track_running_stats and l.running_mean is not None
-             and bool((l.running_mean == 0).all()) and bool((l.running_var == 1).all())]
+    fresh = [
+        n
+        for n, layer in layers.items()
+        if layer.track_running_stats
+        and layer.running_mean is not None
+        and bool((layer.running_mean == 0).all())
+        and bool((layer.running_var == 1).all())
+    ]
     if len(fresh) == len(layers):
         raise ValueError(
             "fedfbn needs a pretrained backbone, but every BatchNorm still has its initial statistics "

@@ -37,7 +37,9 @@ class FisherPrecision(SiteAlgorithm):
     def local_update(self, trainer: Trainer, pl_module: LightningModule, num_samples: int) -> SiteUpdate:
         update = super().local_update(trainer, pl_module, num_samples)
         scale = num_samples / max(self.batches, 1)
-        update.extras[PRECISION_KEY] = {name: (square * scale + self.prior).cpu().numpy() for name, square in self.squares.items()}
+        update.extras[PRECISION_KEY] = {
+            name: (square * scale + self.prior).cpu().numpy() for name, square in self.squares.items()
+        }
         return update
 
     def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:

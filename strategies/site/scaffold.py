@@ -66,4 +66,8 @@ class ScaffoldSite(SiteAlgorithm):
         return {"c_site": self.c_site, "c_server": self.c_server, "x": {k: v.cpu() for k, v in self.x.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.c_site, self.c_server, self.x = dict(state_dict["c_site"]), dict(state_dict["c_server"]), dict(state_dict["x"])
+        self.c_site, self.c_server, self.x = (
+            dict(state_dict["c_site"]),
+            dict(state_dict["c_server"]),
+            dict(state_dict["x"]),
+        )
