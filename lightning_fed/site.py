@@ -30,10 +30,10 @@ from lightning_fed.balance import ClassBalance
 from lightning_fed.context import SiteContext
 from lightning_fed.data.sites import Site
 from lightning_fed.loggers import SiteLoggerSpec, finish_site_loggers
-from lightning_fed.metrics import SiteMetrics
 from lightning_fed.privacy import DPSGD, SiteDPSGD
 from lightning_fed.results import SiteEvaluation, SiteFit, SitePrivacy, SiteReady
 from lightning_fed.scheduler import Scheduler, SiteState
+from lightning_fed.site_metrics import SiteMetrics
 from lightning_fed.strategies.base import GlobalModel, Weights
 from lightning_fed.strategies.site import SiteAlgorithm, load_weights, state_to_numpy
 from lightning_fed.sync import EpochCount, FederatedSync, RoundClose, restore_carried, scalar_metrics

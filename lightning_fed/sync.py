@@ -23,9 +23,10 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from lightning_fed.checkpoint import site_checkpoint_path
 from lightning_fed.context import SiteContext
-from lightning_fed.metrics import SiteMetrics, federated_metrics, targets_of
+from lightning_fed.metrics import federated_metrics
 from lightning_fed.scheduler import random_state, set_random_state
 from lightning_fed.screening import non_finite_key
+from lightning_fed.site_metrics import SiteMetrics, targets_of
 from lightning_fed.strategies.base import FollowUp, GlobalModel
 from lightning_fed.strategies.site import SiteAlgorithm
 

@@ -21,7 +21,7 @@ class UncertaintyScores(SiteAlgorithm):
         self.epistemic: Optional[float] = None  # of the global model this round started from
 
     def _mean_uncertainty(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        from lightning_fed.metrics import inputs_of
+        from lightning_fed.site_metrics import inputs_of
 
         loader = trainer.train_dataloader
         if isinstance(loader, dict):
