@@ -21,27 +21,24 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 import ray
 from lightning.pytorch import LightningModule
 from ray.exceptions import RayActorError, RayTaskError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lightning_fed.audit import describe
 from lightning_fed.checkpoint import RoundCheckpoint, find_checkpoint
 from lightning_fed.config import FederationConfig, Placement
-from lightning_fed.coordinator import RemoteCoordinator
 from lightning_fed.data.sites import Site
 from lightning_fed.errors import CoordinatorDiedError, FederationConfigError, SiteFailedError
 from lightning_fed.failures import EXITED, coordinator_death, first_line, reported_reason, site_failure, when
+from lightning_fed.hosting import site_plans, start_coordinator
 from lightning_fed.metric_states import merge_reports
 from lightning_fed.metrics import federated_metrics
 from lightning_fed.placement import describe_layout
 from lightning_fed.pool import WorkerPool, Workers, layout_cpus, resumed_placement
 from lightning_fed.privacy_settings import DPSGD, site_privacy
 from lightning_fed.results import Evaluation, FitResult, SiteEvaluation, SiteFit, SiteReady, Startup, TrafficReport
-from lightning_fed.role import COORDINATOR_ROLE, COORDINATOR_ROLE_ENV
 from lightning_fed.roster import FAILURES_BEFORE_OUT
 from lightning_fed.runtime import RayRuntime
 from lightning_fed.site import SitePlan, TrainerJob
 from lightning_fed.strategies.base import GlobalModel, Weights
-from lightning_fed.strategies.site import state_to_numpy
 from lightning_fed.watch import FitWatch
 
 # where these names have always been imported from
@@ -151,23 +148,8 @@ class Federation:
         resume: Optional[RoundCheckpoint],
     ) -> None:
         """The coordinator, on the driver's node, in a process that never imports torch or Lightning."""
-        config = self.config
-        self.coordinator = RemoteCoordinator.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
-            runtime_env={"env_vars": {COORDINATOR_ROLE_ENV: COORDINATOR_ROLE}},
-        ).remote(
-            config.aggregator,
-            self.names,
-            sync_every=config.sync_every,
-            reliability=config.reliability,
-            checkpointing=config.checkpointing,
-            checkpoint_dir=job.checkpoint_dir,
-            audit=config.audit_messages,
-            server_state=server_state,
-            layout=self.hosts.shared_layout(),
-            parts=resume.parts() if resume is not None else None,
-            initial_model=GlobalModel(weights=state_to_numpy(module.state_dict()), round=0) if resume is None else None,
-        )
+        layout = self.hosts.shared_layout()
+        self.coordinator = start_coordinator(self.config, self.names, module, job, layout, server_state, resume)
         self.alive = True
         _LIVE.add(self)
         atexit.register(self.shutdown)
@@ -183,18 +165,10 @@ class Federation:
         """Every site set up in its worker (module, data, Trainer), its data checked."""
         hosts = self.hosts
         job = dataclasses.replace(job, module_ref=ray.put(module))
+        self.plans = site_plans(self.config, self.sites, job, self.coordinator, privacy)
         plans: list[list[SitePlan]] = [[] for _ in hosts.specs]
-        for index, site in enumerate(self.sites):
-            self.plans[site.name] = SitePlan(
-                site=site,
-                index=index,
-                seed=self.config.seed,
-                job=job,
-                coordinator=self.coordinator,
-                algorithm=self.config.aggregator.site_algorithm(),
-                privacy=privacy[site.name],
-            )
-            plans[hosts.index[site.name]].append(self.plans[site.name])
+        for name, plan in self.plans.items():
+            plans[hosts.index[name]].append(plan)
         hosts.wait_placed(placement_timeout)
         self._gather_workers(hosts.adopted, "start")  # a spare takes its place in the layout before it hosts anything
         hosted = self._gather_workers(
