@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Optional, TypeVar, Union
 
 from lightning_fed.experiments.grid import Point
-from lightning_fed.experiments.runs import Startup
+from lightning_fed.experiments.runs import StartupReport
 from lightning_fed.experiments.summaries import Confusions, Stats, Summary, SweepRow, Traffic
 
 RESULTS_JSON = "results.json"
@@ -93,7 +93,7 @@ class CompareReport(_Report):
     metrics: list[str]
     holdout: Optional[str]
     runs: list[RunRecord]
-    startup: Startup
+    startup: StartupReport
     wall_seconds: float
     plots: list[str]
     traffic: Traffic
@@ -124,7 +124,7 @@ class SweepReport(_Report):
     column: str
     rows: list[SweepRow]
     runs: list[RunRecord]
-    startup: Startup
+    startup: StartupReport
     wall_seconds: float
     plots: list[str]
     wandb_dir: Optional[str] = None

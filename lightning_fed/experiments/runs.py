@@ -30,7 +30,7 @@ Row = dict[str, Any]  # metric -> value (a float, a confusion matrix, per-class 
 Evaluations = dict[str, dict[str, Row]]  # model -> column (site | "federated") -> metrics
 
 
-class Startup(TypedDict, total=False):
+class StartupReport(TypedDict, total=False):
     """Start-up of the runs that started new site processes (cold) and of those on warm ones."""
 
     cold_runs: int
@@ -274,12 +274,12 @@ class Experiment:
         return federation, federation.startup.seconds
 
     # -- reporting ---------------------------------------------------------------------------------
-    def startup_report(self) -> Startup:
+    def startup_report(self) -> StartupReport:
         """Start-up (federations of a run: fit, and the pooled model's test) of runs that started new site processes
         vs runs that ran entirely on warm ones."""
         cold = [r.startup_seconds for r in self.runs if not r.warm]
         warm = [r.startup_seconds for r in self.runs if r.warm]
-        report: Startup = {
+        report: StartupReport = {
             "cold_runs": len(cold),
             "warm_runs": len(warm),
             "cold_mean_seconds": statistics.fmean(cold) if cold else None,

@@ -9,7 +9,7 @@ import statistics
 from typing import Optional, Sequence, TypedDict
 
 from lightning_fed.experiments.grid import Point
-from lightning_fed.experiments.runs import MERGED, METRICS, Run, Startup, column_values
+from lightning_fed.experiments.runs import MERGED, METRICS, Run, StartupReport, column_values
 
 
 class Stats(TypedDict):
@@ -151,7 +151,7 @@ def markdown_tables(summary: Summary, metrics: Sequence[str], columns: Sequence[
     return "\n\n".join(parts)
 
 
-def startup_line(startup: Startup, wall: float) -> str:
+def startup_line(startup: StartupReport, wall: float) -> str:
     """The closing line of results.md: wall time, cold and warm start-ups, and what reusing workers saved."""
     line = f"Wall time {wall:.0f} s. Site start-up: {startup['cold_runs']} run(s) with new site processes"
     if startup["cold_mean_seconds"] is not None:
