@@ -1,17 +1,24 @@
-"""Study B's federation four ways, side by side and interleaved in one invocation.
+"""Study B's federation four ways, and the smallest fit two ways, side by side and interleaved in one invocation.
 
-- ``plain``: a plain PyTorch loop in one process: each hospital trains its epoch in turn, FedAvg by hand;
-- ``pooled``: a plain Lightning Trainer on the five hospitals' training data together (same steps per epoch);
-- ``flower``: Flower's simulation engine, 2 CPUs per client (``benchmarks/flower_hospitals.py``, in its own
-  environment: ``--flower-python``, default ``.venv-flower/bin/python``; skipped with a note when it is missing);
+Each peer as an expert writes it:
+
+- ``plain``: plain PyTorch in one process (``benchmarks/plain_hospitals.py``): torch and numpy only, threads set to
+  the machine's CPUs, data as tensors, batches by index, a stateful model and Adam per hospital, FedAvg by hand;
+- ``pooled``: a plain Lightning Trainer on the five hospitals' training data together (same steps per epoch), fed
+  through the same data path as lightning-fed's sites (``TensorBatches``: whole batches gathered from tensors);
+- ``flower``: Flower's simulation engine, 2 CPUs per client, the client's torch threads set to them, data as
+  tensors and batches by index (``benchmarks/flower_hospitals.py``, in its own environment: ``--flower-python``,
+  default ``.venv-flower/bin/python``; skipped with a note when it is missing);
 - ``lightning_fed``: ``lightning-fed fit --config recipes/hospitals.yaml`` as a user runs it (loggers off, the
-  test of the global model on every hospital after fit, as the recipe does).
+  test of the global model on every hospital after fit, as the recipe does);
+- ``tiny_lightning`` / ``tiny_lightning_fed``: Lightning's BoringModel, 8 steps, plain Lightning against the same
+  Trainer with ``FederatedStrategy(num_sites=2)`` (``benchmarks/tiny_fit.py``): only fixed costs show.
 
 Same data (HospitalsDataModule's draw), model (SmallCNN), optimizer (Adam), batch size, epochs and FedAvg. Every run
 is a fresh process; the arms take turns (A B C D A B C D ...) so that a noisy machine slows them alike. For each
-arm: wall (launch to exit), start-up (launch to the first round), median round, and the ratios. Start-up of
-lightning-fed is split into the driver's own start (imports, recipe, Ray), the federation's (workers and sites
-ready) and the first round's extra (each site's fit set-up).
+arm: wall (launch to exit), start-up (launch to the first round), median round, and the ratios run by run.
+Start-up of lightning-fed is split into the driver's own start (imports, recipe, Ray), the federation's (workers and
+sites ready) and the first round's extra (each site's fit set-up).
 
     python benchmarks/hospitals.py                                  # 10 epochs, 2 repetitions, every arm
     python benchmarks/hospitals.py --epochs 3 --repeats 1 --arms plain,lightning_fed
@@ -31,57 +38,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ARMS = ("plain", "pooled", "flower", "lightning_fed")
+ARMS = ("plain", "pooled", "flower", "lightning_fed", "tiny_lightning", "tiny_lightning_fed")
+TINY = ("tiny_lightning", "tiny_lightning_fed")  # whole-process walls only: no rounds to time
 REPO = Path(__file__).resolve().parents[1]
 
 
 # -- the arms (each runs in its own process and prints one JSON line last) ------------------------
-def plain_arm(args: argparse.Namespace) -> dict:
-    import torch
-    from torch.nn import functional as F
-
-    from lightning_fed.data.fashion_mnist import PooledIndexData
-    from lightning_fed.models import SmallCNN
-    from lightning_fed.strategies.base import SiteUpdate
-    from lightning_fed.strategies.fedavg import weighted_average
-    from lightning_fed.strategies.site import load_weights, state_to_numpy
-
-    torch.manual_seed(args.seed)
-    sites = {
-        name: PooledIndexData(args.data_dir, idx, args.batch_size)
-        for name, idx in hospitals(args).site_indices().items()
-    }
-    for site in sites.values():
-        site.setup("fit")
-    global_model = SmallCNN()
-    models = {n: SmallCNN() for n in sites}
-    for m in models.values():
-        m.load_state_dict(global_model.state_dict())
-    optims = {n: torch.optim.Adam(m.parameters(), lr=1e-3) for n, m in models.items()}
-    first_round_at, round_ends = time.time(), []
-    for _ in range(args.epochs):
-        updates = []
-        for name, site in sites.items():
-            model, opt = models[name], optims[name]
-            model.train()
-            for x, y in site.train_dataloader():
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-            updates.append(SiteUpdate(name, state_to_numpy(model.state_dict()), len(site.datasets["train"])))
-        averaged = weighted_average(updates)
-        for model in models.values():
-            load_weights(model, averaged)
-        round_ends.append(time.time())
-    load_weights(global_model, averaged)
-    return {"first_round_at": first_round_at, "round_ends": round_ends, "small": small_metrics(global_model, sites)}
-
-
 def pooled_arm(args: argparse.Namespace) -> dict:
     import lightning as L
     import torch
-    from torch.utils.data import ConcatDataset, DataLoader
+    from torch.utils.data import DataLoader
 
+    from lightning_fed.data import TensorBatches, collate
     from lightning_fed.data.fashion_mnist import PooledIndexData
     from lightning_fed.models import SmallCNN
 
@@ -96,15 +64,16 @@ def pooled_arm(args: argparse.Namespace) -> dict:
             self.round_ends.append(time.time())
 
     torch.manual_seed(args.seed)
+    torch.set_flush_denormal(True)  # as lightning-fed's sites and the other peers do
     sites = {
         name: PooledIndexData(args.data_dir, idx, args.batch_size)
         for name, idx in hospitals(args).site_indices().items()
     }
     for site in sites.values():
         site.setup("fit")
-    train = DataLoader(
-        ConcatDataset([s.datasets["train"] for s in sites.values()]), batch_size=args.batch_size, shuffle=True
-    )
+    parts = [s.datasets["train"].tensors for s in sites.values()]  # the hospitals' tensors, joined
+    pooled = TensorBatches(*(torch.cat(field) for field in zip(*parts)))
+    train = DataLoader(pooled, batch_size=args.batch_size, shuffle=True, collate_fn=collate)
     clock, model = Clock(), SmallCNN()
     trainer = L.Trainer(
         max_epochs=args.epochs,
@@ -160,12 +129,25 @@ def write_split(args: argparse.Namespace, path: Path) -> None:
 
 # -- the parent: launch, time, compare ------------------------------------------------------------
 def launch(arm: str, args: argparse.Namespace, scratch: Path, repeat: int) -> dict:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-    }
+    # the benchmarks' folder too: the Flower clients (Ray workers) import study_b_torch from it
+    paths = [str(REPO), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths).rstrip(os.pathsep)}
     common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
-    if arm == "flower":
+    if arm in TINY:
+        command = [
+            sys.executable,
+            str(REPO / "benchmarks" / "tiny_fit.py"),
+            *(["--federated"] if arm.endswith("fed") else []),
+        ]
+    elif arm == "plain":
+        command = [
+            sys.executable,
+            str(REPO / "benchmarks" / "plain_hospitals.py"),
+            "--split-file",
+            str(scratch / "split.npz"),
+            *common,
+        ]
+    elif arm == "flower":
         command = [
             args.flower_python,
             str(REPO / "benchmarks" / "flower_hospitals.py"),
@@ -204,6 +186,8 @@ def launch(arm: str, args: argparse.Namespace, scratch: Path, repeat: int) -> di
     wall = time.time() - launched
     if proc.returncode != 0:
         raise SystemExit(f"{arm} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    if arm in TINY:
+        return {"wall": wall}
     if arm == "lightning_fed":
         report = json.loads(next(root.rglob("results.json")).read_text())
         rounds = report["round_seconds"]
@@ -240,11 +224,10 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
     parser.add_argument("--flower-python", default=str(REPO / ".venv-flower" / "bin" / "python"))
     parser.add_argument("--json", default=None, help="also write every run's figures to this file")
-    parser.add_argument("--arm", choices=("plain", "pooled"), help=argparse.SUPPRESS)  # one arm, in this process
+    parser.add_argument("--arm", choices=("pooled",), help=argparse.SUPPRESS)  # one arm, in this process
     args = parser.parse_args()
     if args.arm:
-        result = plain_arm(args) if args.arm == "plain" else pooled_arm(args)
-        print(json.dumps(result))
+        print(json.dumps(pooled_arm(args)))
         return
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -259,12 +242,15 @@ def main() -> None:
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="hospitals-bench-") as tmp:
         scratch = Path(tmp)
-        if "flower" in arms:
+        if {"plain", "flower"} & set(arms):
             write_split(args, scratch / "split.npz")
         for repeat in range(args.repeats):
             for arm in arms:
                 run = launch(arm, args, scratch, repeat)
                 runs[arm].append(run)
+                if arm in TINY:
+                    print(f"[{repeat + 1}/{args.repeats}] {arm:18s} wall {run['wall']:6.1f}s", flush=True)
+                    continue
                 print(
                     f"[{repeat + 1}/{args.repeats}] {arm:14s} wall {run['wall']:6.1f}s  start-up {run['startup']:5.1f}s  "
                     f"median round {run['median_round']:.2f}s",
@@ -274,9 +260,10 @@ def main() -> None:
 
 
 def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    study = {arm: rs for arm, rs in runs.items() if arm not in TINY}
     med = {
         arm: {k: statistics.median(r[k] for r in rs) for k in ("wall", "startup", "median_round")}
-        for arm, rs in runs.items()
+        for arm, rs in study.items()
     }
     print(f"\nStudy B, {args.epochs} rounds, {args.repeats} run(s) per arm, medians:")
     print(f"{'arm':14s} {'wall s':>8s} {'start-up s':>11s} {'round s':>8s}   small hospitals: recall precision auroc")
@@ -293,20 +280,34 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
         }
         print(
             f"\nlightning-fed start-up: driver ready (imports, recipe, Ray) {split['driver_ready']:.1f}s, "
-            f"federation (workers + sites ready) {split['federation_start']:.1f}s; first round +{split['first_round_extra']:.1f}s "
-            f"(each site's fit set-up); layout: {fed[0]['layout']}"
+            f"federation (workers + sites ready) {split['federation_start']:.1f}s; first round "
+            f"+{split['first_round_extra']:.1f}s (each site's fit set-up); layout: {fed[0]['layout']}"
         )
-        pairs = [("flower", "wall", "wall"), ("plain", "wall", "wall"), ("pooled", "median_round", "median round")]
+        pairs = [
+            ("flower", "wall", "wall"),
+            ("flower", "median_round", "median round"),
+            ("plain", "wall", "wall"),
+            ("plain", "median_round", "median round"),
+            ("pooled", "median_round", "median round"),
+        ]
         for other, key, label in pairs:
             if other in runs:
-                ratios = [
-                    a[key] / b[key] for a, b in zip(fed, runs[other])
-                ]  # run by run: same moment, same machine load
-                print(
-                    f"ratio lightning-fed / {other} {label}: {statistics.median(ratios):.2f}x (runs: {', '.join(f'{r:.2f}' for r in ratios)})"
-                )
+                ratio_line(f"lightning-fed / {other} {label}", fed, runs[other], key)
+    if all(arm in runs for arm in TINY):
+        print(f"\nTiny fit (BoringModel, 8 steps), whole process, {args.repeats} run(s):")
+        for arm in TINY:
+            print(f"{arm:18s} wall {statistics.median(r['wall'] for r in runs[arm]):6.1f}s")
+        ratio_line(
+            "tiny lightning-fed / plain Lightning wall", runs["tiny_lightning_fed"], runs["tiny_lightning"], "wall"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))
+
+
+def ratio_line(label: str, ours: list[dict], theirs: list[dict], key: str) -> None:
+    """The median of the run-by-run ratios (runs of one repetition ran next to each other: same machine load)."""
+    ratios = [a[key] / b[key] for a, b in zip(ours, theirs)]
+    print(f"ratio {label}: {statistics.median(ratios):.2f}x (runs: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from lightning_fed.privacy_settings import DPSGD, PrivacySpec
+from lightning_fed.rounds import RoundSchedule
 from lightning_fed.strategies.base import Aggregator
 
 if TYPE_CHECKING:  # importing lightning_fed.data loads torch; jsonargparse still resolves the name from this block
@@ -272,9 +273,11 @@ class FederationConfig:
     audit_messages: bool = False
     metric_thresholds: int = 1000
     progress: bool = True
+    sync_every_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_int("sync_every", self.sync_every, 1)
+        RoundSchedule.of(self.sync_every, self.sync_every_steps)  # one of the two, each valid
         if self.privacy is not None and not isinstance(self.privacy, (DPSGD, dict)):
             raise ValueError(
                 f"privacy must be a DPSGD or a dict of site name -> DPSGD, got {type(self.privacy).__name__}"
@@ -297,6 +300,15 @@ class FederationConfig:
         """A copy with ``changes`` (checked like the original)."""
         return dataclasses.replace(self, **changes)
 
+    @property
+    def rounds(self) -> RoundSchedule:
+        """What a round is: ``sync_every`` epochs or ``sync_every_steps`` optimizer steps."""
+        return RoundSchedule.of(self.sync_every, self.sync_every_steps)
+
     def hyperparameters(self) -> dict[str, Any]:
         """The federation's settings as the driver's loggers record them."""
-        return {"fl_aggregator": repr(self.aggregator), "fl_sync_every": self.sync_every}
+        rounds = self.rounds
+        return {
+            "fl_aggregator": repr(self.aggregator),
+            f"fl_sync_every{'_steps' if rounds.in_steps else ''}": rounds.every,
+        }

@@ -23,10 +23,11 @@ import builtins
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import ray
 
+from lightning_fed.aggregation_step import RoundAggregation
 from lightning_fed.audit import describe
 from lightning_fed.barriers import Barrier, BarrierKey, Barriers, FederationAborted, SiteLeftOut
 from lightning_fed.commits import RoundCommits, check_resumable
@@ -35,7 +36,6 @@ from lightning_fed.metric_states import merge_reports
 from lightning_fed.record import RunRecord
 from lightning_fed.results import MergedValidation, ProgressSnapshot
 from lightning_fed.roster import Roster
-from lightning_fed.screening import screen
 from lightning_fed.strategies.base import Aggregator, FollowUp, GlobalModel, SiteUpdate
 from lightning_fed.traffic import TrafficLedger, wire_size
 
@@ -92,6 +92,7 @@ class Coordinator:
         self.global_model: Optional[GlobalModel] = initial_model
         self.roster = Roster(self.sites)
         self.barriers = Barriers(self.roster, sync_every, reliability, on_late=self._late)
+        self.aggregation = RoundAggregation(aggregator, reliability, stop=self.barriers.stop)  # a round's closing
         self.commits = RoundCommits(checkpoint_dir, self.sites, checkpointing.keep, parts)
         self._traffic = TrafficLedger()  # bytes per site and round (lightning_fed.traffic)
         self._audit: Optional[list[dict[str, Any]]] = [] if audit else None
@@ -174,59 +175,31 @@ class Coordinator:
             raise ValueError(f"site {site!r} answered a question of round {round} that was never asked")
         answers = await self.barriers.gather(answers_key, site, answer)
         if not barrier.decided:
-            present, received = barrier.pending
-            try:
-                self.aggregator.receive_answers(round, {s: answers.values[s] for s in self.barriers.present(answers)})
-            except Exception as err:
-                self._aggregator_failed(round, err)
-            self._aggregate_round(round, barrier, present, received)
+            self.aggregation.receive_answers(round, {s: answers.values[s] for s in self.barriers.present(answers)})
+            self._aggregate_round(round, barrier, barrier.pending)
         self.barriers.release(answers_key, answers, site)
         self.barriers.raise_if_stopped(site)
         self.barriers.release(key, barrier, site)
         return barrier.result
 
-    def _aggregator_failed(self, round: int, err: Exception) -> NoReturn:
-        self.barriers.stop(
-            f"aggregator {self.aggregator.name or type(self.aggregator).__name__} failed in round {round}: "
-            f"{type(err).__name__}: {err}"
-        )
-
     def _close_round(self, round: int, barrier: Barrier) -> None:
-        """Every update of ``round`` is in: decode, screen, and aggregate (or ask the sites the aggregator's question)."""
-        present = self.barriers.present(barrier)
-        current = self.global_model.weights if self.global_model else None
-        received, refused = {}, {}
-        for s in present:  # fixed site order: reproducible aggregation
-            try:
-                received[s] = self.aggregator.receive(barrier.values[s][0], current)
-            except ValueError as err:
-                refused[s] = str(err)
-        refused.update(screen(list(received.values()), current, self.reliability.max_update_norm_ratio))
-        for bad, why in refused.items():  # never averaged: the global model would carry it to every site
+        """Every update of ``round`` is in: decode, screen, aggregate (or ask the sites the aggregator's question)."""
+        updates = {s: barrier.values[s][0] for s in self.barriers.present(barrier)}  # site order: reproducible
+        received = self.aggregation.receive(round, updates, self.global_model)
+        for bad, why in received.refused.items():  # never averaged: the global model would carry it to every site
             self.barriers.leave_out(bad, f"sent an update that was refused in round {round}: {why}", self.round)
         self.barriers.raise_if_aborted()
-        present = [s for s in present if s not in refused]
-        fewest = self.reliability.min_sites or 1
-        if len(present) < fewest:
-            self.barriers.stop(f"only {len(present)} site(s) reported in round {round}, fewer than min_sites={fewest}")
-        try:
-            question = self.aggregator.follow_up(round, [received[s] for s in present])
-        except Exception as err:
-            self._aggregator_failed(round, err)
-        if question is not None:
-            barrier.question, barrier.pending = question, (present, received)
+        question = self.aggregation.follow_up(round, received.kept)
+        if question is not None:  # the round's updates wait for the answers
+            barrier.question, barrier.pending = question, received.kept
             return
-        self._aggregate_round(round, barrier, present, received)
+        self._aggregate_round(round, barrier, received.kept)
 
-    def _aggregate_round(
-        self, round: int, barrier: Barrier, present: list[str], received: dict[str, SiteUpdate]
-    ) -> None:
-        current = self.global_model.weights if self.global_model else None
+    def _aggregate_round(self, round: int, barrier: Barrier, kept: dict[str, SiteUpdate]) -> None:
+        """``kept``'s updates combined into the new global model, which every site of the round takes away."""
         t0 = time.monotonic()
-        try:
-            model = self.aggregator.aggregate(round, [received[s] for s in present], current)
-        except Exception as err:
-            self._aggregator_failed(round, err)
+        model = self.aggregation.aggregate(round, kept, self.global_model)
+        present = list(kept)
         for s in present:
             self.roster.carry[s] = barrier.values[s][1]
         self.global_model, self.round = model, round

@@ -4,38 +4,37 @@ at every site, bring typed results home, shut everything down.
 A :class:`Federation` knows the sites, a frozen :class:`~lightning_fed.config.FederationConfig` and the
 :class:`~lightning_fed.site.TrainerJob` the launcher built from the driver's Trainer; it never reads the strategy.
 ``compare``/``sweep`` use the same public calls (:meth:`Federation.evaluate`, :meth:`Federation.site_weights`).
-Its worker processes are :mod:`lightning_fed.pool`'s; when a site fails, or one of them or the coordinator dies, the
-run ends with one line saying what failed and in which round (:mod:`lightning_fed.failures`).
+Its worker processes are :mod:`lightning_fed.pool`'s; its calls to them and to the coordinator go through
+:mod:`lightning_fed.calls`: when a site fails, or one of them or the coordinator dies, the run ends with one line saying
+what failed and in which round (:mod:`lightning_fed.failures`). In continue mode a failed site is left out and
+restarted instead (:mod:`lightning_fed.restarts`).
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
-import logging
 import math
 import time
 import weakref
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import ray
 from lightning.pytorch import LightningModule
-from ray.exceptions import RayActorError, RayTaskError
 
-from lightning_fed.audit import describe
-from lightning_fed.checkpoint import RoundCheckpoint, find_checkpoint
+from lightning_fed.calls import FederationCalls
+from lightning_fed.checkpoint import RoundCheckpoint
 from lightning_fed.config import FederationConfig, Placement
 from lightning_fed.data.sites import Site
-from lightning_fed.errors import CoordinatorDiedError, FederationConfigError, SiteFailedError
-from lightning_fed.failures import EXITED, coordinator_death, first_line, reported_reason, site_failure, when
+from lightning_fed.errors import FederationConfigError, SiteFailedError
 from lightning_fed.hosting import site_plans, start_coordinator
 from lightning_fed.metric_states import merge_reports
 from lightning_fed.metrics import federated_metrics
 from lightning_fed.placement import describe_layout
 from lightning_fed.pool import WorkerPool, Workers, layout_cpus, resumed_placement
 from lightning_fed.privacy_settings import DPSGD, site_privacy
+from lightning_fed.restarts import SiteRestarts
 from lightning_fed.results import Evaluation, FitResult, SiteEvaluation, SiteFit, SiteReady, Startup, TrafficReport
-from lightning_fed.roster import FAILURES_BEFORE_OUT
 from lightning_fed.runtime import RayRuntime
 from lightning_fed.site import SitePlan, TrainerJob
 from lightning_fed.strategies.base import GlobalModel, Weights
@@ -44,9 +43,6 @@ from lightning_fed.watch import FitWatch
 # where these names have always been imported from
 __all__ = ["Federation", "FederationConfigError", "SiteFailedError", "WorkerPool", "evaluation_of", "total_rounds"]
 
-log = logging.getLogger(__name__)
-
-POLL_SECONDS = 0.5  # how often the driver refreshes the progress view while sites train
 _LIVE: "weakref.WeakSet[Federation]" = weakref.WeakSet()  # this process's federations whose workers are up
 
 
@@ -85,14 +81,19 @@ class Federation:
         self.runtime = runtime
         self.checkpoint_dir = job.checkpoint_dir  # where this run commits its rounds (named when it fails)
         self._audit: Optional[list[dict[str, Any]]] = [] if config.audit_messages else None
-        self.hosts = Workers.none()  # the worker processes hosting the sites
-        self.coordinator: Any = None
+        self._watch: Optional[FitWatch] = None  # while fit runs
+        # the workers and the coordinator, and every call to them (the first to fail ends the run)
+        self.calls = FederationCalls(
+            self.checkpoint_dir,
+            self._audit,
+            rounds_seen=lambda: self._watch.rounds if self._watch is not None else 0,
+            shutdown=lambda: self.shutdown(graceful=False),
+        )
         self.ready: dict[str, SiteReady] = {}
         self.plans: dict[str, SitePlan] = {}
         self.out: dict[str, str] = {}  # sites left out for good (continue mode), with the reason
         self.startup: Optional[Startup] = None
         self.alive = False
-        self._watch: Optional[FitWatch] = None  # while fit runs
         t0 = time.monotonic()
         try:
             self._start(module, job, stage, resume)
@@ -102,6 +103,16 @@ class Federation:
         self.startup = Startup(
             time.monotonic() - t0, len(self.hosts.specs), describe_layout(self.hosts.specs), self.hosts.warm
         )
+
+    @property
+    def hosts(self) -> Workers:
+        """The worker processes hosting the sites."""
+        return self.calls.hosts
+
+    @property
+    def coordinator(self) -> Any:
+        """The coordinator actor (``None`` before it starts and once the federation is shut down)."""
+        return self.calls.coordinator
 
     @property
     def workers(self) -> list[Any]:
@@ -138,7 +149,7 @@ class Federation:
         self.runtime.ensure(0.0 if placement.automatic else layout_cpus(self.sites, placement))
         for other in list(_LIVE):  # one federation trains at a time: an earlier one's idle workers give way
             other.shutdown()
-        self.hosts = Workers.acquire(self.sites, placement, self.runtime, self.pool)
+        self.calls.hosts = Workers.acquire(self.sites, placement, self.runtime, self.pool)
 
     def _start_coordinator(
         self,
@@ -149,7 +160,7 @@ class Federation:
     ) -> None:
         """The coordinator, on the driver's node, in a process that never imports torch or Lightning."""
         layout = self.hosts.shared_layout()
-        self.coordinator = start_coordinator(self.config, self.names, module, job, layout, server_state, resume)
+        self.calls.coordinator = start_coordinator(self.config, self.names, module, job, layout, server_state, resume)
         self.alive = True
         _LIVE.add(self)
         atexit.register(self.shutdown)
@@ -170,85 +181,18 @@ class Federation:
         for name, plan in self.plans.items():
             plans[hosts.index[name]].append(plan)
         hosts.wait_placed(placement_timeout)
-        self._gather_workers(hosts.adopted, "start")  # a spare takes its place in the layout before it hosts anything
-        hosted = self._gather_workers(
+        # a spare takes its place in the layout before it hosts anything
+        self.calls.gather_workers(hosts.adopted, "start")
+        hosted = self.calls.gather_workers(
             {w: hosts.actors[w].host.remote(plans[w], stage) for w in range(len(hosts.specs))}, "start"
         )
         self.ready = {name: hosted[hosts.index[name]][name] for name in self.names}
+        self.calls.markers = {name: r.worker_marker for name, r in self.ready.items()}
         empty = [n for n, r in self.ready.items() if r.train_samples == 0]
         if empty and stage == "fit":
             raise FederationConfigError(
                 f"site(s) {empty} have no training samples: give every site data or drop it from the federation"
             )
-
-    # -- waiting on sites ------------------------------------------------------------------------
-    def _gather_workers(self, refs: dict[int, Any], what: str) -> dict[int, Any]:
-        """One call per worker (each covering its sites); failures name the site."""
-        return self._wait({w: (ref, list(self.hosts.specs[w].sites)) for w, ref in refs.items()}, what)
-
-    def _gather(self, refs: dict[str, Any], what: str, on_poll: Optional[Callable[[], None]] = None) -> dict[str, Any]:
-        """One call per site; the first failure stops the federation and raises with the site's name."""
-        return self._wait({name: (ref, [name]) for name, ref in refs.items()}, what, on_poll)
-
-    def _wait(
-        self, calls: dict[Any, tuple[Any, list[str]]], what: str, on_poll: Optional[Callable[[], None]] = None
-    ) -> dict[Any, Any]:
-        by_ref = {ref: key for key, (ref, _) in calls.items()}
-        pending, results = list(by_ref), {}
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
-            for ref in done:
-                key = by_ref[ref]
-                try:
-                    results[key] = ray.get(ref)
-                except (RayTaskError, RayActorError) as err:
-                    self._fail(calls[key][1], err, what)
-                if self._audit is not None:
-                    self._audit.append(
-                        {
-                            "method": what,
-                            "site": key if isinstance(key, str) else calls[key][1],
-                            "payload": describe([results[key]]),
-                        }
-                    )
-            if on_poll is not None:
-                on_poll()
-        return {key: results[key] for key in calls}  # call order (site order), not completion order
-
-    # -- failures: one line saying what failed, and in which round (lightning_fed.failures) ----------
-    def _fail(self, sites: list[str], err: Exception, what: str) -> NoReturn:
-        # a site that raised reports why to the coordinator (it may still be on its way); a dead one cannot
-        reason = self._coordinator_reason(what, wait=not isinstance(err, RayActorError))
-        if reason is None:
-            hosted = self.hosts.hosted_with(sites[0])
-            ready = self.ready.get(hosted[0])
-            reason = site_failure(sites[0], err, what, hosted, ready.worker_marker if ready else "", self._when(what))
-            if self.coordinator is not None:
-                self.coordinator.abort.remote(reason)
-        self.shutdown(graceful=False)
-        raise SiteFailedError(reason, self.checkpoint_dir if what == "fit" else None) from None
-
-    def _coordinator_reason(self, what: str, wait: bool = True) -> Optional[str]:
-        """The site's own one-line report, if it reached the coordinator. A dead coordinator is the failure itself."""
-        try:
-            return reported_reason(self.coordinator, wait) if self.coordinator is not None else None
-        except RayActorError:
-            self._coordinator_died(what)
-
-    def _ask(self, method: str, *args: Any) -> Any:
-        """The coordinator's answer to ``method`` (a call of the fit); its death ends the run."""
-        try:
-            return ray.get(getattr(self.coordinator, method).remote(*args))
-        except RayActorError:
-            self._coordinator_died("fit")
-
-    def _coordinator_died(self, what: str) -> NoReturn:
-        line = coordinator_death(self._when(what))
-        self.shutdown(graceful=False)
-        raise CoordinatorDiedError(line, self.checkpoint_dir if what == "fit" else None) from None
-
-    def _when(self, what: str) -> str:
-        return when(what, self._watch.rounds if self._watch is not None else 0, self.checkpoint_dir)
 
     # -- running ---------------------------------------------------------------------------------
     def fit(
@@ -256,84 +200,39 @@ class Federation:
     ) -> FitResult:
         """Train every site to the end (rounds agreed through the coordinator); the progress view and the driver's
         loggers follow the federated metrics as they come."""
-        watch = self._watch = FitWatch(total_rounds, loggers, self.config.sync_every, show=self.config.progress)
+        watch = self._watch = FitWatch(total_rounds, loggers, self.config.rounds.every, show=self.config.progress)
 
         def poll() -> None:
-            watch.update(self._ask("progress", watch.since))
+            watch.update(self.calls.ask("progress", watch.since))
 
         t0, started_at = time.monotonic(), time.time()
-        self._ask("start_clock")
+        self.calls.ask("start_clock")
         behind = set(resume.behind()) if resume is not None else set()
         refs = {}
         for n in self.names:
             part = str(resume.site_paths[n]) if resume is not None and n in resume.site_paths else None
             # a site whose part is older than the round (it was out of it) comes in at the round after
-            join = self._ask("entry_point", n) if n in behind else None
+            join = self.calls.ask("entry_point", n) if n in behind else None
             refs[n] = self.hosts.of(n).fit.remote(n, part, join)
         try:
             if self.config.reliability.tolerant:
-                sites: dict[str, SiteFit] = self._gather_tolerant(refs, on_poll=poll)
+                sites: dict[str, SiteFit] = SiteRestarts(self.calls, self.plans, self.out).gather(refs, on_poll=poll)
             else:
-                sites = self._gather(refs, "fit", on_poll=poll)
+                sites = self.calls.gather(refs, "fit", on_poll=poll)
             poll()
         finally:
             watch.close()
-        final = self._ask("final_global")
+        final = self.calls.ask("final_global")
         global_model = ray.get(final[0]) if final else None
         assert self.startup is not None
         return watch.result(
             sites,
             global_model,
-            TrafficReport.from_ledger(self._ask("traffic")),
+            TrafficReport.from_ledger(self.calls.ask("traffic")),
             self.startup,
             time.monotonic() - t0,
             started_at,
         )
-
-    # -- continue mode ---------------------------------------------------------------------------
-    def _gather_tolerant(self, refs: dict[str, Any], on_poll: Callable[[], None]) -> dict[str, SiteFit]:
-        """Every site's fit, leaving out (and restarting) those that fail instead of stopping the federation."""
-        waiting = {ref: (name, self.hosts.of(name)) for name, ref in refs.items()}
-        results: dict[str, SiteFit] = {}
-        while waiting:
-            done, _ = ray.wait(list(waiting), num_returns=1, timeout=POLL_SECONDS)
-            for ref in done:
-                name, worker = waiting.pop(ref)
-                try:
-                    results[name] = ray.get(ref)
-                except (RayTaskError, RayActorError) as err:
-                    restarted = self._restart_site(name, worker, err)
-                    if restarted is not None:
-                        waiting[restarted] = (name, self.hosts.of(name))
-                    continue
-                if self._audit is not None:
-                    self._audit.append({"method": "fit", "site": name, "payload": describe([results[name]])})
-            on_poll()
-        return {n: results[n] for n in self.names if n in results}
-
-    def _restart_site(self, name: str, worker: Any, err: Exception) -> Optional[Any]:
-        """Leave ``name`` out (the coordinator completes the round without it) and start it again in a worker:
-        a new one if its worker died. Returns the restarted site's fit, or ``None`` if it stays out."""
-        dead = isinstance(err, RayActorError)
-        reason = f"died: its worker {EXITED}" if dead else f"failed: {first_line(err)}"
-        may_rejoin = self._ask("leave_out", name, reason)
-        if self._ask("abort_reason") is not None:
-            self._fail([name], err, "fit")
-        if not may_rejoin:
-            self.out[name] = reason
-            log.warning(
-                "lightning-fed: site %r stays out of the federation: it failed %d times in a row (%s)",
-                name,
-                FAILURES_BEFORE_OUT,
-                reason,
-            )
-            return None
-        host = self.hosts.replace(name, worker) if dead else self.hosts.of(name)
-        try:
-            part = find_checkpoint(self.checkpoint_dir).site_paths.get(name) if self.checkpoint_dir else None
-        except (FileNotFoundError, ValueError):
-            part = None  # nothing committed yet: it starts afresh from the round's global model
-        return host.rejoin.remote(self.plans[name], str(part) if part is not None else None)
 
     def evaluate(self, stage: str, weights: Weights, exact: bool = False) -> Evaluation:
         """``test``/``validate`` the model with ``weights`` at every site on its own data, and merged over all.
@@ -344,7 +243,7 @@ class Federation:
         ref = ray.put(GlobalModel(weights=weights, round=-1))
         names = [n for n in self.names if n not in self.out]  # a site out for good has nothing to test with
         evaluation = evaluation_of(
-            stage, self._gather({n: self.hosts.of(n).evaluate.remote(n, stage, ref, exact) for n in names}, stage)
+            stage, self.calls.gather({n: self.hosts.of(n).evaluate.remote(n, stage, ref, exact) for n in names}, stage)
         )
         evaluation.notes.extend(
             f"site {name!r} not evaluated: it stayed out of the federation ({reason})"
@@ -363,7 +262,9 @@ class Federation:
 
     def site_weights(self) -> dict[str, Weights]:
         """Every site's current weights, by site name (sites left out for good excepted)."""
-        return self._gather({n: self.hosts.of(n).weights.remote(n) for n in self.names if n not in self.out}, "weights")
+        return self.calls.gather(
+            {n: self.hosts.of(n).weights.remote(n) for n in self.names if n not in self.out}, "weights"
+        )
 
     # -- shutdown --------------------------------------------------------------------------------
     def shutdown(self, graceful: bool = True, reuse: bool = True) -> None:
@@ -384,7 +285,7 @@ class Federation:
                 ray.kill(self.coordinator, no_restart=True)
             except Exception:
                 pass
-        self.hosts, self.coordinator, self.alive = Workers.none(), None, False
+        self.calls.hosts, self.calls.coordinator, self.alive = Workers.none(), None, False
 
 
 def evaluation_of(stage: str, sites: dict[str, SiteEvaluation]) -> Evaluation:

@@ -22,7 +22,7 @@ from lightning_fed.checkpoint import RoundCheckpoint, find_checkpoint, is_federa
 from lightning_fed.config import FederationConfig
 from lightning_fed.data.partition import IID
 from lightning_fed.data.sites import Site, describe_sites, simulate_sites
-from lightning_fed.federation import Federation, FederationConfigError, SiteFailedError, WorkerPool, total_rounds
+from lightning_fed.federation import Federation, FederationConfigError, SiteFailedError, WorkerPool
 from lightning_fed.loggers import log_driver_metrics, site_logger_specs
 from lightning_fed.progress import results_cells, show_table
 from lightning_fed.results import Evaluation, FitResult
@@ -141,11 +141,12 @@ class FederatedLauncher(_Launcher):
             self.runtime = RayRuntime(self.config.cluster.address, self.config.cluster.init_kwargs)
         job = TrainerJob(
             module_ref=None,
-            trainer_settings=trainer_settings(trainer),
+            trainer_settings=self.config.rounds.site_settings(trainer_settings(trainer)),
             callbacks=user_callbacks(trainer),
             loggers=site_logger_specs(trainer.loggers),
             root_dir=self.run_root(trainer),
             sync_every=self.config.sync_every,
+            rounds=self.config.rounds,
             checkpoint_dir=self.checkpoint_dir(trainer, resume),
             checkpoint_every=self.config.checkpointing.every_n_rounds,
             metric_thresholds=self.config.metric_thresholds,
@@ -213,11 +214,14 @@ class FederatedLauncher(_Launcher):
             self.config.aggregator.check_model(model)
         except ValueError as err:
             raise FederationConfigError(str(err)) from None
-        if trainer.max_epochs is not None and 0 < trainer.max_epochs < self.config.sync_every:
-            raise FederationConfigError(
-                f"sync_every={self.config.sync_every} is more than max_epochs={trainer.max_epochs}: the sites would train "
-                "alone until the very end; lower sync_every or raise max_epochs"
-            )
+        refused = self.config.rounds.refusals(
+            trainer_settings(trainer),
+            user_callbacks(trainer),
+            self.config.checkpointing.every_n_rounds,
+            self.config.reliability.tolerant,
+        )
+        if refused:
+            raise FederationConfigError(refused[0])
         resume = self._resume_point(ckpt_path)
         source = datamodule if datamodule is not None else {"train": train_dataloaders, "val": val_dataloaders}
         if isinstance(source, dict) and all(v is None for v in source.values()):
@@ -229,7 +233,8 @@ class FederatedLauncher(_Launcher):
         for logger in trainer.loggers:
             logger.log_hyperparams({**dict(model.hparams), **self.config.hyperparameters()})
         try:
-            result = federation.fit(total_rounds(trainer.max_epochs, self.config.sync_every), trainer.loggers, resume)
+            rounds = self.config.rounds.total_rounds(trainer.max_epochs, trainer.max_steps)
+            result = federation.fit(rounds, trainer.loggers, resume)
         except BaseException as err:
             federation.shutdown(graceful=False)
             if isinstance(err, SiteFailedError):

@@ -32,6 +32,7 @@ from lightning_fed.data.sites import Site
 from lightning_fed.loggers import SiteLoggerSpec, finish_site_loggers
 from lightning_fed.privacy import DPSGD, SiteDPSGD
 from lightning_fed.results import SiteEvaluation, SiteFit, SitePrivacy, SiteReady
+from lightning_fed.rounds import RoundSchedule
 from lightning_fed.scheduler import Scheduler, SiteState
 from lightning_fed.site_metrics import SiteMetrics
 from lightning_fed.strategies.base import GlobalModel, Weights
@@ -53,6 +54,7 @@ class TrainerJob:
     checkpoint_every: int
     metric_thresholds: int
     class_balance: Optional[str]
+    rounds: RoundSchedule = RoundSchedule()  # sync_every epochs, or optimizer steps
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ class SiteRuntime:
         plan.algorithm.bind(self.context)
         self.metrics = SiteMetrics(self.name, plan.job.metric_thresholds)
         self.sync = FederatedSync(
-            self.context, plan.algorithm, plan.job.sync_every, self.metrics, labelled=plan.site.labelled
+            self.context, plan.algorithm, plan.job.rounds, self.metrics, labelled=plan.site.labelled
         )
         self.privacy = SiteDPSGD(self.name, plan.privacy) if plan.privacy is not None else None
         self.trainer = self._build_trainer()

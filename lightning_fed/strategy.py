@@ -79,6 +79,10 @@ class FederatedStrategy(SingleDeviceStrategy):
             or Inf is always refused, naming its site.
         metric_thresholds: bins for AUROC (binned states merge exactly across sites).
         progress: show the federated progress view on the driver.
+        sync_every_steps: count a round in optimizer steps instead of epochs, FLamby's way: every site hands its
+            update over after exactly this many steps, wherever its epochs end, and validates at each round's end;
+            give ``Trainer(max_steps=rounds * sync_every_steps)`` (:mod:`lightning_fed.rounds` says what this
+            rules out: round checkpoints, continue mode, ``EarlyStopping``).
         **shorthands: today's flat names, sorted into the groups above: ``num_sites``, ``partitioner``,
             ``site_cpus``, ``site_gpus``, ``checkpoint_dir``, ``checkpoint_every``, ``keep_checkpoints``,
             ``ray_address``, ``ray_init_kwargs``, ``placement_timeout``, ``workers``, ``sites_per_worker``,
@@ -112,6 +116,7 @@ class FederatedStrategy(SingleDeviceStrategy):
         seed: Optional[int] = None,
         metric_thresholds: int = 1000,
         progress: bool = True,
+        sync_every_steps: Optional[int] = None,
         **shorthands: Any,
     ) -> None:
         super().__init__(device="cpu")
@@ -156,6 +161,7 @@ class FederatedStrategy(SingleDeviceStrategy):
             audit_messages=audit_messages,
             metric_thresholds=metric_thresholds,
             progress=progress,
+            sync_every_steps=sync_every_steps,
         )
         self._launcher: Optional[FederatedLauncher] = None
 

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning_fed.checkpoint import site_checkpoint_path
 from lightning_fed.context import SiteContext
 from lightning_fed.metrics import federated_metrics
+from lightning_fed.rounds import RoundSchedule
 from lightning_fed.scheduler import random_state, set_random_state
 from lightning_fed.screening import non_finite_key
 from lightning_fed.site_metrics import SiteMetrics, targets_of
@@ -117,20 +118,23 @@ def restore_carried(trainer: Trainer, carry: Optional[dict[str, Any]]) -> None:
 
 
 class FederatedSync(Callback):
-    """Hands this site's update to the coordinator every ``sync_every`` epochs and loads the global model."""
+    """Hands this site's update to the coordinator at every round's end (every ``sync_every`` epochs, or every
+    ``sync_every_steps`` optimizer steps: :mod:`lightning_fed.rounds`) and loads the global model."""
 
     def __init__(
         self,
         context: SiteContext,
         algorithm: SiteAlgorithm,
-        sync_every: int,
+        rounds: RoundSchedule,
         metrics: SiteMetrics,
         labelled: bool = True,
     ) -> None:
         self.context = context
         self.labelled = labelled
         self.algorithm = algorithm
-        self.sync_every = sync_every
+        self.rounds = rounds
+        self.sync_every = rounds.every
+        self._synced_at_step = -1  # the global step of the last hand-over (step rounds: once per optimizer step)
         self.metrics = metrics
         self.round = 0  # rounds completed; restored from the site checkpoint on resume
         self.synced_this_epoch = False
@@ -163,7 +167,8 @@ class FederatedSync(Callback):
         self.sync_seconds.append(time.perf_counter() - t0)
 
     def _due(self, trainer: Trainer) -> bool:
-        return (trainer.current_epoch + 1) % self.sync_every == 0
+        """Whether this epoch's end ends a round (epoch rounds only)."""
+        return not self.rounds.in_steps and (trainer.current_epoch + 1) % self.sync_every == 0
 
     def rejoin(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Come back in at the start of round ``join.round``: its global model (through the algorithm, e.g. keeping
@@ -207,6 +212,12 @@ class FederatedSync(Callback):
         n = batch_size_of(batch)
         self._samples_since_sync += n
         self._epoch_samples += n
+        if self.rounds.in_steps:
+            # with gradient accumulation several batches end on the same optimizer step: hand over once
+            if self.rounds.due_after_step(trainer.global_step) and trainer.global_step != self._synced_at_step:
+                self._synced_at_step = trainer.global_step
+                self.sync(trainer, pl_module)
+            return
         last_batch = math.isfinite(trainer.num_training_batches) and batch_idx + 1 >= trainer.num_training_batches
         if last_batch and self._due(trainer):
             self.sync(trainer, pl_module)
@@ -249,10 +260,13 @@ class FederatedSync(Callback):
                 },
             },
         }
-        # keyed by epoch (and the validation's number in it): a site that rejoins later meets the others there
-        merged = self.context.ask(
-            "merge_metrics", self._validations.key("val", trainer.current_epoch), payload, trainer.current_epoch
-        )
+        # keyed by epoch (and the validation's number in it): a site that rejoins later meets the others there;
+        # with step rounds epochs differ between sites, and the validation is the round's (at its last step)
+        if self.rounds.in_steps:
+            key, at = self._validations.key("val", self.round), trainer.global_step - 1
+        else:
+            key, at = self._validations.key("val", trainer.current_epoch), trainer.current_epoch
+        merged = self.context.ask("merge_metrics", key, payload, at)
         for key, value in federated_metrics(merged, "val").items():
             if isinstance(value, float):
                 # new keys persist in callback_metrics (existing ones are re-read from live results)
@@ -307,6 +321,8 @@ class RoundClose(Checkpoint):
         self.checkpoint_every = checkpoint_every
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.fed_sync.rounds.in_steps:
+            return  # sites end their epochs at different steps: nothing is agreed or committed there
         stop = bool(self.context.ask("agree", ("epoch_end", trainer.current_epoch), bool(trainer.should_stop), False))
         trainer.should_stop = stop
         round_ = self.fed_sync.round

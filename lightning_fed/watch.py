@@ -24,7 +24,7 @@ class FitWatch:
     Args:
         total_rounds: rounds the fit makes (for the progress view's ``r/N`` and time left).
         loggers: the driver Trainer's loggers.
-        sync_every: epochs per round.
+        sync_every: epochs (or optimizer steps, with step rounds) per round: where round figures are logged.
         show: draw the progress view (``FederatedStrategy(progress=...)``).
     """
 

@@ -29,6 +29,9 @@ REQUIRED_DATA = (
     "heart_disease/processed.va.data",
     "medmnist/retinamnist.npz",
     "medmnist/breastmnist.npz",
+    "fed_tcga_brca/brca.csv",
+    "fed_tcga_brca/train_test_split.csv",
+    "fed_tcga_brca/centers.csv",
 )
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

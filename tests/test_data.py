@@ -178,3 +178,40 @@ def test_retinamnist_binarised_and_split_4_to_6_as_study_a(fed_data):
         MedMNISTSites("retinamnist", label_map=[0, None, None, 2, 2])
     with pytest.raises(ValueError, match="exclude each other"):
         MedMNISTSites("retinamnist", site_shares=[1, 1], alpha=0.5, site_names=["a", "b"])
+
+
+def test_tensor_batches_gather_whole_batches_and_keep_the_loaders_order():
+    """The built-in datamodules' TensorBatches: the same batches in the same order as a TensorDataset's loader from
+    the same random state (also a simulated site's Subset, and a ConcatDataset that falls back to samples), without
+    one ``__getitem__`` per sample where the whole batch can be gathered."""
+    import torch
+    from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
+
+    from lightning_fed.data import TensorBatches, collate
+
+    class Counted(TensorBatches):
+        samples = 0
+
+        def __getitem__(self, index):
+            Counted.samples += 1
+            return super().__getitem__(index)
+
+    x, y = torch.randn(100, 1, 4, 4), torch.arange(100)
+    cases = [
+        (TensorDataset(x, y), Counted(x, y), 0),
+        (Subset(TensorDataset(x, y), list(range(5, 95))), Subset(Counted(x, y), list(range(5, 95))), 0),
+        (ConcatDataset([TensorDataset(x, y)] * 2), ConcatDataset([Counted(x, y)] * 2), 200),
+    ]
+    for plain, gathered, per_sample_calls in cases:
+        Counted.samples = 0
+        torch.manual_seed(3)
+        expected = list(DataLoader(plain, batch_size=16, shuffle=True))
+        torch.manual_seed(3)
+        got = list(DataLoader(gathered, batch_size=16, shuffle=True, collate_fn=collate))
+        assert len(got) == len(expected)
+        for (ex, ey), batch in zip(expected, got):
+            assert isinstance(batch, list) and torch.equal(batch[0], ex) and torch.equal(batch[1], ey)
+        assert Counted.samples == per_sample_calls
+        torch.manual_seed(3)  # a loader of the user's own, default collate: the same batches, the slow way
+        plain_collate = list(DataLoader(gathered, batch_size=16, shuffle=True))
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, plain_collate))

@@ -3,13 +3,17 @@
 from lightning_fed.data.ct import CTFolderSite, CTFolderSites
 from lightning_fed.data.ct_vendors import SimulatedCTHospitals
 from lightning_fed.data.fashion_mnist import FashionMNISTDataModule, HospitalsDataModule, load_fashion_mnist
+from lightning_fed.data.flamby import FedHeartDisease, FedTcgaBrca
 from lightning_fed.data.heart_disease import HeartDiseaseSites, load_heart_disease
 from lightning_fed.data.medmnist import MedMNISTSites, load_medmnist
 from lightning_fed.data.mosaic import FashionMosaicSites
 from lightning_fed.data.partition import IID, Dirichlet, Partitioner, SizeAndRatio, split_fractions
 from lightning_fed.data.sites import SimulatedSiteData, Site, describe_sites, simulate_sites
+from lightning_fed.data.tensors import TensorBatches, collate
 
 __all__ = [
+    "TensorBatches",
+    "collate",
     "CTFolderSite",
     "CTFolderSites",
     "HeartDiseaseSites",
@@ -18,6 +22,8 @@ __all__ = [
     "Dirichlet",
     "FashionMNISTDataModule",
     "FashionMosaicSites",
+    "FedHeartDisease",
+    "FedTcgaBrca",
     "HospitalsDataModule",
     "Partitioner",
     "Site",

@@ -11,11 +11,12 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_fed.data.download import data_root, ensure_files
 from lightning_fed.data.partition import SizeAndRatio, split_fractions, train_val_test
 from lightning_fed.data.sites import Site, SiteSplits, per_site
+from lightning_fed.data.tensors import TensorBatches, collate
 
 FILES = {
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
@@ -62,9 +63,9 @@ def load_fashion_mnist(
     return images, labels
 
 
-def to_tensor_dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
+def to_tensor_dataset(images: np.ndarray, labels: np.ndarray) -> TensorBatches:
     x = (torch.from_numpy(images.astype(np.float32) / 255.0) - MEAN) / STD
-    return TensorDataset(x.unsqueeze(1), torch.from_numpy(labels))
+    return TensorBatches(x.unsqueeze(1), torch.from_numpy(labels))
 
 
 class FashionMNISTDataModule(LightningDataModule):
@@ -92,13 +93,15 @@ class FashionMNISTDataModule(LightningDataModule):
             setattr(self, f"{split}_set", to_tensor_dataset(images, labels))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers, collate_fn=collate
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=256, num_workers=self.num_workers)
+        return DataLoader(self.test_set, batch_size=256, num_workers=self.num_workers, collate_fn=collate)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=256, num_workers=self.num_workers)
+        return DataLoader(self.test_set, batch_size=256, num_workers=self.num_workers, collate_fn=collate)
 
 
 class PooledIndexData(SiteSplits):

@@ -14,11 +14,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import TensorDataset
 
 from lightning_fed.data.download import data_root, ensure_files
 from lightning_fed.data.partition import split_fractions, train_val_test
 from lightning_fed.data.sites import Site, SiteSplits, chosen_sites, per_site
+from lightning_fed.data.tensors import TensorBatches
 
 HOSPITALS = {
     "cleveland": ("processed.cleveland.data", "2d91a8ff69cfd9616aa47b59d6f843db"),
@@ -80,7 +80,7 @@ class HeartDiseaseSiteData(SiteSplits):
         std = filled[self.indices["train"]].std(axis=0)
         scaled = (filled - filled[self.indices["train"]].mean(axis=0)) / np.where(std > 0, std, 1.0)
         for split, idx in self.indices.items():
-            self.datasets[split] = TensorDataset(
+            self.datasets[split] = TensorBatches(
                 torch.from_numpy(scaled[idx].astype(np.float32)), torch.from_numpy(y[idx])
             )
 

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.nn import functional as F
-from torch.utils.data import TensorDataset
 
 from lightning_fed.data.download import data_root, ensure_files
 from lightning_fed.data.partial_labels import check_label_sets, mask_labels, rotating_label_sets
 from lightning_fed.data.partition import IID, Dirichlet
 from lightning_fed.data.sites import Site, SiteSplits, per_site
+from lightning_fed.data.tensors import TensorBatches
 
 MIRRORS = ("https://zenodo.org/record/6496656/files/",)
 CHEST_LABELS = (
@@ -79,14 +79,14 @@ def load_medmnist(name: str, data_dir: Optional[str] = None, download: bool = Tr
         return {key: npz[key] for key in npz.files}
 
 
-def to_tensors(images: np.ndarray, labels: np.ndarray, task: str, image_size: int = 28) -> TensorDataset:
+def to_tensors(images: np.ndarray, labels: np.ndarray, task: str, image_size: int = 28) -> TensorBatches:
     """uint8 ``[N, H, W(, C)]`` → float ``[N, C, image_size, image_size]`` in [-1, 1]; labels as the task needs."""
     x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
     if image_size != x.shape[-1]:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     y = torch.from_numpy(labels.astype(np.int64))
-    return TensorDataset(x, y if task == "multilabel" else y.reshape(-1))
+    return TensorBatches(x, y if task == "multilabel" else y.reshape(-1))
 
 
 def remap_labels(labels: np.ndarray, label_map: Sequence[Optional[int]]) -> np.ndarray:

@@ -19,12 +19,12 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import TensorDataset
 
 from lightning_fed.data.fashion_mnist import CLASSES, MEAN, STD, fashion_mnist_root, load_fashion_mnist
 from lightning_fed.data.partial_labels import check_label_sets, mask_labels, rotating_label_sets
 from lightning_fed.data.partition import split_fractions
 from lightning_fed.data.sites import Site, SiteSplits, per_site
+from lightning_fed.data.tensors import TensorBatches
 
 PRETRAIN_POOL_SIZE = 10_000
 TILES = 4
@@ -91,7 +91,7 @@ class MosaicSiteData(SiteSplits):
         }
         for split, part in self.plan.items():
             x = scanner(compose_mosaics(pools[part["pool"]], part["tiles"]), self.contrast, self.brightness)
-            self.datasets[split] = TensorDataset(
+            self.datasets[split] = TensorBatches(
                 x, torch.from_numpy(np.array(part["targets"]))
             )  # Ray hands over read-only arrays
 

@@ -14,6 +14,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Subset
 
 from lightning_fed.data.partition import IID, Partitioner
+from lightning_fed.data.tensors import collate
 
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -141,7 +142,8 @@ class SplitLoaders(LightningDataModule):
 
 class SiteSplits(SplitLoaders):
     """One site's data as named splits: subclasses fill ``self.datasets["train"|"val"|"test"]`` in ``setup``
-    (inside the site's actor). A missing or empty split gives no batches."""
+    (inside the site's actor). A missing or empty split gives no batches; a
+    :class:`~lightning_fed.data.tensors.TensorBatches` split is served a whole batch per gather."""
 
     def __init__(self, batch_size: int, eval_batch_size: int = 512) -> None:
         super().__init__()
@@ -152,8 +154,12 @@ class SiteSplits(SplitLoaders):
         if len(self.datasets.get(split, ())) == 0:
             return []
         train = split == "train"
+        # collate: a TensorBatches dataset's batches come gathered whole (lightning_fed.data.tensors)
         return DataLoader(
-            self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train
+            self.datasets[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            collate_fn=collate,
         )
 
 

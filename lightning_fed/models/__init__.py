@@ -4,6 +4,10 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
+    "CoxModel": "lightning_fed.models.survival",
+    "LogisticRegression": "lightning_fed.models.survival",
+    "concordance_index": "lightning_fed.models.survival",
+    "cox_loss": "lightning_fed.models.survival",
     "ImageClassifier": "lightning_fed.models.classifier",
     "create_backbone": "lightning_fed.models.classifier",
     "load_backbone_checkpoint": "lightning_fed.models.classifier",
