@@ -65,6 +65,23 @@ def user_callbacks(trainer: Trainer) -> list:
     return [cb for cb in trainer.callbacks if not isinstance(cb, (ProgressBar, ModelSummary, SaveConfigCallback))]
 
 
+def refuse_unrunnable_fit(config: FederationConfig, trainer: Trainer, model: LightningModule) -> None:
+    """What the federation cannot run with this Trainer and model, refused before anything starts: one line with the
+    way out (the aggregator's needs of the model; what the round schedule rules out, :mod:`lightning_fed.rounds`)."""
+    try:
+        config.aggregator.check_model(model)
+    except ValueError as err:
+        raise FederationConfigError(str(err)) from None
+    refused = config.rounds.refusals(
+        trainer_settings(trainer),
+        user_callbacks(trainer),
+        config.checkpointing.every_n_rounds,
+        config.reliability.tolerant,
+    )
+    if refused:
+        raise FederationConfigError(refused[0])
+
+
 def _module_loaders(model: LightningModule) -> dict[str, Any]:
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -210,18 +227,7 @@ class FederatedLauncher(_Launcher):
     ) -> None:
         if isinstance(train_dataloaders, LightningDataModule):
             datamodule, train_dataloaders = train_dataloaders, None
-        try:
-            self.config.aggregator.check_model(model)
-        except ValueError as err:
-            raise FederationConfigError(str(err)) from None
-        refused = self.config.rounds.refusals(
-            trainer_settings(trainer),
-            user_callbacks(trainer),
-            self.config.checkpointing.every_n_rounds,
-            self.config.reliability.tolerant,
-        )
-        if refused:
-            raise FederationConfigError(refused[0])
+        refuse_unrunnable_fit(self.config, trainer, model)
         resume = self._resume_point(ckpt_path)
         source = datamodule if datamodule is not None else {"train": train_dataloaders, "val": val_dataloaders}
         if isinstance(source, dict) and all(v is None for v in source.values()):

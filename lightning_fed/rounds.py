@@ -5,6 +5,8 @@ every site hands its update over after exactly k optimizer steps, wherever its e
 through its data several times in a round, a large one not once). Epochs then no longer line up across sites, so
 whatever the federation agrees at an epoch's end moves to the round's end:
 
+- an update weighs by the site's training samples (FedAvg's n_k, as FLamby weighs it), not by the samples of
+  the round (the same k batches at every site);
 - validation runs at every round's end, right after the hand-over (``val_check_interval`` = k batches, counted
   across epochs), and its merge is keyed by the round;
 - the run ends at ``Trainer(max_steps=...)``: ``ceil(max_steps / k)`` rounds, the last one shorter when

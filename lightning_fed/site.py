@@ -163,6 +163,7 @@ class SiteRuntime:
         n = -1
         if stage == "fit":
             n = train_samples(self.datamodule.train_dataloader())
+            self.sync.train_size = n if n > 0 else None
         return SiteReady(
             self.name, n, str(site_device()[1]), ray.get_runtime_context().get_node_id(), self.worker, self.marker
         )

@@ -135,6 +135,9 @@ class FederatedSync(Callback):
         self.rounds = rounds
         self.sync_every = rounds.every
         self._synced_at_step = -1  # the global step of the last hand-over (step rounds: once per optimizer step)
+        # the site's training samples (set at start-up): with step rounds every site processes the same number of
+        # samples a round, so an update weighs by the site's data instead (FedAvg's n_k, as FLamby weighs it)
+        self.train_size: Optional[int] = None
         self.metrics = metrics
         self.round = 0  # rounds completed; restored from the site checkpoint on resume
         self.synced_this_epoch = False
@@ -151,7 +154,8 @@ class FederatedSync(Callback):
     # -- the hand-over ---------------------------------------------------------------------------
     def sync(self, trainer: Trainer, pl_module: LightningModule) -> None:
         t0 = time.perf_counter()
-        update = self.algorithm.local_update(trainer, pl_module, self._samples_since_sync)
+        weight = self.train_size if self.rounds.in_steps and self.train_size else self._samples_since_sync
+        update = self.algorithm.local_update(trainer, pl_module, weight)
         refuse_non_finite(update.weights, self.context.site, self.round + 1, self._last_loss)
         answer = self.context.ask("sync", self.round + 1, update, carried_state(trainer))
         if isinstance(answer, FollowUp):  # the aggregator needs one more thing from this round's sites

@@ -8,6 +8,7 @@ loads torch or Lightning. Site halves (:class:`SiteAlgorithm`, Lightning callbac
 from typing import Any
 
 from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteContext, SiteUpdate, Weights, is_averageable
+from lightning_fed.strategies.cyclic import Cyclic  # noqa: E402
 from lightning_fed.strategies.dp_fedavg import DPFedAvg  # noqa: E402
 from lightning_fed.strategies.fedavg import FedAvg  # noqa: E402  (each import registers its rule's name)
 from lightning_fed.strategies.fedbn import FedBN  # noqa: E402
@@ -25,6 +26,7 @@ _SITE_HALF = ("SiteAlgorithm", "load_weights", "state_to_numpy")
 
 __all__ = [
     "Aggregator",
+    "Cyclic",
     "DPFedAvg",
     "FedAdagrad",
     "FedAdam",

@@ -74,6 +74,7 @@ OPTIONS = {
     },
     "fedadagrad": {"eta": (0.1, {}, aggregated), "beta1": (0.5, {}, aggregated), "tau": (0.1, {}, aggregated)},
     "scaffold": {"eta_g": (0.5, {}, aggregated)},
+    "cyclic": {"deterministic_cycle": (True, {}, aggregated), "seed": (1, {}, aggregated)},
     "trimmed_mean": {"beta": (0.25, {}, aggregated)},
     "uncertainty_weighted": {
         "score": ("epistemic", {}, aggregated),
