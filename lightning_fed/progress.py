@@ -142,12 +142,17 @@ class FederatedProgress:
 
 CLASSIFICATION_COLUMNS = ("loss", "accuracy", "precision", "recall", "auroc")
 SEGMENTATION_COLUMNS = ("loss", "dice", "entropy", "mutual_information")
+SURVIVAL_COLUMNS = ("loss", "c_index")
 
 
 def report_columns(rows: dict[str, dict[str, Any]]) -> tuple[str, ...]:
-    """Metric columns for a results table: segmentation's when the sites measured Dice or uncertainty."""
-    segmentation = any("dice" in r or "mutual_information" in r for r in rows.values())
-    return SEGMENTATION_COLUMNS if segmentation else CLASSIFICATION_COLUMNS
+    """Metric columns for a results table: segmentation's when the sites measured Dice or uncertainty, survival's
+    when the module logs a concordance index (a Cox model's; classification figures mean nothing for it)."""
+    if any("dice" in r or "mutual_information" in r for r in rows.values()):
+        return SEGMENTATION_COLUMNS
+    if any("c_index" in r for r in rows.values()):
+        return SURVIVAL_COLUMNS
+    return CLASSIFICATION_COLUMNS
 
 
 def results_cells(

@@ -182,3 +182,13 @@ def test_tables_are_plain_text_when_piped():
         "large      0.9900",
         "federated  0.9800",
     ]
+
+
+def test_results_tables_show_the_columns_of_the_task():
+    from lightning_fed.progress import report_columns
+
+    assert report_columns({"a": {"loss": 0.3, "accuracy": 0.9, "auroc": 0.95}})[1] == "accuracy"
+    assert report_columns({"a": {"loss": 0.3, "dice": 0.8}}) == ("loss", "dice", "entropy", "mutual_information")
+    # a Cox model: its concordance index, not the event read as a class label
+    survival = {"northeast": {"loss": 2.1, "c_index": 0.74, "accuracy": 0.2}, "federated": {"c_index": 0.7}}
+    assert report_columns(survival) == ("loss", "c_index")
