@@ -57,7 +57,8 @@ class SiteMetrics(Callback):
     pairs or dicts with a ``target``/``label`` key. Outputs shaped ``[B, C, H, W]`` against targets ``[B, H, W]``
     are a segmentation: Dice per class and per ``group`` (a batch key; names from the datamodule's
     ``group_names``), and, when the module offers ``predictive_uncertainty(images)``, its uncertainty per group,
-    measured on images alone (so also at a site without labels).
+    measured on images alone (so also at a site without labels). A module whose outputs are no class scores or masks
+    (e.g. a Cox model's log hazards) sets ``lightning_fed_metrics = False``: only its own logged metrics are reported.
     """
 
     def __init__(self, site: str, thresholds: int = DEFAULT_THRESHOLDS) -> None:
@@ -69,11 +70,18 @@ class SiteMetrics(Callback):
         self._captured: list[torch.Tensor] = []
         self._handle: Optional[RemovableHandle] = None
         self._disabled: Optional[str] = None
+        self._own_metrics_only = False  # the module set lightning_fed_metrics = False
         self.groups: tuple[str, ...] = ()
         self.results: dict[str, dict[str, Any]] = {}
 
     # -- capture ---------------------------------------------------------------------------------
     def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._own_metrics_only = getattr(pl_module, "lightning_fed_metrics", True) is False
+        if self._own_metrics_only:
+            # the module measures itself (e.g. a Cox model's C-index): its outputs are no class scores to rate; its
+            # samples still weigh its scalars in the federated means
+            self._samples[stage] = 0
+            return
         # group names (e.g. vendors) of the batches' ``group`` index, from the site's datamodule
         self.groups = (
             tuple(getattr(trainer.datamodule, "group_names", None) or ()) if self.spec is None else self.spec.groups
@@ -94,6 +102,9 @@ class SiteMetrics(Callback):
 
     def _update(self, pl_module: LightningModule, batch: Any, stage: str) -> None:
         captured, self._captured = self._captured, []
+        if self._own_metrics_only:
+            self._samples[stage] += len(inputs_of(batch))
+            return
         if self._disabled:
             return
         targets = targets_of(batch)

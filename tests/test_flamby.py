@@ -207,5 +207,6 @@ def test_tcga_brca_federation_reports_each_regions_c_index(tmp_path, ray_cluster
     assert set(rows) == {*TCGA_REGIONS, "federated"}
     for region, (_, test) in TCGA_SIZES.items():
         assert 0.0 <= rows[region]["c_index"] <= 1.0 and math.isfinite(rows[region]["loss"])
-        assert int(np.sum(rows[region]["confusion_matrix"])) == test  # lightning-fed's metrics: events as labels
+        # log hazards are no class scores: the built-in classification metrics stay off (lightning_fed_metrics)
+        assert not {"accuracy", "recall", "auroc", "confusion_matrix"} & set(rows[region])
     assert rows["federated"]["c_index"] > 0.5

@@ -87,6 +87,8 @@ class CoxModel(_FlambyBaseline):
     not the C-index of the pooled test set (pairs across sites are never compared).
     """
 
+    lightning_fed_metrics = False  # log hazards, not class scores: the C-index is this module's own metric
+
     def __init__(self, in_features: int = 39, lr: float = 0.1, optimizer: Optimizer = "adam") -> None:
         super().__init__()
         self._check_optimizer(optimizer)
