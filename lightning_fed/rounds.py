@@ -12,7 +12,8 @@ whatever the federation agrees at an epoch's end moves to the round's end:
 - the run ends at ``Trainer(max_steps=...)``: ``ceil(max_steps / k)`` rounds, the last one shorter when
   ``max_steps`` is not a multiple of k;
 - what needs epoch-aligned rounds is refused before anything starts, with the way out: round checkpoints (and so
-  resume), continue mode (a site rejoins at an epoch), callbacks that stop a site on their own (``EarlyStopping``),
+  resume), continue mode (a site rejoins at an epoch), callbacks that stop a site on their own (``EarlyStopping``,
+  the ``Timer`` of ``max_time``),
   a validation schedule of the user's own, and a ``max_epochs`` limit (sites would stop apart).
 """
 
@@ -86,9 +87,10 @@ class RoundSchedule:
             )
         if tolerant:
             found.append(f"{k}: a site left out rejoins at an epoch; use on_site_failure='abort' with step rounds")
-        from lightning.pytorch.callbacks import EarlyStopping
+        from lightning.pytorch.callbacks import EarlyStopping, Timer
 
-        stoppers = sorted({type(cb).__name__ for cb in callbacks if isinstance(cb, EarlyStopping)})
+        # Timer: Trainer(max_time=...) adds one; it stops a site at its own moment, mid-round
+        stoppers = sorted({type(cb).__name__ for cb in callbacks if isinstance(cb, (EarlyStopping, Timer))})
         if stoppers:
             found.append(
                 f"{k}: {', '.join(stoppers)} would stop one site mid-round while the others wait for it; "

@@ -82,7 +82,7 @@ class FederatedStrategy(SingleDeviceStrategy):
         sync_every_steps: count a round in optimizer steps instead of epochs, FLamby's way: every site hands its
             update over after exactly this many steps, wherever its epochs end, and validates at each round's end;
             give ``Trainer(max_steps=rounds * sync_every_steps)`` (:mod:`lightning_fed.rounds` says what this
-            rules out: round checkpoints, continue mode, ``EarlyStopping``).
+            rules out: round checkpoints, continue mode, ``EarlyStopping``, ``max_time``).
         **shorthands: today's flat names, sorted into the groups above: ``num_sites``, ``partitioner``,
             ``site_cpus``, ``site_gpus``, ``checkpoint_dir``, ``checkpoint_every``, ``keep_checkpoints``,
             ``ray_address``, ``ray_init_kwargs``, ``placement_timeout``, ``workers``, ``sites_per_worker``,

@@ -6,7 +6,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, Timer
 
 from lightning_fed import FederatedStrategy, FederationConfigError
 from lightning_fed.models import SmallCNN
@@ -40,6 +40,7 @@ def test_step_rounds_refuse_what_needs_epoch_aligned_rounds_naming_the_way_out()
         ({}, [], 1, False, "set checkpoint_every=0"),
         ({}, [], 0, True, "on_site_failure='abort'"),
         ({}, [EarlyStopping("val_loss")], 0, False, "EarlyStopping would stop one site mid-round"),
+        ({}, [Timer(duration="00:00:10:00")], 0, False, "Timer would stop one site mid-round"),
     ]
     for changes, callbacks, every, tolerant, expected in cases:
         found = steps.refusals({**STEP_DEFAULTS, **changes}, callbacks, checkpoint_every=every, tolerant=tolerant)
