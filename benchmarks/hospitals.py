@@ -139,22 +139,11 @@ def launch(arm: str, args: argparse.Namespace, scratch: Path, repeat: int) -> di
             str(REPO / "benchmarks" / "tiny_fit.py"),
             *(["--federated"] if arm.endswith("fed") else []),
         ]
-    elif arm == "plain":
-        command = [
-            sys.executable,
-            str(REPO / "benchmarks" / "plain_hospitals.py"),
-            "--split-file",
-            str(scratch / "split.npz"),
-            *common,
-        ]
-    elif arm == "flower":
-        command = [
-            args.flower_python,
-            str(REPO / "benchmarks" / "flower_hospitals.py"),
-            "--split-file",
-            str(scratch / "split.npz"),
-            *common,
-        ]
+    elif arm in ("plain", "flower"):  # both read the hospitals' split written for them
+        python, script = (
+            (sys.executable, "plain_hospitals.py") if arm == "plain" else (args.flower_python, "flower_hospitals.py")
+        )
+        command = [python, str(REPO / "benchmarks" / script), "--split-file", str(scratch / "split.npz"), *common]
     elif arm == "lightning_fed":
         root = scratch / f"lightning_fed_{repeat}"
         command = [

@@ -162,7 +162,6 @@ class FederatedLauncher(_Launcher):
             callbacks=user_callbacks(trainer),
             loggers=site_logger_specs(trainer.loggers),
             root_dir=self.run_root(trainer),
-            sync_every=self.config.sync_every,
             rounds=self.config.rounds,
             checkpoint_dir=self.checkpoint_dir(trainer, resume),
             checkpoint_every=self.config.checkpointing.every_n_rounds,

@@ -49,12 +49,11 @@ class TrainerJob:
     callbacks: list[Callback]
     loggers: list[SiteLoggerSpec]
     root_dir: str
-    sync_every: int
     checkpoint_dir: Optional[str]
     checkpoint_every: int
     metric_thresholds: int
     class_balance: Optional[str]
-    rounds: RoundSchedule = RoundSchedule()  # sync_every epochs, or optimizer steps
+    rounds: RoundSchedule  # sync_every epochs, or optimizer steps
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,6 @@ class FederatedSync(Callback):
         self.labelled = labelled
         self.algorithm = algorithm
         self.rounds = rounds
-        self.sync_every = rounds.every
         self._synced_at_step = -1  # the global step of the last hand-over (step rounds: once per optimizer step)
         # the site's training samples (set at start-up): with step rounds every site processes the same number of
         # samples a round, so an update weighs by the site's data instead (FedAvg's n_k, as FLamby weighs it)
@@ -172,7 +171,7 @@ class FederatedSync(Callback):
 
     def _due(self, trainer: Trainer) -> bool:
         """Whether this epoch's end ends a round (epoch rounds only)."""
-        return not self.rounds.in_steps and (trainer.current_epoch + 1) % self.sync_every == 0
+        return not self.rounds.in_steps and (trainer.current_epoch + 1) % self.rounds.every == 0
 
     def rejoin(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Come back in at the start of round ``join.round``: its global model (through the algorithm, e.g. keeping
@@ -184,7 +183,7 @@ class FederatedSync(Callback):
         restore_carried(trainer, join.carry)
         self.round, self._samples_since_sync = join.round - 1, 0
         global_model_loaded(pl_module, self.round)
-        epoch = max(0, (join.round - 1) * self.sync_every)
+        epoch = max(0, (join.round - 1) * self.rounds.every)
         progress = trainer.fit_loop.epoch_progress
         if progress.current.completed < epoch:  # the rounds it missed: the loop starts at the round's first epoch
             for counter in (progress.current, progress.total):
