@@ -9,7 +9,11 @@ For each dataset and seed, with FLamby's settings (``owkin/FLamby`` @ edacf54, `
   data (``aggregator="local"``, one round of all the epochs, so each centre runs its own number of steps);
 - the seven strategies (FedAvg, FedProx, Scaffold, FedAdam, FedYogi, FedAdagrad, Cyclic): SGD at the strategy's
   client learning rate, ``sync_every_steps=100`` (FLamby's ``num_updates``) for FLamby's number of rounds
-  (heart 15, TCGA 5), ``Trainer(max_steps=rounds * 100)``.
+  (heart 15, TCGA 5), ``Trainer(max_steps=rounds * 100)``;
+- ``FedAvg + fine-tune`` (heart only), FLamby's personalisation example: FedAvg with SGD at 0.00316227 for 15 rounds
+  of 100 updates (row ``FedAvg (lr 0.0032)``, the global model), then ``fine_tune_steps=100`` at every centre; each
+  centre's fine-tuned model (read from the checkpoint the site wrote) is tested on that centre's test set only, so it
+  has no pooled-test figure.
 
 Every model starts from the same weights within a seed (``torch.manual_seed(seed)``, then the linear layer, as
 FLamby builds its one ``global_init``). Each model is then tested in this process as FLamby tests it: the metric
@@ -22,7 +26,7 @@ values) is not used: the pooled test set's C-index compares pairs across centres
     python benchmarks/flamby.py --dataset heart --seeds 42 --json /tmp/flamby.json
 
 Prints a line per run, then per dataset a table: our mean ± std over seeds (pooled test; mean over the centres'
-test sets) beside FLamby's published ones (``PUBLISHED`` below, from its results CSVs), and wall seconds per
+test sets) beside FLamby's published ones (``flamby_published.py``, from its results CSVs), and wall seconds per
 arm (all seeds). All federations run inside one ``lightning_fed.warm_workers()`` block.
 """
 
@@ -39,6 +43,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from flamby_published import (  # beside this file
+    DIFFERENCES,
+    FLAMBY_CSVS,
+    FLAMBY_PERSONALISATION_CSV,
+    PERSONALISATION_LR,
+    PUBLISHED,
+)
 
 STRATEGIES = ("FedAvg", "FedProx", "Scaffold", "FedAdam", "FedYogi", "FedAdagrad", "Cyclic")
 NUM_UPDATES = 100  # FLamby's run_num_updates
@@ -97,71 +109,6 @@ SETTINGS = {
             "Cyclic": ("cyclic", 0.01, {"deterministic_cycle": False}),
         },
     ),
-}
-
-DIFFERENCES = [
-    "Cyclic: FLamby's Cyclic (edacf54, flamby/strategies/cyclic.py) never hands weights on: each client trains its "
-    "own deep copy of the model when visited, and the benchmark tests run()[0], client 0's model, i.e. client 0 "
-    "trained alone with SGD for 100 steps per visit. lightning-fed's cyclic passes the model from site to site "
-    "(the published Cyclic row is not cyclic weight transfer). Both visit the sites in the same seeded order.",
-    "Data order: FLamby shuffles every client from torch's one global generator after set_seed(seed); here site i "
-    "draws its own batches seeded seed + i, so the batches differ (initial weights: the same recipe).",
-    "Scaffold: FLamby averages the model updates weighted by samples, with its own control-variate bookkeeping; "
-    "lightning-fed's scaffold is the paper's option II (uniform means of dy and dc).",
-    "FedAdam/FedYogi/FedAdagrad: lightning-fed's second moment starts at tau^2 (1e-16 here), FLamby's at 0.",
-    "Spread: std over seeds of each seed's value (the mean over centres for that column); FLamby's figure draws "
-    "seaborn's 95 % bootstrap interval over every (centre, seed) row instead.",
-]
-
-
-# FLamby's published results (owkin/FLamby @ edacf54d5211520583b0133d55ac39b6fda8324b, the CSVs below; the methods
-# "Pooled Training", "Local k" and "<Strategy>100"): per method, (pooled test set, mean over the centres' test sets),
-# each (mean, std, min, max) over seeds 42-46 of that seed's value; std with n - 1
-FLAMBY_CSVS = {
-    "heart": "flamby/results/results_benchmark_fed_heart_disease/heart_seed{42..46}.csv",
-    "tcga": "flamby/results/results_benchmark_fed_tcga_brca/tcga_seed{42..46}.csv",
-}
-PUBLISHED_ROWS = {
-    "heart": {
-        "Pooled": ((0.7953, 0.0028, 0.7913, 0.7992), (0.7353, 0.0027, 0.7319, 0.7391)),
-        "Local 0": ((0.7843, 0.0070, 0.7756, 0.7913), (0.7221, 0.0211, 0.6938, 0.7483)),
-        "Local 1": ((0.7268, 0.0129, 0.7165, 0.7480), (0.6287, 0.0169, 0.6021, 0.6490)),
-        "Local 2": ((0.4827, 0.0449, 0.4213, 0.5236), (0.5670, 0.0579, 0.4964, 0.6268)),
-        "Local 3": ((0.6110, 0.0393, 0.5787, 0.6614), (0.6366, 0.0386, 0.5852, 0.6747)),
-        "FedAvg": ((0.7480, 0.0268, 0.7008, 0.7638), (0.6850, 0.0283, 0.6427, 0.7198)),
-        "FedProx": ((0.7480, 0.0268, 0.7008, 0.7638), (0.6850, 0.0283, 0.6427, 0.7198)),
-        "Scaffold": ((0.7480, 0.0268, 0.7008, 0.7638), (0.6840, 0.0280, 0.6427, 0.7198)),
-        "FedAdam": ((0.7787, 0.0146, 0.7677, 0.8031), (0.7255, 0.0138, 0.7115, 0.7461)),
-        "FedYogi": ((0.7787, 0.0153, 0.7598, 0.7992), (0.7314, 0.0125, 0.7194, 0.7513)),
-        "FedAdagrad": ((0.7787, 0.0153, 0.7598, 0.7992), (0.7314, 0.0125, 0.7194, 0.7513)),
-        "Cyclic": ((0.7850, 0.0123, 0.7717, 0.8031), (0.7180, 0.0287, 0.6751, 0.7528)),
-    },
-    "tcga": {
-        "Pooled": ((0.7041, 0.1144, 0.5524, 0.7963), (0.6759, 0.0949, 0.5448, 0.7798)),
-        "Local 0": ((0.6948, 0.0426, 0.6495, 0.7502), (0.7282, 0.0378, 0.6791, 0.7754)),
-        "Local 1": ((0.7275, 0.0483, 0.6447, 0.7619), (0.7496, 0.0369, 0.6919, 0.7940)),
-        "Local 2": ((0.6043, 0.0314, 0.5795, 0.6571), (0.4977, 0.0260, 0.4661, 0.5243)),
-        "Local 3": ((0.5650, 0.0703, 0.4941, 0.6821), (0.6562, 0.0654, 0.6106, 0.7703)),
-        "Local 4": ((0.7251, 0.0345, 0.6755, 0.7656), (0.7121, 0.0320, 0.6879, 0.7572)),
-        "Local 5": ((0.7103, 0.0045, 0.7062, 0.7165), (0.6913, 0.0081, 0.6810, 0.7020)),
-        "FedAvg": ((0.7353, 0.1750, 0.4227, 0.8289), (0.7319, 0.1811, 0.4081, 0.8203)),
-        "FedProx": ((0.7167, 0.1621, 0.4278, 0.8084), (0.7290, 0.1683, 0.4296, 0.8283)),
-        "Scaffold": ((0.6995, 0.0347, 0.6579, 0.7513), (0.6869, 0.0360, 0.6448, 0.7317)),
-        "FedAdam": ((0.8421, 0.0168, 0.8209, 0.8619), (0.8152, 0.0256, 0.7769, 0.8408)),
-        "FedYogi": ((0.8421, 0.0166, 0.8209, 0.8615), (0.8152, 0.0256, 0.7769, 0.8408)),
-        "FedAdagrad": ((0.8338, 0.0075, 0.8242, 0.8443), (0.8129, 0.0048, 0.8088, 0.8195)),
-        "Cyclic": ((0.6607, 0.0749, 0.5297, 0.7190), (0.6582, 0.0429, 0.5858, 0.6985)),
-    },
-}
-PUBLISHED = {
-    dataset: {
-        method: {
-            column: dict(zip(("mean", "std", "min", "max"), figures))
-            for column, figures in zip(("pooled", "centres"), row)
-        }
-        for method, row in rows.items()
-    }
-    for dataset, rows in PUBLISHED_ROWS.items()
 }
 
 
@@ -280,11 +227,35 @@ def run_strategy(name: str) -> Callable[..., dict]:
     return run
 
 
-ARMS = ("Pooled", "Local", *STRATEGIES)
+def run_fine_tuned(dataset: str, s: Setting, seed: int, init: dict, root: str) -> dict:
+    """FedAvg at the personalisation example's rate, then 100 fine-tuning updates per centre: the global model, and
+    each centre's fine-tuned model as ``{centre: model}`` (tested at its own centre only)."""
+    import torch
+
+    from lightning_fed import FederatedStrategy
+
+    strategy = FederatedStrategy(
+        sync_every_steps=NUM_UPDATES, fine_tune_steps=NUM_UPDATES, seed=seed, progress=False, checkpoint_every=0
+    )
+    model = new_model(dataset, "sgd", PERSONALISATION_LR, init)
+    try:
+        _trainer(root, strategy, max_steps=s.rounds * NUM_UPDATES).fit(model, datamodule=datamodule(dataset))
+    finally:
+        strategy.shutdown()
+    assert strategy.last_fit is not None
+    tuned = {}
+    for site, fit in strategy.last_fit.sites.items():
+        assert fit.fine_tuning is not None and fit.fine_tuning.steps == NUM_UPDATES
+        state = torch.load(fit.fine_tuning.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+        tuned[site] = new_model(dataset, "sgd", PERSONALISATION_LR, state)
+    return {"FedAvg (lr 0.0032)": model, "FedAvg + fine-tune": tuned}
+
+
+ARMS = ("Pooled", "Local", *STRATEGIES, "FineTune")
 
 
 def arm(name: str) -> Callable[..., dict]:
-    return {"Pooled": run_pooled, "Local": run_local}.get(name) or run_strategy(name)
+    return {"Pooled": run_pooled, "Local": run_local, "FineTune": run_fine_tuned}.get(name) or run_strategy(name)
 
 
 # -- the report ------------------------------------------------------------------------------------------------
@@ -297,12 +268,12 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def fmt(stat: dict | None) -> str:
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat else "-"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat and stat["mean"] == stat["mean"] else "-"
 
 
 def within(ours: dict, theirs: dict | None) -> str:
     """``yes`` when our mean lies inside the range of FLamby's five seeds."""
-    if not theirs:
+    if not theirs or ours["mean"] != ours["mean"]:
         return "-"
     return "yes" if theirs["min"] <= ours["mean"] <= theirs["max"] else "no"
 
@@ -326,6 +297,7 @@ def table(dataset: str, results: dict[str, dict], walls: dict[str, float], seeds
         theirs = published.get(key, {})
         ours = {column: summary(row[column]) for column in ("pooled", "centres")}
         wall = walls.get("Local", 0.0) if name == f"Local {centres[0] if centres else ''}" else walls.get(name)
+        wall = walls.get("FineTune") if name == "FedAvg (lr 0.0032)" else wall
         lines.append(
             f"{name:<22} {fmt(ours['pooled']):>17} {fmt(theirs.get('pooled')):>13} "
             f"{within(ours['pooled'], theirs.get('pooled')):>3}   {fmt(ours['centres']):>23} "
@@ -334,6 +306,11 @@ def table(dataset: str, results: dict[str, dict], walls: dict[str, float], seeds
         )
     if centres:
         lines.append(f"(Local: one wall time for the {len(centres)} centres together)")
+    if "FedAvg + fine-tune" in results:
+        lines.append(
+            "(FedAvg (lr 0.0032) and FedAvg + fine-tune: one run, FLamby's personalisation example "
+            f"({FLAMBY_PERSONALISATION_CSV}); a fine-tuned model is tested at its own centre only)"
+        )
     return "\n".join(lines)
 
 
@@ -360,7 +337,7 @@ def main() -> None:
     datasets = ["heart", "tcga"] if args.dataset == "both" else [args.dataset]
     report: dict[str, Any] = {
         "seeds": args.seeds,
-        "flamby_sources": FLAMBY_CSVS,
+        "flamby_sources": {**FLAMBY_CSVS, "personalisation": FLAMBY_PERSONALISATION_CSV},
         "differences": DIFFERENCES,
     }
     tables = []
@@ -377,13 +354,16 @@ def main() -> None:
                 init = copy.deepcopy(new_model(dataset, "sgd", 0.0).state_dict())
                 for name in args.arms:
                     t0 = time.perf_counter()
+                    if name == "FineTune" and dataset != "heart":
+                        continue  # FLamby's personalisation example is on Fed-Heart-Disease only
                     models = arm(name)(dataset, s, seed, init, root)
                     took = time.perf_counter() - t0
                     walls[name] = walls.get(name, 0.0) + took
                     for label, model in models.items():
-                        per_centre = {c: score(model, tests[c]) for c in centres}
+                        personal = isinstance(model, dict)  # each centre's own model, tested at its centre only
+                        per_centre = {c: score(model[c] if personal else model, tests[c]) for c in centres}
                         row = results.setdefault(label, {"pooled": [], "centres": [], "per_centre": []})
-                        row["pooled"].append(score(model, tests["pooled"]))
+                        row["pooled"].append(float("nan") if personal else score(model, tests["pooled"]))
                         row["centres"].append(statistics.fmean(v for v in per_centre.values() if v == v))
                         row["per_centre"].append(per_centre)
                         print(

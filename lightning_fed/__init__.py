@@ -54,6 +54,7 @@ _EXPORTS = {
     "Checkpointing": "lightning_fed.config",
     "Cluster": "lightning_fed.config",
     "Reliability": "lightning_fed.config",
+    "FineTuning": "lightning_fed.config",
     "DPSGD": "lightning_fed.privacy_settings",
     "Site": "lightning_fed.data.sites",
     "IID": "lightning_fed.data.partition",

@@ -186,6 +186,36 @@ class Cluster:
     init_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FineTuning:
+    """Local fine-tuning after the federated run (FLamby's ``FedAvgFineTuning``): every site continues from the model
+    it ended the run with (the last global model, with any layers its algorithm keeps local) on its own training data,
+    with its own optimizer and LR-scheduler state, and keeps the result as its fine-tuned model. ``trainer.test``
+    then reports both models at every site (the fine-tuned one under ``fine_tuned/...``); the fine-tuned weights stay
+    at the site (``<run>/sites/<name>/fine_tuned.ckpt``). Give exactly one of:
+
+    Args:
+        steps: optimizer steps each site fine-tunes for (FLamby's ``num_fine_tuning_steps``).
+        epochs: epochs over the site's training data instead.
+    """
+
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(
+                f"fine-tuning needs exactly one of steps and epochs, got steps={self.steps!r}, epochs={self.epochs!r}"
+            )
+        if self.steps is not None:
+            _check_int("fine-tuning steps", self.steps, 1)
+        if self.epochs is not None:
+            _check_int("fine-tuning epochs", self.epochs, 1)
+
+    def describe(self) -> str:
+        return f"{self.steps} steps" if self.steps is not None else f"{self.epochs} epoch(s)"
+
+
 def shorthand_groups(
     num_sites: Optional[int] = None,
     partitioner: Optional[Partitioner] = None,
@@ -205,6 +235,8 @@ def shorthand_groups(
     on_site_failure: Optional[str] = None,
     min_sites: Optional[int] = None,
     round_timeout: Optional[float] = None,
+    fine_tune_steps: Optional[int] = None,
+    fine_tune_epochs: Optional[int] = None,
 ) -> dict[str, dict[str, Any]]:
     """The flat names ``FederatedStrategy`` has always taken, sorted into their groups (only those given).
 
@@ -217,6 +249,7 @@ def shorthand_groups(
             ``sites_per_worker`` and ``worker_cpus``.
         on_site_failure, min_sites, round_timeout, barrier_timeout, max_update_norm_ratio: :class:`Reliability`'s
             fields.
+        fine_tune_steps, fine_tune_epochs: :class:`FineTuning`'s ``steps`` and ``epochs``.
     """
     given = {
         "simulation": {
@@ -240,6 +273,7 @@ def shorthand_groups(
             "min_sites": min_sites,
             "round_timeout": round_timeout,
         },
+        "fine_tuning": {"steps": fine_tune_steps, "epochs": fine_tune_epochs},
     }
     return {group: {k: v for k, v in values.items() if v is not None} for group, values in given.items()}
 
@@ -274,9 +308,17 @@ class FederationConfig:
     metric_thresholds: int = 1000
     progress: bool = True
     sync_every_steps: Optional[int] = None
+    fine_tuning: Optional[FineTuning] = None
 
     def __post_init__(self) -> None:
         _check_int("sync_every", self.sync_every, 1)
+        if self.fine_tuning is not None and not isinstance(self.fine_tuning, FineTuning):
+            raise ValueError(f"fine_tuning must be a FineTuning, got {type(self.fine_tuning).__name__}")
+        if self.fine_tuning is not None and self.privacy is not None:
+            raise ValueError(
+                "fine_tuning with DP-SGD (privacy=...): the fine-tuning steps would train outside the sites' privacy "
+                "accountants, so the reported ε would not cover them; drop one of the two"
+            )
         RoundSchedule.of(self.sync_every, self.sync_every_steps)  # one of the two, each valid
         if self.privacy is not None and not isinstance(self.privacy, (DPSGD, dict)):
             raise ValueError(
@@ -308,7 +350,10 @@ class FederationConfig:
     def hyperparameters(self) -> dict[str, Any]:
         """The federation's settings as the driver's loggers record them."""
         rounds = self.rounds
-        return {
+        out: dict[str, Any] = {
             "fl_aggregator": repr(self.aggregator),
             f"fl_sync_every{'_steps' if rounds.in_steps else ''}": rounds.every,
         }
+        if self.fine_tuning is not None:
+            out["fl_fine_tuning"] = self.fine_tuning.describe()
+        return out

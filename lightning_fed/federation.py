@@ -298,8 +298,15 @@ def evaluation_of(stage: str, sites: dict[str, SiteEvaluation]) -> Evaluation:
             f"sites without labels ({', '.join(hidden)}): their label-based metrics come from labels they never "
             "trained on (a simulation's hidden labels), and count in the federated values"
         )
+    # each site's own model of a kind, tested at that site, merged like the global model's (every site has one)
+    kinds = set.intersection(*(set(r.personal) for r in sites.values())) if sites else set()
+    personal = {kind: evaluation_of(stage, {n: r.personal[kind] for n, r in sites.items()}) for kind in sorted(kinds)}
     return Evaluation(
-        stage=stage, sites=sites, federated=federated_metrics(merged, "test" if stage == "test" else "val"), notes=notes
+        stage=stage,
+        sites=sites,
+        federated=federated_metrics(merged, "test" if stage == "test" else "val"),
+        notes=notes,
+        personal=personal,
     )
 
 

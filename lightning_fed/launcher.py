@@ -24,7 +24,7 @@ from lightning_fed.data.partition import IID
 from lightning_fed.data.sites import Site, describe_sites, simulate_sites
 from lightning_fed.federation import Federation, FederationConfigError, SiteFailedError, WorkerPool
 from lightning_fed.loggers import log_driver_metrics, site_logger_specs
-from lightning_fed.progress import results_cells, show_table
+from lightning_fed.progress import show_evaluation
 from lightning_fed.results import Evaluation, FitResult
 from lightning_fed.runtime import RayRuntime
 from lightning_fed.site import TrainerJob
@@ -167,6 +167,7 @@ class FederatedLauncher(_Launcher):
             checkpoint_every=self.config.checkpointing.every_n_rounds,
             metric_thresholds=self.config.metric_thresholds,
             class_balance=self.config.class_balance,
+            fine_tuning=self.config.fine_tuning,
         )
         self.federation = Federation(
             self.config,
@@ -287,6 +288,9 @@ class FederatedLauncher(_Launcher):
         if result.events:  # continue mode: rounds the federation aggregated without some sites
             everyone = len(self.federation.names) if self.federation is not None else len(result.sites)
             metrics["fl/rounds_with_sites_left_out"] = float(sum(len(r) < everyone for r in result.round_sites))
+        for name, site in result.sites.items():  # what each site's fine-tuning ended with
+            if site.fine_tuning is not None:
+                metrics.update({f"site/{name}/fine_tuned/{k}": v for k, v in site.fine_tuning.train_metrics.items()})
         if result.privacy is not None:
             # the federation's guarantee is the weakest site's: the max ε, never a mean
             metrics["fl/dp_epsilon_max"] = result.privacy.max_epsilon
@@ -364,12 +368,7 @@ class FederatedLauncher(_Launcher):
         log_driver_metrics(trainer.loggers, output, step=None)
         self.last_evaluation = evaluation
         if verbose:
-            show_table(
-                *results_cells(evaluation.rows()),
-                title=f"\n{stage} results (each site on its own data; 'federated' merges every site's metric states):",
-            )
-            for note in evaluation.notes:
-                print(f"note: {note}")
+            show_evaluation(evaluation)
         trainer.state.status = TrainerStatus.FINISHED
         trainer.state.stage = None
         return [output]

@@ -136,6 +136,13 @@ class FederatedCLI(LightningCLI):
             rows[f"mean({','.join(mean_over)})"] = mean
         rows["federated"] = table["federated"]
         show_table(*results_cells(rows), title="\nTest results (global model, each site's own test split):")
+        for kind, personal in evaluation.personal.items():  # each site's own model, e.g. "fine_tuned"
+            own = personal.rows()
+            report[kind] = {"sites": {n: v for n, v in own.items() if n != "federated"}, "federated": own["federated"]}
+            show_table(
+                *results_cells(own),
+                title=f"\nTest results ({kind.replace('_', '-')} models, each site's own model on its own test split):",
+            )
         for note in evaluation.notes:
             print(f"note: {note}")
         label_names = _label_names(self.model, self.datamodule)

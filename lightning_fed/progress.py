@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Any, Optional, TextIO
 
-from lightning_fed.results import ProgressSnapshot
+from lightning_fed.results import Evaluation, ProgressSnapshot
 
 _SHOWN = ("loss", "acc", "auroc", "recall", "precision")
 
@@ -199,6 +199,24 @@ def show_table(
     if title:
         print(title, file=stream)
     print(text_table(header, body), file=stream)
+
+
+def show_evaluation(evaluation: Evaluation) -> None:
+    """``trainer.test``/``validate``'s results on the terminal: the model at every site and merged, then each site's
+    own models (fine-tuned, ...), then the notes."""
+    stage = evaluation.stage
+    show_table(
+        *results_cells(evaluation.rows()),
+        title=f"\n{stage} results (each site on its own data; 'federated' merges every site's metric states):",
+    )
+    for kind, personal in evaluation.personal.items():
+        show_table(
+            *results_cells(personal.rows()),
+            title=f"\n{stage} results, {kind.replace('_', '-')} models (each site's own model on its own data; "
+            f"keys {kind}/...):",
+        )
+    for note in evaluation.notes:
+        print(f"note: {note}")
 
 
 def text_table(header: list[str], body: list[list[str]]) -> str:

@@ -40,6 +40,17 @@ class SitePrivacy:
 
 
 @dataclass(frozen=True)
+class SiteFineTuning:
+    """One site's fine-tuning after the federated run (:class:`~lightning_fed.config.FineTuning`)."""
+
+    steps: int  # optimizer steps it took
+    epochs: int  # epochs it started
+    seconds: float
+    checkpoint: Optional[str]  # where the fine-tuned model is kept, at the site
+    train_metrics: dict[str, float]  # what the module logged in training, as the last step left it
+
+
+@dataclass(frozen=True)
 class SiteFit:
     """One site's ``fit``, as it ended."""
 
@@ -51,6 +62,7 @@ class SiteFit:
     best_model_path: Optional[str]
     sync_seconds: list[float]  # time inside each hand-over, waiting for slower sites included
     privacy: Optional[SitePrivacy] = None
+    fine_tuning: Optional[SiteFineTuning] = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +233,9 @@ class SiteEvaluation:
     hidden_labels: bool = (
         False  # a site without ground truth: any label-based value comes from labels it never trained on
     )
+    personal: dict[str, "SiteEvaluation"] = field(
+        default_factory=dict
+    )  # the site's own models (``"fine_tuned"``), each tested on this site's data
 
     def report(self) -> dict[str, Any]:
         """What merging needs (:func:`lightning_fed.metric_states.merge_reports`)."""
@@ -239,6 +254,9 @@ class Evaluation:
     sites: dict[str, SiteEvaluation]
     federated: dict[str, Any]  # fl/<split>_<metric> -> value
     notes: list[str] = field(default_factory=list)
+    personal: dict[str, "Evaluation"] = field(
+        default_factory=dict
+    )  # each site's own model of a kind (``"fine_tuned"``) at that site, merged as above
 
     @property
     def split(self) -> str:
@@ -270,6 +288,8 @@ class Evaluation:
         for name, result in self.sites.items():
             out.update({f"site/{name}/{k}": v for k, v in result.scalars.items()})
             out.update({f"site/{name}/{self.split}_{k}": v for k, v in result.values.items() if isinstance(v, float)})
+        for kind, evaluation in self.personal.items():  # ``fine_tuned/test_acc``, ``fine_tuned/site/<name>/...``
+            out.update({f"{kind}/{k}": v for k, v in evaluation.metrics().items()})
         return out
 
     @property

@@ -13,6 +13,7 @@ A site is hosted by a worker process (:mod:`lightning_fed.worker`), alone or wit
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import traceback
 from dataclasses import dataclass
@@ -27,11 +28,13 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import RunningStage
 
 from lightning_fed.balance import ClassBalance
+from lightning_fed.config import FineTuning
 from lightning_fed.context import SiteContext
 from lightning_fed.data.sites import Site
+from lightning_fed.fine_tuning import fine_tune
 from lightning_fed.loggers import SiteLoggerSpec, finish_site_loggers
 from lightning_fed.privacy import DPSGD, SiteDPSGD
-from lightning_fed.results import SiteEvaluation, SiteFit, SitePrivacy, SiteReady
+from lightning_fed.results import SiteEvaluation, SiteFineTuning, SiteFit, SitePrivacy, SiteReady
 from lightning_fed.rounds import RoundSchedule
 from lightning_fed.scheduler import Scheduler, SiteState
 from lightning_fed.site_metrics import SiteMetrics
@@ -54,6 +57,7 @@ class TrainerJob:
     metric_thresholds: int
     class_balance: Optional[str]
     rounds: RoundSchedule  # sync_every epochs, or optimizer steps
+    fine_tuning: Optional[FineTuning] = None  # each site's local fine-tuning after the last round
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,8 @@ class SiteRuntime:
         )
         self.privacy = SiteDPSGD(self.name, plan.privacy) if plan.privacy is not None else None
         self.trainer = self._build_trainer()
+        self.fine_tuned: Optional[LightningModule] = None  # this site's fine-tuned model, once it has one
+        self.fine_tuning: Optional[SiteFineTuning] = None
         return self.ready(stage)
 
     def _build_trainer(self) -> Trainer:
@@ -134,8 +140,7 @@ class SiteRuntime:
         callbacks: list[Callback] = [self.sync, self.metrics, self.plan.algorithm]
         if self.privacy is not None:
             callbacks.append(self.privacy)  # after the algorithm: FedFBN has frozen BatchNorm by the time DP checks
-        if job.class_balance is not None:
-            callbacks.append(ClassBalance(job.class_balance))
+        callbacks += self._training_callbacks()
         for cb in copy.deepcopy(job.callbacks):
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None:
                 cb.dirpath = os.path.join(cb.dirpath, self.name)  # sites must not overwrite each other's files
@@ -154,6 +159,11 @@ class SiteRuntime:
             enable_checkpointing=True,
             **job.trainer_settings,
         )
+
+    def _training_callbacks(self) -> list[Callback]:
+        """The site's callbacks that change how it trains (also in its fine-tuning)."""
+        job = self.plan.job
+        return [ClassBalance(job.class_balance)] if job.class_balance is not None else []
 
     def ready(self, stage: str) -> SiteReady:
         """Start-up check: the site's data is there (and, to fit, has training samples) before anything runs."""
@@ -176,7 +186,7 @@ class SiteRuntime:
             if join.model:
                 self.plan.algorithm.receive_global(self.trainer, self.module, self.context.fetch(join.model[0]))
             restore_carried(self.trainer, join.carry)
-            return self._fit_result()
+            return self._finish()
         self.sync.join = join
         self.context.tell("report", {"status": "training", "epoch": 0})
         try:
@@ -185,6 +195,25 @@ class SiteRuntime:
             self.context.tell("site_finished", describe_error(err))
             raise
         self.context.tell("site_finished", None)
+        return self._finish()
+
+    def _finish(self) -> SiteFit:
+        """The federated run is over at this site: fine-tune (when asked), then say how it ended."""
+        settings = self.plan.job.fine_tuning
+        if settings is not None:
+            self.context.tell("report", {"status": "fine-tuning"})
+            self.fine_tuned, self.fine_tuning = fine_tune(
+                self.name,
+                settings,
+                self.trainer,
+                self.module,
+                self.datamodule,
+                self.plan.job.trainer_settings,
+                str(Path(self.plan.job.root_dir) / "sites" / self.name),
+                site_device()[0],
+                self._training_callbacks(),
+            )
+            self.context.tell("report", {"status": "done"})
         return self._fit_result()
 
     def _fit_result(self) -> SiteFit:
@@ -200,19 +229,28 @@ class SiteRuntime:
             best_model_path=getattr(t.checkpoint_callback, "best_model_path", None),
             sync_seconds=list(self.sync.sync_seconds),
             privacy=SitePrivacy(**self.privacy.report()) if self.privacy is not None else None,
+            fine_tuning=self.fine_tuning,
         )
 
     def evaluate(self, stage: str, model: GlobalModel, exact: bool = False) -> SiteEvaluation:
-        """Load the global model (through the algorithm, e.g. keeping local BN) and run ``test``/``validate`` here.
+        """Load the global model (through the algorithm, e.g. keeping local BN) and run ``test``/``validate`` here;
+        then this site's own models (its fine-tuned one), each on the same data.
 
-        ``exact``: load every tensor as given instead (to test another model, e.g. another site's local one, here).
+        ``exact``: load every tensor as given instead, and test only that model (to test another model, e.g. another
+        site's local one, here).
         """
         if exact:
             load_weights(self.module, model.weights)
         else:
             self.plan.algorithm.receive_global(self.trainer, self.module, model)
+        result = self._evaluate(stage, self.module)
+        if exact or self.fine_tuned is None:
+            return result
+        return dataclasses.replace(result, personal={"fine_tuned": self._evaluate(stage, self.fine_tuned)})
+
+    def _evaluate(self, stage: str, module: LightningModule) -> SiteEvaluation:
         run = self.trainer.test if stage == "test" else self.trainer.validate
-        outputs = run(self.module, datamodule=self.datamodule, verbose=False)
+        outputs = run(module, datamodule=self.datamodule, verbose=False)
         split = "test" if stage == "test" else "val"
         return SiteEvaluation(
             site=self.name,

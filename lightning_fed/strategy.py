@@ -12,6 +12,7 @@ from lightning_fed.config import (
     Checkpointing,
     Cluster,
     FederationConfig,
+    FineTuning,
     Placement,
     Reliability,
     Simulation,
@@ -83,11 +84,15 @@ class FederatedStrategy(SingleDeviceStrategy):
             update over after exactly this many steps, wherever its epochs end, and validates at each round's end;
             give ``Trainer(max_steps=rounds * sync_every_steps)`` (:mod:`lightning_fed.rounds` says what this
             rules out: round checkpoints, continue mode, ``EarlyStopping``, ``max_time``).
+        fine_tuning: after the last round every site fine-tunes the model it ended with on its own data, with its own
+            optimizer state (:class:`~lightning_fed.config.FineTuning`: ``steps`` or ``epochs``; FLamby's FedAvg +
+            fine-tuning); ``trainer.test`` then reports the global model under the module's own keys and each site's
+            fine-tuned model under ``fine_tuned/...``. Not with DP-SGD (its accountant would not cover the steps).
         **shorthands: today's flat names, sorted into the groups above: ``num_sites``, ``partitioner``,
             ``site_cpus``, ``site_gpus``, ``checkpoint_dir``, ``checkpoint_every``, ``keep_checkpoints``,
             ``ray_address``, ``ray_init_kwargs``, ``placement_timeout``, ``workers``, ``sites_per_worker``,
             ``worker_cpus``, ``barrier_timeout``, ``max_update_norm_ratio``, ``on_site_failure``, ``min_sites``,
-            ``round_timeout`` (:func:`~lightning_fed.config.shorthand_groups`).
+            ``round_timeout``, ``fine_tune_steps``, ``fine_tune_epochs`` (:func:`~lightning_fed.config.shorthand_groups`).
 
     After a run, ``strategy.last_fit`` (:class:`~lightning_fed.results.FitResult`) and ``strategy.last_evaluation``
     (:class:`~lightning_fed.results.Evaluation`) hold typed results, and ``strategy.federation`` the live
@@ -117,6 +122,7 @@ class FederatedStrategy(SingleDeviceStrategy):
         metric_thresholds: int = 1000,
         progress: bool = True,
         sync_every_steps: Optional[int] = None,
+        fine_tuning: Optional[FineTuning] = None,
         **shorthands: Any,
     ) -> None:
         super().__init__(device="cpu")
@@ -147,6 +153,10 @@ class FederatedStrategy(SingleDeviceStrategy):
                 raise ValueError(f"bad secagg_kwargs: {err} (threshold, identity_dir, fractional_bits)") from None
         elif secagg_kwargs:
             raise ValueError("secagg_kwargs given without secagg=True: turn secure aggregation on or drop its options")
+        if groups["fine_tuning"]:
+            if fine_tuning is not None:
+                raise ValueError("give fine_tuning=FineTuning(...) or fine_tune_steps/fine_tune_epochs, not both")
+            fine_tuning = FineTuning(**groups["fine_tuning"])
         self._config = FederationConfig(
             aggregator=rule,
             sync_every=sync_every,
@@ -162,6 +172,7 @@ class FederatedStrategy(SingleDeviceStrategy):
             metric_thresholds=metric_thresholds,
             progress=progress,
             sync_every_steps=sync_every_steps,
+            fine_tuning=fine_tuning,
         )
         self._launcher: Optional[FederatedLauncher] = None
 

@@ -210,3 +210,54 @@ def test_tcga_brca_federation_reports_each_regions_c_index(tmp_path, ray_cluster
         # log hazards are no class scores: the built-in classification metrics stay off (lightning_fed_metrics)
         assert not {"accuracy", "recall", "auroc", "confusion_matrix"} & set(rows[region])
     assert rows["federated"]["c_index"] > 0.5
+
+
+# -- fine-tuning after the federated run (FLamby's FedAvgFineTuning) -------------------------------------------------
+@pytest.mark.integration
+@pytest.mark.usefixtures("fed_data")
+def test_fine_tuning_takes_its_steps_with_the_sites_optimizer_and_is_tested_beside_the_global_model(
+    tmp_path, ray_cluster
+):
+    import lightning as L
+
+    from lightning_fed import FederatedStrategy
+
+    torch.manual_seed(0)
+    dm = FedHeartDisease()
+    strategy = FederatedStrategy(progress=False, checkpoint_every=0, sync_every_steps=5, fine_tune_steps=7)
+    trainer = L.Trainer(
+        strategy=strategy, max_steps=10, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
+    try:
+        trainer.fit(LogisticRegression(lr=1e-2), datamodule=dm)
+        global_weights = {k: v.clone() for k, v in trainer.lightning_module.state_dict().items()}
+        [out] = trainer.test(datamodule=dm, verbose=False)
+    finally:
+        strategy.shutdown()
+    evaluation = strategy.last_evaluation
+    assert set(evaluation.personal) == {"fine_tuned"}
+    tuned = evaluation.personal["fine_tuned"]
+    # the module's own key keeps meaning the global model; the fine-tuned models are under fine_tuned/...
+    assert out["test_acc"] == pytest.approx(evaluation.federated["fl/test_acc"])
+    assert out["fine_tuned/test_acc"] == pytest.approx(tuned.federated["fl/test_acc"])
+    moved = 0
+    for name in HEART_SIZES:
+        fine_tuning = strategy.last_fit.sites[name].fine_tuning
+        assert fine_tuning.steps == 7 and f"site/{name}/fine_tuned/train_loss" in trainer.callback_metrics
+        saved = torch.load(fine_tuning.checkpoint, weights_only=False)
+        assert fine_tuning.checkpoint == str(tmp_path / "sites" / name / "fine_tuned.ckpt")
+        assert saved["global_step"] == 7
+        # Adam carried on from the federated run: 10 steps there, 7 here
+        assert {int(s["step"]) for s in saved["optimizer_states"][0]["state"].values()} == {17}
+        weights = saved["state_dict"]
+        assert not all(torch.equal(weights[k], global_weights[k]) for k in global_weights)
+        # what the site tested as its fine-tuned model is the model it kept: tested again here, outside
+        model = LogisticRegression(lr=1e-2)
+        model.load_state_dict(weights)
+        x, y = _site_data(dm, name)["test"].tensors
+        with torch.no_grad():
+            accuracy = float(((model(x).squeeze(-1) > 0) == (y.squeeze(-1) > 0.5)).float().mean())
+        assert tuned.sites[name].scalars["test_acc"] == pytest.approx(accuracy, abs=1e-6)
+        assert out[f"fine_tuned/site/{name}/test_acc"] == pytest.approx(accuracy, abs=1e-6)
+        moved += tuned.sites[name].scalars["test_loss"] != evaluation.sites[name].scalars["test_loss"]
+    assert moved == len(HEART_SIZES)
