@@ -26,6 +26,7 @@ from lightning_fed.privacy import PrivacySpec
 from lightning_fed.results import Evaluation, FitResult
 from lightning_fed.strategies import Aggregator, available_aggregators, get_aggregator
 from lightning_fed.strategies.compression import Codec, Compressed, get_codec
+from lightning_fed.strategies.partial import PartialSharing, PersonalSpec
 
 
 class FederatedStrategy(SingleDeviceStrategy):
@@ -88,6 +89,9 @@ class FederatedStrategy(SingleDeviceStrategy):
             optimizer state (:class:`~lightning_fed.config.FineTuning`: ``steps`` or ``epochs``; FLamby's FedAvg +
             fine-tuning); ``trainer.test`` then reports the global model under the module's own keys and each site's
             fine-tuned model under ``fine_tuned/...``. Not with DP-SGD (its accountant would not cover the steps).
+        personal: partial sharing: the state-dict tensors these name (shell patterns such as ``["classifier.*"]``, or
+            a callable ``name -> bool``) stay at each site: never sent, never overwritten by aggregation, tested at
+            their site; composes with every averaging rule (:mod:`lightning_fed.strategies.partial`).
         **shorthands: today's flat names, sorted into the groups above: ``num_sites``, ``partitioner``,
             ``site_cpus``, ``site_gpus``, ``checkpoint_dir``, ``checkpoint_every``, ``keep_checkpoints``,
             ``ray_address``, ``ray_init_kwargs``, ``placement_timeout``, ``workers``, ``sites_per_worker``,
@@ -123,6 +127,7 @@ class FederatedStrategy(SingleDeviceStrategy):
         progress: bool = True,
         sync_every_steps: Optional[int] = None,
         fine_tuning: Optional[FineTuning] = None,
+        personal: Optional[PersonalSpec] = None,
         **shorthands: Any,
     ) -> None:
         super().__init__(device="cpu")
@@ -140,6 +145,8 @@ class FederatedStrategy(SingleDeviceStrategy):
             rule = aggregator
         else:
             raise TypeError(f"aggregator must be a registered name or an Aggregator, got {type(aggregator).__name__}")
+        if personal is not None:  # innermost: the personal tensors are gone before anything is encoded or masked
+            rule = PartialSharing(rule, personal)
         if compression is not None:  # sites send encoded differences; the coordinator decodes before the rule
             rule = Compressed(rule, get_codec(compression, compression_kwargs))
         elif compression_kwargs:

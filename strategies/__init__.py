@@ -14,9 +14,11 @@ from lightning_fed.strategies.fedavg import FedAvg  # noqa: E402  (each import r
 from lightning_fed.strategies.fedbn import FedBN  # noqa: E402
 from lightning_fed.strategies.fedfbn import FedFBN  # noqa: E402
 from lightning_fed.strategies.fedopt import FedAdagrad, FedAdam, FedYogi  # noqa: E402
+from lightning_fed.strategies.fedper import FedPer  # noqa: E402
 from lightning_fed.strategies.fedprox import FedProx  # noqa: E402
 from lightning_fed.strategies.fiva import Fiva  # noqa: E402
 from lightning_fed.strategies.local import Local  # noqa: E402
+from lightning_fed.strategies.partial import PartialSharing  # noqa: E402
 from lightning_fed.strategies.registry import available_aggregators, get_aggregator, register_aggregator
 from lightning_fed.strategies.robust import Median, TrimmedMean  # noqa: E402
 from lightning_fed.strategies.scaffold import Scaffold  # noqa: E402
@@ -33,11 +35,13 @@ __all__ = [
     "FedAvg",
     "FedBN",
     "FedFBN",
+    "FedPer",
     "FedProx",
     "FedYogi",
     "Fiva",
     "Local",
     "Median",
+    "PartialSharing",
     "Scaffold",
     "TrimmedMean",
     "UncertaintyWeighted",

@@ -102,6 +102,10 @@ class Aggregator:
     """How the rule weights sites when it only sees their secure sum: ``"samples"`` (weighted mean),
     ``"uniform"``, or ``None`` when it needs every site's own update (median, SCAFFOLD): then no secure aggregation."""
 
+    decodes_updates: ClassVar[bool] = False
+    """``True`` when :meth:`receive` turns what travelled into weights (compression's codes): such a rule cannot run
+    under secure aggregation, whose coordinator only sees a masked sum."""
+
     hides_site_updates: ClassVar[bool] = False
     """``True`` when the coordinator only ever sees masked updates (secure aggregation): they cannot be screened."""
 

@@ -214,6 +214,8 @@ def encode_update(
 class Compressed(Aggregator):
     """Wraps any rule: decodes each site's compressed update (:meth:`receive`) before screening and the rule."""
 
+    decodes_updates = True
+
     def __init__(self, inner: Aggregator, codec: Codec) -> None:
         if inner.hides_site_updates:
             raise ValueError("compression goes inside secure aggregation, not around it")
@@ -251,7 +253,7 @@ class Compressed(Aggregator):
             weights[key] = values.astype(dtype)
         weights.update(update.weights)  # buffers (BatchNorm statistics, counters), sent as they are
         extras = {k: v for k, v in update.extras.items() if k not in ("compressed", "compressed_difference")}
-        return SiteUpdate(update.site, weights, update.num_samples, extras)
+        return self.inner.receive(SiteUpdate(update.site, weights, update.num_samples, extras), current)
 
     def follow_up(self, round: int, updates: list[SiteUpdate]) -> Any:
         return self.inner.follow_up(round, updates)

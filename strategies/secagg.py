@@ -83,7 +83,7 @@ class SecureAggregation(Aggregator):
                 f"{inner.name or type(inner).__name__} needs every site's own update, so it cannot run under "
                 "secure aggregation: use an averaging rule (fedavg, fedprox, fedbn, fedfbn, fedadam, dp_fedavg)"
             )
-        if type(inner).receive is not Aggregator.receive:  # a rule that decodes what travels (compression)
+        if inner.decodes_updates:  # a rule that decodes what travels (compression)
             raise ValueError(
                 "compression cannot go with secure aggregation: every value is masked with a uniform 64-bit "
                 "mask, so an encoded update would be as large as a full one, and a sum of differently scaled "

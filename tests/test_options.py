@@ -82,6 +82,7 @@ OPTIONS = {
         "max_images": (1, {}, site_half("max_images")),
     },
     "fiva": {"prior": (1e3, {}, site_half("prior"))},
+    "fedper": {"head": (["classifier.*"], {}, site_half("head"))},
     "dp_fedavg": {
         "noise_multiplier": (0.3, {"seed": 0}, aggregated),
         "clip_norm": (3.0, {"seed": 0}, aggregated),
