@@ -1,6 +1,7 @@
 """Encrypted, authenticated Ray links on fixed ports: a two-node Ray cluster on loopback with mutual TLS (a certificate
 per node from the federation's own CA) and token authentication, a federation submitted to it with ``ray job submit``
-whose two hospitals run on different nodes, and a submission without the token refused.
+whose two hospitals run each on its own node (the one carrying its ``site:<name>`` resource), and a submission without
+the token refused.
 
 Every port of both nodes is pinned with the ``ray start`` flags of docs/deploy.md (distinct ports per node, one small
 block found free at the start), and the test checks that the cluster uses exactly those: the ports Ray reports for
@@ -75,7 +76,10 @@ nodes = [{**{k: n[k] for k in keys}, "site": sorted(r for r in n["Resources"] if
          for n in ray.nodes() if n["Alive"]]
 listening = [[c.laddr.port, c.pid, session(c.pid), name(c.pid)] for c in psutil.net_connections("tcp")
              if c.status == psutil.CONN_LISTEN and c.pid]
-print("RESULT " + json.dumps({"nodes": strategy.federation.site_nodes, "rounds": len(fit.round_seconds),
+holders = {r.removeprefix("site:"): n["NodeID"] for n in ray.nodes() if n["Alive"] for r in n["Resources"]
+           if r.startswith("site:")}  # the node that carries each hospital's resource
+print("RESULT " + json.dumps({"nodes": strategy.federation.site_nodes, "holders": holders,
+                              "step": trainer.global_step, "rounds": len(fit.round_seconds),
                               "sent": fit.traffic.total_sent, "ray_nodes": nodes, "listening": listening,
                               "driver_pid": os.getpid()}))
 strategy.shutdown()
@@ -338,8 +342,10 @@ def test_a_federation_runs_across_a_two_node_cluster_with_tls_and_token_auth(tmp
         result = json.loads(
             next(line for line in output.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT ")
         )
-        assert result["rounds"] == 2 and result["sent"] > 0
-        assert len(set(result["nodes"].values())) == 2  # each hospital on its own node: the links between them are TLS
+        assert result["rounds"] == 2 and result["sent"] > 0 and result["step"] == 16  # 64 samples / 8, 2 epochs
+        # each hospital's site runs on the node that carries its site:<name> resource (its own node), so the links
+        # between them are TLS
+        assert result["nodes"] == result["holders"] and len(set(result["nodes"].values())) == 2, result
         _check_ports(result, layout, [proc.pid for proc in nodes])  # `ray start` leads its node's session
     finally:
         for proc in reversed(nodes):
