@@ -169,6 +169,11 @@ class FederatedLauncher(_Launcher):
             class_balance=self.config.class_balance,
             fine_tuning=self.config.fine_tuning,
         )
+        # after the W&B group is set (the job's logger specs), before the sites write into the run's folder: a CSV
+        # logger that finds its folder in use warns that it will delete what is there
+        if stage == "fit":
+            for logger in trainer.loggers:
+                logger.log_hyperparams({**dict(model.hparams), **self.config.hyperparameters()})
         self.federation = Federation(
             self.config,
             sites,
@@ -236,8 +241,6 @@ class FederatedLauncher(_Launcher):
         federation = self.start(
             trainer, model, sites, "fit", id(datamodule) if datamodule is not None else None, resume
         )
-        for logger in trainer.loggers:
-            logger.log_hyperparams({**dict(model.hparams), **self.config.hyperparameters()})
         try:
             rounds = self.config.rounds.total_rounds(trainer.max_epochs, trainer.max_steps)
             result = federation.fit(rounds, trainer.loggers, resume)
