@@ -314,6 +314,12 @@ class FederationConfig:
         _check_int("sync_every", self.sync_every, 1)
         if self.fine_tuning is not None and not isinstance(self.fine_tuning, FineTuning):
             raise ValueError(f"fine_tuning must be a FineTuning, got {type(self.fine_tuning).__name__}")
+        if self.aggregator.trains_personal_models and self.privacy is not None:
+            raise ValueError(
+                f"{self.aggregator.name or type(self.aggregator).__name__} with DP-SGD (privacy=...): the sites' "
+                "personal models would train outside their privacy accountants, so the reported ε would not cover "
+                "them; drop one of the two"
+            )
         if self.fine_tuning is not None and self.privacy is not None:
             raise ValueError(
                 "fine_tuning with DP-SGD (privacy=...): the fine-tuning steps would train outside the sites' privacy "

@@ -12,7 +12,6 @@ its metrics ever leave the site.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 
 from lightning_fed.config import FineTuning
 from lightning_fed.results import SiteFineTuning
+from lightning_fed.strategies.site import detached_copy
 
 # the driver's loop settings that shape a training step; the rest (epochs, validation, logging) are the run's
 _STEP_SETTINGS = (
@@ -54,16 +54,6 @@ class CarryOptimizerState(Callback):
             optimizer.load_state_dict(state)
         for scheduler, state in zip(schedulers, self.schedulers):
             scheduler.load_state_dict(state)
-
-
-def detached_copy(module: LightningModule) -> LightningModule:
-    """A deep copy of ``module`` without its Trainer (frozen layers, hooks and buffers as they are)."""
-    trainer = module._trainer
-    module._trainer = None
-    try:
-        return copy.deepcopy(module)
-    finally:
-        module._trainer = trainer
 
 
 def fine_tune(

@@ -234,7 +234,8 @@ class SiteRuntime:
 
     def evaluate(self, stage: str, model: GlobalModel, exact: bool = False) -> SiteEvaluation:
         """Load the global model (through the algorithm, e.g. keeping local BN) and run ``test``/``validate`` here;
-        then this site's own models (its fine-tuned one), each on the same data.
+        then this site's own models (the algorithm's, e.g. Ditto's personal one, and its fine-tuned one), each on the
+        same data.
 
         ``exact``: load every tensor as given instead, and test only that model (to test another model, e.g. another
         site's local one, here).
@@ -244,9 +245,12 @@ class SiteRuntime:
         else:
             self.plan.algorithm.receive_global(self.trainer, self.module, model)
         result = self._evaluate(stage, self.module)
-        if exact or self.fine_tuned is None:
+        if exact:
             return result
-        return dataclasses.replace(result, personal={"fine_tuned": self._evaluate(stage, self.fine_tuned)})
+        own = dict(self.plan.algorithm.personal_models())
+        if self.fine_tuned is not None:
+            own["fine_tuned"] = self.fine_tuned
+        return dataclasses.replace(result, personal={name: self._evaluate(stage, m) for name, m in own.items()})
 
     def _evaluate(self, stage: str, module: LightningModule) -> SiteEvaluation:
         run = self.trainer.test if stage == "test" else self.trainer.validate

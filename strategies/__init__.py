@@ -9,6 +9,7 @@ from typing import Any
 
 from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteContext, SiteUpdate, Weights, is_averageable
 from lightning_fed.strategies.cyclic import Cyclic  # noqa: E402
+from lightning_fed.strategies.ditto import Ditto  # noqa: E402
 from lightning_fed.strategies.dp_fedavg import DPFedAvg  # noqa: E402
 from lightning_fed.strategies.fedavg import FedAvg  # noqa: E402  (each import registers its rule's name)
 from lightning_fed.strategies.fedbn import FedBN  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "Aggregator",
     "Cyclic",
     "DPFedAvg",
+    "Ditto",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",

@@ -102,6 +102,10 @@ class Aggregator:
     """How the rule weights sites when it only sees their secure sum: ``"samples"`` (weighted mean),
     ``"uniform"``, or ``None`` when it needs every site's own update (median, SCAFFOLD): then no secure aggregation."""
 
+    trains_personal_models: ClassVar[bool] = False
+    """``True`` when its sites train models of their own beside the shared one (Ditto): refused with DP-SGD, whose
+    accountants cover only the shared model's steps."""
+
     decodes_updates: ClassVar[bool] = False
     """``True`` when :meth:`receive` turns what travelled into weights (compression's codes): such a rule cannot run
     under secure aggregation, whose coordinator only sees a masked sum."""

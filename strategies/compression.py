@@ -223,6 +223,10 @@ class Compressed(Aggregator):
         self.name = inner.name or type(inner).__name__  # compression is transport: checkpoints stay the rule's
         self.secure_weighting = inner.secure_weighting
 
+    @property
+    def trains_personal_models(self) -> bool:  # type: ignore[override]
+        return self.inner.trains_personal_models
+
     def check_model(self, model: Any) -> None:
         self.inner.check_model(model)
 

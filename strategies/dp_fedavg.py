@@ -101,6 +101,10 @@ class DPFedAvg(Aggregator):
         self.rounds = 0
         self._rng = np.random.default_rng(seed)
 
+    @property
+    def trains_personal_models(self) -> bool:  # type: ignore[override]
+        return self.inner.trains_personal_models
+
     def check_model(self, model: Any) -> None:
         self.inner.check_model(model)
 

@@ -68,6 +68,10 @@ class PartialSharing(Aggregator):
         self.secure_weighting = inner.secure_weighting
         self.decodes_updates = inner.decodes_updates
 
+    @property
+    def trains_personal_models(self) -> bool:  # type: ignore[override]
+        return self.inner.trains_personal_models
+
     def check_model(self, model: Any) -> None:
         names = list(model.state_dict())
         personal = self.personal.of(names)

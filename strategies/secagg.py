@@ -103,6 +103,10 @@ class SecureAggregation(Aggregator):
         self._identities: Optional[str] = identity_dir
         self._answers: dict[str, Any] = {}
 
+    @property
+    def trains_personal_models(self) -> bool:  # type: ignore[override]
+        return self.inner.trains_personal_models
+
     def check_model(self, model: Any) -> None:
         self.inner.check_model(model)
 

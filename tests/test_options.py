@@ -83,6 +83,7 @@ OPTIONS = {
     },
     "fiva": {"prior": (1e3, {}, site_half("prior"))},
     "fedper": {"head": (["classifier.*"], {}, site_half("head"))},
+    "ditto": {"lam": (1.0, {}, site_half("lam"))},
     "dp_fedavg": {
         "noise_multiplier": (0.3, {"seed": 0}, aggregated),
         "clip_norm": (3.0, {"seed": 0}, aggregated),

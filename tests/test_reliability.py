@@ -11,35 +11,62 @@ from lightning_fed.strategies import SiteUpdate
 from tests.helpers import HospitalsWithFailingSite, NoisyCNN
 
 
-def _fit(root, epochs, fail_at=10**9, resume=None, privacy=None):
+def _fit(root, epochs, fail_at=10**9, resume=None, privacy=None, options=None, evaluate=False):
     """The federation of 'large', 'small_1' and 'bad' (120 training images); 'bad' dies once it has read
-    ``fail_at`` training samples (a kill -9 of its worker)."""
+    ``fail_at`` training samples (a kill -9 of its worker). ``evaluate``: also test, and return the test metrics and
+    every site's weights."""
     L.seed_everything(3, verbose=False)
     model = NoisyCNN()
-    strategy = FederatedStrategy(progress=False, seed=3, checkpoint_dir=str(root / "ckpt"), privacy=privacy)
+    strategy = FederatedStrategy(
+        progress=False, seed=3, checkpoint_dir=str(root / "ckpt"), privacy=privacy, **(options or {})
+    )
     trainer = L.Trainer(
         strategy=strategy, max_epochs=epochs, logger=False, enable_checkpointing=False, default_root_dir=root
     )
+    dm = HospitalsWithFailingSite(fail_at_access=fail_at, mode="die")
+    seen = None
     try:
-        trainer.fit(model, datamodule=HospitalsWithFailingSite(fail_at_access=fail_at, mode="die"), ckpt_path=resume)
+        trainer.fit(model, datamodule=dm, ckpt_path=resume)
+        if evaluate:
+            trainer.test(datamodule=dm, verbose=False)
+            seen = (strategy.last_evaluation.metrics(), strategy.federation.site_weights())
     finally:
         strategy.shutdown()
-    return {k: v.clone() for k, v in model.state_dict().items()}, trainer
+    return {k: v.clone() for k, v in model.state_dict().items()}, trainer, seen
 
 
 @pytest.mark.usefixtures("ray_cluster", "fed_data")
-@pytest.mark.parametrize("privacy", [None, {"small_1": DPSGD(noise_multiplier=1.0)}], ids=["plain", "dp-sgd"])
-def test_resume_after_a_crash_equals_the_uninterrupted_run_bit_for_bit(tmp_path, privacy):
-    straight, first = _fit(tmp_path / "straight", 4, privacy=privacy)
+@pytest.mark.parametrize(
+    "privacy, options",
+    [
+        (None, None),
+        ({"small_1": DPSGD(noise_multiplier=1.0)}, None),
+        (None, {"aggregator": "ditto", "personal": ["classifier.*"]}),
+    ],
+    ids=["plain", "dp-sgd", "ditto-personal-head"],
+)
+def test_resume_after_a_crash_equals_the_uninterrupted_run_bit_for_bit(tmp_path, privacy, options):
+    personal = options is not None  # personal state at the sites: Ditto's models and each site's own head
+    straight, first, seen = _fit(tmp_path / "straight", 4, privacy=privacy, options=options, evaluate=personal)
     layout = first.strategy.last_fit.startup.layout
     with pytest.raises(SiteFailedError, match="site 'bad'"):
-        _fit(tmp_path / "crashed", 4, fail_at=270, privacy=privacy)  # dies in its third epoch: rounds 1-2 committed
-    resumed, trainer = _fit(tmp_path / "crashed", 4, resume=str(tmp_path / "crashed" / "ckpt"), privacy=privacy)
+        _fit(tmp_path / "crashed", 4, fail_at=270, privacy=privacy, options=options)  # dies in its third epoch
+    resume = str(tmp_path / "crashed" / "ckpt")  # rounds 1-2 committed
+    resumed, trainer, seen_resumed = _fit(
+        tmp_path / "crashed", 4, resume=resume, privacy=privacy, options=options, evaluate=personal
+    )
     assert trainer.current_epoch == 4
     # the checkpoint's layout (threads per site) was reused: float reductions depend on the thread count
     assert trainer.strategy.last_fit.startup.layout == layout
     for key, value in straight.items():
         assert torch.equal(value, resumed[key]), key
+    if personal:
+        metrics, weights = seen
+        assert any(k.startswith("personal/site/") for k in metrics)  # each site's Ditto model was tested
+        assert metrics == seen_resumed[0]  # every site's personal model tested the same, to the last bit
+        for site, state in weights.items():  # every site's head, its own, the same to the last bit
+            for key, value in state.items():
+                np.testing.assert_array_equal(value, seen_resumed[1][site][key], err_msg=f"{site} {key}")
 
 
 def test_screening_refuses_non_finite_and_outlying_updates():

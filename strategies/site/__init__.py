@@ -7,6 +7,7 @@ process never loads torch or Lightning.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,16 @@ def state_to_numpy(state: dict[str, torch.Tensor]) -> Weights:
         except TypeError:
             out[key] = t.float().numpy()
     return out
+
+
+def detached_copy(module: LightningModule) -> LightningModule:
+    """A deep copy of ``module`` without its Trainer (frozen layers, hooks, buffers and attributes as they are)."""
+    trainer = module._trainer
+    module._trainer = None
+    try:
+        return copy.deepcopy(module)
+    finally:
+        module._trainer = trainer
 
 
 class SiteAlgorithm(Callback):
@@ -55,6 +66,11 @@ class SiteAlgorithm(Callback):
     def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
         """Called right after aggregation, before validation: load the global model into this site's module."""
         load_weights(pl_module, model.weights)
+
+    def personal_models(self) -> dict[str, LightningModule]:
+        """This site's own models beside the shared one, by name (Ditto's ``"personal"``): after the global model,
+        ``trainer.test``/``validate`` test each at this site and report it under ``<name>/...``. They never leave."""
+        return {}
 
     def answer_follow_up(self, trainer: Trainer, pl_module: LightningModule, question: Any) -> Any:
         """Called when the server half asks one more thing before it aggregates the round (its ``follow_up``)."""
@@ -101,6 +117,9 @@ class WrappedSiteAlgorithm(SiteAlgorithm):
 
     def answer_follow_up(self, trainer: Trainer, pl_module: LightningModule, question: Any) -> Any:
         return self.inner.answer_follow_up(trainer, pl_module, question)
+
+    def personal_models(self) -> dict[str, LightningModule]:
+        return self.inner.personal_models()
 
     def state_dict(self) -> dict:
         return {"inner": self.inner.state_dict()}
