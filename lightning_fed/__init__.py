@@ -55,6 +55,7 @@ _EXPORTS = {
     "Cluster": "lightning_fed.config",
     "Reliability": "lightning_fed.config",
     "FineTuning": "lightning_fed.config",
+    "Deployment": "lightning_fed.config",
     "DPSGD": "lightning_fed.privacy_settings",
     "Site": "lightning_fed.data.sites",
     "IID": "lightning_fed.data.partition",

@@ -216,6 +216,42 @@ class FineTuning:
         return f"{self.steps} steps" if self.steps is not None else f"{self.epochs} epoch(s)"
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """The model each site should deploy, chosen at the site on its own validation data (never its test data).
+
+    After the run (and any fine-tuning) every site validates each model it holds: ``global`` (the last global model,
+    with any layers its algorithm keeps local), its algorithm's own (Ditto's ``personal``), ``fine_tuned`` and, with
+    ``local_baseline``, ``local`` (the initial model trained on the site's data alone for the run's length, fresh
+    optimizer). It keeps the best by ``metric``, fits a temperature to it on the same validation data (classification:
+    temperature scaling, Guo et al. 2017) and writes both to ``<run>/sites/<name>/deployed.ckpt``; only the scores
+    leave the site. ``trainer.test`` then reports the chosen model at every site (``deployed/...``) with its expected
+    calibration error before and after the temperature.
+
+    Args:
+        metric: what the sites compare: a key of the site's validation results (``"auroc"``, ``"accuracy"``,
+            ``"loss"``, a module's own ``val_<key>`` without ``val_``).
+        mode: ``"max"`` or ``"min"`` (default: ``"min"`` for a metric with "loss" in its name, else ``"max"``).
+        local_baseline: also train and consider the site's local-only model (costs one more run's training).
+        calibrate: fit the temperature (classification outputs only).
+    """
+
+    metric: str = "auroc"
+    mode: Optional[str] = None
+    local_baseline: bool = False
+    calibrate: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"deployment metric must be a name such as 'auroc' or 'loss', got {self.metric!r}")
+        if self.mode not in (None, "max", "min"):
+            raise ValueError(f"deployment mode must be 'max' or 'min', got {self.mode!r}")
+
+    @property
+    def maximise(self) -> bool:
+        return self.mode == "max" if self.mode is not None else "loss" not in self.metric
+
+
 def shorthand_groups(
     num_sites: Optional[int] = None,
     partitioner: Optional[Partitioner] = None,
@@ -309,6 +345,7 @@ class FederationConfig:
     progress: bool = True
     sync_every_steps: Optional[int] = None
     fine_tuning: Optional[FineTuning] = None
+    deployment: Optional[Deployment] = None
 
     def __post_init__(self) -> None:
         _check_int("sync_every", self.sync_every, 1)
@@ -319,6 +356,13 @@ class FederationConfig:
                 f"{self.aggregator.name or type(self.aggregator).__name__} with DP-SGD (privacy=...): the sites' "
                 "personal models would train outside their privacy accountants, so the reported ε would not cover "
                 "them; drop one of the two"
+            )
+        if self.deployment is not None and not isinstance(self.deployment, Deployment):
+            raise ValueError(f"deployment must be a Deployment, got {type(self.deployment).__name__}")
+        if self.deployment is not None and self.deployment.local_baseline and self.privacy is not None:
+            raise ValueError(
+                "deployment local_baseline with DP-SGD (privacy=...): the local model would train outside the sites' "
+                "privacy accountants; drop one of the two"
             )
         if self.fine_tuning is not None and self.privacy is not None:
             raise ValueError(

@@ -66,6 +66,8 @@ def fine_tune(
     site_root: str,
     accelerator: str,
     callbacks: list[Callback],
+    carry: bool = True,
+    name: str = "fine_tuned",
 ) -> tuple[LightningModule, SiteFineTuning]:
     """Fine-tune a copy of ``module`` at this site and return it with what the fine-tuning did.
 
@@ -79,12 +81,21 @@ def fine_tune(
         site_root: the site's folder; the fine-tuned model is written there.
         accelerator: where the site computes (``"cpu"``/``"gpu"``).
         callbacks: the site's own callbacks that change how it trains (class balancing).
+        carry: carry the run's optimizer and scheduler states on (``False``: fresh ones from ``configure_optimizers``,
+            as for the local-only model a :class:`~lightning_fed.config.Deployment` trains from the initial weights).
+        name: the checkpoint's name in ``site_root``.
     """
     started = time.monotonic()
     tuned = detached_copy(module)
-    carry = CarryOptimizerState(
-        [optimizer.state_dict() for optimizer in run_trainer.optimizers],
-        [config.scheduler.state_dict() for config in run_trainer.lr_scheduler_configs],
+    carried = (
+        [
+            CarryOptimizerState(
+                [optimizer.state_dict() for optimizer in run_trainer.optimizers],
+                [config.scheduler.state_dict() for config in run_trainer.lr_scheduler_configs],
+            )
+        ]
+        if carry
+        else []
     )
     trainer = Trainer(
         accelerator=accelerator,
@@ -93,7 +104,7 @@ def fine_tune(
         max_epochs=settings.epochs if settings.epochs is not None else -1,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[carry, *callbacks],
+        callbacks=[*carried, *callbacks],
         logger=False,
         default_root_dir=site_root,
         enable_progress_bar=False,
@@ -104,10 +115,10 @@ def fine_tune(
     trainer.fit(tuned, datamodule=datamodule)
     if settings.steps is not None and trainer.global_step != settings.steps:
         raise RuntimeError(
-            f"site {site!r}: fine-tuning stopped after {trainer.global_step} of {settings.steps} steps (the module or "
+            f"site {site!r}: {name.replace('_', '-')} training stopped after {trainer.global_step} of {settings.steps} steps (the module or "
             "a callback stopped it early)"
         )
-    path = Path(site_root) / "fine_tuned.ckpt"
+    path = Path(site_root) / f"{name}.ckpt"
     trainer.save_checkpoint(str(path))
     return tuned, SiteFineTuning(
         steps=trainer.global_step,

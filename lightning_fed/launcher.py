@@ -168,6 +168,7 @@ class FederatedLauncher(_Launcher):
             metric_thresholds=self.config.metric_thresholds,
             class_balance=self.config.class_balance,
             fine_tuning=self.config.fine_tuning,
+            deployment=self.config.deployment,
         )
         # after the W&B group is set (the job's logger specs), before the sites write into the run's folder: a CSV
         # logger that finds its folder in use warns that it will delete what is there

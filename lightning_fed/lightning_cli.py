@@ -143,6 +143,15 @@ class FederatedCLI(LightningCLI):
                 *results_cells(own),
                 title=f"\nTest results ({kind.replace('_', '-')} models, each site's own model on its own test split):",
             )
+        fit = strategy.last_fit
+        chosen = {n: s.deployment for n, s in (fit.sites.items() if fit is not None else ()) if s.deployment}
+        if chosen:  # why each site deploys what it does: its validation scores (the test figures are above)
+            report["deployment"] = {n: dataclasses.asdict(d) for n, d in chosen.items()}
+            print(
+                "\nDeployed at each site (best validation "
+                + ", ".join(f"{n}: {d.chosen} {d.metric} {d.validation[d.chosen]:.4f}" for n, d in chosen.items())
+                + ")"
+            )
         for note in evaluation.notes:
             print(f"note: {note}")
         label_names = _label_names(self.model, self.datamodule)

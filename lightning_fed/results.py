@@ -51,6 +51,18 @@ class SiteFineTuning:
 
 
 @dataclass(frozen=True)
+class SiteDeployment:
+    """The model a site chose to deploy (:class:`~lightning_fed.config.Deployment`), and why: only scores."""
+
+    chosen: str  # "global", "personal", "fine_tuned", "local"
+    metric: str
+    validation: dict[str, float]  # each candidate's validation score, by name
+    temperature: Optional[float]  # the fitted temperature (None: not a classification, or calibrate=False)
+    validation_ece: Optional[tuple[float, float]]  # expected calibration error on validation, before and after
+    checkpoint: str  # where the chosen model and its temperature are kept, at the site
+
+
+@dataclass(frozen=True)
 class SiteFit:
     """One site's ``fit``, as it ended."""
 
@@ -63,6 +75,7 @@ class SiteFit:
     sync_seconds: list[float]  # time inside each hand-over, waiting for slower sites included
     privacy: Optional[SitePrivacy] = None
     fine_tuning: Optional[SiteFineTuning] = None
+    deployment: Optional[SiteDeployment] = None
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,14 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import RunningStage
 
 from lightning_fed.balance import ClassBalance
-from lightning_fed.config import FineTuning
+from lightning_fed.config import Deployment, FineTuning
 from lightning_fed.context import SiteContext
 from lightning_fed.data.sites import Site
+from lightning_fed.deploy import calibration_on, choose_deployment
 from lightning_fed.fine_tuning import fine_tune
 from lightning_fed.loggers import SiteLoggerSpec, finish_site_loggers
 from lightning_fed.privacy import DPSGD, SiteDPSGD
-from lightning_fed.results import SiteEvaluation, SiteFineTuning, SiteFit, SitePrivacy, SiteReady
+from lightning_fed.results import SiteDeployment, SiteEvaluation, SiteFineTuning, SiteFit, SitePrivacy, SiteReady
 from lightning_fed.rounds import RoundSchedule
 from lightning_fed.scheduler import Scheduler, SiteState
 from lightning_fed.site_metrics import SiteMetrics
@@ -58,6 +59,7 @@ class TrainerJob:
     class_balance: Optional[str]
     rounds: RoundSchedule  # sync_every epochs, or optimizer steps
     fine_tuning: Optional[FineTuning] = None  # each site's local fine-tuning after the last round
+    deployment: Optional[Deployment] = None  # each site's choice of the model to deploy, after that
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,9 @@ class SiteRuntime:
         self.trainer = self._build_trainer()
         self.fine_tuned: Optional[LightningModule] = None  # this site's fine-tuned model, once it has one
         self.fine_tuning: Optional[SiteFineTuning] = None
+        self.deployed: Optional[LightningModule] = None  # the model this site chose to deploy, and its temperature
+        self.temperature: Optional[float] = None
+        self.deployment: Optional[SiteDeployment] = None
         return self.ready(stage)
 
     def _build_trainer(self) -> Trainer:
@@ -173,6 +178,11 @@ class SiteRuntime:
         if stage == "fit":
             n = train_samples(self.datamodule.train_dataloader())
             self.sync.train_size = n if n > 0 else None
+            if self.plan.job.deployment is not None and not _has_batches(self.datamodule, "val_dataloader"):
+                raise ValueError(
+                    f"site {self.name!r} has no validation data, and the model it deploys is chosen on it "
+                    "(deployment=...): give every site a validation split, or drop deployment"
+                )
         return SiteReady(
             self.name, n, str(site_device()[1]), ray.get_runtime_context().get_node_id(), self.worker, self.marker
         )
@@ -198,23 +208,63 @@ class SiteRuntime:
         return self._finish()
 
     def _finish(self) -> SiteFit:
-        """The federated run is over at this site: fine-tune (when asked), then say how it ended."""
-        settings = self.plan.job.fine_tuning
-        if settings is not None:
+        """The federated run is over at this site: fine-tune and choose the model to deploy (when asked), then say
+        how it ended."""
+        job = self.plan.job
+        if job.fine_tuning is not None:
             self.context.tell("report", {"status": "fine-tuning"})
-            self.fine_tuned, self.fine_tuning = fine_tune(
-                self.name,
-                settings,
-                self.trainer,
-                self.module,
-                self.datamodule,
-                self.plan.job.trainer_settings,
-                str(Path(self.plan.job.root_dir) / "sites" / self.name),
-                site_device()[0],
-                self._training_callbacks(),
-            )
+            self.fine_tuned, self.fine_tuning = self._train_alone(job.fine_tuning, self.module, "fine_tuned")
+        if job.deployment is not None:
+            self.context.tell("report", {"status": "choosing"})
+            self._choose_deployment(job.deployment)
+        if job.fine_tuning is not None or job.deployment is not None:
             self.context.tell("report", {"status": "done"})
         return self._fit_result()
+
+    def _train_alone(self, settings: FineTuning, start: LightningModule, name: str) -> tuple[LightningModule, Any]:
+        """A copy of ``start`` trained on this site's data alone (the run's optimizer state carried on, unless it is
+        the local-only model, which starts afresh)."""
+        return fine_tune(
+            self.name,
+            settings,
+            self.trainer,
+            start,
+            self.datamodule,
+            self.plan.job.trainer_settings,
+            self.folder,
+            site_device()[0],
+            self._training_callbacks(),
+            carry=name != "local",
+            name=name,
+        )
+
+    @property
+    def folder(self) -> str:
+        """This site's folder in the run's (its logs, fine-tuned and deployed models)."""
+        return str(Path(self.plan.job.root_dir) / "sites" / self.name)
+
+    def own_models(self) -> dict[str, LightningModule]:
+        """The models this site holds beside the global one: its algorithm's, its fine-tuned one."""
+        own = dict(self.plan.algorithm.personal_models())
+        if self.fine_tuned is not None:
+            own["fine_tuned"] = self.fine_tuned
+        return own
+
+    def _choose_deployment(self, settings: Deployment) -> None:
+        candidates = {"global": self.module, **self.own_models()}
+        if settings.local_baseline:
+            steps = self.plan.job.trainer_settings.get("max_steps") or -1
+            length = FineTuning(steps=steps) if steps > 0 else FineTuning(epochs=self.trainer.max_epochs or 1)
+            candidates["local"], _ = self._train_alone(length, ray.get(self.plan.job.module_ref), "local")
+        self.deployed, self.temperature, self.deployment = choose_deployment(
+            self.name,
+            settings,
+            candidates,
+            lambda module: validation_values(self._evaluate("validate", module)),
+            self.datamodule.val_dataloader(),
+            site_device()[1],
+            self.folder,
+        )
 
     def _fit_result(self) -> SiteFit:
         t = self.trainer
@@ -230,6 +280,7 @@ class SiteRuntime:
             sync_seconds=list(self.sync.sync_seconds),
             privacy=SitePrivacy(**self.privacy.report()) if self.privacy is not None else None,
             fine_tuning=self.fine_tuning,
+            deployment=self.deployment,
         )
 
     def evaluate(self, stage: str, model: GlobalModel, exact: bool = False) -> SiteEvaluation:
@@ -247,10 +298,15 @@ class SiteRuntime:
         result = self._evaluate(stage, self.module)
         if exact:
             return result
-        own = dict(self.plan.algorithm.personal_models())
-        if self.fine_tuned is not None:
-            own["fine_tuned"] = self.fine_tuned
-        return dataclasses.replace(result, personal={name: self._evaluate(stage, m) for name, m in own.items()})
+        personal = {name: self._evaluate(stage, m) for name, m in self.own_models().items()}
+        if self.deployed is not None:  # the chosen model, with its calibration on this split
+            deployed = self._evaluate(stage, self.deployed)
+            loader = self.datamodule.test_dataloader() if stage == "test" else self.datamodule.val_dataloader()
+            assert self.deployment is not None
+            calibration = calibration_on(self.deployed, self.temperature, loader, site_device()[1])
+            values = {**deployed.values, "model": self.deployment.chosen, **calibration}
+            personal["deployed"] = dataclasses.replace(deployed, values=values)
+        return dataclasses.replace(result, personal=personal)
 
     def _evaluate(self, stage: str, module: LightningModule) -> SiteEvaluation:
         run = self.trainer.test if stage == "test" else self.trainer.validate
@@ -273,6 +329,23 @@ class SiteRuntime:
     def close(self) -> bool:
         """Flush this site's loggers; ``True`` if one of them was a W&B run (the worker then stops W&B once)."""
         return finish_site_loggers(self.trainer.loggers)
+
+
+def validation_values(evaluation: SiteEvaluation) -> dict[str, float]:
+    """A validation's scalars without their ``val_`` prefix, and lightning-fed's metrics: what a deployment compares."""
+    scalars = {k.removeprefix("val_"): v for k, v in evaluation.scalars.items()}
+    return {**scalars, **{k: v for k, v in evaluation.values.items() if isinstance(v, float)}}
+
+
+def _has_batches(datamodule: Any, hook: str) -> bool:
+    try:
+        loader = getattr(datamodule, hook)()
+    except Exception:  # no such split (Lightning raises for a hook the datamodule does not define)
+        return False
+    try:
+        return loader is not None and len(loader) > 0
+    except TypeError:
+        return loader is not None  # size unknown: trust it
 
 
 def train_samples(loaders: Any) -> int:

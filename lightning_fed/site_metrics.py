@@ -38,7 +38,7 @@ def inputs_of(batch: Any) -> Any:
     return batch
 
 
-def _logits_of(output: Any) -> Optional[torch.Tensor]:
+def logits_of(output: Any) -> Optional[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, dict):
@@ -115,11 +115,11 @@ class SiteMetrics(Callback):
             )
         inputs = inputs_of(batch)
         count = len(targets) if targets is not None else len(inputs)
-        logits = next((lg for lg in map(_logits_of, reversed(captured)) if lg is not None and len(lg) == count), None)
+        logits = next((lg for lg in map(logits_of, reversed(captured)) if lg is not None and len(lg) == count), None)
         if logits is None:
             try:
                 with torch.no_grad():
-                    logits = _logits_of(pl_module(inputs))
+                    logits = logits_of(pl_module(inputs))
             except Exception as err:  # a module whose forward needs more than the inputs
                 return self._disable(f"forward(inputs) failed ({type(err).__name__}: {err})")
             if logits is None or len(logits) != count:

@@ -11,6 +11,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning_fed.config import (
     Checkpointing,
     Cluster,
+    Deployment,
     FederationConfig,
     FineTuning,
     Placement,
@@ -92,6 +93,9 @@ class FederatedStrategy(SingleDeviceStrategy):
         personal: partial sharing: the state-dict tensors these name (shell patterns such as ``["classifier.*"]``, or
             a callable ``name -> bool``) stay at each site: never sent, never overwritten by aggregation, tested at
             their site; composes with every averaging rule (:mod:`lightning_fed.strategies.partial`).
+        deployment: after the run every site picks, on its own validation data, the model it should deploy (global,
+            personal, fine-tuned, local-only) and calibrates it (:class:`~lightning_fed.config.Deployment`);
+            ``trainer.test`` reports it under ``deployed/...`` and ``last_fit.sites[name].deployment`` says why.
         **shorthands: today's flat names, sorted into the groups above: ``num_sites``, ``partitioner``,
             ``site_cpus``, ``site_gpus``, ``checkpoint_dir``, ``checkpoint_every``, ``keep_checkpoints``,
             ``ray_address``, ``ray_init_kwargs``, ``placement_timeout``, ``workers``, ``sites_per_worker``,
@@ -128,6 +132,7 @@ class FederatedStrategy(SingleDeviceStrategy):
         sync_every_steps: Optional[int] = None,
         fine_tuning: Optional[FineTuning] = None,
         personal: Optional[PersonalSpec] = None,
+        deployment: Optional[Deployment] = None,
         **shorthands: Any,
     ) -> None:
         super().__init__(device="cpu")
@@ -180,6 +185,7 @@ class FederatedStrategy(SingleDeviceStrategy):
             progress=progress,
             sync_every_steps=sync_every_steps,
             fine_tuning=fine_tuning,
+            deployment=deployment,
         )
         self._launcher: Optional[FederatedLauncher] = None
 

@@ -17,6 +17,7 @@ from lightning_fed.strategies.fedfbn import FedFBN  # noqa: E402
 from lightning_fed.strategies.fedopt import FedAdagrad, FedAdam, FedYogi  # noqa: E402
 from lightning_fed.strategies.fedper import FedPer  # noqa: E402
 from lightning_fed.strategies.fedprox import FedProx  # noqa: E402
+from lightning_fed.strategies.fedrep import FedRep  # noqa: E402
 from lightning_fed.strategies.fiva import Fiva  # noqa: E402
 from lightning_fed.strategies.local import Local  # noqa: E402
 from lightning_fed.strategies.partial import PartialSharing  # noqa: E402
@@ -38,6 +39,7 @@ __all__ = [
     "FedBN",
     "FedFBN",
     "FedPer",
+    "FedRep",
     "FedProx",
     "FedYogi",
     "Fiva",

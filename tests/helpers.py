@@ -299,3 +299,27 @@ class DropsAfterMasking(FedAvg):
 
     def site_algorithm(self):
         return _DropsOnce(self.site, self.round, self.once_flag)
+
+
+class FlippedTestSite(PooledIndexData):
+    """A hospital whose test split is its validation split with every label flipped: any model's test AUROC (and
+    accuracy) is one minus its validation one, so the best model on validation is the worst on test."""
+
+    def setup(self, stage):
+        super().setup(stage)
+        x, y = self.datasets["val"].tensors
+        self.datasets["test"] = type(self.datasets["val"])(x, 1 - y)
+
+
+class HospitalsWithFlippedTest(L.LightningDataModule):
+    """small_hospitals (with validation splits), every hospital's test split its flipped validation split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = small_hospitals(sizes=(300, 200, 200), val_fraction=0.3)
+
+    def federated_sites(self):
+        return [
+            Site(s.name, FlippedTestSite(s.datamodule.data_dir, s.datamodule.indices, s.datamodule.batch_size))
+            for s in self.base.federated_sites()
+        ]

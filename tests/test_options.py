@@ -84,6 +84,7 @@ OPTIONS = {
     "fiva": {"prior": (1e3, {}, site_half("prior"))},
     "fedper": {"head": (["classifier.*"], {}, site_half("head"))},
     "ditto": {"lam": (1.0, {}, site_half("lam"))},
+    "fedrep": {"head": (["classifier.*"], {}, site_half("head")), "head_epochs": (2, {}, site_half("head_epochs"))},
     "dp_fedavg": {
         "noise_multiplier": (0.3, {"seed": 0}, aggregated),
         "clip_norm": (3.0, {"seed": 0}, aggregated),

@@ -124,3 +124,54 @@ def test_personal_tensors_never_travel_and_each_site_is_tested_with_its_own(tmp_
     for site in sites:
         np.testing.assert_array_equal(after[site]["classifier.weight"], weights[site]["classifier.weight"])
     assert strategy.last_evaluation.notes == ["each site evaluated with its own personal tensors (partial sharing)"]
+
+
+class _Recorded(L.LightningModule):
+    """A body and a classifier head; records, per epoch, which parameters had a gradient at each optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(3, 4)
+        self.frozen = torch.nn.Linear(4, 4)  # frozen by the module itself: no phase may unfreeze it
+        self.frozen.requires_grad_(False)
+        self.classifier = torch.nn.Linear(4, 2)
+        self.seen: dict[int, set[str]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.classifier(self.frozen(self.body(x))), y)
+
+    def on_before_optimizer_step(self, optimizer):
+        with_grad = {n for n, p in self.named_parameters() if p.grad is not None}
+        self.seen.setdefault(self.current_epoch, set()).update(with_grad)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return DataLoader(TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,))), batch_size=4)
+
+
+def test_fedrep_trains_the_head_first_then_the_body_in_every_round():
+    from lightning_fed.strategies.site.fedrep import FedRepSite
+
+    torch.manual_seed(0)
+    module, site = _Recorded(), get_aggregator("fedrep", head_epochs=1).site_algorithm()
+    assert isinstance(site, FedRepSite)
+    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    L.Trainer(max_epochs=3, callbacks=[site], **kw).fit(module, _loader())
+    head, body = {"classifier.weight", "classifier.bias"}, {"body.weight", "body.bias"}
+    assert module.seen == {0: head, 1: body, 2: body}  # the frozen layer never, in any phase
+    assert all(p.requires_grad for n, p in module.named_parameters() if not n.startswith("frozen"))  # given back
+    assert not module.frozen.weight.requires_grad
+    update = site.local_update(None, module, 8)
+    assert set(update.weights) == body | {"frozen.weight", "frozen.bias"}  # the head stays
+    site.receive_global(None, module, GlobalModel(update.weights, round=1))  # a new round: the head first again
+    assert (site.epochs_in_round, site.phase()) == (0, "head")
+    short = get_aggregator("fedrep", head_epochs=2).site_algorithm()
+    L.Trainer(max_epochs=1, callbacks=[short], **kw).fit(_Recorded(), _loader())
+    with pytest.raises(ValueError, match="before the body trained"):
+        short.local_update(None, module, 8)

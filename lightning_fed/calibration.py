@@ -1,0 +1,84 @@
+"""Temperature scaling (Guo et al., 2017) and expected calibration error, for a classifier's logits at one site.
+
+A temperature ``T > 0`` divides the logits before the softmax (or sigmoid); it is fitted by minimising the negative
+log-likelihood on the site's validation data, so it changes the model's confidence, never its ranking or its
+predicted class. Expected calibration error is torchmetrics' ``CalibrationError`` (15 equal-width bins, L1).
+Binary outputs are one logit (sigmoid) or two (softmax); more are multi-class; anything else (multi-label,
+segmentation) is not calibrated here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch.nn import functional as F
+from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
+
+from lightning_fed.metrics import IGNORE_INDEX
+from lightning_fed.site_metrics import inputs_of, logits_of, targets_of
+
+BINS = 15
+
+
+def classifier_outputs(
+    module: torch.nn.Module, loader: Any, device: torch.device
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``module``'s logits and the targets over ``loader`` (``None``: not a one-label classifier's outputs)."""
+    logits, targets = [], []
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                target = targets_of(batch)
+                if target is None:
+                    return None
+                inputs = inputs_of(batch)
+                out = logits_of(module(inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs))
+                if out is None or len(out) != len(target):
+                    return None
+                logits.append(out.detach().float().cpu())
+                targets.append(target.detach().cpu())
+    finally:
+        module.train(was_training)
+    if not logits:
+        return None
+    x, y = torch.cat(logits), torch.cat(targets)
+    if x.dim() == 2 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.dim() > 2 or (x.dim() == 2 and y.dim() != 1) or (x.dim() == 1 and y.reshape(-1).shape != x.shape):
+        return None  # multi-label or segmentation
+    keep = y.reshape(-1) != IGNORE_INDEX
+    return x[keep], y.reshape(-1)[keep].long()
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    if logits.dim() == 1:
+        return F.binary_cross_entropy_with_logits(logits / temperature, targets.float())
+    return F.cross_entropy(logits / temperature, targets)
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The temperature that minimises the negative log-likelihood of ``targets`` (log-parametrised, L-BFGS)."""
+    log_t = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = _nll(logits, targets, log_t.exp())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
+    """ECE of the probabilities ``logits / temperature`` give, against ``targets``."""
+    scaled = logits / temperature
+    if scaled.dim() == 1:
+        return float(BinaryCalibrationError(n_bins=BINS)(scaled.sigmoid(), targets))
+    if scaled.shape[1] == 2:
+        return float(BinaryCalibrationError(n_bins=BINS)(scaled.softmax(1)[:, 1], targets))
+    return float(MulticlassCalibrationError(num_classes=scaled.shape[1], n_bins=BINS)(scaled.softmax(1), targets))

@@ -1,0 +1,98 @@
+"""The model each site deploys: chosen on its own validation data among the models it holds, calibrated by
+temperature scaling, kept at the site, reported by trainer.test."""
+
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lightning_fed import Deployment, FederatedStrategy
+from lightning_fed.calibration import expected_calibration_error, fit_temperature
+from lightning_fed.deploy import best
+
+
+def test_temperature_scaling_undoes_overconfidence_and_lowers_the_calibration_error():
+    torch.manual_seed(0)
+    z = torch.randn(4000) * 1.5
+    y = torch.bernoulli(z.sigmoid()).long()  # z is calibrated by construction
+    overconfident = 4 * z
+    temperature = fit_temperature(overconfident, y)
+    assert temperature == pytest.approx(4.0, rel=0.1)
+    before, after = (
+        expected_calibration_error(overconfident, y),
+        expected_calibration_error(overconfident, y, temperature),
+    )
+    assert after < before / 3 and after < 0.03
+    # multi-class, and two logits read as binary: the same
+    logits = torch.randn(3000, 4) * 2
+    labels = torch.distributions.Categorical(logits=logits).sample()
+    t = fit_temperature(3 * logits, labels)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert expected_calibration_error(3 * logits, labels, t) < expected_calibration_error(3 * logits, labels)
+    pair = torch.stack([torch.zeros_like(z), overconfident], 1)  # softmax of (0, x) is sigmoid(x)
+    assert fit_temperature(pair, y) == pytest.approx(temperature, rel=1e-3)
+
+
+def test_the_best_score_wins_nan_never_and_a_tie_goes_to_the_global_model():
+    assert best({"global": 0.8, "personal": 0.9, "local": 0.7}, maximise=True) == "personal"
+    assert best({"global": 0.8, "personal": 0.9, "local": 0.7}, maximise=False) == "local"
+    assert best({"global": 0.9, "personal": 0.9}, maximise=True) == "global"
+    assert best({"global": float("nan"), "fine_tuned": 0.1}, maximise=True) == "fine_tuned"
+    with pytest.raises(ValueError, match="NaN"):
+        best({"global": float("nan")}, maximise=True)
+    assert Deployment(metric="loss").maximise is False and Deployment().maximise is True
+    assert Deployment(metric="loss", mode="max").maximise is True
+    with pytest.raises(ValueError, match="mode"):
+        Deployment(mode="best")
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("ray_cluster", "fed_data")
+def test_each_site_deploys_the_model_best_on_its_validation_data_not_its_test_data(tmp_path):
+    from lightning_fed.models import SmallCNN
+    from tests.helpers import HospitalsWithFlippedTest
+
+    torch.manual_seed(0)
+    strategy = FederatedStrategy(
+        aggregator="ditto",
+        fine_tune_steps=2,
+        deployment=Deployment(metric="auroc", local_baseline=True),
+        progress=False,
+        checkpoint_every=0,
+    )
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
+    dm = HospitalsWithFlippedTest()
+    try:
+        trainer.fit(SmallCNN(), datamodule=dm)
+        [out] = trainer.test(datamodule=dm, verbose=False)
+    finally:
+        strategy.shutdown()
+    evaluation = strategy.last_evaluation
+    assert set(evaluation.personal) == {"personal", "fine_tuned", "deployed"}
+    tested = {"global": evaluation, **evaluation.personal}
+    disagree = 0
+    for name, fit in strategy.last_fit.sites.items():
+        deployment = fit.deployment
+        scores = deployment.validation
+        assert set(scores) == {"global", "personal", "fine_tuned", "local"}
+        assert deployment.chosen == max(scores, key=scores.get)  # the best on validation
+        assert (tmp_path / "sites" / name / "local.ckpt").exists()
+        saved = torch.load(deployment.checkpoint, weights_only=False)
+        assert saved["chosen"] == deployment.chosen and saved["temperature"] == deployment.temperature > 0
+        row = evaluation.personal["deployed"].sites[name].values
+        assert row["model"] == deployment.chosen
+        assert math.isfinite(row["ece"]) and math.isfinite(row["ece_calibrated"])
+        assert out[f"deployed/site/{name}/test_ece"] == pytest.approx(row["ece"])
+        # the test labels are the validation labels flipped: every model's test AUROC is 1 - its validation AUROC
+        test_auroc = {c: tested[c].sites[name].values["auroc"] for c in ("global", "personal", "fine_tuned")}
+        for candidate, value in test_auroc.items():
+            assert value == pytest.approx(1 - scores[candidate], abs=1e-5), (name, candidate)
+        if deployment.chosen in test_auroc:
+            assert row["auroc"] == pytest.approx(test_auroc[deployment.chosen])
+            disagree += deployment.chosen != max(test_auroc, key=test_auroc.get)
+    assert disagree >= 1  # validation chose what test would not have: the choice never looks at test data
+    assert np.isfinite(out["deployed/fl/test_auroc"])
