@@ -4,11 +4,13 @@ A temperature ``T > 0`` divides the logits before the softmax (or sigmoid); it i
 log-likelihood on the site's validation data, so it changes the model's confidence, never its ranking or its
 predicted class. Expected calibration error is torchmetrics' ``CalibrationError`` (15 equal-width bins, L1).
 Binary outputs are one logit (sigmoid) or two (softmax); more are multi-class; anything else (multi-label,
-segmentation) is not calibrated here.
+segmentation) is not calibrated here. The temperature is kept within ``[1/20, 20]``: on a validation split where the
+model ranks worse than chance, the likelihood is best with every probability at chance, i.e. ``T`` without bound.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -19,6 +21,7 @@ from lightning_fed.metrics import IGNORE_INDEX
 from lightning_fed.site_metrics import inputs_of, logits_of, targets_of
 
 BINS = 15
+MAX_TEMPERATURE = 20.0
 
 
 def classifier_outputs(
@@ -60,18 +63,20 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor, temperature: torch.Tensor)
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """The temperature that minimises the negative log-likelihood of ``targets`` (log-parametrised, L-BFGS)."""
-    log_t = torch.zeros((), requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    """The temperature in ``[1/20, 20]`` that minimises the negative log-likelihood of ``targets`` (L-BFGS on a
+    bounded parametrisation ``log T = log 20 · tanh(u)``)."""
+    bound = math.log(MAX_TEMPERATURE)
+    u = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([u], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = _nll(logits, targets, log_t.exp())
+        loss = _nll(logits, targets, (bound * torch.tanh(u)).exp())
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp())
+    return float((bound * torch.tanh(u.detach())).exp())
 
 
 def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:

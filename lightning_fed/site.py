@@ -134,6 +134,7 @@ class SiteRuntime:
         self.trainer = self._build_trainer()
         self.fine_tuned: Optional[LightningModule] = None  # this site's fine-tuned model, once it has one
         self.fine_tuning: Optional[SiteFineTuning] = None
+        self.local: Optional[LightningModule] = None  # the local-only model a deployment trained here
         self.deployed: Optional[LightningModule] = None  # the model this site chose to deploy, and its temperature
         self.temperature: Optional[float] = None
         self.deployment: Optional[SiteDeployment] = None
@@ -244,18 +245,20 @@ class SiteRuntime:
         return str(Path(self.plan.job.root_dir) / "sites" / self.name)
 
     def own_models(self) -> dict[str, LightningModule]:
-        """The models this site holds beside the global one: its algorithm's, its fine-tuned one."""
+        """The models this site holds beside the global one: its algorithm's, its fine-tuned and local-only ones."""
         own = dict(self.plan.algorithm.personal_models())
         if self.fine_tuned is not None:
             own["fine_tuned"] = self.fine_tuned
+        if self.local is not None:
+            own["local"] = self.local
         return own
 
     def _choose_deployment(self, settings: Deployment) -> None:
-        candidates = {"global": self.module, **self.own_models()}
         if settings.local_baseline:
             steps = self.plan.job.trainer_settings.get("max_steps") or -1
             length = FineTuning(steps=steps) if steps > 0 else FineTuning(epochs=self.trainer.max_epochs or 1)
-            candidates["local"], _ = self._train_alone(length, ray.get(self.plan.job.module_ref), "local")
+            self.local, _ = self._train_alone(length, ray.get(self.plan.job.module_ref), "local")
+        candidates = {"global": self.module, **self.own_models()}
         self.deployed, self.temperature, self.deployment = choose_deployment(
             self.name,
             settings,
