@@ -61,7 +61,11 @@ def test_grid_expansion_and_list_overrides():
 @pytest.fixture(scope="module")
 def heart_compare(tmp_path_factory, ray_cluster):
     out = tmp_path_factory.mktemp("compare")
-    report = compare([*HEART, "--trainer.max_epochs=2", "--repeats", "2", "--out", str(out)])
+    # the federated runs fine-tune at every hospital too: compare reports that model beside the others
+    report = compare(
+        [*HEART, "--trainer.max_epochs=2", "--trainer.strategy.init_args.fine_tune_epochs=1", "--repeats", "2"]
+        + ["--out", str(out)]
+    )
     return report, out
 
 
@@ -70,7 +74,7 @@ def test_compare_tests_every_model_on_every_site(heart_compare):
 
     report, out = heart_compare
     assert report["sites"] == HOSPITALS and report["seeds"] == [0, 1]
-    assert report["models"] == ["pooled", "local", *[f"local:{h}" for h in HOSPITALS], "federated"]
+    assert report["models"] == ["pooled", "local", *[f"local:{h}" for h in HOSPITALS], "federated", "fine-tuned"]
     runs = report["runs"]
     assert [(r["repeat"], r["mode"]) for r in runs] == [
         (0, "pooled"),

@@ -25,6 +25,13 @@ SEGMENTATION_METRICS = ("dice", "mutual_information", "entropy")
 GROUPED = re.compile(r"^(dice|entropy|aleatoric|mutual_information)_[a-z0-9_]+$")  # per group (vendor) values
 MODES = ("pooled", "local", "federated")
 MERGED = "federated"  # the column of every site's test data together (metric states merged)
+# the sites' own models of a federated run (each tested at its own site), as compare names them
+OWN_MODELS = {
+    "personal": "federated (personal)",
+    "fine_tuned": "fine-tuned",
+    "deployed": "deployed",
+    "local": "local (deployment baseline)",
+}
 
 Row = dict[str, Any]  # metric -> value (a float, a confusion matrix, per-class lists, "hidden" labels, ...)
 Evaluations = dict[str, dict[str, Row]]  # model -> column (site | "federated") -> metrics
@@ -202,8 +209,8 @@ class Experiment:
         strategy.reconfigure(progress=self.progress, placement=self._layouts["pooled" if mode == "pooled" else "sites"])
         started_before = self.pool.started if self.pool is not None else 0
         note = None
-        if mode != "federated":
-            strategy.reconfigure(aggregator=Local())  # also drops secure aggregation: nothing is exchanged
+        if mode != "federated":  # nothing is exchanged (no secure aggregation), and nothing follows the training
+            strategy.reconfigure(aggregator=Local(), fine_tuning=None, deployment=None)
         train_data = HeldOutSites(datamodule, self.holdout) if self.holdout is not None else datamodule
         fit_data = train_data
         if mode == "pooled":
@@ -219,7 +226,10 @@ class Experiment:
             federation = strategy.federation
             if mode == "federated":
                 global_weights = state_to_numpy(model.state_dict())
-                evaluations = {"federated": evaluation_rows_of(federation.evaluate("test", global_weights))}
+                evaluation = federation.evaluate("test", global_weights)
+                evaluations = {"federated": evaluation_rows_of(evaluation)}
+                for kind, own in evaluation.personal.items():  # each site's own model, at its own site
+                    evaluations[OWN_MODELS.get(kind, f"federated ({kind})")] = evaluation_rows_of(own)
                 tested = {"federated": global_weights}
             elif mode == "local":
                 tested = federation.site_weights()
