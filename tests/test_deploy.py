@@ -95,3 +95,38 @@ def test_each_site_deploys_the_model_best_on_its_validation_data_not_its_test_da
         disagree += deployment.chosen != max(test_auroc, key=test_auroc.get)
     assert disagree >= 1  # validation chose what test would not have: the choice never looks at test data
     assert np.isfinite(out["deployed/fl/test_auroc"])
+
+
+def test_the_choice_reads_the_named_validation_metric_and_calibrate_false_fits_no_temperature(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_fed.deploy import choose_deployment
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    y = (x[:, 0] > 0).long()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    candidates = {"global": torch.nn.Linear(3, 2), "personal": torch.nn.Linear(3, 2)}
+    scores = {"global": {"auroc": 0.7, "loss": 0.4}, "personal": {"auroc": 0.6, "loss": 0.3}}
+    by_name = {id(m): name for name, m in candidates.items()}
+
+    def validate(module):
+        return scores[by_name[id(module)]]
+
+    def choose(settings, folder):
+        return choose_deployment(
+            "a", settings, candidates, validate, loader, torch.device("cpu"), str(tmp_path / folder)
+        )
+
+    model, temperature, report = choose(Deployment(metric="auroc"), "auroc")
+    assert (
+        report.chosen == "global"
+        and model is candidates["global"]
+        and report.validation == {"global": 0.7, "personal": 0.6}
+    )
+    assert temperature is not None and report.validation_ece is not None
+    assert torch.load(report.checkpoint, weights_only=False)["temperature"] == temperature
+    _, temperature, report = choose(Deployment(metric="loss", calibrate=False), "loss")
+    assert report.chosen == "personal" and temperature is None and report.validation_ece is None
+    with pytest.raises(ValueError, match="'recall' is not among its validation results \\(auroc, loss\\)"):
+        choose(Deployment(metric="recall"), "recall")
