@@ -1,20 +1,25 @@
-"""A model for each hospital, measured on UCI heart disease's four real hospitals (the recipe's data and model).
+"""A model for each hospital, measured on a recipe's real or simulated hospitals.
 
-For each seed, one federation (``recipes/heart_disease.yaml``'s MLP, 30 epochs of FedAvg, each hospital split
-train/val/test 50/20/30 % with its own seed) gives every model this project can deploy at a hospital:
+For each seed, one federation of the recipe (its data, model and rounds; seed and data seed set to the seed) gives
+every model this project can deploy at a hospital:
 
-- ``global``: the FedAvg model;
+- ``global``: the recipe's rule (FedAvg) model;
 - ``personal``: Ditto's personal model (``aggregator="ditto"``, λ = ``--lam``), trained beside the shared one;
 - ``fine_tuned``: the global model fine-tuned for ``--fine-tune-epochs`` epochs at the hospital;
-- ``local``: the hospital's own model, trained alone for the same 30 epochs (``Deployment(local_baseline=True)``);
-- ``deployed``: the one of those four the hospital chose on its validation split (AUROC), with its temperature.
+- ``local``: the hospital's own model, trained alone for the run's length (``Deployment(local_baseline=True)``);
+- ``deployed``: the one of those four the hospital chose on its validation split (``--metric``), with its
+  temperature (classifiers only).
 
 Ditto's shared model is FedAvg's (the personal step never touches it), so one run gives all five. Every model is
-tested at each hospital on that hospital's test split. Prints per hospital the mean ± std over seeds of the test
-AUROC and accuracy of each model, how often each model was deployed, and the expected calibration error of the
-deployed model before and after temperature scaling.
+tested at each hospital on that hospital's test split. Prints per hospital the mean ± std over seeds of each reported
+metric of each model, how often each model was deployed, and (classifiers) the deployed model's expected
+calibration error before and after temperature scaling.
 
-    LIGHTNING_FED_DATA=/path/to/data python benchmarks/personalisation.py --seeds 0 1 2 3 4 --json out.json
+    python benchmarks/personalisation.py --recipe heart --seeds 0 1 2 3 4 [--metric loss] --json out.json
+    python benchmarks/personalisation.py --recipe ct --seeds 0 1 2 --json out.json
+
+``heart``: ``recipes/heart_disease.yaml`` (UCI heart disease, four real hospitals), each hospital split
+train/val/test 50/20/30 %. ``ct``: ``recipes/ct_vendors.yaml`` (study C: ten simulated CT hospitals, Dice).
 """
 
 from __future__ import annotations
@@ -24,75 +29,99 @@ import collections
 import json
 import logging
 import os
+import re
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 MODELS = ("global", "personal", "fine_tuned", "local", "deployed")
+MERGED = "_merged"  # a run's entry for every hospital's test data together
+GROUPED = re.compile(r"^fl/test_dice_[a-z0-9_]+$")  # per vendor
+REPO = Path(__file__).resolve().parents[1]
 
 
-def run(seed: int, root: str, lam: float, fine_tune_epochs: int, metric: str) -> dict[str, dict[str, Any]]:
-    import lightning as L
+@dataclass(frozen=True)
+class Recipe:
+    config: str
+    overrides: tuple[str, ...]  # what the recipe needs here beyond its file (a validation split, ...)
+    reported: tuple[str, ...]  # the metrics the tables show
+    metric: str  # what the hospitals choose by, unless --metric says otherwise
 
-    from lightning_fed import Deployment, FederatedStrategy
-    from lightning_fed.data import HeartDiseaseSites
-    from lightning_fed.models import TabularMLP
 
-    L.seed_everything(seed, verbose=False)
-    data = HeartDiseaseSites(test_fraction=0.3, val_fraction=0.2, batch_size=32, seed=seed)
-    strategy = FederatedStrategy(
-        aggregator="ditto",
-        aggregator_kwargs={"lam": lam},
-        fine_tune_epochs=fine_tune_epochs,
-        deployment=Deployment(metric=metric, local_baseline=True),
-        seed=seed,
-        progress=False,
-        checkpoint_every=0,
-    )
-    trainer = L.Trainer(
-        strategy=strategy,
-        max_epochs=30,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+RECIPES = {
+    "heart": Recipe(
+        "recipes/heart_disease.yaml",
+        ("--data.init_args.val_fraction=0.2", "--data.init_args.test_fraction=0.3"),
+        ("auroc", "accuracy"),
+        "auroc",
+    ),
+    "ct": Recipe("recipes/ct_vendors.yaml", (), ("dice",), "dice"),
+}
+
+
+def run(recipe: Recipe, seed: int, root: str, lam: float, fine_tune_epochs: int, metric: str) -> dict[str, Any]:
+    from lightning_fed.lightning_cli import FederatedCLI
+
+    args = [
+        "--config",
+        str(REPO / recipe.config),
+        *recipe.overrides,
+        f"--seed_everything={seed}",
+        f"--data.init_args.seed={seed}",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.strategy.init_args.aggregator=ditto",
+        f"--trainer.strategy.init_args.aggregator_kwargs={{lam: {lam}}}",
+        f"--trainer.strategy.init_args.fine_tune_epochs={fine_tune_epochs}",
+        f"--trainer.strategy.init_args.deployment={{metric: {metric}, local_baseline: true}}",
+        "--trainer.strategy.init_args.progress=false",
+        "--trainer.strategy.init_args.checkpoint_every=0",
+    ]
+    cli = FederatedCLI(args=args, run=False, save_config_callback=None, parser_kwargs={"prog": "personalisation"})
+    trainer, strategy = cli.trainer, cli.trainer.strategy
     try:
-        trainer.fit(TabularMLP(in_features=13, hidden=[32, 16], lr=0.003), datamodule=data)
-        trainer.test(datamodule=data, verbose=False)
+        trainer.fit(cli.model, datamodule=cli.datamodule)
+        trainer.test(datamodule=cli.datamodule, verbose=False)
     finally:
         strategy.shutdown()
     evaluation, fit = strategy.last_evaluation, strategy.last_fit
     out = {}
     for site in evaluation.sites:
-        tested = {
-            "global": evaluation.sites[site].values,
-            **{k: e.sites[site].values for k, e in evaluation.personal.items()},
-        }
+        tested = {"global": evaluation.sites[site].values}
+        tested.update({kind: e.sites[site].values for kind, e in evaluation.personal.items()})
         deployment = fit.sites[site].deployment
         out[site] = {
-            **{f"{m}_auroc": tested[m]["auroc"] for m in MODELS},
-            **{f"{m}_accuracy": tested[m]["accuracy"] for m in MODELS},
+            **{f"{m}_{r}": tested[m][r] for m in MODELS for r in recipe.reported},
             "chosen": deployment.chosen,
             "validation": deployment.validation,
             "temperature": deployment.temperature,
             "ece": tested["deployed"].get("ece"),
             "ece_calibrated": tested["deployed"].get("ece_calibrated"),
         }
+    # every hospital's test data merged, per group (CT: vendor), for each model: Dice from summed pixel counts
+    everyone = {"global": evaluation.federated, **{k: e.federated for k, e in evaluation.personal.items()}}
+    out[MERGED] = {
+        m: {k.removeprefix("fl/test_"): v for k, v in everyone[m].items() if GROUPED.match(k) and isinstance(v, float)}
+        for m in MODELS
+    }
     return out
 
 
 def fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
-def tables(runs: list[dict[str, dict[str, Any]]], metric_chosen_by: str) -> str:
-    sites = list(runs[0])
+def tables(runs: list[dict[str, dict[str, Any]]], reported: tuple[str, ...], metric_chosen_by: str) -> str:
+    sites = [s for s in runs[0] if s != MERGED]
     lines = []
-    for metric in ("auroc", "accuracy"):
+    for metric in reported:
         head = f"{'hospital':<13}" + "".join(f"{m:>17}" for m in MODELS)
         lines += [f"\ntest {metric}, mean ± std over {len(runs)} seeds", head, "-" * len(head)]
         for site in sites:
@@ -105,10 +134,17 @@ def tables(runs: list[dict[str, dict[str, Any]]], metric_chosen_by: str) -> str:
                 f"{fmt([statistics.fmean(r[s][f'{m}_{metric}'] for s in sites) for r in runs]):>17}" for m in MODELS
             )
         )
+    groups = sorted({g for r in runs for m in MODELS for g in r[MERGED][m]})
+    if groups:
+        head = f"{'model':<13}" + "".join(f"{g.removeprefix('dice_'):>17}" for g in groups)
+        lines += ["\ntest dice per vendor, every hospital's test data merged", head, "-" * len(head)]
+        for m in MODELS:
+            cells = "".join(f"{fmt([r[MERGED][m][g] for r in runs if g in r[MERGED][m]]):>17}" for g in groups)
+            lines.append(f"{m:<13}{cells}")
     lines += [
         f"\ndeployed (chosen on each hospital's validation {metric_chosen_by}), and its calibration on the test split"
     ]
-    head = f"{'hospital':<13}{'chosen (seeds)':<46}{'ECE before':>14}{'ECE after':>14}{'temperature':>14}"
+    head = f"{'hospital':<13}{'chosen (seeds)':<46}{'ECE before':>16}{'ECE after':>16}{'temperature':>16}"
     lines += [head, "-" * len(head)]
     for site in sites:
         counts = collections.Counter(r[site]["chosen"] for r in runs)
@@ -116,17 +152,18 @@ def tables(runs: list[dict[str, dict[str, Any]]], metric_chosen_by: str) -> str:
         eces = [r[site]["ece"] for r in runs if r[site]["ece"] is not None]
         after = [r[site]["ece_calibrated"] for r in runs if r[site]["ece_calibrated"] is not None]
         temps = [r[site]["temperature"] for r in runs if r[site]["temperature"] is not None]
-        lines.append(f"{site:<13}{chosen:<46}{fmt(eces):>14}{fmt(after):>14}{fmt(temps):>14}")
+        lines.append(f"{site:<13}{chosen:<46}{fmt(eces):>16}{fmt(after):>16}{fmt(temps):>16}")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="heart")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--lam", type=float, default=0.1, help="Ditto's λ")
     parser.add_argument("--fine-tune-epochs", type=int, default=5)
     parser.add_argument(
-        "--metric", default="auroc", help="what the hospitals choose by on validation (auroc, loss, ...)"
+        "--metric", default=None, help="what the hospitals choose by on validation (default: the recipe's)"
     )
     parser.add_argument(
         "--data",
@@ -135,6 +172,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     os.environ["LIGHTNING_FED_DATA"] = str(Path(args.data).resolve())
+    recipe = RECIPES[args.recipe]
+    metric = args.metric or recipe.metric
     import lightning  # noqa: F401  (before quietening its loggers: it sets their levels itself)
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -145,14 +184,15 @@ def main() -> None:
     with warm_workers(), tempfile.TemporaryDirectory(prefix="personalisation-") as root:
         for seed in args.seeds:
             t = time.perf_counter()
-            runs.append(run(seed, str(Path(root) / str(seed)), args.lam, args.fine_tune_epochs, args.metric))
-            chosen = {s: r["chosen"] for s, r in runs[-1].items()}
+            runs.append(run(recipe, seed, str(Path(root) / str(seed)), args.lam, args.fine_tune_epochs, metric))
+            chosen = {s: r["chosen"] for s, r in runs[-1].items() if s != MERGED}
             print(f"[seed {seed}] deployed {chosen} ({time.perf_counter() - t:.1f} s)", flush=True)
-    text = tables(runs, args.metric)
+    text = tables(runs, recipe.reported, metric)
     print(text)
     print(f"\ntotal wall: {time.perf_counter() - t0:.0f} s")
     if args.json is not None:
-        report = {"seeds": args.seeds, "lam": args.lam, "metric": args.metric, "runs": runs, "tables": text}
+        report = {"recipe": args.recipe, "seeds": args.seeds, "lam": args.lam, "metric": metric, "runs": runs}
+        report["tables"] = text
         args.json.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
 
