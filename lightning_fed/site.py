@@ -302,10 +302,10 @@ class SiteRuntime:
         if exact:
             return result
         personal = {name: self._evaluate(stage, m) for name, m in self.own_models().items()}
-        if self.deployed is not None:  # the chosen model, with its calibration on this split
-            deployed = self._evaluate(stage, self.deployed)
+        if self.deployed is not None and self.deployment is not None:  # the chosen model, calibrated on this split
+            chosen = self.deployment.chosen  # tested above already: its figures, not a second pass
+            deployed = result if chosen == "global" else personal[chosen]
             loader = self.datamodule.test_dataloader() if stage == "test" else self.datamodule.val_dataloader()
-            assert self.deployment is not None
             calibration = calibration_on(self.deployed, self.temperature, loader, site_device()[1])
             values = {**deployed.values, "model": self.deployment.chosen, **calibration}
             personal["deployed"] = dataclasses.replace(deployed, values=values)

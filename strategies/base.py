@@ -160,3 +160,53 @@ class Aggregator:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({params})"
+
+
+class WrappedAggregator(Aggregator):
+    """A rule around another (``inner``): compression, partial sharing. Every hook goes to ``inner`` unless the wrapper
+    overrides it; the wrapper keeps the inner rule's name (checkpoints stay the rule's) and how it weighs sites."""
+
+    def __init__(self, inner: Aggregator, what: str) -> None:
+        if inner.hides_site_updates:
+            raise ValueError(f"{what} goes inside secure aggregation, not around it")
+        self.inner = inner
+        self.name = inner.name or type(inner).__name__
+        self.secure_weighting = inner.secure_weighting
+
+    @property
+    def trains_personal_models(self) -> bool:  # type: ignore[override]
+        return self.inner.trains_personal_models
+
+    @property
+    def decodes_updates(self) -> bool:  # type: ignore[override]
+        return self.inner.decodes_updates
+
+    def check_model(self, model: Any) -> None:
+        self.inner.check_model(model)
+
+    def check_partial_rounds(self) -> None:
+        self.inner.check_partial_rounds()
+
+    def site_algorithm(self) -> "SiteAlgorithm":
+        return self.inner.site_algorithm()
+
+    def prepare(self, sites: list[str]) -> None:
+        self.inner.prepare(sites)
+
+    def receive(self, update: SiteUpdate, current: Weights | None) -> SiteUpdate:
+        return self.inner.receive(update, current)
+
+    def follow_up(self, round: int, updates: list[SiteUpdate]) -> Any:
+        return self.inner.follow_up(round, updates)
+
+    def receive_answers(self, round: int, answers: dict[str, Any]) -> None:
+        self.inner.receive_answers(round, answers)
+
+    def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:
+        return self.inner.aggregate(round, updates, current)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol, Union
 
 import numpy as np
 
-from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights, is_averageable
+from lightning_fed.strategies.base import Aggregator, SiteUpdate, Weights, WrappedAggregator, is_averageable
 
 if TYPE_CHECKING:
     from lightning_fed.strategies.site.compression import CompressedSite
@@ -211,27 +211,14 @@ def encode_update(
     return encoded, decoded
 
 
-class Compressed(Aggregator):
+class Compressed(WrappedAggregator):
     """Wraps any rule: decodes each site's compressed update (:meth:`receive`) before screening and the rule."""
 
     decodes_updates = True
 
     def __init__(self, inner: Aggregator, codec: Codec) -> None:
-        if inner.hides_site_updates:
-            raise ValueError("compression goes inside secure aggregation, not around it")
-        self.inner, self.codec = inner, codec
-        self.name = inner.name or type(inner).__name__  # compression is transport: checkpoints stay the rule's
-        self.secure_weighting = inner.secure_weighting
-
-    @property
-    def trains_personal_models(self) -> bool:  # type: ignore[override]
-        return self.inner.trains_personal_models
-
-    def check_model(self, model: Any) -> None:
-        self.inner.check_model(model)
-
-    def check_partial_rounds(self) -> None:
-        self.inner.check_partial_rounds()
+        super().__init__(inner, "compression")  # compression is transport: checkpoints stay the rule's
+        self.codec = codec
 
     def site_algorithm(self) -> "CompressedSite":
         from lightning_fed.strategies.site.compression import CompressedSite
@@ -258,24 +245,6 @@ class Compressed(Aggregator):
         weights.update(update.weights)  # buffers (BatchNorm statistics, counters), sent as they are
         extras = {k: v for k, v in update.extras.items() if k not in ("compressed", "compressed_difference")}
         return self.inner.receive(SiteUpdate(update.site, weights, update.num_samples, extras), current)
-
-    def follow_up(self, round: int, updates: list[SiteUpdate]) -> Any:
-        return self.inner.follow_up(round, updates)
-
-    def receive_answers(self, round: int, answers: dict[str, Any]) -> None:
-        self.inner.receive_answers(round, answers)
-
-    def prepare(self, sites: list[str]) -> None:
-        self.inner.prepare(sites)
-
-    def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:
-        return self.inner.aggregate(round, updates, current)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
 
     def __repr__(self) -> str:
         return f"{self.inner!r} compressed with {self.codec!r}"

@@ -21,7 +21,7 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
-from lightning_fed.strategies.base import Aggregator, GlobalModel, SiteUpdate, Weights
+from lightning_fed.strategies.base import Aggregator, SiteUpdate, Weights, WrappedAggregator
 
 if TYPE_CHECKING:
     from lightning_fed.strategies.site.partial import PartialSharingSite
@@ -57,20 +57,12 @@ class PersonalNames:
         return repr(list(self.patterns)) if self.predicate is None else repr(self.predicate)
 
 
-class PartialSharing(Aggregator):
+class PartialSharing(WrappedAggregator):
     """Wraps any rule: its sites never send the personal tensors, and never load a global value into them."""
 
     def __init__(self, inner: Aggregator, personal: PersonalSpec) -> None:
-        if inner.hides_site_updates:
-            raise ValueError("partial sharing goes inside secure aggregation, not around it")
-        self.inner, self.personal = inner, PersonalNames(personal)
-        self.name = inner.name or type(inner).__name__  # what is shared changes, the rule's state does not
-        self.secure_weighting = inner.secure_weighting
-        self.decodes_updates = inner.decodes_updates
-
-    @property
-    def trains_personal_models(self) -> bool:  # type: ignore[override]
-        return self.inner.trains_personal_models
+        super().__init__(inner, "partial sharing")  # what is shared changes, the rule's state does not
+        self.personal = PersonalNames(personal)
 
     def check_model(self, model: Any) -> None:
         names = list(model.state_dict())
@@ -87,37 +79,16 @@ class PartialSharing(Aggregator):
             )
         self.inner.check_model(model)
 
-    def check_partial_rounds(self) -> None:
-        self.inner.check_partial_rounds()
-
     def site_algorithm(self) -> "PartialSharingSite":
         from lightning_fed.strategies.site.partial import PartialSharingSite
 
         return PartialSharingSite(self.inner.site_algorithm(), self.personal)
-
-    def prepare(self, sites: list[str]) -> None:
-        self.inner.prepare(sites)
 
     def receive(self, update: SiteUpdate, current: Weights | None) -> SiteUpdate:
         leaked = sorted(self.personal.of(list(update.weights)))
         if leaked:  # only a site half that is not this one's would send them
             raise ValueError(f"its update holds personal tensors {leaked[:3]}, which must stay at the site")
         return self.inner.receive(update, current)
-
-    def follow_up(self, round: int, updates: list[SiteUpdate]) -> Any:
-        return self.inner.follow_up(round, updates)
-
-    def receive_answers(self, round: int, answers: dict[str, Any]) -> None:
-        self.inner.receive_answers(round, answers)
-
-    def aggregate(self, round: int, updates: list[SiteUpdate], current: Weights | None) -> GlobalModel:
-        return self.inner.aggregate(round, updates, current)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
 
     def __repr__(self) -> str:
         return f"PartialSharing({self.inner!r}, personal={self.personal!r})"
