@@ -3,8 +3,9 @@
 A temperature ``T > 0`` divides the logits before the softmax (or sigmoid); it is fitted by minimising the negative
 log-likelihood on the site's validation data, so it changes the model's confidence, never its ranking or its
 predicted class. Expected calibration error is torchmetrics' ``CalibrationError`` (15 equal-width bins, L1).
-Binary outputs are one logit (sigmoid) or two (softmax); more are multi-class; anything else (multi-label,
-segmentation) is not calibrated here. The temperature is kept within ``[1/20, 20]``: on a validation split where the
+Binary outputs are one logit (sigmoid) or two (softmax); more are multi-class; multi-label outputs (one logit per
+label, targets of the same shape) are calibrated as binary predictions, one per annotated label entry (unannotated
+``-1`` entries left out), with one temperature for every label; segmentation is not calibrated here. The temperature is kept within ``[1/20, 20]``: on a validation split where the
 model ranks worse than chance, the likelihood is best with every probability at chance, i.e. ``T`` without bound.
 """
 
@@ -27,7 +28,8 @@ MAX_TEMPERATURE = 20.0
 def classifier_outputs(
     module: torch.nn.Module, loader: Any, device: torch.device
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``module``'s logits and the targets over ``loader`` (``None``: not a one-label classifier's outputs)."""
+    """``module``'s logits and the targets over ``loader``, multi-label entries flattened to binary ones (``None``: not
+    a classifier's outputs)."""
     logits, targets = [], []
     was_training = module.training
     module.eval()
@@ -50,6 +52,8 @@ def classifier_outputs(
     x, y = torch.cat(logits), torch.cat(targets)
     if x.dim() == 2 and x.shape[1] == 1:
         x = x[:, 0]
+    if x.dim() == 2 and y.shape == x.shape:  # multi-label: every annotated (sample, label) entry a binary prediction
+        x, y = x.reshape(-1), y.reshape(-1)
     if x.dim() > 2 or (x.dim() == 2 and y.dim() != 1) or (x.dim() == 1 and y.reshape(-1).shape != x.shape):
         return None  # multi-label or segmentation
     keep = y.reshape(-1) != IGNORE_INDEX

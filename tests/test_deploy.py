@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_fed import Deployment, FederatedStrategy
-from lightning_fed.calibration import expected_calibration_error, fit_temperature
+from lightning_fed.calibration import classifier_outputs, expected_calibration_error, fit_temperature
 from lightning_fed.deploy import best
 
 
@@ -33,6 +33,20 @@ def test_temperature_scaling_undoes_overconfidence_and_lowers_the_calibration_er
     assert expected_calibration_error(3 * logits, labels, t) < expected_calibration_error(3 * logits, labels)
     pair = torch.stack([torch.zeros_like(z), overconfident], 1)  # softmax of (0, x) is sigmoid(x)
     assert fit_temperature(pair, y) == pytest.approx(temperature, rel=1e-3)
+
+
+def test_a_multi_label_model_is_calibrated_on_its_annotated_entries_only():
+    torch.manual_seed(0)
+    z = torch.randn(2000, 3) * 1.5
+    y = torch.bernoulli(z.sigmoid()).long()
+    y[:, 2] = -1  # a label this site never annotated: not a negative, not in the calibration
+    y[:500, 0] = -1
+    loader = [(4 * z[i : i + 250], y[i : i + 250]) for i in range(0, 2000, 250)]  # overconfident by 4
+    logits, targets = classifier_outputs(torch.nn.Identity(), loader, torch.device("cpu"))
+    assert logits.shape == targets.shape == (2000 + 1500,) and set(targets.tolist()) == {0, 1}
+    temperature = fit_temperature(logits, targets)
+    assert temperature == pytest.approx(4.0, rel=0.1)
+    assert expected_calibration_error(logits, targets, temperature) < expected_calibration_error(logits, targets) / 3
 
 
 def test_the_best_score_wins_nan_never_and_a_tie_goes_to_the_global_model():

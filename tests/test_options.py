@@ -83,7 +83,11 @@ OPTIONS = {
     },
     "fiva": {"prior": (1e3, {}, site_half("prior"))},
     "fedper": {"head": (["classifier.*"], {}, site_half("head"))},
-    "ditto": {"lam": (1.0, {}, site_half("lam"))},
+    "ditto": {
+        "lam": (1.0, {}, site_half("lam")),
+        "rule": ("fedprox", {}, inner_site_type),
+        "rule_kwargs": ({"mu": 0.7}, {"rule": "fedprox"}, site_half("inner.mu")),
+    },
     "fedrep": {"head": (["classifier.*"], {}, site_half("head")), "head_epochs": (2, {}, site_half("head_epochs"))},
     "dp_fedavg": {
         "noise_multiplier": (0.3, {"seed": 0}, aggregated),

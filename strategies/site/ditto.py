@@ -1,5 +1,5 @@
-"""Ditto's site half: a personal model trained beside the shared one, one step per training batch, pulled towards the
-round's global model."""
+"""Ditto's site half: a personal model trained beside the shared one (which the wrapped rule's site half trains and
+hands over), one step per training batch, pulled towards the round's global model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_fed.strategies.base import GlobalModel
-from lightning_fed.strategies.site import SiteAlgorithm, detached_copy, load_weights
+from lightning_fed.strategies.site import SiteAlgorithm, WrappedSiteAlgorithm, detached_copy
 
 
 def first_optimizer(configured: Any) -> torch.optim.Optimizer:
@@ -26,10 +26,12 @@ def first_optimizer(configured: Any) -> torch.optim.Optimizer:
     return configured
 
 
-class DittoSite(SiteAlgorithm):
-    """Keeps ``personal`` (v_k), its optimizer and ``anchor`` (the round's global parameters, w_t)."""
+class DittoSite(WrappedSiteAlgorithm):
+    """Keeps ``personal`` (v_k), its optimizer and ``anchor`` (the round's global parameters, w_t); the wrapped rule's
+    site half trains and hands over the shared model as it would alone."""
 
-    def __init__(self, lam: float) -> None:
+    def __init__(self, inner: SiteAlgorithm, lam: float) -> None:
+        super().__init__(inner)
         self.lam = lam
         self.personal: Optional[LightningModule] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -37,6 +39,7 @@ class DittoSite(SiteAlgorithm):
         self._restored: Optional[dict[str, Any]] = None  # a checkpoint's state, applied once the model exists
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.inner.on_fit_start(trainer, pl_module)  # first: the personal copy is of the module as the rule set it up
         if self.personal is not None:
             return
         self.personal = detached_copy(pl_module).to(pl_module.device)
@@ -61,6 +64,7 @@ class DittoSite(SiteAlgorithm):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # before the shared model's step on this batch: a hand-over at the previous batch's end (step rounds) has
         # already set this round's w_t
+        self.inner.on_train_batch_start(trainer, pl_module, batch, batch_idx)
         assert self.personal is not None and self.optimizer is not None
         self.personal.train()
         with torch.enable_grad(), warnings.catch_warnings():
@@ -77,21 +81,24 @@ class DittoSite(SiteAlgorithm):
             self.optimizer.step()
 
     def receive_global(self, trainer: Trainer, pl_module: LightningModule, model: GlobalModel) -> None:
-        load_weights(pl_module, model.weights)
+        self.inner.receive_global(trainer, pl_module, model)
         if model.round >= 0:  # a round's global model (an evaluation hands over round -1): the new w_t
             self.anchor = self._parameters(pl_module)
 
     def personal_models(self) -> dict[str, LightningModule]:
-        return {"personal": self.personal} if self.personal is not None else {}
+        own = {"personal": self.personal} if self.personal is not None else {}
+        return {**self.inner.personal_models(), **own}
 
     def state_dict(self) -> dict[str, Any]:
         if self.personal is None or self.optimizer is None:
-            return {}
+            return super().state_dict()
         return {
+            **super().state_dict(),
             "personal": self.personal.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "anchor": {k: v.cpu() for k, v in self.anchor.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = dict(state_dict) if state_dict else None
+        super().load_state_dict(state_dict)
+        self._restored = dict(state_dict) if state_dict.get("personal") is not None else None
