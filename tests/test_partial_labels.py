@@ -13,7 +13,7 @@ from lightning_fed.data.mosaic import FashionMosaicSites, compose_mosaics, pretr
 from lightning_fed.data.partial_labels import check_label_sets, rotating_label_sets
 from lightning_fed.models import ImageClassifier
 from tests.conftest import REPO
-from tests.test_cli import _cli
+from tests.test_cli import _main
 from tests.test_models import _trained_timm
 
 TINY = dict(site_names=("a", "b"), train_sizes=(48, 32), test_size=40, labels_per_site=6, batch_size=16)
@@ -147,7 +147,7 @@ def test_fedfbn_trains_a_pretrained_timm_backbone_on_partial_label_sites(tmp_pat
 
 
 @pytest.mark.usefixtures("fed_data")
-def test_partial_label_recipe_runs_and_reports_auroc_per_label(tmp_path, ray_cluster):
+def test_partial_label_recipe_runs_and_reports_auroc_per_label(tmp_path, ray_cluster, monkeypatch, capsys):
     checkpoint = tmp_path / "pretrained.pth"
     torch.save(_trained_timm().state_dict(), checkpoint)
     args = [
@@ -161,15 +161,17 @@ def test_partial_label_recipe_runs_and_reports_auroc_per_label(tmp_path, ray_clu
         "--data.init_args.test_size=40",
         "--trainer.logger=false",
     ]
-    proc = _cli(args, tmp_path, ray_cluster)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "AUROC per label" in proc.stdout and "Ankle boot" in proc.stdout
-    written = [line for line in proc.stdout.splitlines() if line.startswith("results written to ")][-1]
+    code, out, err = _main(args, monkeypatch, capsys)  # the command, in this process (on the session's Ray)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "AUROC per label" in out and "Ankle boot" in out
+    written = [line for line in out.splitlines() if line.startswith("results written to ")][-1]
     results = json.loads((tmp_path / written.removeprefix("results written to ").strip()).read_text())
     assert results["label_names"] == list(CLASSES)
     federated = results["test"]["federated"]
     assert len(federated["auroc_per_label"]) == 10
     assert federated["auroc"] == pytest.approx(np.mean([v for v in federated["auroc_per_label"] if v is not None]))
 
-    missing = _cli(args[:4] + ["--model.init_args.pretrained=/nowhere/weights.pth", *args[5:]], tmp_path, ray_cluster)
-    assert missing.returncode != 0 and "pretrained checkpoint /nowhere/weights.pth does not exist" in missing.stderr
+    code, _, err = _main(
+        args[:4] + ["--model.init_args.pretrained=/nowhere/weights.pth", *args[5:]], monkeypatch, capsys
+    )
+    assert code != 0 and "pretrained checkpoint /nowhere/weights.pth does not exist" in err.strip().splitlines()[-1]

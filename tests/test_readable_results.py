@@ -5,8 +5,6 @@ import dataclasses
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -17,6 +15,7 @@ from lightning_fed.errors import UsageError
 from lightning_fed.experiments import fitted_limits, model_site_matrix, plots, replot
 from lightning_fed.progress import FederatedProgress, show_table
 from lightning_fed.results import ProgressSnapshot, SiteEvent
+from tests.test_cli import _main
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_B = REPO / "docs" / "results" / "study_b"
@@ -93,21 +92,15 @@ def test_sweep_lines_follow_the_grid_not_the_zipped_partner_of_the_x_axis(tmp_pa
     assert recall["xlabel"] == "data.positive_ratios[0] (data.sizes[0] with it)"
 
 
-@pytest.mark.integration  # starts processes
-def test_replot_command_says_what_it_needs(tmp_path):
+def test_replot_command_says_what_it_needs(tmp_path, monkeypatch, capsys):
     with pytest.raises(UsageError, match="holds no results.json"):
         experiments.replot_command([str(tmp_path)])
     (tmp_path / "fit").mkdir()
     (tmp_path / "fit" / "results.json").write_text(json.dumps({"test": {}, "wall_seconds": 1.0}))
     with pytest.raises(UsageError, match="is not a compare's or sweep's"):
         experiments.replot_command([str(tmp_path / "fit")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_fed.cli", "replot", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "holds no results.json" in proc.stderr.strip().splitlines()[-1]
+    code, _, err = _main(["replot", str(tmp_path)], monkeypatch, capsys)  # the command says it in one line
+    assert code == 2 and "holds no results.json" in err.strip().splitlines()[-1]
 
 
 SNAPSHOT = ProgressSnapshot(

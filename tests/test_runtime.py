@@ -51,15 +51,14 @@ def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
         from tests.helpers import small_hospitals
 
         assert not ray.is_initialized()
-        cpus = []
-        for layout in ({}, {"sites_per_worker": 1}):  # packed (the default), then one process per site
-            strategy = FederatedStrategy(progress=False, checkpoint_every=0, **layout)
-            trainer = L.Trainer(strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False)
-            trainer.fit(SmallCNN(), datamodule=small_hospitals(sizes=(200, 100, 100)))
-            cpus.append(ray.cluster_resources()["CPU"])
-            children = descendants()
-            strategy.shutdown()
-            alive = descendants()
+        # one process per site: a fixed layout, whose three one-CPU workers the local Ray must have
+        strategy = FederatedStrategy(progress=False, checkpoint_every=0, sites_per_worker=1)
+        trainer = L.Trainer(strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False)
+        trainer.fit(SmallCNN(), datamodule=small_hospitals(sizes=(200, 100, 100)))
+        cpus = ray.cluster_resources()["CPU"]
+        children = descendants()
+        strategy.shutdown()
+        alive = descendants()
         print(json.dumps({"cpus": cpus, "before": children, "after": alive, "initialized": ray.is_initialized()}))
         """
     )
@@ -70,10 +69,24 @@ def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    # packed sites fit the machine as it is; three one-CPU processes get three CPUs (at least the machine's cores)
-    assert report["cpus"] == [os.cpu_count(), max(os.cpu_count(), 3)]
+    # three one-CPU processes get three CPUs (at least the machine's cores)
+    assert report["cpus"] == max(os.cpu_count(), 3)
     assert any("raylet" in name for name in report["before"])
     assert report["after"] == [] and report["initialized"] is False  # everything it started is gone
+
+
+def test_a_local_ray_gets_what_a_fixed_layout_holds_and_never_fewer_cpus_than_the_machine():
+    from lightning_fed.config import Placement
+    from lightning_fed.pool import layout_cpus
+    from lightning_fed.runtime import _local_init_kwargs
+    from tests.helpers import small_hospitals
+
+    sites = small_hospitals(sizes=(200, 100, 100)).federated_sites()
+    cores = os.cpu_count()
+    assert _local_init_kwargs(0.0, {})["num_cpus"] == cores  # packed (automatic): the machine as it is
+    assert layout_cpus(sites, Placement(sites_per_worker=1)) == 3.0  # one one-CPU process per site
+    assert _local_init_kwargs(3.0, {})["num_cpus"] == max(cores, 3)
+    assert _local_init_kwargs(0.5, {"num_cpus": 7})["num_cpus"] == 7  # the user's init_kwargs win
 
 
 def test_entry_point_aggregator_is_found_by_name(tmp_path, monkeypatch):

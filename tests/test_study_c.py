@@ -3,8 +3,6 @@ hospitals without labels, the DICOM inventory, and a real ten-hospital federatio
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -30,6 +28,7 @@ from lightning_fed.metric_states import sum_metric_states
 from lightning_fed.metrics import TaskSpec, merge_metric_states, metric_states
 from lightning_fed.models.segmentation import SegmentationModel
 from lightning_fed.strategies import SiteUpdate, get_aggregator
+from tests.test_cli import _main
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "ct_vendors.yaml"
@@ -238,8 +237,7 @@ def _dicom_sites(tmp_path):
     return a, b
 
 
-@pytest.mark.integration  # starts processes
-def test_inventory_reads_vendor_model_and_kernel_from_dicom_headers(tmp_path):
+def test_inventory_reads_vendor_model_and_kernel_from_dicom_headers(tmp_path, monkeypatch, capsys):
     from lightning_fed.data.dicom import count_exams, read_dicom_headers
 
     a, b = _dicom_sites(tmp_path)
@@ -254,23 +252,13 @@ def test_inventory_reads_vendor_model_and_kernel_from_dicom_headers(tmp_path):
         {"vendor": "SIEMENS", "model": "SOMATOM Force", "kernel": "Br40", "exams": 1, "images": 1},
     ]
     out = tmp_path / "inventory.csv"
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_fed.cli", "inventory", str(a), str(b), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "1 files were not DICOM" in proc.stdout and "SOMATOM Force" in proc.stdout
+    code, stdout, err = _main(["inventory", str(a), str(b), "--out", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    assert "1 files were not DICOM" in stdout and "SOMATOM Force" in stdout
     lines = out.read_text().splitlines()
     assert lines[0] == "site,vendor,model,kernel,exams,images" and "hospital_b,CANON,Aquilion,FC18,1,2" in lines
-    missing = subprocess.run(
-        [sys.executable, "-m", "lightning_fed.cli", "inventory", str(tmp_path / "nope")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert missing.returncode == 2 and "does not exist" in missing.stderr.strip().splitlines()[-1]
+    code, _, err = _main(["inventory", str(tmp_path / "nope")], monkeypatch, capsys)
+    assert code == 2 and "does not exist" in err.strip().splitlines()[-1]
 
 
 def test_inventory_of_the_recipe_counts_inside_every_site(ray_cluster, tmp_path):
