@@ -14,6 +14,9 @@ For each dataset and seed, with FLamby's settings (``owkin/FLamby`` @ edacf54, `
   of 100 updates (row ``FedAvg (lr 0.0032)``, the global model), then ``fine_tune_steps=100`` at every centre; each
   centre's fine-tuned model (read from the checkpoint the site wrote) is tested on that centre's test set only, so it
   has no pooled-test figure.
+- ``Ditto`` (heart only, not in FLamby): the same FedAvg run with Ditto's personal model beside it (λ 0.1) at every
+  centre. The personal models never leave their sites: ``trainer.test`` tests each at its own centre, inside the
+  site, with the same accuracy (probability > 0.5); the shared model (row ``FedAvg (Ditto's shared)``) is tested here.
 
 Every model starts from the same weights within a seed (``torch.manual_seed(seed)``, then the linear layer, as
 FLamby builds its one ``global_init``). Each model is then tested in this process as FLamby tests it: the metric
@@ -251,11 +254,44 @@ def run_fine_tuned(dataset: str, s: Setting, seed: int, init: dict, root: str) -
     return {"FedAvg (lr 0.0032)": model, "FedAvg + fine-tune": tuned}
 
 
-ARMS = ("Pooled", "Local", *STRATEGIES, "FineTune")
+DITTO_LAMBDA = 0.1
+
+
+def run_ditto(dataset: str, s: Setting, seed: int, init: dict, root: str) -> dict:
+    """FedAvg at the personalisation example's rate with Ditto's personal model beside it: the shared model, and each
+    centre's personal model's accuracy at its own centre as ``{centre: accuracy}`` (tested inside the site)."""
+    from lightning_fed import FederatedStrategy
+
+    strategy = FederatedStrategy(
+        aggregator="ditto",
+        aggregator_kwargs={"lam": DITTO_LAMBDA},
+        sync_every_steps=NUM_UPDATES,
+        seed=seed,
+        progress=False,
+        checkpoint_every=0,
+    )
+    model = new_model(dataset, "sgd", PERSONALISATION_LR, init)
+    try:
+        trainer = _trainer(root, strategy, max_steps=s.rounds * NUM_UPDATES)
+        trainer.fit(model, datamodule=datamodule(dataset))
+        trainer.test(datamodule=datamodule(dataset), verbose=False)
+    finally:
+        strategy.shutdown()
+    assert strategy.last_evaluation is not None
+    personal = strategy.last_evaluation.personal["personal"]
+    return {
+        "FedAvg (Ditto's shared)": model,
+        f"Ditto personal (λ {DITTO_LAMBDA:g})": {c: float(e.values["accuracy"]) for c, e in personal.sites.items()},
+    }
+
+
+ARMS = ("Pooled", "Local", *STRATEGIES, "FineTune", "Ditto")
+PERSONAL_ONLY = ("FineTune", "Ditto")  # FLamby's personalisation example is on Fed-Heart-Disease only
 
 
 def arm(name: str) -> Callable[..., dict]:
-    return {"Pooled": run_pooled, "Local": run_local, "FineTune": run_fine_tuned}.get(name) or run_strategy(name)
+    runs = {"Pooled": run_pooled, "Local": run_local, "FineTune": run_fine_tuned, "Ditto": run_ditto}
+    return runs.get(name) or run_strategy(name)
 
 
 # -- the report ------------------------------------------------------------------------------------------------
@@ -298,6 +334,7 @@ def table(dataset: str, results: dict[str, dict], walls: dict[str, float], seeds
         ours = {column: summary(row[column]) for column in ("pooled", "centres")}
         wall = walls.get("Local", 0.0) if name == f"Local {centres[0] if centres else ''}" else walls.get(name)
         wall = walls.get("FineTune") if name == "FedAvg (lr 0.0032)" else wall
+        wall = walls.get("Ditto") if name == "FedAvg (Ditto's shared)" else wall
         lines.append(
             f"{name:<22} {fmt(ours['pooled']):>17} {fmt(theirs.get('pooled')):>13} "
             f"{within(ours['pooled'], theirs.get('pooled')):>3}   {fmt(ours['centres']):>23} "
@@ -310,6 +347,11 @@ def table(dataset: str, results: dict[str, dict], walls: dict[str, float], seeds
         lines.append(
             "(FedAvg (lr 0.0032) and FedAvg + fine-tune: one run, FLamby's personalisation example "
             f"({FLAMBY_PERSONALISATION_CSV}); a fine-tuned model is tested at its own centre only)"
+        )
+    if "FedAvg (Ditto's shared)" in results:
+        lines.append(
+            "(Ditto: not in FLamby; one run at the personalisation example's rate, each personal model tested at its "
+            "own centre inside its site)"
         )
     return "\n".join(lines)
 
@@ -354,14 +396,19 @@ def main() -> None:
                 init = copy.deepcopy(new_model(dataset, "sgd", 0.0).state_dict())
                 for name in args.arms:
                     t0 = time.perf_counter()
-                    if name == "FineTune" and dataset != "heart":
-                        continue  # FLamby's personalisation example is on Fed-Heart-Disease only
+                    if name in PERSONAL_ONLY and dataset != "heart":
+                        continue
                     models = arm(name)(dataset, s, seed, init, root)
                     took = time.perf_counter() - t0
                     walls[name] = walls.get(name, 0.0) + took
                     for label, model in models.items():
                         personal = isinstance(model, dict)  # each centre's own model, tested at its centre only
-                        per_centre = {c: score(model[c] if personal else model, tests[c]) for c in centres}
+                        per_centre = {
+                            c: model[c]
+                            if personal and isinstance(model[c], float)
+                            else score(model[c] if personal else model, tests[c])
+                            for c in centres
+                        }  # a personal model's score comes from its site when the model never left it
                         row = results.setdefault(label, {"pooled": [], "centres": [], "per_centre": []})
                         row["pooled"].append(float("nan") if personal else score(model, tests["pooled"]))
                         row["centres"].append(statistics.fmean(v for v in per_centre.values() if v == v))

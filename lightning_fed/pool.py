@@ -43,6 +43,12 @@ def _sum_bundles(bundles: Sequence[dict[str, float]]) -> dict[str, float]:
     return total
 
 
+def _shape_bundle(shape: tuple) -> dict[str, float]:
+    """The placement-group bundle a worker of this :meth:`~lightning_fed.placement.WorkerSpec.shape` holds."""
+    num_cpus, num_gpus, resources, _ = shape
+    return WorkerSpec(0, (), num_cpus, num_gpus, resources).bundle()
+
+
 def kill(pg: Any, actors: Sequence[Any]) -> None:
     """End ``actors`` and remove the placement group ``pg`` (either may be gone already)."""
     for actor in actors:
@@ -116,10 +122,18 @@ class WorkerPool:
         self._idle[self.layout(specs)] = (pg, workers, [worker_concurrency(len(spec.sites)) - 3 for spec in specs])
 
     def make_room(self, bundles: Sequence[dict[str, float]]) -> None:
-        """Free idle layouts when the cluster could not otherwise place ``bundles``."""
+        """Free idle layouts, least recently used first, until the cluster could place ``bundles``: the others stay
+        warm for the runs that want them."""
         free = ray.available_resources()
-        if self._idle and any(free.get(k, 0.0) + 1e-9 < v for k, v in _sum_bundles(bundles).items()):
-            self.close()
+        short = {k: v - free.get(k, 0.0) for k, v in _sum_bundles(bundles).items() if free.get(k, 0.0) + 1e-9 < v}
+        for layout in list(self._idle):  # in the order they were given back
+            if all(v <= 1e-9 for v in short.values()):
+                return
+            pg, workers, _ = self._idle.pop(layout)
+            kill(pg, workers)
+            for key, value in _sum_bundles([_shape_bundle(shape) for shape in layout]).items():
+                if key in short:
+                    short[key] -= value
 
     def close(self) -> None:
         """End every idle worker and its placement group."""

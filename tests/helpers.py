@@ -320,6 +320,10 @@ class HospitalsWithFlippedTest(L.LightningDataModule):
 
     def federated_sites(self):
         return [
-            Site(s.name, FlippedTestSite(s.datamodule.data_dir, s.datamodule.indices, s.datamodule.batch_size))
+            Site(
+                s.name,
+                FlippedTestSite(s.datamodule.data_dir, s.datamodule.indices, s.datamodule.batch_size),
+                num_cpus=2.0,  # with workers=2: the tests' shared layout
+            )
             for s in self.base.federated_sites()
         ]

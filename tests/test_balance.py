@@ -126,11 +126,12 @@ def test_each_hospital_weights_its_loss_by_its_own_labels(tmp_path, ray_cluster,
     from lightning_fed import FederatedStrategy
     from lightning_fed.data.heart_disease import HeartDiseaseSites, load_heart_disease
 
-    strategy = FederatedStrategy(progress=False, checkpoint_every=0, class_balance="loss")
+    # two workers of two CPUs each: the layout most tests use, so its warm workers serve this one too
+    strategy = FederatedStrategy(progress=False, checkpoint_every=0, class_balance="loss", workers=2)
     trainer = L.Trainer(
         strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
     )
-    dm = HeartDiseaseSites(site_cpus=0.5)
+    dm = HeartDiseaseSites(site_cpus=2.0)
     try:
         trainer.fit(TabularMLP(), datamodule=dm)
     finally:

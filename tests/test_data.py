@@ -128,11 +128,11 @@ def test_heart_disease_federation_tests_every_hospital(tmp_path, ray_cluster):
     from lightning_fed.data.heart_disease import HeartDiseaseSites
     from lightning_fed.models import TabularMLP
 
-    strategy = FederatedStrategy(progress=False, checkpoint_every=0)
+    strategy = FederatedStrategy(progress=False, checkpoint_every=0, workers=2)  # the tests' shared layout
     trainer = L.Trainer(
         strategy=strategy, max_epochs=3, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
     )
-    dm = HeartDiseaseSites()
+    dm = HeartDiseaseSites(site_cpus=2.0)
     try:
         trainer.fit(TabularMLP(), datamodule=dm)
         trainer.test(datamodule=dm, verbose=False)

@@ -75,6 +75,7 @@ def test_each_site_deploys_the_model_best_on_its_validation_data_not_its_test_da
         deployment=Deployment(metric="auroc", local_baseline=True),
         progress=False,
         checkpoint_every=0,
+        workers=2,
     )
     trainer = L.Trainer(
         strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path

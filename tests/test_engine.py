@@ -171,3 +171,22 @@ def test_the_compute_thread_flushes_denormal_floats():
     computed = Scheduler(1).call(SiteState(), lambda: float(tiny * 1.0))
     assert computed == 0.0
     assert float(tiny * 1.0) != 0.0
+
+
+def test_idle_layouts_give_way_least_recently_used_first_and_only_as_far_as_a_run_needs(monkeypatch):
+    import ray
+
+    from lightning_fed.pool import WorkerPool
+
+    pool = WorkerPool()
+    old = ((2.0, 0.0, (), 2), (2.0, 0.0, (), 2))
+    middle, recent = ((0.5, 0.0, (), 1),), ((1.0, 0.0, (), 1),)
+    for layout in (old, middle, recent):  # given back in this order; no real workers behind them
+        pool._idle[layout] = (None, [], [1] * len(layout))
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.5})
+    pool.make_room([{"CPU": 0.5}])  # fits as it is: every layout stays warm
+    assert list(pool._idle) == [old, middle, recent]
+    pool.make_room([{"CPU": 1.0}, {"CPU": 0.25}])  # 0.75 short: the oldest layout (4 CPUs) is enough
+    assert list(pool._idle) == [middle, recent]
+    pool.make_room([{"CPU": 2.5}])  # 2 short: both remaining layouts (1.5 CPUs) go, still short
+    assert pool._idle == {}

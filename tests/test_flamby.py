@@ -174,7 +174,7 @@ def _federate(model, dm, tmp_path, max_epochs=2):
 
     from lightning_fed import FederatedStrategy
 
-    strategy = FederatedStrategy(progress=False, checkpoint_every=0)
+    strategy = FederatedStrategy(progress=False, checkpoint_every=0, workers=2)  # with 2-CPU sites: the tests' layout
     trainer = L.Trainer(
         strategy=strategy, max_epochs=max_epochs, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
     )
@@ -191,7 +191,7 @@ def _federate(model, dm, tmp_path, max_epochs=2):
 def test_heart_disease_federation_tests_every_centre(tmp_path, ray_cluster):
     torch.manual_seed(0)
     # lr 1e-2 (FLamby's Cyclic and FedAdam rate): at the pooled baseline's 1e-3, two epochs barely move the weights
-    rows = _federate(LogisticRegression(lr=1e-2), FedHeartDisease(), tmp_path)
+    rows = _federate(LogisticRegression(lr=1e-2), FedHeartDisease(site_cpus=2.0), tmp_path)
     assert set(rows) == {*HEART_SIZES, "federated"}
     for centre, (_, test) in HEART_SIZES.items():
         assert int(np.sum(rows[centre]["confusion_matrix"])) == test  # each tested on its own patients
@@ -203,7 +203,7 @@ def test_heart_disease_federation_tests_every_centre(tmp_path, ray_cluster):
 @pytest.mark.usefixtures("fed_data")
 def test_tcga_brca_federation_reports_each_regions_c_index(tmp_path, ray_cluster):
     torch.manual_seed(0)
-    rows = _federate(CoxModel(), FedTcgaBrca(), tmp_path)
+    rows = _federate(CoxModel(), FedTcgaBrca(site_cpus=2.0), tmp_path)
     assert set(rows) == {*TCGA_REGIONS, "federated"}
     for region, (_, test) in TCGA_SIZES.items():
         assert 0.0 <= rows[region]["c_index"] <= 1.0 and math.isfinite(rows[region]["loss"])
