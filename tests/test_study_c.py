@@ -427,6 +427,9 @@ def test_compare_holds_hospitals_out_in_turn(ray_cluster, tmp_path):
         assert report["rows"]["federated"][held]["dice"]["mean"] == single["summary"]["federated"][held]["dice"]["mean"]
         assert (out / f"holdout-{held}" / "shift_federated.png").is_file()
     assert "| federated |" in (out / "results.md").read_text() and "E (held out)" in (out / "results.md").read_text()
+    # the held-out sites share one pool: the second one's runs start no worker process
+    second = json.loads((out / "holdout-G" / "results.json").read_text())
+    assert all(run["warm"] for run in second["runs"]) and second["startup"]["worker_processes_started"] == 0
 
 
 def test_held_out_sites_leave_exactly_one_hospital_out():

@@ -7,13 +7,16 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional, Sequence, Union
 
 from lightning_fed.errors import UsageError
 from lightning_fed.experiments.grid import expand_grid, point_arguments, point_label
 from lightning_fed.experiments.outputs import replot, write_compare, write_leave_one_out, write_sweep
 from lightning_fed.experiments.reports import CompareReport, LeaveOneOutReport, SweepReport, read_report
 from lightning_fed.experiments.runs import GROUPED, METRICS, MODES, SEGMENTATION_METRICS, Experiment
+
+if TYPE_CHECKING:
+    from lightning_fed.pool import WorkerPool
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,7 +73,11 @@ def _metrics(text: Optional[str]) -> Optional[list[str]]:
 
 
 def _experiment(
-    args: argparse.Namespace, overrides: list[str], modes: list[str], holdout: Optional[str] = None
+    args: argparse.Namespace,
+    overrides: list[str],
+    modes: list[str],
+    holdout: Optional[str] = None,
+    pool: Optional[WorkerPool] = None,
 ) -> Experiment:
     try:
         return Experiment(
@@ -82,6 +89,7 @@ def _experiment(
             reuse_sites=not args.no_reuse,
             progress=args.progress,
             holdout=holdout,
+            pool=pool,
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -108,15 +116,19 @@ def compare(argv: Sequence[str]) -> Union[CompareReport, LeaveOneOutReport]:
         raise UsageError(f"--holdout names a site twice: {args.holdout}")
     out = _out_dir(args.out, "compare", args.config)
     command = ["lightning-fed", "compare", *argv]
+    from lightning_fed.warm import warm_workers
+
     reports = {}
-    for holdout in holdouts:
-        experiment = _experiment(args, overrides, modes, holdout)
-        t0 = time.monotonic()
-        with experiment:
-            experiment.run_point()
-        folder = out if len(holdouts) == 1 else out / f"holdout-{holdout}"
-        folder.mkdir(parents=True, exist_ok=True)
-        reports[holdout] = write_compare(experiment, folder, metrics, time.monotonic() - t0, command)
+    # one pool (and local Ray) for every held-out site's experiment: their layouts match, so the workers stay warm
+    with warm_workers(enabled=not args.no_reuse) as pool:
+        for holdout in holdouts:
+            experiment = _experiment(args, overrides, modes, holdout, pool)
+            t0 = time.monotonic()
+            with experiment:
+                experiment.run_point()
+            folder = out if len(holdouts) == 1 else out / f"holdout-{holdout}"
+            folder.mkdir(parents=True, exist_ok=True)
+            reports[holdout] = write_compare(experiment, folder, metrics, time.monotonic() - t0, command)
     if len(holdouts) == 1:
         return reports[holdouts[0]]
     return write_leave_one_out(reports, out, metrics, command)

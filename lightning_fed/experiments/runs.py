@@ -15,7 +15,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, TypedDict
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypedDict
 
 from lightning_fed.experiments.grid import Point, lookup, point_arguments, point_label
 from lightning_fed.experiments.wandb_log import wandb_settings
@@ -23,6 +23,9 @@ from lightning_fed.experiments.wandb_log import wandb_settings
 METRICS = ("accuracy", "precision", "recall", "auroc")
 SEGMENTATION_METRICS = ("dice", "mutual_information", "entropy")
 GROUPED = re.compile(r"^(dice|entropy|aleatoric|mutual_information)_[a-z0-9_]+$")  # per group (vendor) values
+if TYPE_CHECKING:
+    from lightning_fed.pool import WorkerPool
+
 MODES = ("pooled", "local", "federated")
 MERGED = "federated"  # the column of every site's test data together (metric states merged)
 # the sites' own models of a federated run (each tested at its own site), as compare names them
@@ -78,6 +81,7 @@ class Experiment:
     reuse_sites: bool = True
     progress: bool = False
     holdout: Optional[str] = None
+    pool: Optional["WorkerPool"] = None  # warm workers shared with other experiments (left open); None: its own
     runs: list[Run] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -117,7 +121,13 @@ class Experiment:
         self._layouts: dict[str, Any] = {}
         from lightning_fed.federation import WorkerPool
 
-        self.pool: Optional[WorkerPool] = WorkerPool() if self.reuse_sites else None
+        self._owns_pool = self.pool is None and self.reuse_sites
+        if self._owns_pool:
+            self.pool = WorkerPool()
+        elif not self.reuse_sites:
+            self.pool = None
+        # a shared pool has counted earlier experiments' workers: this one reports its own
+        self._pool_counts = (self.pool.started, self.pool.reused) if self.pool is not None else (0, 0)
         self._runtime: Any = None
 
     def _cli(self, extra: list[str]) -> Any:
@@ -166,8 +176,8 @@ class Experiment:
         self.close()
 
     def close(self) -> None:
-        """End the warm workers and the Ray session the experiment started."""
-        if self.pool is not None:
+        """End the warm workers (its own pool's) and the Ray session the experiment started."""
+        if self.pool is not None and self._owns_pool:
             self.pool.close()
         if self._runtime is not None:
             self._runtime.shutdown()
@@ -294,8 +304,8 @@ class Experiment:
             "warm_runs": len(warm),
             "cold_mean_seconds": statistics.fmean(cold) if cold else None,
             "warm_mean_seconds": statistics.fmean(warm) if warm else None,
-            "worker_processes_started": self.pool.started if self.pool is not None else None,
-            "worker_processes_reused": self.pool.reused if self.pool is not None else None,
+            "worker_processes_started": self.pool.started - self._pool_counts[0] if self.pool is not None else None,
+            "worker_processes_reused": self.pool.reused - self._pool_counts[1] if self.pool is not None else None,
         }
         started, reused = report["worker_processes_started"], report["worker_processes_reused"]
         if cold and reused and started:
