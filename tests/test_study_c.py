@@ -276,7 +276,8 @@ def test_ten_hospital_federation_with_three_unlabelled(ray_cluster, tmp_path):
     """The recipe's ten hospitals, three without labels, uncertainty-weighted: trains, weights every round,
     reports Dice and uncertainty per hospital and vendor, marks the hidden labels."""
     dm = SimulatedCTHospitals(exams=24, unlabelled=["C", "G", "J"], image_size=32, site_cpus=0.2)
-    strategy = FederatedStrategy(aggregator="uncertainty_weighted", sync_every=1, progress=False)
+    # two one-thread workers of five hospitals each: two processes to start instead of five
+    strategy = FederatedStrategy(aggregator="uncertainty_weighted", sync_every=1, progress=False, workers=2)
     trainer = L.Trainer(
         strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
     )
