@@ -5,8 +5,9 @@ log-likelihood on the site's validation data, so it changes the model's confiden
 predicted class. Expected calibration error is torchmetrics' ``CalibrationError`` (15 equal-width bins, L1).
 Binary outputs are one logit (sigmoid) or two (softmax); more are multi-class; multi-label outputs (one logit per
 label, targets of the same shape) are calibrated as binary predictions, one per annotated label entry (unannotated
-``-1`` entries left out), with one temperature for every label; segmentation is not calibrated here. The temperature is kept within ``[1/20, 20]``: on a validation split where the
-model ranks worse than chance, the likelihood is best with every probability at chance, i.e. ``T`` without bound.
+``-1`` entries left out), with one temperature for every label; segmentation is not calibrated here. The temperature
+is kept within ``[1/20, 20]``: on a validation split where the model ranks worse than chance, the likelihood is best
+with every probability at chance, i.e. ``T`` without bound.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def classifier_outputs(
     if x.dim() == 2 and y.shape == x.shape:  # multi-label: every annotated (sample, label) entry a binary prediction
         x, y = x.reshape(-1), y.reshape(-1)
     if x.dim() > 2 or (x.dim() == 2 and y.dim() != 1) or (x.dim() == 1 and y.reshape(-1).shape != x.shape):
-        return None  # multi-label or segmentation
+        return None  # segmentation, or outputs that do not match their targets
     keep = y.reshape(-1) != IGNORE_INDEX
     return x[keep], y.reshape(-1)[keep].long()
 

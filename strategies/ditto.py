@@ -1,4 +1,4 @@
-"""Ditto (Li et al., 2021): any averaging rule's shared model, and beside it a personal model per site kept close to it.
+"""Ditto (Li et al., 2021): a rule's shared model, and beside it a personal model per site kept close to it.
 
     site k:  w_k: the shared model, trained as the wrapped rule trains it (FedAvg's plain step by default) and sent
                   every round

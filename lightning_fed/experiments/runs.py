@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypedDict
 from lightning_fed.experiments.grid import Point, lookup, point_arguments, point_label
 from lightning_fed.experiments.wandb_log import wandb_settings
 
-METRICS = ("accuracy", "precision", "recall", "auroc")
-SEGMENTATION_METRICS = ("dice", "mutual_information", "entropy")
-GROUPED = re.compile(r"^(dice|entropy|aleatoric|mutual_information)_[a-z0-9_]+$")  # per group (vendor) values
 if TYPE_CHECKING:
     from lightning_fed.pool import WorkerPool
 
+METRICS = ("accuracy", "precision", "recall", "auroc")
+SEGMENTATION_METRICS = ("dice", "mutual_information", "entropy")
+GROUPED = re.compile(r"^(dice|entropy|aleatoric|mutual_information)_[a-z0-9_]+$")  # per group (vendor) values
 MODES = ("pooled", "local", "federated")
 MERGED = "federated"  # the column of every site's test data together (metric states merged)
 # the sites' own models of a federated run (each tested at its own site), as compare names them
