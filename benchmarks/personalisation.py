@@ -119,8 +119,9 @@ def run(recipe: Recipe, seed: int, root: str, lam: float, fine_tune_epochs: int,
             "ece": tested["deployed"].get("ece"),
             "ece_calibrated": tested["deployed"].get("ece_calibrated"),
         }
-    for k, site in enumerate(evaluation.sites):  # partial labels: which labels each site annotates
-        out[site]["annotated"] = list(getattr(cli.datamodule, "annotated_labels", [None] * (k + 1))[k] or [])
+    annotated = getattr(cli.datamodule, "annotated_labels", None)  # partial labels: the labels each site annotates
+    for k, site in enumerate(evaluation.sites):
+        out[site]["annotated"] = list(annotated[k]) if annotated else []
     # every hospital's test data merged, per group (CT: vendor), for each model: Dice from summed pixel counts
     everyone = {"global": evaluation.federated, **{k: e.federated for k, e in evaluation.personal.items()}}
     out[MERGED] = {

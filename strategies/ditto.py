@@ -42,7 +42,7 @@ class Ditto(WrappedAggregator):
         if inner.trains_personal_models:
             raise ValueError(f"ditto: rule {rule!r} already trains personal models; give a rule with one shared model")
         super().__init__(inner, "ditto")
-        self.lam, self.rule, self.rule_kwargs = float(lam), inner.name, dict(rule_kwargs or {})
+        self.lam = float(lam)
         # a checkpoint names the whole algorithm: a Ditto run resumes only as Ditto over the same rule
         self.name = "ditto" if inner.name == "fedavg" else f"ditto_{inner.name}"
 
