@@ -215,3 +215,51 @@ def test_tensor_batches_gather_whole_batches_and_keep_the_loaders_order():
         torch.manual_seed(3)  # a loader of the user's own, default collate: the same batches, the slow way
         plain_collate = list(DataLoader(gathered, batch_size=16, shuffle=True))
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, plain_collate))
+
+
+def test_ct_slices_are_served_a_whole_batch_per_gather_with_the_samples_batches():
+    """The CT hospitals' dict batches (image, label, group) gathered whole: the same keys, dtypes and values in the
+    same order as one ``__getitem__`` per sample stacked by ``default_collate``, with no per-sample call (and the same
+    again through a user's default collate); a hospital without training labels gets none in its batches either."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from lightning_fed.data import SimulatedCTHospitals, collate
+    from lightning_fed.data.ct_vendors import CTSlices
+
+    class Counted(CTSlices):
+        samples = 0
+
+        def __getitem__(self, index):
+            Counted.samples += 1
+            return super().__getitem__(index)
+
+    class OneByOne(Dataset):  # no __getitems__: the loader asks for each sample
+        def __init__(self, slices):
+            self.slices = slices
+
+        def __len__(self):
+            return len(self.slices)
+
+        def __getitem__(self, index):
+            return self.slices[index]
+
+    site = SimulatedCTHospitals(exams=24, image_size=32, batch_size=5, seed=0).hospital_data("B")
+    site.setup("fit")
+    train = site.datasets["train"]
+    for with_labels in (True, False):
+        slices = Counted(train.images, train.labels, train.groups, with_labels)
+        torch.manual_seed(3)
+        per_sample = list(DataLoader(OneByOne(slices), batch_size=5, shuffle=True))
+        calls, Counted.samples = Counted.samples, 0
+        torch.manual_seed(3)
+        gathered = list(DataLoader(slices, batch_size=5, shuffle=True, collate_fn=collate))
+        assert calls == len(train) and Counted.samples == 0
+        torch.manual_seed(3)
+        default = list(DataLoader(slices, batch_size=5, shuffle=True))  # a user's loader, default collate
+        assert len(gathered) == len(default) == len(per_sample) == -(-len(train) // 5)
+        for expected, batch, fallback in zip(per_sample, gathered, default):
+            assert set(batch) == set(expected) == ({"image", "label", "group"} if with_labels else {"image", "group"})
+            for key, value in expected.items():
+                assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), key
+                assert torch.equal(fallback[key], value), key

@@ -9,9 +9,10 @@ from lightning_fed.data.medmnist import MedMNISTSites, load_medmnist
 from lightning_fed.data.mosaic import FashionMosaicSites
 from lightning_fed.data.partition import IID, Dirichlet, Partitioner, SizeAndRatio, split_fractions
 from lightning_fed.data.sites import SimulatedSiteData, Site, describe_sites, simulate_sites
-from lightning_fed.data.tensors import TensorBatches, collate
+from lightning_fed.data.tensors import GatheredBatch, TensorBatches, collate
 
 __all__ = [
+    "GatheredBatch",
     "TensorBatches",
     "collate",
     "CTFolderSite",

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from lightning_fed.data.dicom import count_exams
 from lightning_fed.data.partition import split_fractions, train_val_test
 from lightning_fed.data.sites import Site, SiteSplits, chosen_sites, per_site
+from lightning_fed.data.tensors import GatheredBatch
 
 VENDORS = ("CANON", "GE", "PHILIPS", "SIEMENS")
 CLASSES = ("background", "fat", "muscle", "bone")
@@ -207,7 +208,8 @@ def simulate_exam(exam: Exam, seed: int, hospital: str, size: int = 64) -> tuple
 
 
 class CTSlices(Dataset):
-    """2-D CT slices as dicts (``image`` windowed to [0, 1], ``label`` unless hidden, ``group``)."""
+    """2-D CT slices as dicts (``image`` windowed to [0, 1], ``label`` unless hidden, ``group``), served a whole batch
+    per gather (:mod:`lightning_fed.data.tensors`)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, groups: np.ndarray, with_labels: bool) -> None:
         self.images, self.labels, self.groups, self.with_labels = images, labels, groups, with_labels
@@ -220,6 +222,17 @@ class CTSlices(Dataset):
         if self.with_labels:
             item["label"] = torch.from_numpy(self.labels[i])
         return item
+
+    def __getitems__(self, indices: Sequence[int]) -> GatheredBatch:
+        """A whole batch in one gather per field (the batch ``default_collate`` would stack from the samples)."""
+        index = np.asarray(indices, dtype=np.int64)
+        batch = {
+            "image": torch.from_numpy(self.images[index])[:, None],
+            "group": torch.from_numpy(self.groups[index].astype(np.int64)),
+        }
+        if self.with_labels:
+            batch["label"] = torch.from_numpy(self.labels[index])
+        return GatheredBatch(batch)
 
 
 def window(hu: np.ndarray) -> np.ndarray:

@@ -16,31 +16,38 @@ For your own datamodule, where the data fits in memory::
 
 Wrapped in a ``Subset`` (e.g. a simulated site's share) it still gathers whole batches; in a ``ConcatDataset`` it
 falls back to one sample at a time, which :func:`collate` stacks as ``default_collate`` would.
+
+A dataset whose samples are dicts (``{"image": ..., "label": ...}``) does the same by answering ``__getitems__`` with
+a :class:`GatheredBatch` of a dict of batched tensors (the CT hospitals' slices do).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
 
 import torch
 from torch.utils.data import TensorDataset, default_collate
 
 
 class GatheredBatch(Sequence):
-    """A whole batch gathered by :meth:`TensorBatches.__getitems__`: ``tensors`` holds one batched tensor per field.
+    """A whole batch gathered by a dataset's ``__getitems__`` (:meth:`TensorBatches.__getitems__`): ``tensors`` holds
+    one batched tensor per field, as a tuple or as a dict by field name.
 
-    :func:`collate` hands ``tensors`` on as they are. To any other collate function it is what ``DataLoader`` would
-    otherwise have passed, a sequence of samples (one tuple of tensors each), so ``default_collate`` and wrappers
-    such as Opacus' stay correct, only without the saving."""
+    :func:`collate` hands ``tensors`` on as they are (a tuple as a list, as ``default_collate`` gives it). To any other
+    collate function it is what ``DataLoader`` would otherwise have passed, a sequence of samples (one tuple or dict of
+    tensors each), so ``default_collate`` and wrappers such as Opacus' stay correct, only without the saving."""
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+    def __init__(self, tensors: Union[tuple[torch.Tensor, ...], Mapping[str, torch.Tensor]]) -> None:
         self.tensors = tensors
 
     def __len__(self) -> int:
-        return len(self.tensors[0]) if self.tensors else 0
+        fields = list(self.tensors.values()) if isinstance(self.tensors, Mapping) else self.tensors
+        return len(fields[0]) if fields else 0
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
+        if isinstance(self.tensors, Mapping):
+            return {key: tensor[index] for key, tensor in self.tensors.items()}
         return tuple(tensor[index] for tensor in self.tensors)
 
 
@@ -58,5 +65,5 @@ def collate(data: Any) -> Any:
     """A gathered batch as a list of tensors (what ``default_collate`` makes of a ``TensorDataset``'s samples);
     anything else through ``default_collate``."""
     if isinstance(data, GatheredBatch):
-        return list(data.tensors)
+        return dict(data.tensors) if isinstance(data.tensors, Mapping) else list(data.tensors)
     return default_collate(data)
