@@ -229,17 +229,25 @@ def _start_node(args, env, log):
     )
 
 
-def _stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+def _stop(procs, grace=5.0):
+    """End every node: SIGTERM to each node's session at once, up to ``grace`` seconds in all for them to go (a
+    ``ray start --block`` often outlives far longer waits with nothing left to save), then SIGKILL to whatever each
+    session still holds."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
         try:
-            proc.wait(20)
+            proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever the node left behind in its session
-    except ProcessLookupError:
-        pass
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the node left behind in its session
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 @pytest.mark.integration  # starts a two-node cluster
@@ -348,8 +356,7 @@ def test_a_federation_runs_across_a_two_node_cluster_with_tls_and_token_auth(tmp
         assert result["nodes"] == result["holders"] and len(set(result["nodes"].values())) == 2, result
         _check_ports(result, layout, [proc.pid for proc in nodes])  # `ray start` leads its node's session
     finally:
-        for proc in reversed(nodes):
-            _stop(proc)
+        _stop(nodes)
         for log in logs.values():
             log.close()
         shutil.rmtree(ray_dir, ignore_errors=True)
