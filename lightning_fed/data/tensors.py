@@ -62,8 +62,8 @@ class TensorBatches(TensorDataset):
 
 
 def collate(data: Any) -> Any:
-    """A gathered batch as a list of tensors (what ``default_collate`` makes of a ``TensorDataset``'s samples);
-    anything else through ``default_collate``."""
+    """A gathered batch as a list of tensors (what ``default_collate`` makes of a ``TensorDataset``'s samples), or as a
+    dict of batched tensors where the samples are dicts; anything else through ``default_collate``."""
     if isinstance(data, GatheredBatch):
         return dict(data.tensors) if isinstance(data.tensors, Mapping) else list(data.tensors)
     return default_collate(data)
