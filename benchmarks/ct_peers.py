@@ -138,60 +138,28 @@ def plain(args: argparse.Namespace) -> dict:
 
 
 def flower(args: argparse.Namespace) -> dict:
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
-    from flwr.simulation import run_simulation
+    from flower_sim import simulate_fedavg  # beside this file (on the clients' PYTHONPATH too)
 
     names = [str(s) for s in np.load(args.data_file)["hospitals"]]
-    events: dict = {"round_ends": []}
-    client = ClientApp()
 
-    @client.train()
-    def train(msg: Message, context: Context) -> Message:
+    def train(state: dict, index: int) -> tuple[dict, int]:
         torch.set_num_threads(max(1, int(args.cpus_per_client)))  # the client's CPUs
         torch.set_flush_denormal(True)
-        part = hospitals(args.data_file)[1][names[int(context.node_config["partition-id"])]]
+        part = hospitals(args.data_file)[1][names[index]]
         model = unet()
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model.load_state_dict(state)
         local_epoch(model, optimizer(model), part["train_x"], part["train_y"], args.batch_size)  # stateless client
-        content = RecordDict(
-            {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": len(part["train_x"])})}
-        )
-        return Message(content=content, reply_to=msg)
+        return model.state_dict(), len(part["train_x"])
 
-    server = ServerApp()
-
-    @server.main()
-    def run(grid: Grid, context: Context) -> None:
-        torch.manual_seed(args.seed)
-        strategy = FedAvg(
-            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=len(names), min_available_nodes=len(names)
-        )
-
-        def round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            if server_round > 0:  # round 0 is the initial model
-                events["round_ends"].append(time.time())
-            events["final"] = arrays
-            return MetricRecord({})
-
-        events["first_round_at"] = time.time()
-        strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(unet().state_dict()), num_rounds=args.epochs, evaluate_fn=round_end
-        )
-
-    run_simulation(
-        server_app=server,
-        client_app=client,
-        num_supernodes=len(names),
-        backend_config={"client_resources": {"num_cpus": args.cpus_per_client, "num_gpus": 0.0}},
+    torch.manual_seed(args.seed)
+    first_round_at, round_ends, final = simulate_fedavg(
+        train, unet().state_dict(), len(names), args.epochs, args.cpus_per_client
     )
     model = unet()
-    model.load_state_dict(events["final"].to_torch_state_dict())
+    model.load_state_dict(final)
     return {
-        "first_round_at": events["first_round_at"],
-        "round_ends": events["round_ends"],
+        "first_round_at": first_round_at,
+        "round_ends": round_ends,
         "dice": mean_dice(model, hospitals(args.data_file)[1]),
     }
 

@@ -91,8 +91,11 @@ def command(arm: str, args: argparse.Namespace, scratch: Path, repeat: int) -> t
 def launch(arm: str, args: argparse.Namespace, scratch: Path, repeat: int) -> dict:
     cmd, root = command(arm, args, scratch, repeat)
     root.mkdir()
+    # the benchmarks' folder too: the Flower clients (Ray workers) import flower_sim from it
+    paths = [str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths).rstrip(os.pathsep)}
     launched = time.time()
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     wall = time.time() - launched
     if proc.returncode != 0:
         raise SystemExit(f"{arm} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

@@ -17,20 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
-from study_b_torch import SmallCNN, local_epoch, metrics, site_data  # beside this file (on the clients' PYTHONPATH too)
+from flower_sim import simulate_fedavg  # beside this file (on the clients' PYTHONPATH too)
+from study_b_torch import SmallCNN, local_epoch, metrics, site_data
 
 
 def main() -> None:
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
-    from flwr.simulation import run_simulation
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--split-file", required=True)
     parser.add_argument("--epochs", type=int, default=10)
@@ -39,54 +33,23 @@ def main() -> None:
     parser.add_argument("--cpus-per-client", type=float, default=2.0)
     args = parser.parse_args()
     sites = [str(s) for s in np.load(args.split_file, allow_pickle=True)["sites"]]
-    events: dict = {"round_ends": []}
 
-    client = ClientApp()
-
-    @client.train()
-    def train(msg: Message, context: Context) -> Message:
+    def train(state: dict, index: int) -> tuple[dict, int]:
         torch.set_num_threads(max(1, int(args.cpus_per_client)))  # the client's CPUs, as lightning-fed's sites do
         torch.set_flush_denormal(True)  # denormals slow a CPU step 10-40x (lightning-fed's sites flush them too)
-        site = sites[int(context.node_config["partition-id"])]
-        x, y = site_data(args.split_file, site, "train")
+        x, y = site_data(args.split_file, sites[index], "train")
         model = SmallCNN()
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model.load_state_dict(state)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # stateless client: a fresh optimizer each round
         local_epoch(model, optimizer, x, y, args.batch_size)
-        content = RecordDict(
-            {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": len(x)})}
-        )
-        return Message(content=content, reply_to=msg)
+        return model.state_dict(), len(x)
 
-    server = ServerApp()
-
-    @server.main()
-    def run(grid: Grid, context: Context) -> None:
-        torch.manual_seed(args.seed)
-        model = SmallCNN()
-        strategy = FedAvg(
-            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=len(sites), min_available_nodes=len(sites)
-        )
-
-        def round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            if server_round > 0:  # round 0 is the initial model
-                events["round_ends"].append(time.time())
-            events["final"] = arrays
-            return MetricRecord({})
-
-        events["first_round_at"] = time.time()
-        strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=args.epochs, evaluate_fn=round_end
-        )
-
-    run_simulation(
-        server_app=server,
-        client_app=client,
-        num_supernodes=len(sites),
-        backend_config={"client_resources": {"num_cpus": args.cpus_per_client, "num_gpus": 0.0}},
+    torch.manual_seed(args.seed)
+    first_round_at, round_ends, final = simulate_fedavg(
+        train, SmallCNN().state_dict(), len(sites), args.epochs, args.cpus_per_client
     )
     model = SmallCNN()
-    model.load_state_dict(events["final"].to_torch_state_dict())
+    model.load_state_dict(final)
     model.eval()
     small = {}
     for site in sites[1:]:
@@ -94,7 +57,7 @@ def main() -> None:
         with torch.no_grad():
             p = model(x).softmax(-1)[:, 1]
         small[site] = metrics(p, y)
-    print(json.dumps({"first_round_at": events["first_round_at"], "round_ends": events["round_ends"], "small": small}))
+    print(json.dumps({"first_round_at": first_round_at, "round_ends": round_ends, "small": small}))
 
 
 if __name__ == "__main__":
