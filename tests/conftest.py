@@ -96,17 +96,7 @@ def _session_workers(ray_cluster):
 
 @pytest.fixture(autouse=True)
 def _worker_reuse(request):
-    """Tests on the session's Ray share its warm workers; a test marked ``cold_workers`` (it counts live actors, or
-    needs fresh processes) first ends the idle ones and runs with warm workers switched off."""
-    if request.node.get_closest_marker("cold_workers") is not None:
-        from lightning_fed.warm import current_pool, warm_workers
-
-        pool = current_pool()
-        if pool is not None:
-            pool.close()
-        with warm_workers(enabled=False):
-            yield
-        return
+    """Tests on the session's Ray share its warm workers."""
     if "ray_cluster" in request.fixturenames:
         request.getfixturevalue("_session_workers")
     yield
