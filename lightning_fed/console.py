@@ -70,9 +70,14 @@ class SiteConsole:
             self._worker.close()
         self._worker = worker_log
         for name in sites:
-            if name not in self._files:
-                (folder / name).mkdir(parents=True, exist_ok=True)
-                self._files[name] = open(folder / name / "console.log", "a", buffering=1, encoding="utf-8")
+            path = folder / name / "console.log"
+            held = self._files.get(name)
+            if held is not None and held.name != str(path):  # a site of this name in an earlier run (a warm worker)
+                held.close()
+                held = None
+            if held is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._files[name] = open(path, "a", buffering=1, encoding="utf-8")
         if sys.stdout is not self._stream:
             sys.stdout = sys.stderr = self._stream
             # handlers made at import time hold the process's original streams

@@ -278,14 +278,18 @@ class Federation:
         if not ray.is_initialized():
             self.alive = False
             return
-        markers = {r.worker_marker for r in self.ready.values() if r.worker_marker}
-        self.hosts.finish(self.pool, graceful=graceful and self.alive, reuse=reuse and self.alive, markers=markers)
+        if not graceful:  # first: sites waiting on it then stop at once, and their workers may serve again
+            self._end_coordinator()
+        self.hosts.finish(self.pool, graceful=graceful and self.alive, reuse=reuse and self.alive)
+        self._end_coordinator()
+        self.calls.hosts, self.calls.coordinator, self.alive = Workers.none(), None, False
+
+    def _end_coordinator(self) -> None:
         if self.coordinator is not None:
             try:
                 ray.kill(self.coordinator, no_restart=True)
             except Exception:
                 pass
-        self.calls.hosts, self.calls.coordinator, self.alive = Workers.none(), None, False
 
 
 def evaluation_of(stage: str, sites: dict[str, SiteEvaluation]) -> Evaluation:

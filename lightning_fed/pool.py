@@ -2,8 +2,13 @@
 :class:`WorkerPool`), replaced when one dies, and given back or ended with the run.
 
 A worker (:mod:`lightning_fed.worker`) is one Ray actor hosting one or more sites; :mod:`lightning_fed.placement`
-decides how many there are and which sites each hosts. :class:`Workers` is one run's set of them, in one placement
-group; :class:`WorkerPool` keeps the workers of runs that ended cleanly warm for the next run of the same layout.
+decides how many there are and which sites each hosts. :class:`Workers` is one run's set of them, their resources
+held by one placement group; :class:`WorkerPool` keeps the workers of runs that ended cleanly warm for later runs.
+
+On a one-node Ray (a laptop, a workstation, a test session) a CPU worker is a process holding no resources of its
+own, kept on the driver's node, while the run's placement group holds its CPUs: when the run ends the group goes
+and the process stays, free to serve any later run's layout. On a cluster, or for GPU and pinned sites, each
+worker holds its bundle inside the group, and only a later run of the same layout can reuse it.
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ from typing import Any, Optional, Sequence
 import ray
 from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from lightning_fed.config import Placement
 from lightning_fed.data.sites import Site
 from lightning_fed.errors import FederationConfigError
 from lightning_fed.placement import WorkerSpec, describe_layout, place_sites
 from lightning_fed.runtime import RayRuntime
-from lightning_fed.worker import SPARE_CONCURRENCY, RemoteWorker, worker_concurrency
+from lightning_fed.worker import SPARE_CONCURRENCY, RemoteWorker, computing_marker, worker_concurrency
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +55,16 @@ def _shape_bundle(shape: tuple) -> dict[str, float]:
 
 
 def kill(pg: Any, actors: Sequence[Any]) -> None:
-    """End ``actors`` and remove the placement group ``pg`` (either may be gone already)."""
+    """End ``actors`` and remove the placement group ``pg`` (either may be gone already), and the files in which
+    the workers among them on this node noted which site computes (:func:`~lightning_fed.worker.computing_marker`)."""
     for actor in actors:
         try:
             ray.kill(actor, no_restart=True)
         except Exception:
+            pass
+        try:
+            os.remove(computing_marker(actor._actor_id.hex()))
+        except (OSError, AttributeError):
             pass
     if pg is not None:
         try:
@@ -86,21 +96,45 @@ def make_room(bundles: Sequence[dict[str, float]]) -> None:
         pool.make_room(bundles)
 
 
-class WorkerPool:
-    """Workers kept warm between runs whose layouts match: as many workers, each holding the same resources and
-    threads (the sites each hosts may differ, up to what it can run at once).
+RELEASE_SECONDS = 2.0  # after a failed run, how long a worker's sites may take to end before the worker is ended
+MAX_FREE_WORKERS = max(4, os.cpu_count() or 1)  # idle resource-free workers a pool keeps (the oldest end first)
 
-    A new run of that layout hands the idle workers its own sites (new module, data, Trainer, coordinator) instead
-    of starting new processes, which saves each worker its start and its torch/Lightning imports. Only workers of
-    runs that ended cleanly come back; a failed run's workers are always killed. Call :meth:`close` at the end.
+
+class WorkerPool:
+    """Workers kept warm between runs, which a later run hands its own sites (new module, data, Trainer,
+    coordinator) instead of starting new processes: each saves its process start and its torch/Lightning imports.
+
+    On a one-node Ray the pool keeps processes that hold no resources: any later run takes as many as its CPU
+    layout has workers, sets their threads and starts new ones only for the rest. Elsewhere (a cluster, GPU or
+    pinned sites) a run's workers hold their resources and come back as one layout, reused only by a run whose
+    layout matches: as many workers, each holding the same resources and threads. Only workers of runs that ended
+    cleanly come back, and on a one-node Ray those of a failed run whose sites all stopped within
+    :data:`RELEASE_SECONDS` (every other worker of a failed run is ended). Call :meth:`close` at the end.
     """
 
     def __init__(self) -> None:
         # shapes -> (placement group, workers, how many sites each worker can host)
         self._idle: dict[tuple, tuple[Any, list[Any], list[int]]] = {}
+        self._free: list[tuple[Any, int]] = []  # resource-free workers on this node, and how many sites each can host
         _POOLS.add(self)
         self.started = 0  # worker processes started for runs using this pool
         self.reused = 0  # workers handed to a later run instead
+
+    def take_free(self, sites: Sequence[int]) -> list[Optional[tuple[Any, int]]]:
+        """For each entry of ``sites`` (how many sites a worker must host), an idle resource-free worker able to host
+        them, with how many it can host; ``None`` where the pool has none left."""
+        taken: list[Optional[tuple[Any, int]]] = []
+        for count in sites:
+            fits = next((i for i, (_, room) in enumerate(self._free) if room >= count), None)
+            taken.append(None if fits is None else self._free.pop(fits))
+        self.reused += sum(given is not None for given in taken)
+        return taken
+
+    def keep_free(self, workers: Sequence[Any], rooms: Sequence[int]) -> None:
+        """Keep ``workers`` (resource-free, on this node) idle for later runs, up to :data:`MAX_FREE_WORKERS`."""
+        self._free.extend(zip(workers, rooms))
+        surplus, self._free = self._free[:-MAX_FREE_WORKERS], self._free[-MAX_FREE_WORKERS:]
+        kill(None, [worker for worker, _ in surplus])
 
     @staticmethod
     def layout(specs: Sequence[WorkerSpec]) -> tuple:
@@ -135,24 +169,48 @@ class WorkerPool:
                 if key in short:
                     short[key] -= value
 
+    def idle_workers(self) -> list[Any]:
+        """The workers the pool keeps idle now (alive by design, for the next run)."""
+        return [w for _, workers, _ in self._idle.values() for w in workers] + [w for w, _ in self._free]
+
     def close(self) -> None:
         """End every idle worker and its placement group."""
         for pg, workers, _ in self._idle.values():
             kill(pg, workers)
         self._idle.clear()
+        kill(None, [worker for worker, _ in self._free])
+        self._free.clear()
+
+
+def _serves_any_layout(spec: WorkerSpec) -> bool:
+    """Whether a resource-free process on the driver's node can be this worker (a CPU one, pinned nowhere)."""
+    return not spec.num_gpus and not spec.resources
+
+
+def _one_node() -> bool:
+    return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
 
 
 class Workers:
-    """One run's workers: ``actors[i]`` hosts ``specs[i].sites``, all in the placement group ``pg``.
+    """One run's workers: ``actors[i]`` hosts ``specs[i].sites``; the placement group ``pg`` holds their resources.
 
-    ``warm``: taken over from a :class:`WorkerPool` (already placed and started); otherwise started for this run,
-    perhaps with the early spare standing in for one (``adopted``: its adoption call, by worker index)."""
+    ``free``: the workers hold no resources of their own (a one-node Ray's CPU layout, see the module's docstring),
+    so they can serve any later layout. ``warm``: every worker came from a :class:`WorkerPool` (its imports done);
+    ``placed``: so did the placement group (a layout reused whole). ``adopted``: the calls fitting workers started
+    for no layout (from a pool, or the early spare) to their places, by worker index."""
 
     def __init__(
-        self, specs: list[WorkerSpec], pg: Any, actors: list[Any], warm: bool, adopted: Optional[dict[int, Any]] = None
+        self,
+        specs: list[WorkerSpec],
+        pg: Any,
+        actors: list[Any],
+        warm: bool,
+        placed: bool = False,
+        free: bool = False,
     ) -> None:
-        self.specs, self.pg, self.actors, self.warm = specs, pg, actors, warm
-        self.adopted: dict[int, Any] = dict(adopted or {})
+        self.specs, self.pg, self.actors, self.warm, self.placed, self.free = specs, pg, actors, warm, placed, free
+        self.rooms: list[int] = [worker_concurrency(len(spec.sites)) - 3 for spec in specs]  # sites each can host
+        self.adopted: dict[int, Any] = {}
         self.index: dict[str, int] = {name: spec.index for spec in specs for name in spec.sites}  # site -> its worker
 
     @classmethod
@@ -165,7 +223,7 @@ class Workers:
         cls, sites: Sequence[Site], placement: Placement, runtime: RayRuntime, pool: Optional[WorkerPool] = None
     ) -> "Workers":
         """Place ``sites`` as ``placement`` says on the cluster's resources, and get a worker for each part: warm
-        ones from ``pool`` when it holds this layout, else new processes (placed once :meth:`wait_placed` returns)."""
+        ones from ``pool`` where it has them, else new processes (placed once :meth:`wait_placed` returns)."""
         # sized to the cluster, not to what happens to be free this instant (Ray reports that late, and a previous
         # run's workers may still be letting go): the same cluster gives the same layout, so the same floats
         total = ray.cluster_resources()
@@ -173,45 +231,64 @@ class Workers:
         _check_resources(specs, total)
         warm = pool.take(specs) if pool is not None else None
         if warm is not None:
-            return cls(specs, warm[0], warm[1], warm=True)
+            return cls(specs, warm[0], warm[1], warm=True, placed=True)
         bundles = [spec.bundle() for spec in specs]
         make_room(bundles)
-        workers = cls(specs, placement_group(bundles, strategy="PACK"), [], warm=False)
-        workers._start(runtime.take_spare())
+        free = all(_serves_any_layout(spec) for spec in specs) and _one_node()
+        taken = pool.take_free([len(spec.sites) for spec in specs]) if pool is not None and free else []
+        workers = cls(specs, placement_group(bundles, strategy="PACK"), [], warm=bool(taken) and all(taken), free=free)
+        started = workers._start(taken or [None] * len(specs), runtime.take_spare(), pool)
         if pool is not None:
-            pool.started += len(workers.actors)
+            pool.started += started
         return workers
 
-    def _start(self, spare: Any) -> None:
-        """One worker per spec; a spare (started before the layout was known) stands in for the first CPU worker
-        it can serve, and its bundle stays reserved for it."""
-        for spec in self.specs:
-            if (
-                spare is not None
-                and not spec.num_gpus
-                and not spec.resources
-                and worker_concurrency(len(spec.sites)) <= SPARE_CONCURRENCY
-            ):
-                self.actors.append(spare)
-                self.adopted[spec.index] = spare.adopt.remote(spec.index, spec.threads)
-                spare = None
+    def _start(self, taken: Sequence[Optional[tuple[Any, int]]], spare: Any, pool: Optional[WorkerPool]) -> int:
+        """One worker per spec: the pool's where it gave one (``taken``: with the sites it can host), else the
+        early ``spare`` (started before the layout was known) for the first CPU worker it can serve, else a new
+        process. Returns how many processes were started for this run (the spare counts)."""
+        started = 0
+        for spec, given in zip(self.specs, taken):
+            if given is None and spare is not None and _serves_any_layout(spec):
+                if worker_concurrency(len(spec.sites)) <= SPARE_CONCURRENCY:
+                    given, spare, started = (spare, SPARE_CONCURRENCY - 3), None, started + 1
+            if given is None:
+                self.actors.append(self._new(spec))
+                started += 1
                 continue
-            self.actors.append(self._new(spec))
-        if spare is not None:
-            kill(None, [spare])  # no worker it could serve
+            self.actors.append(given[0])
+            self.rooms[spec.index] = given[1]
+            # its bundle in the placement group stays reserved for it, unused
+            self.adopted[spec.index] = given[0].adopt.remote(spec.index, spec.threads)
+        if spare is not None:  # no worker it could serve
+            if pool is not None and self.free:
+                pool.keep_free([spare], [SPARE_CONCURRENCY - 3])
+            else:
+                kill(None, [spare])
+        return started
 
     def _new(self, spec: WorkerSpec) -> Any:
-        return RemoteWorker.options(
-            num_cpus=spec.num_cpus,
-            num_gpus=spec.num_gpus,
-            resources=dict(spec.resources) or None,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=spec.index),
-            max_concurrency=worker_concurrency(len(spec.sites)),  # room for a later run's sites (WorkerPool)
-        ).remote(spec.index, spec.threads, spec.num_gpus)
+        if self.free:
+            where: dict[str, Any] = {
+                "num_cpus": 0,
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False),
+            }
+        else:
+            where = {
+                "num_cpus": spec.num_cpus,
+                "num_gpus": spec.num_gpus,
+                "resources": dict(spec.resources) or None,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=spec.index
+                ),
+            }
+        # room for a later run's sites (WorkerPool)
+        return RemoteWorker.options(max_concurrency=worker_concurrency(len(spec.sites)), **where).remote(
+            spec.index, spec.threads, spec.num_gpus
+        )
 
     def wait_placed(self, timeout: float) -> None:
-        """Wait until the cluster holds every new worker's resources (warm ones hold theirs)."""
-        if self.warm:
+        """Wait until the cluster holds every worker's resources (a layout reused whole holds them already)."""
+        if self.placed:
             return
         try:
             ray.get(self.pg.ready(), timeout=timeout)
@@ -236,6 +313,7 @@ class Workers:
         index = self.index[site]
         if self.actors[index] is dead:
             self.actors[index] = self._new(self.specs[index])
+            self.rooms[index] = worker_concurrency(len(self.specs[index].sites)) - 3
         return self.actors[index]
 
     def shared_layout(self) -> Optional[dict[str, Any]]:
@@ -243,10 +321,9 @@ class Workers:
         shared = [spec for spec in self.specs if not spec.resources]
         return {"workers": len(shared), "worker_cpus": shared[0].num_cpus} if shared else None
 
-    def finish(self, pool: Optional[WorkerPool], graceful: bool, reuse: bool, markers: Sequence[str] = ()) -> bool:
+    def finish(self, pool: Optional[WorkerPool], graceful: bool, reuse: bool) -> bool:
         """Close every site first (``graceful``: their loggers flushed), then hand the workers to ``pool`` warm
-        (``reuse``, where every site closed cleanly) or end them, and with them their ``markers`` (the notes of which
-        site computes, :func:`~lightning_fed.worker.computing_marker`). Returns whether they went back warm."""
+        (``reuse``, where every site closed cleanly) or end them. Returns whether they went back warm."""
         if graceful and self.actors:
             try:
                 ray.get([w.close.remote() for w in self.actors], timeout=60)
@@ -254,16 +331,35 @@ class Workers:
                 reuse = False
                 log.warning("lightning-fed: some sites did not close cleanly: %s", err)
         if reuse and graceful and pool is not None and self.actors:
-            pool.give(self.specs, self.pg, self.actors)
+            if self.free:  # the processes stay; the resources they were counted against go back to the cluster
+                pool.keep_free(self.actors, self.rooms)
+                kill(self.pg, [])
+            else:
+                pool.give(self.specs, self.pg, self.actors)
             return True
+        if reuse and not graceful and pool is not None and self.free and self.actors:
+            sound = self._sound_after_failure()
+            pool.keep_free([self.actors[i] for i in sound], [self.rooms[i] for i in sound])
+            kill(self.pg, [w for i, w in enumerate(self.actors) if i not in sound])
+            return bool(sound)
         if self.actors or self.pg is not None:
             kill(self.pg, self.actors)
-        for path in markers:  # those on this node
-            try:
-                os.remove(path)
-            except OSError:
-                pass
         return False
+
+    def _sound_after_failure(self) -> list[int]:
+        """The workers (by index) whose sites' calls all ended within :data:`RELEASE_SECONDS` of a failed run's end
+        (its coordinator gone) and which host nothing now: alive and idle, they can serve another run. One still
+        computing, or dead, is not."""
+        calls = [w.release.remote(RELEASE_SECONDS) for w in self.actors]
+        done, _ = ray.wait(calls, num_returns=len(calls), timeout=RELEASE_SECONDS + 2)
+        sound = []
+        for index, call in enumerate(calls):
+            try:
+                if call in done and ray.get(call, timeout=0) is True:
+                    sound.append(index)
+            except Exception:  # its process died (the failure itself, often)
+                pass
+        return sound
 
 
 def _check_resources(specs: Sequence[WorkerSpec], total: dict[str, float]) -> None:

@@ -125,6 +125,15 @@ class Scheduler:
         self._inbox.put(("threads", threads, done))
         done.result()
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether every site's call has ended (returned or raised) within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._busy or self._waiting:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     # -- from a site's greenlet -------------------------------------------------------------------
     def wait(self, ref: Any) -> Any:
         """The value of Ray object ``ref``; other sites compute meanwhile."""

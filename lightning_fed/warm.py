@@ -1,11 +1,13 @@
 """Warm workers between federations of one process: ``with lightning_fed.warm_workers(): ...``.
 
 Every federation started inside the block (any strategy, any Trainer) hands its workers back to one shared
-:class:`~lightning_fed.pool.WorkerPool` when it ends cleanly, and the next federation whose layout they fit
-takes them over instead of starting new processes: each worker saves its process start and its torch/Lightning
-imports (seconds each). A notebook or a hyperparameter loop that calls ``trainer.fit`` many times gains the most.
-A local Ray started by lightning-fed inside the block stays up until the block ends (the idle workers live in it);
-a cluster the process joined is left running as always. Workers of a run that failed are never reused.
+:class:`~lightning_fed.pool.WorkerPool` when it ends, and the next federation takes them over instead of starting
+new processes: each worker saves its process start and its torch/Lightning imports (seconds each). A notebook or
+a hyperparameter loop that calls ``trainer.fit`` many times gains the most. On a one-node Ray any later layout
+can use them (their threads are set again); on a cluster only a later run of the same layout. A local Ray started
+by lightning-fed inside the block stays up until the block ends (the idle workers live in it); a cluster the
+process joined is left running as always. Of a run that failed, only workers whose sites all stopped at once
+(on a one-node Ray) are reused; the others are ended.
 
 ``lightning-fed compare``/``sweep`` keep a pool of their own; a strategy given one (``strategy.worker_pool``) uses
 that one.

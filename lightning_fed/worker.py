@@ -166,6 +166,20 @@ class Worker:
             stop_wandb()
         self.console.flush()
 
+    def release(self, timeout: float) -> bool:
+        """After a failed run: once every site's call has ended (within ``timeout`` seconds; the coordinator they
+        wait on is gone), finish their loggers and host nothing. Returns whether this worker can serve another run;
+        ``False``: a site is still computing (this worker must be ended)."""
+        if not self.scheduler.wait_idle(timeout):
+            return False
+        try:
+            self.close()
+        except Exception:  # a site that failed may not close; the process is sound all the same
+            self.console.flush()
+        self.sites = {}
+        self.mark("")
+        return True
+
 
 RemoteWorker = ray.remote(max_restarts=0, max_task_retries=0)(Worker)
 """The worker actor. Nothing restarts by itself (Ray's retry would rerun a site's whole fit from epoch 0)."""

@@ -41,7 +41,7 @@ def _our_actors_alive():
     from lightning_fed.warm import current_pool
 
     pool = current_pool()
-    idle = {w._actor_id.hex() for _, workers, _ in (pool._idle.values() if pool is not None else ()) for w in workers}
+    idle = {w._actor_id.hex() for w in (pool.idle_workers() if pool is not None else ())}
     return [
         a
         for a in actors().values()
@@ -181,18 +181,22 @@ def test_sites_console_output_goes_to_their_log_files(tmp_path, capfd):
                 print(f"chatty step at epoch {self.current_epoch}")  # a user's print, on a site
             return super().training_step(batch, batch_idx)
 
-    strategy = FederatedStrategy(num_sites=2, progress=True, checkpoint_every=0, sites_per_worker=2)
-    trainer = _trainer(tmp_path, strategy, max_epochs=2, logger=False)
-    trainer.fit(Chatty(), datamodule=PlainFashionMNIST(n=200))
-    strategy.shutdown()
+    # two runs into two folders: the second reuses the first one's warm worker, and its sites' output must follow
+    # the new run (not the files of the earlier sites of the same names)
+    for run in ("first", "second"):
+        strategy = FederatedStrategy(num_sites=2, progress=True, checkpoint_every=0, sites_per_worker=2)
+        trainer = _trainer(tmp_path / run, strategy, max_epochs=2, logger=False)
+        trainer.fit(Chatty(), datamodule=PlainFashionMNIST(n=200))
+        strategy.shutdown()
     time.sleep(1.5)  # Ray forwards worker output asynchronously: give it time to show up if it would
     out, err = capfd.readouterr()
     assert "chatty step" not in out + err
-    assert "[lightning-fed] round 2/2" in out  # the progress view is the driver's
-    for site in ("site_0", "site_1"):
-        log = (tmp_path / "sites" / site / "console.log").read_text()
-        assert "chatty step at epoch 0" in log and "chatty step at epoch 1" in log, log
-    assert (tmp_path / "sites" / "worker-0.log").is_file()
+    assert out.count("[lightning-fed] round 2/2") >= 2  # the progress view is the driver's (both runs)
+    for run in ("first", "second"):
+        for site in ("site_0", "site_1"):
+            log = (tmp_path / run / "sites" / site / "console.log").read_text()
+            assert log.count("chatty step at epoch 0") == 1 and log.count("chatty step at epoch 1") == 1, log
+        assert (tmp_path / run / "sites" / "worker-0.log").is_file()
 
 
 class _Numbered(torch.utils.data.IterableDataset):
@@ -406,3 +410,49 @@ def test_bad_layouts_fail_before_training(tmp_path):
         _trainer(tmp_path, strategy).fit(
             SmallCNN(), datamodule=small_hospitals(), ckpt_path=str(tmp_path / "nothing.ckpt")
         )
+
+
+class _RaisesInSecondEpoch(UnmodifiedMLP):
+    """Site ``site_1`` raises in its second epoch (``site_0`` is then waiting on the round barrier or training)."""
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 1 and Path(self.trainer.default_root_dir).name == "site_1":  # sites/<name>
+            raise ValueError("scanner offline")
+        return super().training_step(batch, batch_idx)
+
+
+def test_idle_workers_serve_any_later_layout_and_outlive_a_failed_run(tmp_path):
+    from lightning_fed import warm_workers
+    from lightning_fed.worker import computing_marker
+
+    def fit(name, module, **options):
+        strategy = FederatedStrategy(num_sites=2, progress=False, checkpoint_every=0, **options)
+        trainer = L.Trainer(
+            strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path / name
+        )
+        try:
+            trainer.fit(module, datamodule=PlainFashionMNIST(n=200))
+        finally:
+            strategy.shutdown()
+        return strategy.last_fit
+
+    with warm_workers() as pool:  # a pool of this test's own, inside the session's
+        first = fit("two-workers", UnmodifiedMLP())
+        assert first.startup.workers == 2 and not first.startup.warm and pool.started == 2
+        # another layout (one worker hosting both sites): it takes an idle process, sets its threads, starts none
+        packed = fit("one-worker", UnmodifiedMLP(), sites_per_worker=2)
+        assert packed.startup.workers == 1 and packed.startup.warm and pool.started == 2
+        assert len(pool.idle_workers()) == 2
+        # a failed run: its workers' sites stop at once, so both go back idle instead of being ended
+        with pytest.raises(SiteFailedError, match="site 'site_1'.*scanner offline"):
+            fit("failed", _RaisesInSecondEpoch())
+        idle = pool.idle_workers()
+        assert len(idle) == 2 and pool.started == 2
+        again = fit("after-failure", UnmodifiedMLP())
+        assert again.startup.warm and pool.started == 2
+        assert np.isfinite(again.metrics["fl/train_loss"])
+        markers = [computing_marker(w._actor_id.hex()) for w in pool.idle_workers()]
+        assert all(Path(m).is_file() for m in markers)
+    # the block ended its pool: the workers are gone, and with them the files noting which site computes
+    assert not any(Path(m).exists() for m in markers)
+    assert _none_alive_within(10)
