@@ -28,15 +28,18 @@ _pools: list[Optional[WorkerPool]] = []  # innermost last; None: warm workers sw
 def warm_workers(enabled: bool = True) -> Iterator[Optional[WorkerPool]]:
     """Keep workers warm between the federations run inside this block (``enabled=False``: switch it off inside an
     outer block, e.g. for a run that must start from fresh processes). Yields the pool (``None`` when off); its
-    idle workers end when the block does."""
-    pool = WorkerPool() if enabled else None
+    idle workers end when the block does. Directly inside another enabled block (e.g. the one ``compare`` and
+    ``sweep`` open, called in a notebook's block) it shares that block's pool, whose workers then outlive it."""
+    outer = _pools[-1] if _pools else None
+    shared = enabled and outer is not None
+    pool = outer if shared else WorkerPool() if enabled else None
     _pools.append(pool)
     hold_local_ray(_pools)
     try:
         yield pool
     finally:
         _pools.pop()
-        if pool is not None:
+        if pool is not None and not shared:
             pool.close()
         if not _pools:
             release_local_ray(_pools)

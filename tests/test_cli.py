@@ -28,8 +28,8 @@ def _cli(args, cwd, ray_cluster):
     from lightning_fed.warm import current_pool
 
     pool = current_pool()
-    if pool is not None:
-        pool.close()  # the command is another process on this cluster: the session's idle workers make room for it
+    if pool is not None:  # the command is another process on this cluster: idle workers holding CPUs make room
+        pool.make_room([{"CPU": ray_cluster.cluster_resources()["CPU"]}])
     env = dict(os.environ)
     # join the session's Ray as `ray job submit` would (RAY_ADDRESS), instead of starting a second one
     env["RAY_ADDRESS"] = ray_cluster.get_runtime_context().gcs_address

@@ -190,3 +190,22 @@ def test_idle_layouts_give_way_least_recently_used_first_and_only_as_far_as_a_ru
     assert list(pool._idle) == [middle, recent]
     pool.make_room([{"CPU": 2.5}])  # 2 short: both remaining layouts (1.5 CPUs) go, still short
     assert pool._idle == {}
+
+
+def test_a_nested_warm_workers_block_shares_the_enclosing_pool_and_leaves_it_open(monkeypatch):
+    from lightning_fed.pool import WorkerPool
+    from lightning_fed.warm import current_pool, warm_workers
+
+    closed = []
+    monkeypatch.setattr(WorkerPool, "close", lambda self: closed.append(self))
+    with warm_workers(enabled=False):  # whatever block this test runs in (the session's), none is enclosing here
+        with warm_workers() as outer:
+            with warm_workers() as inner:  # e.g. the block `compare` opens, called inside a notebook's
+                assert inner is outer and current_pool() is outer
+            assert closed == [] and current_pool() is outer  # its idle workers outlive the inner block
+            with warm_workers(enabled=False) as off:  # switched off: a run there starts fresh workers
+                assert off is None and current_pool() is None
+                with warm_workers() as own:  # a block inside that one has a pool of its own, ended with it
+                    assert own is not None and own is not outer
+                assert closed == [own]
+        assert closed == [own, outer] and current_pool() is None

@@ -436,7 +436,7 @@ def test_idle_workers_serve_any_later_layout_and_outlive_a_failed_run(tmp_path):
             strategy.shutdown()
         return strategy.last_fit
 
-    with warm_workers() as pool:  # a pool of this test's own, inside the session's
+    with warm_workers(enabled=False), warm_workers() as pool:  # a pool of this test's own, not the session's
         first = fit("two-workers", UnmodifiedMLP())
         assert first.startup.workers == 2 and not first.startup.warm and pool.started == 2
         # another layout (one worker hosting both sites): it takes an idle process, sets its threads, starts none
