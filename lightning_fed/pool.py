@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from lightning_fed.config import Placement
@@ -298,6 +298,22 @@ class Workers:
                 f"(available: {_fmt_resources(ray.available_resources())}): free resources, or lower the sites' "
                 "num_cpus/num_gpus or the placement's workers"
             ) from None
+        if self.free and not self._placed_here():
+            self._move_into_group()
+
+    def _placed_here(self) -> bool:
+        """Whether every bundle of the group is on the driver's node, where the resource-free workers run (a
+        cluster that had one node when the run started may have grown since)."""
+        here = ray.get_runtime_context().get_node_id()
+        return all(node == here for node in placement_group_table(self.pg)["bundles_to_node_id"].values())
+
+    def _move_into_group(self) -> None:
+        """Workers that hold their bundles instead, wherever the group placed them (the resource-free ones end)."""
+        log.info("lightning-fed: the workers' resources were placed on other nodes; starting the workers there")
+        kill(None, self.actors)
+        self.free, self.adopted = False, {}
+        self.actors = [self._new(spec) for spec in self.specs]
+        self.rooms = [worker_concurrency(len(spec.sites)) - 3 for spec in self.specs]
 
     def of(self, site: str) -> Any:
         """The worker hosting ``site``."""

@@ -456,3 +456,36 @@ def test_idle_workers_serve_any_later_layout_and_outlive_a_failed_run(tmp_path):
     # the block ended its pool: the workers are gone, and with them the files noting which site computes
     assert not any(Path(m).exists() for m in markers)
     assert _none_alive_within(10)
+
+
+def test_workers_move_into_their_group_when_it_is_placed_on_another_node(tmp_path, monkeypatch):
+    import ray
+
+    from lightning_fed import warm_workers
+    from lightning_fed.pool import Workers
+
+    # as if the cluster had grown since the run started and the group's bundles had landed on the new node: the
+    # resource-free workers on the driver's node would compute on CPUs reserved elsewhere
+    monkeypatch.setattr(Workers, "_placed_here", lambda self: False)
+    strategy = FederatedStrategy(num_sites=2, progress=False, checkpoint_every=0)
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
+    with warm_workers(enabled=False):
+        try:
+            trainer.fit(UnmodifiedMLP(), datamodule=PlainFashionMNIST(n=200))
+            hosts = strategy.federation.hosts
+            assert not hosts.free and hosts.adopted == {} and len(hosts.actors) == 2
+            from ray.util.placement_group import placement_group_table
+
+            assert len(placement_group_table(hosts.pg)["bundles"]) == 2
+            # each worker holds its bundle's CPUs: none of the group's is left free (Ray reports usage late)
+            group_cpus = f"CPU_group_{hosts.pg.id.hex()}"
+            deadline = time.monotonic() + 10
+            while ray.available_resources().get(group_cpus, 0.0) > 0 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert ray.available_resources().get(group_cpus, 0.0) == 0
+            assert set(strategy.last_fit.sites) == {"site_0", "site_1"}
+        finally:
+            strategy.shutdown()
+    assert _none_alive_within(10)
