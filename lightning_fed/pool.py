@@ -311,7 +311,7 @@ class Workers:
         """Workers that hold their bundles instead, wherever the group placed them (the resource-free ones end)."""
         log.info("lightning-fed: the workers' resources were placed on other nodes; starting the workers there")
         kill(None, self.actors)
-        self.free, self.adopted = False, {}
+        self.free, self.warm, self.adopted = False, False, {}
         self.actors = [self._new(spec) for spec in self.specs]
         self.rooms = [worker_concurrency(len(spec.sites)) - 3 for spec in self.specs]
 

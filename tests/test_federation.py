@@ -475,7 +475,7 @@ def test_workers_move_into_their_group_when_it_is_placed_on_another_node(tmp_pat
         try:
             trainer.fit(UnmodifiedMLP(), datamodule=PlainFashionMNIST(n=200))
             hosts = strategy.federation.hosts
-            assert not hosts.free and hosts.adopted == {} and len(hosts.actors) == 2
+            assert not hosts.free and not hosts.warm and hosts.adopted == {} and len(hosts.actors) == 2
             from ray.util.placement_group import placement_group_table
 
             assert len(placement_group_table(hosts.pg)["bundles"]) == 2
