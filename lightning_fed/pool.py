@@ -123,6 +123,9 @@ class WorkerPool:
     def take_free(self, sites: Sequence[int]) -> list[Optional[tuple[Any, int]]]:
         """For each entry of ``sites`` (how many sites a worker must host), an idle resource-free worker able to host
         them, with how many it can host; ``None`` where the pool has none left."""
+        answering = set(_answering([worker for worker, _ in self._free]))
+        kill(None, [worker for i, (worker, _) in enumerate(self._free) if i not in answering])
+        self._free = [entry for i, entry in enumerate(self._free) if i in answering]
         taken: list[Optional[tuple[Any, int]]] = []
         for count in sites:
             fits = next((i for i, (_, room) in enumerate(self._free) if room >= count), None)
@@ -145,6 +148,9 @@ class WorkerPool:
         if warm is None or any(len(spec.sites) > room for spec, room in zip(specs, warm[2])):
             return None
         del self._idle[self.layout(specs)]
+        if len(_answering(warm[1])) < len(warm[1]):  # one of them died while idle: the layout starts afresh
+            kill(warm[0], warm[1])
+            return None
         self.reused += len(warm[1])
         return warm[0], warm[1]
 
@@ -180,6 +186,26 @@ class WorkerPool:
         self._idle.clear()
         kill(None, [worker for worker, _ in self._free])
         self._free.clear()
+
+
+def _true_within(calls: Sequence[Any], timeout: float) -> list[int]:
+    """The indices of the actor ``calls`` that returned ``True`` within ``timeout`` seconds (the call of a worker
+    whose process is gone raises instead)."""
+    done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=timeout) if calls else ([], [])
+    returned = []
+    for index, call in enumerate(calls):
+        try:
+            if call in done and ray.get(call, timeout=0) is True:
+                returned.append(index)
+        except Exception:  # its process died
+            pass
+    return returned
+
+
+def _answering(workers: Sequence[Any]) -> list[int]:
+    """The indices of the idle ``workers`` whose process answers (one may have died while idle, e.g. killed for
+    memory); an idle worker answers at once."""
+    return _true_within([worker.alive.remote() for worker in workers], timeout=10.0)
 
 
 def _serves_any_layout(spec: WorkerSpec) -> bool:
@@ -365,17 +391,8 @@ class Workers:
     def _sound_after_failure(self) -> list[int]:
         """The workers (by index) whose sites' calls all ended within :data:`RELEASE_SECONDS` of a failed run's end
         (its coordinator gone) and which host nothing now: alive and idle, they can serve another run. One still
-        computing, or dead, is not."""
-        calls = [w.release.remote(RELEASE_SECONDS) for w in self.actors]
-        done, _ = ray.wait(calls, num_returns=len(calls), timeout=RELEASE_SECONDS + 2)
-        sound = []
-        for index, call in enumerate(calls):
-            try:
-                if call in done and ray.get(call, timeout=0) is True:
-                    sound.append(index)
-            except Exception:  # its process died (the failure itself, often)
-                pass
-        return sound
+        computing, or dead (the failure itself, often), is not."""
+        return _true_within([w.release.remote(RELEASE_SECONDS) for w in self.actors], RELEASE_SECONDS + 2)
 
 
 def _check_resources(specs: Sequence[WorkerSpec], total: dict[str, float]) -> None:

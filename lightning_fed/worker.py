@@ -166,6 +166,10 @@ class Worker:
             stop_wandb()
         self.console.flush()
 
+    def alive(self) -> bool:
+        """Answers at once (a pool asks an idle worker before handing it to a run)."""
+        return True
+
     def release(self, timeout: float) -> bool:
         """After a failed run: once every site's call has ended (within ``timeout`` seconds; the coordinator they
         wait on is gone), finish their loggers and host nothing. Returns whether this worker can serve another run;

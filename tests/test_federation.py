@@ -489,3 +489,31 @@ def test_workers_move_into_their_group_when_it_is_placed_on_another_node(tmp_pat
         finally:
             strategy.shutdown()
     assert _none_alive_within(10)
+
+
+def test_an_idle_worker_that_died_is_replaced_not_handed_to_the_next_run(tmp_path):
+    import ray
+
+    from lightning_fed import warm_workers
+
+    def fit(name):
+        strategy = FederatedStrategy(num_sites=2, progress=False, checkpoint_every=0)
+        trainer = L.Trainer(
+            strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path / name
+        )
+        try:
+            trainer.fit(UnmodifiedMLP(), datamodule=PlainFashionMNIST(n=200))
+        finally:
+            strategy.shutdown()
+        return strategy.last_fit
+
+    with warm_workers(enabled=False), warm_workers() as pool:  # a pool of this test's own, not the session's
+        fit("first")
+        assert pool.started == 2 and len(pool.idle_workers()) == 2
+        dead = pool.idle_workers()[0]
+        ray.kill(dead, no_restart=True)  # as if its process had been killed (for memory) while idle
+        second = fit("second")
+        assert pool.started == 3 and not second.startup.warm  # the survivor was reused, one new process started
+        assert np.isfinite(second.metrics["fl/train_loss"])
+        assert dead._actor_id.hex() not in {w._actor_id.hex() for w in pool.idle_workers()}
+    assert _none_alive_within(10)
