@@ -9,8 +9,8 @@ by lightning-fed inside the block stays up until the block ends (the idle worker
 process joined is left running as always. Of a run that failed, only workers whose sites all stopped at once
 (on a one-node Ray) are reused; the others are ended.
 
-``lightning-fed compare``/``sweep`` keep a pool of their own; a strategy given one (``strategy.worker_pool``) uses
-that one.
+``lightning-fed compare``/``sweep`` open such a block themselves (inside an enclosing one they share its pool); a
+strategy given a pool (``strategy.worker_pool``) uses that one.
 """
 
 from __future__ import annotations
