@@ -39,7 +39,15 @@ from lightning_fed.roster import Roster
 from lightning_fed.strategies.base import Aggregator, FollowUp, GlobalModel, SiteUpdate
 from lightning_fed.traffic import TrafficLedger, wire_size
 
-__all__ = ["Coordinator", "FederationAborted", "RejoinPoint", "RemoteCoordinator", "SiteLeftOut"]
+__all__ = [
+    "Coordinator",
+    "FederationAborted",
+    "RejoinPoint",
+    "RemoteCoordinator",
+    "RemoteSpareCoordinator",
+    "SiteLeftOut",
+    "SpareCoordinator",
+]
 
 
 @dataclass(frozen=True)
@@ -339,4 +347,21 @@ class Coordinator:
         self._traffic = TrafficLedger(state.get("traffic"))
 
 
+class SpareCoordinator(Coordinator):
+    """A coordinator whose process starts before its federation is known (warm runs start one ahead, see
+    :class:`~lightning_fed.hosting.NextCoordinator`): :meth:`begin` makes it that federation's coordinator. Like
+    every coordinator it serves one federation only."""
+
+    def __init__(self) -> None:  # its federation comes with begin()
+        pass
+
+    def begin(self, aggregator: Aggregator, sites: list[str], **options: Any) -> None:
+        """Become the coordinator of ``sites`` (the arguments of :class:`Coordinator`)."""
+        Coordinator.__init__(self, aggregator, sites, **options)
+
+    def alive(self) -> bool:
+        return True
+
+
 RemoteCoordinator = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)
+RemoteSpareCoordinator = ray.remote(num_cpus=0, max_restarts=0)(SpareCoordinator)

@@ -103,6 +103,8 @@ class Federation:
         self.startup = Startup(
             time.monotonic() - t0, len(self.hosts.specs), describe_layout(self.hosts.specs), self.hosts.warm
         )
+        if self.pool is not None:
+            self.pool.coordinators.prepare()  # for the next run, while this one trains
 
     @property
     def hosts(self) -> Workers:
@@ -160,7 +162,10 @@ class Federation:
     ) -> None:
         """The coordinator, on the driver's node, in a process that never imports torch or Lightning."""
         layout = self.hosts.shared_layout()
-        self.calls.coordinator = start_coordinator(self.config, self.names, module, job, layout, server_state, resume)
+        spare = self.pool.coordinators.take() if self.pool is not None else None
+        self.calls.coordinator = start_coordinator(
+            self.config, self.names, module, job, layout, server_state, resume, spare
+        )
         self.alive = True
         _LIVE.add(self)
         atexit.register(self.shutdown)

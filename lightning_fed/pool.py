@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 import weakref
 from typing import Any, Optional, Sequence
 
@@ -27,6 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from lightning_fed.config import Placement
 from lightning_fed.data.sites import Site
 from lightning_fed.errors import FederationConfigError
+from lightning_fed.hosting import NextCoordinator
 from lightning_fed.placement import WorkerSpec, describe_layout, place_sites
 from lightning_fed.runtime import RayRuntime
 from lightning_fed.worker import SPARE_CONCURRENCY, RemoteWorker, computing_marker, worker_concurrency
@@ -46,6 +48,19 @@ def _sum_bundles(bundles: Sequence[dict[str, float]]) -> dict[str, float]:
         for key, value in bundle.items():
             total[key] = total.get(key, 0.0) + value
     return total
+
+
+def _wait_for_room(bundles: Sequence[dict[str, float]], seconds: float = 0.5) -> None:
+    """Wait (at most ``seconds``) until the cluster reports room for ``bundles``. What an earlier run just let go (its
+    placement group removed) is reported free within about a tenth of a second; a group asked for before then waits
+    for Ray's next attempt to place it, about half a second later."""
+    need = _sum_bundles(bundles)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        free = ray.available_resources()
+        if all(free.get(key, 0.0) + 1e-9 >= value for key, value in need.items()):
+            return
+        time.sleep(0.01)
 
 
 def _shape_bundle(shape: tuple) -> dict[str, float]:
@@ -119,6 +134,7 @@ class WorkerPool:
         _POOLS.add(self)
         self.started = 0  # worker processes started for runs using this pool
         self.reused = 0  # workers handed to a later run instead
+        self.coordinators = NextCoordinator()  # the next run's coordinator, started ahead
 
     def take_free(self, sites: Sequence[int]) -> list[Optional[tuple[Any, int]]]:
         """For each entry of ``sites`` (how many sites a worker must host), an idle resource-free worker able to host
@@ -186,6 +202,7 @@ class WorkerPool:
         self._idle.clear()
         kill(None, [worker for worker, _ in self._free])
         self._free.clear()
+        self.coordinators.close()
 
 
 def _true_within(calls: Sequence[Any], timeout: float) -> list[int]:
@@ -260,6 +277,7 @@ class Workers:
             return cls(specs, warm[0], warm[1], warm=True, placed=True)
         bundles = [spec.bundle() for spec in specs]
         make_room(bundles)
+        _wait_for_room(bundles)
         free = all(_serves_any_layout(spec) for spec in specs) and _one_node()
         taken = pool.take_free([len(spec.sites) for spec in specs]) if pool is not None and free else []
         workers = cls(specs, placement_group(bundles, strategy="PACK"), [], warm=bool(taken) and all(taken), free=free)

@@ -11,7 +11,7 @@ import pytest
 
 from lightning_fed.data import HospitalsDataModule, load_fashion_mnist
 from lightning_fed.data.download import ensure_files
-from lightning_fed.data.fashion_mnist import ABNORMAL_CLASSES, FILES, fashion_mnist_root
+from lightning_fed.data.fashion_mnist import ABNORMAL_CLASSES, FILES, fashion_mnist_root, take_pooled
 
 
 @pytest.fixture
@@ -91,6 +91,16 @@ def test_hospitals_draw_is_study_b_and_reproducible(fed_data):
     assert len(np.unique(all_idx)) == len(all_idx)  # no image in two hospitals
     with pytest.raises(ValueError, match="same length"):
         HospitalsDataModule(site_names=["a"], sizes=[1, 2], positive_ratios=[0.1, 0.1])
+    # each hospital's images are gathered from the two official files as if they were one pool, in its own order
+    train_x, _ = load_fashion_mnist(None, "train")
+    test_x, _ = load_fashion_mnist(None, "test")
+    pooled = np.concatenate([train_x, test_x])
+    for splits in first.values():
+        for idx in splits.values():
+            np.testing.assert_array_equal(take_pooled((train_x, test_x), idx), pooled[idx])
+    assert take_pooled((train_x, test_x), np.array([], np.int64)).shape == (0, 28, 28)
+    with pytest.raises(IndexError, match="pooled index out of range"):
+        take_pooled((train_x, test_x), np.array([3, 70000]))
 
 
 def test_heart_disease_hospitals_are_read_verified_and_prepared_locally(fed_data):

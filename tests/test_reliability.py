@@ -122,7 +122,7 @@ def test_a_failed_site_is_left_out_restarted_and_rejoins_in_continue_mode(tmp_pa
         trainer.fit(NoisyCNN(), datamodule=datamodule)
         fit = strategy.last_fit
         assert trainer.current_epoch == 8 and len(fit.round_sites) == 8
-        assert len(fit.events) == 2, fit.events
+        assert len(fit.events) == 2, "\n".join(map(repr, fit.events))
         left, back = fit.events
         assert (left.site, left.event, left.round) == ("bad", "left out", 3), fit.events
         assert ("died" if mode == "die" else "scanner offline") in left.reason
