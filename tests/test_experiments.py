@@ -178,7 +178,11 @@ def test_sweep_reuses_warm_sites_and_gives_the_same_result_as_a_fresh_start(tmp_
 
 
 def test_sweep_over_compression_plots_accuracy_against_bytes(tmp_path, ray_cluster, fed_data):
+    from lightning_fed.warm import current_pool
+
     out = tmp_path / "codecs"
+    session = current_pool()  # the session's warm workers: the sweep shares the block it is called in
+    uses = session.started + session.reused
     report = sweep(
         [
             *HEART,
@@ -195,6 +199,9 @@ def test_sweep_over_compression_plots_accuracy_against_bytes(tmp_path, ray_clust
     }
     assert update["null"] > update['"fp16"'] > update['"int8"']
     assert update['"int8"'] < 0.6 * update["null"]  # the model is small: pickling overhead keeps int8 above a quarter
+    assert session.started + session.reused == uses + 3 * len(HOSPITALS)  # one worker per hospital, 3 points
+    startup = report["startup"]
+    assert startup["worker_processes_started"] + startup["worker_processes_reused"] == 3 * len(HOSPITALS)
     assert (out / "accuracy_vs_bytes.png").stat().st_size > 5000
     assert "MB sent / site / round" in (out / "results.md").read_text()
 

@@ -172,22 +172,27 @@ def sweep(argv: Sequence[str]) -> SweepReport:
         raise UsageError(str(err)) from None
     if not args.grid and not args.zip:
         raise UsageError("sweep needs at least one --grid KEY=V1,V2 (or --zip) axis (see `lightning-fed sweep --help`)")
-    experiment = _experiment(args, overrides, [m.strip() for m in args.modes.split(",") if m.strip()])
-    for point in points:  # every override must be valid before hours of training start
-        try:
-            point_arguments(point, experiment.base_config)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-    out = _out_dir(args.out, "sweep", args.config)
-    t0 = time.monotonic()
-    command = ["lightning-fed", "sweep", *argv]
-    with experiment:
-        for i, point in enumerate(points):
-            print(f"[lightning-fed] sweep point {i + 1}/{len(points)}: {point_label(point)}")
-            experiment.run_point(point)
-            if i + 1 < len(points):  # results so far stay on disk if the sweep is stopped or a later run fails
-                write_sweep(experiment, points[: i + 1], out, metrics, time.monotonic() - t0, command, final=False)
-    return write_sweep(experiment, points, out, metrics, time.monotonic() - t0, command)
+    from lightning_fed.warm import warm_workers
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    # the points' runs share one pool (inside an enclosing warm_workers block, that block's)
+    with warm_workers(enabled=not args.no_reuse) as pool:
+        experiment = _experiment(args, overrides, modes, pool=pool)
+        for point in points:  # every override must be valid before hours of training start
+            try:
+                point_arguments(point, experiment.base_config)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+        out = _out_dir(args.out, "sweep", args.config)
+        t0 = time.monotonic()
+        command = ["lightning-fed", "sweep", *argv]
+        with experiment:
+            for i, point in enumerate(points):
+                print(f"[lightning-fed] sweep point {i + 1}/{len(points)}: {point_label(point)}")
+                experiment.run_point(point)
+                if i + 1 < len(points):  # results so far stay on disk if the sweep is stopped or a later run fails
+                    write_sweep(experiment, points[: i + 1], out, metrics, time.monotonic() - t0, command, final=False)
+        return write_sweep(experiment, points, out, metrics, time.monotonic() - t0, command)
 
 
 def replot_command(argv: Sequence[str]) -> list[Path]:
