@@ -51,8 +51,9 @@ def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
         from tests.helpers import small_hospitals
 
         assert not ray.is_initialized()
-        # one process per site: a fixed layout, whose three one-CPU workers the local Ray must have
-        strategy = FederatedStrategy(progress=False, checkpoint_every=0, sites_per_worker=1)
+        # a fixed layout holding more CPUs than this machine has cores: one worker with three, which the local Ray
+        # must have
+        strategy = FederatedStrategy(progress=False, checkpoint_every=0, workers=1, worker_cpus=3)
         trainer = L.Trainer(strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False)
         trainer.fit(SmallCNN(), datamodule=small_hospitals(sizes=(200, 100, 100)))
         cpus = ray.cluster_resources()["CPU"]
@@ -69,7 +70,7 @@ def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    # three one-CPU processes get three CPUs (at least the machine's cores)
+    # a worker holding three CPUs gets three (at least the machine's cores)
     assert report["cpus"] == max(os.cpu_count(), 3)
     assert any("raylet" in name for name in report["before"])
     assert report["after"] == [] and report["initialized"] is False  # everything it started is gone

@@ -229,9 +229,9 @@ def _start_node(args, env, log):
     )
 
 
-def _stop(procs, grace=5.0):
+def _stop(procs, grace=1.0):
     """End every node: SIGTERM to each node's session at once, up to ``grace`` seconds in all for them to go (a
-    ``ray start --block`` often outlives far longer waits with nothing left to save), then SIGKILL to whatever each
+    ``ray start --block`` outlives 5 s waits as often as not, with nothing left to save), then SIGKILL to whatever each
     session still holds."""
     for proc in procs:
         if proc.poll() is None:
