@@ -24,6 +24,7 @@ from lightning.pytorch import LightningModule
 
 from lightning_fed.calls import FederationCalls
 from lightning_fed.checkpoint import RoundCheckpoint
+from lightning_fed.commits import check_resumable
 from lightning_fed.config import FederationConfig, Placement
 from lightning_fed.data.sites import Site
 from lightning_fed.errors import FederationConfigError, SiteFailedError
@@ -130,6 +131,11 @@ class Federation:
     def _start(self, module: LightningModule, job: TrainerJob, stage: str, resume: Optional[RoundCheckpoint]) -> None:
         privacy = self._check_config()
         server_state = resume.server_state() if resume is not None else None
+        if server_state is not None:
+            try:  # the coordinator checks it again as it loads the state; refused here, nothing has started yet
+                check_resumable(server_state, self.config.aggregator.name, self.names)
+            except ValueError as err:
+                raise FederationConfigError(str(err)) from None
         placement = resumed_placement(self.config.placement, server_state)
         self._acquire_workers(placement)
         self._start_coordinator(module, job, server_state, resume)

@@ -373,6 +373,14 @@ def test_resume_continues_the_federation(tmp_path):
         assert int(adam_step) == 4 * (120 // 50 + 1)
     finally:
         second.shutdown()
+    # a checkpoint another rule wrote is refused before anything starts, naming both rules and the way out
+    other = FederatedStrategy(aggregator="fedprox", progress=False, checkpoint_dir=str(tmp_path / "other"))
+    with pytest.raises(FederationConfigError) as refused:
+        _trainer(tmp_path, other, max_epochs=5).fit(SmallCNN(), datamodule=small_hospitals(), ckpt_path=str(ckpt_dir))
+    other.shutdown()
+    message = str(refused.value)
+    assert "written by aggregator 'fedavg'" in message and "'fedprox'" in message, message
+    assert "resume with the same aggregator" in message and "\n" not in message
 
 
 def test_bad_layouts_fail_before_training(tmp_path):
