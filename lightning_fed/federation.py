@@ -28,7 +28,7 @@ from lightning_fed.commits import check_resumable
 from lightning_fed.config import FederationConfig, Placement
 from lightning_fed.data.sites import Site
 from lightning_fed.errors import FederationConfigError, SiteFailedError
-from lightning_fed.hosting import site_plans, start_coordinator
+from lightning_fed.hosting import kill_quietly, site_plans, start_coordinator
 from lightning_fed.metric_states import merge_reports
 from lightning_fed.metrics import federated_metrics
 from lightning_fed.placement import describe_layout
@@ -297,10 +297,7 @@ class Federation:
 
     def _end_coordinator(self) -> None:
         if self.coordinator is not None:
-            try:
-                ray.kill(self.coordinator, no_restart=True)
-            except Exception:
-                pass
+            kill_quietly(self.coordinator)
 
 
 def evaluation_of(stage: str, sites: dict[str, SiteEvaluation]) -> Evaluation:

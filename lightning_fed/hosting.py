@@ -111,6 +111,7 @@ class NextCoordinator:
 
 
 def kill_quietly(actor: Any) -> None:
+    """End ``actor``'s process, if it still has one."""
     try:
         ray.kill(actor, no_restart=True)
     except Exception:  # gone already, or Ray with it

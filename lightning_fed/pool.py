@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from lightning_fed.config import Placement
 from lightning_fed.data.sites import Site
 from lightning_fed.errors import FederationConfigError
-from lightning_fed.hosting import NextCoordinator
+from lightning_fed.hosting import NextCoordinator, kill_quietly
 from lightning_fed.placement import WorkerSpec, describe_layout, place_sites
 from lightning_fed.runtime import RayRuntime
 from lightning_fed.worker import SPARE_CONCURRENCY, RemoteWorker, computing_marker, worker_concurrency
@@ -73,10 +73,7 @@ def kill(pg: Any, actors: Sequence[Any]) -> None:
     """End ``actors`` and remove the placement group ``pg`` (either may be gone already), and the files in which
     the workers among them on this node noted which site computes (:func:`~lightning_fed.worker.computing_marker`)."""
     for actor in actors:
-        try:
-            ray.kill(actor, no_restart=True)
-        except Exception:
-            pass
+        kill_quietly(actor)
         try:
             os.remove(computing_marker(actor._actor_id.hex()))
         except (OSError, AttributeError):
