@@ -179,7 +179,9 @@ class Cluster:
     Args:
         address: a cluster to join (default: ``RAY_ADDRESS`` as under ``ray job submit``, or the Ray this process is
             connected to; else a local Ray is started for the run and stopped after it).
-        init_kwargs: extra ``ray.init`` arguments (e.g. ``{"num_cpus": 8}`` for a local Ray).
+        init_kwargs: extra ``ray.init`` arguments (e.g. ``{"num_cpus": 8}`` for a local Ray). A local Ray's workers
+            import from the driver's own paths (its script's folder, ``sys.path`` entries it added, ``PYTHONPATH``)
+            also when these hold a ``runtime_env`` of the user's.
     """
 
     address: Optional[str] = None

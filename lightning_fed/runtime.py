@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 
 
 def _local_init_kwargs(num_cpus: float, extra: Mapping[str, Any]) -> dict[str, Any]:
-    installed = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
-    paths = [p or os.getcwd() for p in sys.path if p == "" or (os.path.isdir(p) and not p.startswith(installed))]
     return {
         "address": "local",
         "num_cpus": max(os.cpu_count() or 1, math.ceil(num_cpus)),
@@ -34,10 +32,34 @@ def _local_init_kwargs(num_cpus: float, extra: Mapping[str, Any]) -> dict[str, A
         # sites write their console output to their own log files (lightning_fed.console); what Ray would still
         # forward (its own notes on a worker that died) the driver reports itself, in one line naming the site
         "log_to_driver": False,
-        # workers must import the same modules as the driver (scripts, test helpers)
-        "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}},
         **dict(extra),
     }
+
+
+def _driver_paths() -> str:
+    """The driver's own import paths (its script's folder, the working folder, ``PYTHONPATH``; not the installed
+    packages), as a ``PYTHONPATH``: workers must import the same modules as the driver (scripts, test helpers)."""
+    installed = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
+    paths = [p or os.getcwd() for p in sys.path if p == "" or (os.path.isdir(p) and not p.startswith(installed))]
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
+def _init_local(init_kwargs: Mapping[str, Any]) -> None:
+    """``ray.init`` a local Ray whose workers import what the driver imports.
+
+    The driver's paths reach the workers through the environment the local Ray's processes inherit, set only while
+    Ray starts, not through a job-wide ``runtime_env``: with one, Ray cannot use the worker processes it starts
+    ahead at ``init``, and every new worker waits for its runtime-env agent (measured: two new actors ready in 0.75-1.05 s
+    instead of 0.15-0.2 s on the 2-core machine)."""
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = _driver_paths()
+    try:
+        ray.init(**init_kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 class _LocalRay:
@@ -55,7 +77,7 @@ class _LocalRay:
 
     def _run(self) -> None:
         try:
-            ray.init(**self.init_kwargs)
+            _init_local(self.init_kwargs)
             if self._want_spare:
                 from lightning_fed.worker import start_spare
 

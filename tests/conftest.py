@@ -64,20 +64,23 @@ def ray_cluster():
 
     started = False
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # never a cluster some earlier `ray start` left behind
-            num_cpus=4,
-            include_dashboard=False,
-            logging_level="WARNING",
-            runtime_env={
-                "env_vars": {
-                    "PYTHONPATH": str(REPO),
-                    "LIGHTNING_FED_DATA": os.environ["LIGHTNING_FED_DATA"],
-                    "WANDB_MODE": "offline",
-                    "WANDB_SILENT": "true",
-                }
-            },
-        )
+        # the workers inherit this process's environment (the data folder, W&B offline, set above) and, while Ray
+        # starts, the repository as PYTHONPATH for the test helpers: no job-wide runtime_env, which would make every
+        # new worker wait for Ray's runtime-env agent
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), saved) if p)
+        try:
+            ray.init(
+                address="local",  # never a cluster some earlier `ray start` left behind
+                num_cpus=4,
+                include_dashboard=False,
+                logging_level="WARNING",
+            )
+        finally:
+            if saved is None:
+                os.environ.pop("PYTHONPATH")
+            else:
+                os.environ["PYTHONPATH"] = saved
         started = True
     yield ray
     if started:

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
     script = textwrap.dedent(
         """
-        import json, os, ray, torch, lightning as L
+        import json, os, sys, ray, torch, lightning as L
         from lightning_fed import FederatedStrategy
 
         def descendants():
@@ -47,21 +47,45 @@ def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
                 frontier += kids
             return found
 
-        from lightning_fed.models import SmallCNN
         from tests.helpers import small_hospitals
+
+        # the model comes from a folder only this script puts on its path, and the user's own runtime_env must not
+        # take that path from the workers
+        sys.path.insert(0, os.path.abspath("project"))
+        from site_model import SiteCNN
 
         assert not ray.is_initialized()
         # a fixed layout holding more CPUs than this machine has cores: one worker with three, which the local Ray
         # must have
-        strategy = FederatedStrategy(progress=False, checkpoint_every=0, workers=1, worker_cpus=3)
+        strategy = FederatedStrategy(
+            progress=False,
+            checkpoint_every=0,
+            workers=1,
+            worker_cpus=3,
+            ray_init_kwargs={"runtime_env": {"env_vars": {"LF_SITE_NOTE": "kept"}}},
+        )
         trainer = L.Trainer(strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False)
-        trainer.fit(SmallCNN(), datamodule=small_hospitals(sizes=(200, 100, 100)))
+        trainer.fit(SiteCNN(), datamodule=small_hospitals(sizes=(200, 100, 100)))
         cpus = ray.cluster_resources()["CPU"]
         children = descendants()
         strategy.shutdown()
         alive = descendants()
         print(json.dumps({"cpus": cpus, "before": children, "after": alive, "initialized": ray.is_initialized()}))
         """
+    )
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "site_model.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            from lightning_fed.models import SmallCNN
+
+            class SiteCNN(SmallCNN):
+                def training_step(self, batch, batch_idx):
+                    assert os.environ.get("LF_SITE_NOTE") == "kept", "the runtime_env's variable did not reach the site"
+                    return super().training_step(batch, batch_idx)
+            """
+        )
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
