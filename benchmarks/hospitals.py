@@ -219,6 +219,11 @@ def main() -> None:
         print(json.dumps(pooled_arm(args)))
         return
 
+    # every arm runs in a scratch folder: a relative data folder is resolved here, against the folder this started in
+    if args.data_dir:
+        args.data_dir = str(Path(args.data_dir).expanduser().resolve())
+    if os.environ.get("LIGHTNING_FED_DATA"):
+        os.environ["LIGHTNING_FED_DATA"] = str(Path(os.environ["LIGHTNING_FED_DATA"]).expanduser().resolve())
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
