@@ -100,9 +100,33 @@ class _LocalRay:
     def stop(self) -> None:
         self._ready.wait()
         if self.error is None and ray.is_initialized():
+            _end_monitor()
             ray.shutdown()
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+def _end_monitor() -> None:
+    """End the local Ray's autoscaler monitor, before ``ray.shutdown`` stops the rest.
+
+    ``ray.shutdown`` stops a local Ray's processes one at a time, giving each a second after SIGTERM before SIGKILL.
+    The monitor (the autoscaler, idle in a local Ray of fixed size) stops after the GCS and no longer answers SIGTERM
+    then, so every shutdown waited that full second before killing it anyway (measured on the 2-core machine:
+    ``ray.shutdown`` 1.35-1.46 s, against 0.35-0.45 s with the monitor ended first). It is found through Ray's record
+    of the processes it started for this driver; where that record is not there (another Ray version), the shutdown
+    goes as before."""
+    try:
+        node = ray._private.worker._global_node
+        monitors = [info.process for info in node.all_processes.get("monitor", [])] if node is not None else []
+    except Exception:  # Ray's internals moved: nothing to end early
+        return
+    for process in monitors:
+        try:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=1)
+        except Exception:  # gone already, or slow to reap: ray.shutdown deals with it as before
+            pass
 
 
 _local: Optional[_LocalRay] = None  # the local Ray this process started (early, or for a runtime), while it runs
