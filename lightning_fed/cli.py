@@ -14,6 +14,7 @@ offers); ``compare``/``sweep`` are :mod:`lightning_fed.experiments`, ``inventory
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Optional
@@ -42,6 +43,8 @@ def main(args: Optional[list[str]] = None) -> None:
     command = argv[0] if argv and not argv[0].startswith("-") else "fit"
     try:
         _run(argv, from_command_line=args is None)
+        if args is None:
+            _before_exit()
     except KeyboardInterrupt:
         print("lightning-fed: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
@@ -56,6 +59,14 @@ def main(args: Optional[list[str]] = None) -> None:
         failed = isinstance(err, RunFailedError)  # not the user's input: no pointer to --help, where to resume instead
         print(f"lightning-fed: error: {run_failure(err) if failed else explain(err, command)}", file=sys.stderr)
         raise SystemExit(1 if failed else 2) from None
+
+
+def _before_exit() -> None:
+    """The command is done and its process ends next (Ray stops in the exit handlers): keep Python's last garbage
+    collections from walking every object torch and Lightning made on import. They took about 1.2 s of the exit on
+    the 2-core machine (0.2 s frozen). Exit handlers still run, and objects freed by reference counting still
+    finalise; only cycles left at exit go to the operating system uncollected, as the process's memory does."""
+    gc.freeze()
 
 
 def _run(argv: list[str], from_command_line: bool) -> None:
