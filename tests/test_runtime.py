@@ -70,7 +70,8 @@ def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
         children = descendants()
         strategy.shutdown()
         alive = descendants()
-        print(json.dumps({"cpus": cpus, "before": children, "after": alive, "initialized": ray.is_initialized()}))
+        print(json.dumps({"cpus": cpus, "before": children, "after": alive, "initialized": ray.is_initialized(),
+                          "pythonpath": os.environ.get("PYTHONPATH")}))
         """
     )
     (tmp_path / "project").mkdir()
@@ -98,6 +99,7 @@ def test_local_ray_is_started_with_explicit_resources_and_stopped(tmp_path):
     assert report["cpus"] == max(os.cpu_count(), 3)
     assert any("raylet" in name for name in report["before"])
     assert report["after"] == [] and report["initialized"] is False  # everything it started is gone
+    assert report["pythonpath"] == str(REPO)  # the driver's own environment, as it was before Ray started
 
 
 def test_a_local_ray_gets_what_a_fixed_layout_holds_and_never_fewer_cpus_than_the_machine():
