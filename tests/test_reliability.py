@@ -1,5 +1,7 @@
 """Reliability: exact resume after a crash, garbage updates refused."""
 
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import pytest
@@ -126,6 +128,8 @@ def test_a_failed_site_is_left_out_restarted_and_rejoins_in_continue_mode(tmp_pa
         left, back = fit.events
         assert (left.site, left.event, left.round) == ("bad", "left out", 3), fit.events
         assert ("died" if mode == "die" else "scanner offline") in left.reason
+        if mode == "die":  # the file in which its killed worker noted which site computes went with it
+            assert not Path(strategy.federation.calls.markers["bad"]).exists()
         # it comes back at the first round that starts once it is up again (a new process after kill -9 takes a
         # few seconds of imports; round 9 means the others finished first and it took the final model)
         assert (back.site, back.event) == ("bad", "rejoined") and 4 <= back.round <= 9, fit.events
