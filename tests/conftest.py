@@ -64,11 +64,11 @@ def ray_cluster():
 
     started = False
     if not ray.is_initialized():
+        from lightning_fed.runtime import _DriverPaths
+
         # the workers inherit this process's environment (the data folder, W&B offline, set above) and, while Ray
-        # starts, the repository as PYTHONPATH for the test helpers: no job-wide runtime_env, which would make every
-        # new worker wait for Ray's runtime-env agent
-        saved = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), saved) if p)
+        # starts, its import paths (the repository, for the test helpers) as lightning-fed's own local Ray does
+        paths = _DriverPaths()
         try:
             ray.init(
                 address="local",  # never a cluster some earlier `ray start` left behind
@@ -77,10 +77,7 @@ def ray_cluster():
                 logging_level="WARNING",
             )
         finally:
-            if saved is None:
-                os.environ.pop("PYTHONPATH")
-            else:
-                os.environ["PYTHONPATH"] = saved
+            paths.restore()
         started = True
     yield ray
     if started:
