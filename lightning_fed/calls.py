@@ -15,6 +15,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from lightning_fed.audit import describe
+from lightning_fed.coordinator_process import CoordinatorLink
 from lightning_fed.errors import CoordinatorDiedError, SiteFailedError
 from lightning_fed.failures import coordinator_death, reported_reason, site_failure, when
 from lightning_fed.pool import Workers
@@ -44,7 +45,7 @@ class FederationCalls:
         shutdown: Callable[[], None],
     ) -> None:
         self.hosts = Workers.none()  # the worker processes hosting the sites
-        self.coordinator: Any = None
+        self.coordinator: Optional[CoordinatorLink] = None
         self.markers: dict[str, str] = {}  # per hosted site: the file where its worker notes which site computes
         self.checkpoint_dir = checkpoint_dir
         self.audit = audit
@@ -86,7 +87,7 @@ class FederationCalls:
     def ask(self, method: str, *args: Any) -> Any:
         """The coordinator's answer to ``method`` (a call of the fit); its death ends the run."""
         try:
-            return ray.get(getattr(self.coordinator, method).remote(*args))
+            return ray.get(self.coordinator.remote(method, *args))
         except RayActorError:
             self.coordinator_died("fit")
 
@@ -100,7 +101,7 @@ class FederationCalls:
             marker = self.markers.get(hosted[0], "")
             reason = site_failure(sites[0], err, what, hosted, marker, self.when(what))
             if self.coordinator is not None:
-                self.coordinator.abort.remote(reason)
+                self.coordinator.remote("abort", reason)
         self._shutdown()
         raise SiteFailedError(reason, self.checkpoint_dir if what == "fit" else None) from None
 

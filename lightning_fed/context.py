@@ -9,20 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_fed.coordinator_process import CoordinatorLink
 from lightning_fed.scheduler import Scheduler
 
 
 class SiteContext:
     """A site's line to the federation. Calls that wait let the worker's other sites compute meanwhile."""
 
-    def __init__(self, site: str, coordinator: Any, scheduler: Scheduler) -> None:
+    def __init__(self, site: str, coordinator: CoordinatorLink, scheduler: Scheduler) -> None:
         self.site = site
         self._coordinator = coordinator
         self._scheduler = scheduler
 
     def ask(self, method: str, *args: Any) -> Any:
         """Call the coordinator's ``method`` as this site and wait for the answer."""
-        ref = getattr(self._coordinator, method).remote(self.site, *args)
+        ref = self._coordinator.remote(method, self.site, *args)
         return self.fetch(ref)
 
     def fetch(self, ref: Any) -> Any:
@@ -31,7 +32,7 @@ class SiteContext:
 
     def tell(self, method: str, *args: Any) -> None:
         """Call the coordinator's ``method`` as this site without waiting (status reports)."""
-        getattr(self._coordinator, method).remote(self.site, *args)
+        self._coordinator.remote(method, self.site, *args)
 
     def all_gather(self, key: str, value: Any) -> dict[str, Any]:
         """Every site's ``value`` for ``key`` (for site halves, e.g. secure aggregation's public keys)."""

@@ -1,7 +1,8 @@
 """The coordinator: the round barrier between sites, the only place an :class:`Aggregator` runs.
 
-It runs as an asynchronous Ray actor holding no CPU. Sites call it at three kinds of moment, each a barrier
-(:mod:`lightning_fed.barriers`) that every expected site must arrive at before any leaves:
+It runs in an asynchronous Ray actor holding no CPU (:mod:`lightning_fed.coordinator_process`). Sites call it at
+three kinds of moment, each a barrier (:mod:`lightning_fed.barriers`) that every expected site must arrive at before
+any leaves:
 
 - ``sync``: end of every k-th epoch; the aggregator turns the sites' updates into the next global model,
   which is put in the object store once and handed to every site by reference;
@@ -39,15 +40,7 @@ from lightning_fed.roster import Roster
 from lightning_fed.strategies.base import Aggregator, FollowUp, GlobalModel, SiteUpdate
 from lightning_fed.traffic import TrafficLedger, wire_size
 
-__all__ = [
-    "Coordinator",
-    "FederationAborted",
-    "RejoinPoint",
-    "RemoteCoordinator",
-    "RemoteSpareCoordinator",
-    "SiteLeftOut",
-    "SpareCoordinator",
-]
+__all__ = ["Coordinator", "FederationAborted", "RejoinPoint", "SiteLeftOut"]
 
 
 @dataclass(frozen=True)
@@ -345,23 +338,3 @@ class Coordinator:
         self.round = int(state["round"])
         self.roster.carry = dict(state.get("carry") or {})
         self._traffic = TrafficLedger(state.get("traffic"))
-
-
-class SpareCoordinator(Coordinator):
-    """A coordinator whose process starts before its federation is known (warm runs start one ahead, see
-    :class:`~lightning_fed.hosting.NextCoordinator`): :meth:`begin` makes it that federation's coordinator. Like
-    every coordinator it serves one federation only."""
-
-    def __init__(self) -> None:  # its federation comes with begin()
-        pass
-
-    def begin(self, aggregator: Aggregator, sites: list[str], **options: Any) -> None:
-        """Become the coordinator of ``sites`` (the arguments of :class:`Coordinator`)."""
-        Coordinator.__init__(self, aggregator, sites, **options)
-
-    def alive(self) -> bool:
-        return True
-
-
-RemoteCoordinator = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)
-RemoteSpareCoordinator = ray.remote(num_cpus=0, max_restarts=0)(SpareCoordinator)

@@ -8,12 +8,13 @@ The driver raises these lines as :class:`~lightning_fed.errors.SiteFailedError` 
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import ray
 from ray.exceptions import RayActorError
 
 from lightning_fed.checkpoint import find_checkpoint
+from lightning_fed.coordinator_process import CoordinatorLink
 from lightning_fed.worker import SiteStartError, read_marker
 
 EXITED = "its process exited (killed, out of memory, or a native crash)"
@@ -38,13 +39,13 @@ def when(what: str, rounds_seen: int, checkpoint_dir: Optional[str]) -> str:
     return f"in round {max(rounds_seen, committed) + 1}"
 
 
-def reported_reason(coordinator: Any, wait: bool) -> Optional[str]:
+def reported_reason(coordinator: CoordinatorLink, wait: bool) -> Optional[str]:
     """Why the coordinator stopped the run, if it did: a site that raised reports it, perhaps still on its way
     (``wait``: give it two seconds). Raises :class:`~ray.exceptions.RayActorError` when the coordinator is dead."""
     deadline = time.monotonic() + (2.0 if wait else 0.0)
     while True:
         try:
-            reason = ray.get(coordinator.abort_reason.remote(), timeout=2)
+            reason = ray.get(coordinator.remote("abort_reason"), timeout=2)
         except RayActorError:
             raise
         except Exception:

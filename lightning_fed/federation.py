@@ -26,6 +26,7 @@ from lightning_fed.calls import FederationCalls
 from lightning_fed.checkpoint import RoundCheckpoint
 from lightning_fed.commits import check_resumable
 from lightning_fed.config import FederationConfig, Placement
+from lightning_fed.coordinator_process import CoordinatorLink
 from lightning_fed.data.sites import Site
 from lightning_fed.errors import FederationConfigError, SiteFailedError
 from lightning_fed.hosting import kill_quietly, site_plans, start_coordinator
@@ -104,8 +105,6 @@ class Federation:
         self.startup = Startup(
             time.monotonic() - t0, len(self.hosts.specs), describe_layout(self.hosts.specs), self.hosts.warm
         )
-        if self.pool is not None:
-            self.pool.coordinators.prepare()  # for the next run, while this one trains
 
     @property
     def hosts(self) -> Workers:
@@ -113,8 +112,8 @@ class Federation:
         return self.calls.hosts
 
     @property
-    def coordinator(self) -> Any:
-        """The coordinator actor (``None`` before it starts and once the federation is shut down)."""
+    def coordinator(self) -> Optional[CoordinatorLink]:
+        """The line to this run's coordinator (``None`` before it starts and once the federation is shut down)."""
         return self.calls.coordinator
 
     @property
@@ -168,9 +167,9 @@ class Federation:
     ) -> None:
         """The coordinator, on the driver's node, in a process that never imports torch or Lightning."""
         layout = self.hosts.shared_layout()
-        spare = self.pool.coordinators.take() if self.pool is not None else None
+        idle = self.pool.coordinators.take() if self.pool is not None else None
         self.calls.coordinator = start_coordinator(
-            self.config, self.names, module, job, layout, server_state, resume, spare
+            self.config, self.names, module, job, layout, server_state, resume, idle
         )
         self.alive = True
         _LIVE.add(self)
@@ -269,7 +268,7 @@ class Federation:
             raise FederationConfigError(
                 "message audit is off: create the strategy with FederatedStrategy(audit_messages=True)"
             )
-        return {"coordinator": ray.get(self.coordinator.audit_log.remote()), "driver": list(self._audit)}
+        return {"coordinator": ray.get(self.coordinator.remote("audit_log")), "driver": list(self._audit)}
 
     def site_weights(self) -> dict[str, Weights]:
         """Every site's current weights, by site name (sites left out for good excepted)."""
@@ -293,11 +292,17 @@ class Federation:
             self._end_coordinator()
         self.hosts.finish(self.pool, graceful=graceful and self.alive, reuse=reuse and self.alive)
         self._end_coordinator()
-        self.calls.hosts, self.calls.coordinator, self.alive = Workers.none(), None, False
+        self.calls.hosts, self.alive = Workers.none(), False
 
     def _end_coordinator(self) -> None:
-        if self.coordinator is not None:
-            kill_quietly(self.coordinator)
+        """End the run in its coordinator: the pool keeps the process for the next run, else it ends."""
+        link, self.calls.coordinator = self.calls.coordinator, None
+        if link is None:
+            return
+        if self.pool is not None:
+            self.pool.coordinators.keep(link)
+        else:
+            kill_quietly(link.actor)
 
 
 def evaluation_of(stage: str, sites: dict[str, SiteEvaluation]) -> Evaluation:

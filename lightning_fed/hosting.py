@@ -1,9 +1,10 @@
 """Two steps of a federation's start that need nothing of the running federation: the coordinator actor, and each
 site's plan (what its worker builds it from). :class:`~lightning_fed.federation.Federation` calls them in order.
-Between warm runs, :class:`NextCoordinator` keeps the next run's coordinator process started ahead."""
+Between warm runs, :class:`IdleCoordinator` keeps the coordinator's process for the next run."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Optional, Sequence
 
 import ray
@@ -13,13 +14,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lightning_fed.checkpoint import RoundCheckpoint
 from lightning_fed.config import FederationConfig
-from lightning_fed.coordinator import RemoteCoordinator, RemoteSpareCoordinator
+from lightning_fed.coordinator_process import CoordinatorLink, RemoteCoordinatorProcess
 from lightning_fed.data.sites import Site
 from lightning_fed.privacy_settings import DPSGD
 from lightning_fed.role import COORDINATOR_ROLE, COORDINATOR_ROLE_ENV
 from lightning_fed.site import SitePlan, TrainerJob
 from lightning_fed.strategies.base import GlobalModel
 from lightning_fed.strategies.site import state_to_numpy
+
+END_SECONDS = 5.0  # how long a run's end may take in its coordinator before the process is ended instead
 
 
 def start_coordinator(
@@ -30,11 +33,11 @@ def start_coordinator(
     layout: Optional[dict[str, Any]],
     server_state: Optional[dict[str, Any]],
     resume: Optional[RoundCheckpoint],
-    spare: Optional[Any] = None,
-) -> Any:
-    """The coordinator actor, on the driver's node, in a process that never imports torch or Lightning. Round 0's
-    global model is ``module``'s weights, unless the run resumes (then the checkpoint's server state holds it).
-    ``spare``: a :class:`~lightning_fed.coordinator.SpareCoordinator` started ahead, which becomes this one."""
+    idle: Optional[Any] = None,
+) -> CoordinatorLink:
+    """The run's coordinator, on the driver's node, in a process that never imports torch or Lightning: ``idle`` (a
+    :class:`~lightning_fed.coordinator_process.CoordinatorProcess` kept from an earlier run) or a new one. Round 0's
+    global model is ``module``'s weights, unless the run resumes (then the checkpoint's server state holds it)."""
     options = dict(
         sync_every=config.sync_every,
         reliability=config.reliability,
@@ -46,17 +49,20 @@ def start_coordinator(
         parts=resume.parts() if resume is not None else None,
         initial_model=GlobalModel(weights=state_to_numpy(module.state_dict()), round=0) if resume is None else None,
     )
-    if spare is not None:
+    run = uuid.uuid4().hex
+    if idle is not None:
         # waited for: a call of the driver's that overtook it (e.g. while the model travels) would find no federation
         try:
-            ray.get(spare.begin.remote(config.aggregator, names, **options))
-            return spare
+            ray.get(idle.begin.remote(run, config.aggregator, names, **options))
+            return CoordinatorLink(idle, run)
         except RayTaskError as err:
-            kill_quietly(spare)
+            kill_quietly(idle)
             raise err.as_instanceof_cause() from None
-        except RayActorError:  # it died starting: a new one instead
-            kill_quietly(spare)
-    return RemoteCoordinator.options(**_coordinator_process()).remote(config.aggregator, names, **options)
+        except RayActorError:  # it died while idle: a new one instead
+            kill_quietly(idle)
+    # a new process begins in its constructor, which Ray runs before any call reaches it
+    actor = RemoteCoordinatorProcess.options(**_coordinator_process()).remote(run, config.aggregator, names, **options)
+    return CoordinatorLink(actor, run)
 
 
 def _coordinator_process() -> dict[str, Any]:
@@ -67,47 +73,51 @@ def _coordinator_process() -> dict[str, Any]:
     )
 
 
-class NextCoordinator:
-    """The coordinator process of the next warm run, started while the current one trains.
-
-    A coordinator's process takes about a second to start (a new process: Ray, numpy, the aggregators), and the
-    sites wait for it before round 1; a run that finds one started ahead waits for nothing. Each process still serves
-    one federation: a run takes the spare, and once it has started, starts the next one for the run after it.
-    """
+class IdleCoordinator:
+    """The coordinator process a warm pool keeps between runs: a run that ends hands its coordinator's process back
+    (its federation ended, its state gone), and the next run is coordinated there instead of in a new process, which
+    would cost it about a second of CPU (a process start: Ray, numpy, the aggregators). One process at a time."""
 
     def __init__(self) -> None:
-        self._spare: Optional[Any] = None
-        self._started: Optional[Any] = None  # the spare's readiness
+        self._actor: Optional[Any] = None
 
     def take(self) -> Optional[Any]:
-        """The spare, if it is up and answering; ``None`` if there is none, it died, or it is still starting (it then
-        stays for the next run: runs back to back go faster with two processes starting in turn than waiting for
-        one)."""
-        ready = _ready(self._spare, self._started) if self._spare is not None else None
-        if ready is None:
+        """The kept process, if it still answers (``None`` if there is none or it died while idle, e.g. killed for
+        memory, or gone with an earlier Ray)."""
+        actor, self._actor = self._actor, None
+        if actor is None:
             return None
-        spare = self._spare if ready else None
-        if not ready:
-            kill_quietly(self._spare)
-        self._spare = self._started = None
-        return spare
+        try:
+            if ray.get(actor.alive.remote(), timeout=5) is True:
+                return actor
+        except Exception:
+            pass
+        kill_quietly(actor)
+        return None
 
-    def prepare(self) -> None:
-        """Start the next run's coordinator now, if none is waiting (call it once a run has started: a process
-        starting beside a run's start-up slows it)."""
-        if self._spare is None:
-            self._spare = RemoteSpareCoordinator.options(**_coordinator_process()).remote()
-            self._started = self._spare.__ray_ready__.remote()
+    def keep(self, link: CoordinatorLink) -> bool:
+        """End ``link``'s run in its coordinator (sites still waiting on it stop with an error) and keep the process
+        for the next run. A process that does not answer within :data:`END_SECONDS` (dead, or stuck in an aggregator)
+        is ended instead, as is one more than this keeps. Returns whether it was kept."""
+        try:
+            ended = ray.get(link.actor.end.remote(link.run), timeout=END_SECONDS) is True
+        except Exception:
+            ended = False
+        if not ended or self._actor is not None:
+            kill_quietly(link.actor)
+            return False
+        self._actor = link.actor
+        return True
 
     def idle(self) -> list[Any]:
-        """The spare, kept alive by design for the next run."""
-        return [self._spare] if self._spare is not None else []
+        """The kept process, alive by design for the next run."""
+        return [self._actor] if self._actor is not None else []
 
     def close(self) -> None:
-        """End the spare."""
-        if self._spare is not None:
-            kill_quietly(self._spare)
-        self._spare = self._started = None
+        """End the kept process."""
+        if self._actor is not None:
+            kill_quietly(self._actor)
+        self._actor = None
 
 
 def kill_quietly(actor: Any) -> None:
@@ -118,24 +128,11 @@ def kill_quietly(actor: Any) -> None:
         pass
 
 
-def _ready(spare: Any, started: Any) -> Optional[bool]:
-    """Whether a spare can serve now: ``None`` while it is still starting, ``False`` if it died (e.g. killed for
-    memory while idle, or gone with an earlier Ray)."""
-    try:
-        done, _ = ray.wait([started], timeout=0)
-        if not done:
-            return None
-        ray.get(started)
-        return ray.get(spare.alive.remote(), timeout=5) is True
-    except Exception:
-        return False
-
-
 def site_plans(
     config: FederationConfig,
     sites: Sequence[Site],
     job: TrainerJob,
-    coordinator: Any,
+    coordinator: CoordinatorLink,
     privacy: dict[str, Optional[DPSGD]],
 ) -> dict[str, SitePlan]:
     """Each site's plan, in site order (site ``i`` is seeded with ``config.seed + i``); each gets its own instance

@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from lightning_fed.config import Placement
 from lightning_fed.data.sites import Site
 from lightning_fed.errors import FederationConfigError
-from lightning_fed.hosting import NextCoordinator, kill_quietly
+from lightning_fed.hosting import IdleCoordinator, kill_quietly
 from lightning_fed.placement import WorkerSpec, describe_layout, place_sites
 from lightning_fed.runtime import RayRuntime
 from lightning_fed.worker import SPARE_CONCURRENCY, RemoteWorker, computing_marker, worker_concurrency
@@ -120,6 +120,7 @@ MAX_FREE_WORKERS = max(4, os.cpu_count() or 1)  # idle resource-free workers a p
 class WorkerPool:
     """Workers kept warm between runs, which a later run hands its own sites (new module, data, Trainer,
     coordinator) instead of starting new processes: each saves its process start and its torch/Lightning imports.
+    The last run's coordinator process is kept too (:class:`~lightning_fed.hosting.IdleCoordinator`).
 
     On a one-node Ray the pool keeps processes that hold no resources: any later run takes as many as its CPU
     layout has workers, sets their threads and starts new ones only for the rest. Elsewhere (a cluster, GPU or
@@ -136,7 +137,7 @@ class WorkerPool:
         _POOLS.add(self)
         self.started = 0  # worker processes started for runs using this pool
         self.reused = 0  # workers handed to a later run instead
-        self.coordinators = NextCoordinator()  # the next run's coordinator, started ahead
+        self.coordinators = IdleCoordinator()  # the last run's coordinator process, for the next run
 
     def take_free(self, sites: Sequence[int]) -> list[Optional[tuple[Any, int]]]:
         """For each entry of ``sites`` (how many sites a worker must host), an idle resource-free worker able to host
@@ -411,7 +412,7 @@ class Workers:
 
     def _sound_after_failure(self) -> list[int]:
         """The workers (by index) whose sites' calls all ended within :data:`RELEASE_SECONDS` of a failed run's end
-        (its coordinator gone) and which host nothing now: alive and idle, they can serve another run. One still
+        (its run ended in the coordinator) and which host nothing now: alive and idle, they can serve another run. One still
         computing, or dead (the failure itself, often), is not."""
         return _true_within([w.release.remote(RELEASE_SECONDS) for w in self.actors], RELEASE_SECONDS + 2)
 

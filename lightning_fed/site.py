@@ -30,6 +30,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning_fed.balance import ClassBalance
 from lightning_fed.config import Deployment, FineTuning
 from lightning_fed.context import SiteContext
+from lightning_fed.coordinator_process import CoordinatorLink
 from lightning_fed.data.sites import Site
 from lightning_fed.deploy import calibration_on, choose_deployment
 from lightning_fed.fine_tuning import fine_tune
@@ -70,7 +71,7 @@ class SitePlan:
     index: int
     seed: int
     job: TrainerJob
-    coordinator: Any
+    coordinator: CoordinatorLink
     algorithm: SiteAlgorithm
     privacy: Optional[DPSGD] = None
 

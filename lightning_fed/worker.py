@@ -172,7 +172,7 @@ class Worker:
 
     def release(self, timeout: float) -> bool:
         """After a failed run: once every site's call has ended (within ``timeout`` seconds; the coordinator they
-        wait on is gone), finish their loggers and host nothing. Returns whether this worker can serve another run;
+        wait on has ended their run), finish their loggers and host nothing. Returns whether this worker can serve another run;
         ``False``: a site is still computing (this worker must be ended)."""
         if not self.scheduler.wait_idle(timeout):
             return False

@@ -174,6 +174,37 @@ def test_a_late_site_is_left_out_in_continue_mode_and_stops_the_run_otherwise():
         asyncio.run(late(Reliability(on_site_failure="continue", min_sites=2, barrier_timeout=0.05)))
 
 
+# -- the coordinator's process, one run after another ------------------------------------------------
+def test_a_coordinator_process_serves_one_run_at_a_time_and_refuses_calls_of_another():
+    from lightning_fed.coordinator_process import CoordinatorProcess, StaleCallError
+
+    async def runs():
+        process = CoordinatorProcess("first", FedAvg(), ["a", "b"])
+        # the first run: b waits at a barrier a never reaches
+        waiting = asyncio.ensure_future(process.call("first", "agree", "b", ("decision", 0, 1), True, True))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        with pytest.raises(StaleCallError, match="'agree' was called for run second"):
+            await process.call("second", "agree", "a", ("decision", 0, 1), True, True)  # not begun yet
+        with pytest.raises(RuntimeError, match="still serves run first: end it first"):
+            process.begin("second", FedAvg(), ["a"])
+        assert not process.end("second") and process.end("first")  # only the run it serves
+        with pytest.raises(FederationAborted, match="the federation was shut down"):
+            await asyncio.wait_for(waiting, timeout=5)  # the waiting site is released, with the reason
+        # the next run: a new federation in the same process; the first run's calls are refused
+        process.begin("second", FedAvg(), ["a"])
+        with pytest.raises(StaleCallError, match="'report' was called for run first"):
+            await process.call("first", "report", "a", {"status": "done"})
+        decided = await asyncio.wait_for(process.call("second", "agree", "a", ("decision", 0, 1), True, True), 5)
+        progress = await process.call("second", "progress")
+        with pytest.raises(AttributeError, match="no method '_late'"):
+            await process.call("second", "_late", ["a"], "x")
+        return decided, progress
+
+    decided, progress = asyncio.run(runs())
+    assert decided is True and isinstance(progress, ProgressSnapshot) and progress.aborted is None
+
+
 # -- imports -------------------------------------------------------------------------------------------
 def test_the_frozen_configuration_and_the_coordinator_import_without_torch():
     # as in the coordinator's process: the package's own __init__ then skips Lightning, so what loads is what

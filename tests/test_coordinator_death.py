@@ -27,7 +27,7 @@ class KillsTheCoordinator(Callback):
         context = getattr(trainer.strategy, "context", None)  # a site's Trainer (the driver's never trains)
         if context is None or context.site != self.site or trainer.current_epoch != self.at_epoch:
             return
-        pid = ray.get(context._coordinator.__ray_call__.remote(lambda coordinator: os.getpid()))
+        pid = ray.get(context._coordinator.actor.__ray_call__.remote(lambda coordinator: os.getpid()))
         time.sleep(1.5)  # the driver's progress poll (every 0.5 s) sees the round just aggregated
         os.kill(pid, signal.SIGKILL)
 

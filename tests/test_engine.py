@@ -71,7 +71,7 @@ def test_the_coordinator_process_never_imports_torch_or_lightning(tmp_path):
 
         assert "fl/val_auroc" in trainer.callback_metrics  # metric states were merged there
         assert (tmp_path / "ckpt" / "round-0002" / "server.pkl").is_file()  # and a round was committed there
-        assert ray.get(strategy.federation.coordinator.__ray_call__.remote(heavy_modules)) == []
+        assert ray.get(strategy.federation.coordinator.actor.__ray_call__.remote(heavy_modules)) == []
         worker = strategy.federation.workers[0]
         assert "torch" in ray.get(worker.__ray_call__.remote(heavy_modules))  # the check sees imports where they are
     finally:

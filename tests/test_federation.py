@@ -34,7 +34,7 @@ def _trainer(tmp_path, strategy, **kw):
 
 def _our_actors_alive():
     """Live workers and coordinators, but those idle in the session's warm pool (kept alive by design, for the next
-    federation, with the next run's coordinator): what a run that ended would leak."""
+    federation, with the last run's coordinator process): what a run that ended would leak."""
     # GCS's own table (the state API would need the dashboard, which tests do not start)
     from ray._private.state import actors
 
@@ -43,7 +43,7 @@ def _our_actors_alive():
     pool = current_pool()
     kept = [*pool.idle_workers(), *pool.coordinators.idle()] if pool is not None else []
     idle = {actor._actor_id.hex() for actor in kept}
-    ours = ("Worker", "Coordinator", "SpareCoordinator")
+    ours = ("Worker", "CoordinatorProcess")
     return [
         a
         for a in actors().values()
@@ -501,7 +501,7 @@ def test_workers_move_into_their_group_when_it_is_placed_on_another_node(tmp_pat
     assert _none_alive_within(10)
 
 
-def test_an_idle_worker_or_spare_coordinator_that_died_is_replaced_not_handed_to_the_next_run(tmp_path):
+def test_an_idle_worker_or_kept_coordinator_that_died_is_replaced_not_handed_to_the_next_run(tmp_path):
     import ray
 
     from lightning_fed import warm_workers
@@ -513,31 +513,31 @@ def test_an_idle_worker_or_spare_coordinator_that_died_is_replaced_not_handed_to
         )
         try:
             trainer.fit(UnmodifiedMLP(), datamodule=PlainFashionMNIST(n=200))
-            coordinator = strategy.federation.coordinator._actor_id.hex()
+            coordinator = strategy.federation.coordinator.actor._actor_id.hex()
         finally:
             strategy.shutdown()
         return strategy.last_fit, coordinator
 
-    def spare_ready(pool):
-        (spare,) = pool.coordinators.idle()  # started while the run trained, for the next one
-        assert ray.get(spare.alive.remote(), timeout=60)
-        return spare
+    def kept(pool):
+        (process,) = pool.coordinators.idle()  # the last run's coordinator process, kept for the next run
+        assert ray.get(process.alive.remote(), timeout=60)
+        return process._actor_id.hex()
 
     with warm_workers(enabled=False), warm_workers() as pool:  # a pool of this test's own, not the session's
-        fit("first")
-        assert pool.started == 2 and len(pool.idle_workers()) == 2
+        _, first_coordinator = fit("first")
+        assert pool.started == 2 and len(pool.idle_workers()) == 2 and kept(pool) == first_coordinator
         dead = pool.idle_workers()[0]
         ray.kill(dead, no_restart=True)  # as if its process had been killed (for memory) while idle
-        dead_coordinator = spare_ready(pool)
-        ray.kill(dead_coordinator, no_restart=True)  # the same for the next run's coordinator
+        (dead_coordinator,) = pool.coordinators.idle()
+        ray.kill(dead_coordinator, no_restart=True)  # the same for the kept coordinator
         second, used = fit("second")
         assert pool.started == 3 and not second.startup.warm  # the survivor was reused, one new process started
         assert np.isfinite(second.metrics["fl/train_loss"])
         assert dead._actor_id.hex() not in {w._actor_id.hex() for w in pool.idle_workers()}
-        assert used != dead_coordinator._actor_id.hex()  # a new coordinator, not the dead spare
-        # the spare started during the second run coordinates the third, which starts no process at all
-        spare = spare_ready(pool)
-        third, used = fit("third")
-        assert used == spare._actor_id.hex() and third.startup.warm and pool.started == 3
+        assert used != first_coordinator  # a new coordinator, not the dead one
+        # the second run's coordinator process coordinates the third, which starts no process at all
+        assert kept(pool) == used
+        third, used_again = fit("third")
+        assert used_again == used and third.startup.warm and pool.started == 3
         assert np.isfinite(third.metrics["fl/train_loss"])
     assert _none_alive_within(10)
