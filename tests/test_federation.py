@@ -449,6 +449,7 @@ def test_idle_workers_serve_any_later_layout_and_outlive_a_failed_run(tmp_path):
     with warm_workers(enabled=False), warm_workers() as pool:  # a pool of this test's own, not the session's
         first = fit("two-workers", UnmodifiedMLP())
         assert first.startup.workers == 2 and not first.startup.warm and pool.started == 2
+        (coordinator,) = [c._actor_id.hex() for c in pool.coordinators.idle()]  # kept for the next run
         # another layout (one worker hosting both sites): it takes an idle process, sets its threads, starts none
         packed = fit("one-worker", UnmodifiedMLP(), sites_per_worker=2)
         assert packed.startup.workers == 1 and packed.startup.warm and pool.started == 2
@@ -458,8 +459,12 @@ def test_idle_workers_serve_any_later_layout_and_outlive_a_failed_run(tmp_path):
             fit("failed", _RaisesInSecondEpoch())
         idle = pool.idle_workers()
         assert len(idle) == 2 and pool.started == 2
+        # every run so far, the failed one too, was coordinated in the first run's coordinator process, and so is the
+        # next (the failed run's late calls, if any, are refused there: tests/test_coordinator.py)
+        assert [c._actor_id.hex() for c in pool.coordinators.idle()] == [coordinator]
         again = fit("after-failure", UnmodifiedMLP())
         assert again.startup.warm and pool.started == 2
+        assert [c._actor_id.hex() for c in pool.coordinators.idle()] == [coordinator]
         assert np.isfinite(again.metrics["fl/train_loss"])
         markers = [computing_marker(w._actor_id.hex()) for w in pool.idle_workers()]
         assert all(Path(m).is_file() for m in markers)
