@@ -21,6 +21,7 @@ from lightning_fed.failures import coordinator_death, reported_reason, site_fail
 from lightning_fed.pool import Workers
 
 POLL_SECONDS = 0.5  # how often the driver refreshes the progress view while sites train
+ABANDON_SECONDS = 1.0  # after a failure, how long the driver reads what the other sites' calls end with
 
 
 class FederationCalls:
@@ -49,6 +50,7 @@ class FederationCalls:
         self.markers: dict[str, str] = {}  # per hosted site: the file where its worker notes which site computes
         self.checkpoint_dir = checkpoint_dir
         self.audit = audit
+        self._in_flight: list[Any] = []  # the site calls the driver waits on now (read when a failure ends the run)
         self._rounds_seen = rounds_seen
         self._shutdown = shutdown
 
@@ -71,6 +73,7 @@ class FederationCalls:
     ) -> dict[Any, Any]:
         by_ref = {ref: key for key, (ref, _) in calls.items()}
         pending, results = list(by_ref), {}
+        self.watch(pending)
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
             for ref in done:
@@ -82,7 +85,26 @@ class FederationCalls:
                 self.heard(what, key if isinstance(key, str) else calls[key][1], results[key])
             if on_poll is not None:
                 on_poll()
+        self.watch([])
         return {key: results[key] for key in calls}  # call order (site order), not completion order
+
+    def watch(self, refs: list[Any]) -> None:
+        """The site calls the driver waits on now: when a failure ends the run, what they end with is read."""
+        self._in_flight = list(refs)
+
+    def _read_abandoned(self) -> None:
+        """Once a failure has ended the run: read what the other sites' calls ended with (most stop with the run, at
+        once), so that Ray never reports them as unhandled errors on the user's terminal. A call still running
+        after :data:`ABANDON_SECONDS` is left."""
+        refs, self._in_flight = self._in_flight, []
+        if not refs:
+            return
+        ended, _ = ray.wait(refs, num_returns=len(refs), timeout=ABANDON_SECONDS)
+        for ref in ended:
+            try:
+                ray.get(ref)
+            except Exception:  # the run's failure, seen from that site
+                pass
 
     def ask(self, method: str, *args: Any) -> Any:
         """The coordinator's answer to ``method`` (a call of the fit); its death ends the run."""
@@ -103,6 +125,7 @@ class FederationCalls:
             if self.coordinator is not None:
                 self.coordinator.remote("abort", reason)
         self._shutdown()
+        self._read_abandoned()
         raise SiteFailedError(reason, self.checkpoint_dir if what == "fit" else None) from None
 
     def _coordinator_reason(self, what: str, wait: bool = True) -> Optional[str]:
@@ -116,6 +139,7 @@ class FederationCalls:
         """The coordinator's process died during ``what``: the federation stops, and the error says when."""
         line = coordinator_death(self.when(what))
         self._shutdown()
+        self._read_abandoned()
         raise CoordinatorDiedError(line, self.checkpoint_dir if what == "fit" else None) from None
 
     def when(self, what: str) -> str:

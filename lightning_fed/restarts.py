@@ -43,6 +43,7 @@ class SiteRestarts:
         waiting = {ref: (name, self.calls.hosts.of(name)) for name, ref in refs.items()}
         results: dict[str, SiteFit] = {}
         while waiting:
+            self.calls.watch(list(waiting))
             done, _ = ray.wait(list(waiting), num_returns=1, timeout=POLL_SECONDS)
             for ref in done:
                 name, worker = waiting.pop(ref)
@@ -55,6 +56,7 @@ class SiteRestarts:
                     continue
                 self.calls.heard("fit", name, results[name])
             on_poll()
+        self.calls.watch([])
         return {n: results[n] for n in refs if n in results}
 
     def _restart(self, name: str, worker: Any, err: Exception) -> Optional[Any]:
