@@ -32,7 +32,7 @@ class SiteContext:
 
     def tell(self, method: str, *args: Any) -> None:
         """Call the coordinator's ``method`` as this site without waiting (status reports)."""
-        self._coordinator.remote(method, self.site, *args)
+        self._coordinator.tell(method, self.site, *args)
 
     def all_gather(self, key: str, value: Any) -> dict[str, Any]:
         """Every site's ``value`` for ``key`` (for site halves, e.g. secure aggregation's public keys)."""

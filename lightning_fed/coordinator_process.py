@@ -11,6 +11,7 @@ next run's barriers. Torch-free, like the coordinator.
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -64,8 +65,18 @@ class CoordinatorProcess:
         answer = getattr(self._coordinator, method)(*args)
         return await answer if inspect.isawaitable(answer) else answer
 
+    async def told(self, run: str, method: str, *args: Any) -> None:
+        """Like :meth:`call`, for a message no one waits on (a site's status report): one for a run this process no
+        longer serves is dropped (the run is over), not raised where nobody would read it."""
+        if run == self._run and self._coordinator is not None:
+            await self.call(run, method, *args)
+
     def alive(self) -> bool:
         return True
+
+    def has_loaded(self, module: str) -> bool:
+        """Whether this process has imported ``module`` (e.g. torch, which a DP-FedAvg accountant loads)."""
+        return module in sys.modules
 
 
 RemoteCoordinatorProcess = ray.remote(num_cpus=0, max_restarts=0)(CoordinatorProcess)
@@ -82,3 +93,7 @@ class CoordinatorLink:
     def remote(self, method: str, *args: Any) -> Any:
         """Call the coordinator's ``method`` for this run; returns the answer's object ref."""
         return self.actor.call.remote(self.run, method, *args)
+
+    def tell(self, method: str, *args: Any) -> None:
+        """Call the coordinator's ``method`` for this run without waiting (dropped if the run is over)."""
+        self.actor.told.remote(self.run, method, *args)

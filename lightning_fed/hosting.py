@@ -98,12 +98,15 @@ class IdleCoordinator:
     def keep(self, link: CoordinatorLink) -> bool:
         """End ``link``'s run in its coordinator (sites still waiting on it stop with an error) and keep the process
         for the next run. A process that does not answer within :data:`END_SECONDS` (dead, or stuck in an aggregator)
-        is ended instead, as is one more than this keeps. Returns whether it was kept."""
+        is ended instead, as is one that has loaded torch (a DP-FedAvg accountant does; kept, it would hold torch's
+        memory for runs that never use it) and one more than this keeps. Returns whether it was kept."""
         try:
-            ended = ray.get(link.actor.end.remote(link.run), timeout=END_SECONDS) is True
+            ended, heavy = ray.get(
+                [link.actor.end.remote(link.run), link.actor.has_loaded.remote("torch")], timeout=END_SECONDS
+            )
         except Exception:
-            ended = False
-        if not ended or self._actor is not None:
+            ended, heavy = False, True
+        if ended is not True or heavy or self._actor is not None:
             kill_quietly(link.actor)
             return False
         self._actor = link.actor

@@ -56,7 +56,8 @@ def _run_in_tmp_path(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session, started with explicit resources; the strategy joins it.
+    """One local Ray for the whole session (per test process: pytest-xdist runs two), started with explicit
+    resources; the strategy joins it.
 
     Reuses a Ray this process is already connected to, and shuts down only what it started.
     """

@@ -48,7 +48,10 @@ def _cli(args, cwd, ray_cluster):
 def test_cli_fit_writes_results_json(tmp_path, ray_cluster):
     recipe = REPO / "recipes" / "hospitals.yaml"
     private = '--trainer.strategy.init_args.privacy={"small_1": {"target_epsilon": 1.0}}'  # DP-SGD from a recipe
-    proc = _cli(["fit", "--config", str(recipe), "--trainer.max_epochs=1", *SMALL, private], tmp_path, ray_cluster)
+    one_worker = "--trainer.strategy.init_args.workers=1"  # the command's own process: one worker to start, not two
+    proc = _cli(
+        ["fit", "--config", str(recipe), "--trainer.max_epochs=1", *SMALL, private, one_worker], tmp_path, ray_cluster
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     printed = [line for line in proc.stdout.splitlines() if line.startswith("results written to ")]
     assert printed, proc.stdout[-2000:]

@@ -195,6 +195,8 @@ def test_a_coordinator_process_serves_one_run_at_a_time_and_refuses_calls_of_ano
         process.begin("second", FedAvg(), ["a"])
         with pytest.raises(StaleCallError, match="'report' was called for run first"):
             await process.call("first", "report", "a", {"status": "done"})
+        await process.told("first", "report", "a", {"status": "done"})  # a status report no one waits on: dropped
+        await process.told("second", "report", "a", {"status": "training", "epoch": 0})
         decided = await asyncio.wait_for(process.call("second", "agree", "a", ("decision", 0, 1), True, True), 5)
         progress = await process.call("second", "progress")
         with pytest.raises(AttributeError, match="no method '_late'"):
@@ -203,6 +205,7 @@ def test_a_coordinator_process_serves_one_run_at_a_time_and_refuses_calls_of_ano
 
     decided, progress = asyncio.run(runs())
     assert decided is True and isinstance(progress, ProgressSnapshot) and progress.aborted is None
+    assert progress.sites["a"]["status"] == "training"  # the second run's report reached it, the first's did not
 
 
 # -- imports -------------------------------------------------------------------------------------------
