@@ -82,6 +82,9 @@ def ray_cluster():
         started = True
     yield ray
     if started:
+        from lightning_fed.runtime import _end_monitor
+
+        _end_monitor()  # Ray's shutdown would wait a second for it (lightning_fed.runtime)
         ray.shutdown()
 
 
@@ -104,10 +107,21 @@ def _worker_reuse(request):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test on Ray is an integration test (``-m "not integration"`` runs the rest in a minute or two)."""
+    """Every test on Ray is an integration test (``-m "not integration"`` runs the rest in a minute or two).
+
+    The tests that start processes of their own (a two-node cluster, a local Ray, a command) go first: the longest
+    of the suite, they then run beside the others instead of ending the run alone on one of the two processes
+    pytest-xdist runs (the TLS cluster test alone took the last 15 s while the other process idled)."""
+    standalone = {id(item) for item in items if _standalone(item)}
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+    items.sort(key=lambda item: id(item) not in standalone)  # stable: the rest keep their order
+
+
+def _standalone(item: pytest.Item) -> bool:
+    """Marked ``integration`` but not on the session's Ray: it starts what it needs itself."""
+    return item.get_closest_marker("integration") is not None and "ray_cluster" not in getattr(item, "fixturenames", ())
 
 
 @pytest.fixture
