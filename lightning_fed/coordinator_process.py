@@ -68,8 +68,10 @@ class CoordinatorProcess:
     async def told(self, run: str, method: str, *args: Any) -> None:
         """Like :meth:`call`, for a message no one waits on (a site's status report): one for a run this process no
         longer serves is dropped (the run is over), not raised where nobody would read it."""
-        if run == self._run and self._coordinator is not None:
+        try:
             await self.call(run, method, *args)
+        except StaleCallError:
+            pass
 
     def alive(self) -> bool:
         return True
