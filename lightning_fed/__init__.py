@@ -5,8 +5,9 @@
     trainer.fit(model, datamodule=dm)
 
 Importing the package registers the Trainer strategy flags; the coordinator's process skips that and imports
-only what aggregation needs. Run as the ``lightning-fed`` command, the package first starts a local Ray in the
-background (:func:`lightning_fed.runtime.start_early`), so that it comes up while torch and Lightning are imported.
+only what aggregation needs. Run as the ``lightning-fed`` command, the package only starts a local Ray in the
+background (:func:`lightning_fed.runtime.start_early`) and leaves the strategy (torch, Lightning) to the command,
+so that Ray and a spare worker come up while the command imports them.
 """
 
 import os
@@ -38,10 +39,14 @@ if os.environ.get(COORDINATOR_ROLE_ENV) != COORDINATOR_ROLE:
         and _args[0] in _RUNS_A_JOB
         and not any(a in ("-h", "--help") or a.startswith("--print_config") for a in _args)
     ):
+        # the command imports the strategy (torch, Lightning) itself, once this package is initialised
+        # (lightning_fed.cli): Ray pickles the early spare worker's class by reference, an import of this package,
+        # which waits for as long as the package is still initialising (measured: the spare was held back 0.9 s)
         import_module("lightning_fed.runtime").start_early()
-    # `import lightning_fed` makes Trainer(strategy="fedavg") and the other aggregator flags work; the
-    # coordinator's process (marked by the federation) aggregates numpy arrays and never needs Lightning
-    import_module("lightning_fed.strategy")
+    else:
+        # `import lightning_fed` makes Trainer(strategy="fedavg") and the other aggregator flags work; the
+        # coordinator's process (marked by the federation) aggregates numpy arrays and never needs Lightning
+        import_module("lightning_fed.strategy")
 
 _EXPORTS = {
     "FederatedStrategy": "lightning_fed.strategy",

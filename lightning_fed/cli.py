@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from importlib import import_module
 from typing import Optional
 
 from lightning_fed.errors import TRACEBACK_ENV, RunFailedError, explain, run_failure
@@ -70,6 +71,9 @@ def _before_exit() -> None:
 
 
 def _run(argv: list[str], from_command_line: bool) -> None:
+    # the Trainer's strategy flags, for a job's recipe (the package leaves this import to the command when it
+    # started Ray early: lightning_fed.__init__)
+    import_module("lightning_fed.strategy")
     if argv and argv[0] in ("compare", "sweep", "replot"):
         from lightning_fed.experiments import COMMANDS
 

@@ -190,6 +190,30 @@ def test_retinamnist_binarised_and_split_4_to_6_as_study_a(fed_data):
         MedMNISTSites("retinamnist", site_shares=[1, 1], alpha=0.5, site_names=["a", "b"])
 
 
+def test_images_are_scaled_as_the_published_normalisation_bit_for_bit():
+    import torch
+
+    from lightning_fed.data.fashion_mnist import MEAN, STD, to_tensor_dataset
+    from lightning_fed.data.medmnist import to_tensors
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    gray[0, 0, :2] = (0, 255)
+    x = to_tensor_dataset(gray, np.zeros(64, dtype=np.int64)).tensors[0]
+    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32
+    # FashionMNIST: (x / 255 - mean) / std, as numpy computes it in float32
+    assert torch.equal(x[:, 0], torch.from_numpy((gray.astype(np.float32) / 255.0 - MEAN) / STD))
+    assert x[0, 0, 0, :2].tolist() == pytest.approx([-MEAN / STD, (1 - MEAN) / STD])
+    # MedMNIST: x / 127.5 - 1, grayscale and RGB (channels first)
+    rgb = rng.integers(0, 256, (8, 28, 28, 3), dtype=np.uint8)
+    for images in (gray, rgb):
+        y = to_tensors(images, np.zeros((len(images), 1), dtype=np.int64), "binary-class").tensors[0]
+        expected = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
+        expected = expected.unsqueeze(1) if images.ndim == 3 else expected.permute(0, 3, 1, 2)
+        assert torch.equal(y, expected)
+    assert y.shape == (8, 3, 28, 28) and float(y.min()) >= -1.0 and float(y.max()) <= 1.0
+
+
 def test_tensor_batches_gather_whole_batches_and_keep_the_loaders_order():
     """The built-in datamodules' TensorBatches: the same batches in the same order as a TensorDataset's loader from
     the same random state (also a simulated site's Subset, and a ConcatDataset that falls back to samples), without

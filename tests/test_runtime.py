@@ -147,6 +147,33 @@ def test_importing_the_package_registers_every_aggregator_flag():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
+@pytest.mark.integration  # starts processes
+def test_the_command_imports_lightning_after_the_package_so_rays_early_start_is_not_held_back():
+    # as the `lightning-fed` command, the package only starts Ray early (here a cluster address, so nothing starts):
+    # still initialising, it would hold back the spare worker Ray pickles by reference; the command itself then
+    # imports the strategy, so a job's recipe has every aggregator flag
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.argv = ["lightning-fed", "fit"]
+        import lightning_fed
+        assert "torch" not in sys.modules and "lightning" not in sys.modules, "the package imported Lightning"
+        from lightning_fed import cli
+        try:
+            cli.main(["fit", "--help"])
+        except SystemExit as done:
+            assert done.code in (0, None), done.code
+        import lightning as L
+        for name in lightning_fed.available_aggregators():
+            assert type(L.Trainer(strategy=name, logger=False).strategy).__name__ == "FederatedStrategy", name
+        print("ok")
+        """
+    )
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}  # a cluster to join later: no local Ray starts early
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "ok", proc.stderr[-2000:]
+
+
 def test_progress_view_prints_one_line_per_change():
     stream = io.StringIO()
     view = FederatedProgress(total_rounds=3, stream=stream)

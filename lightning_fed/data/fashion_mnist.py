@@ -81,7 +81,9 @@ def take_pooled(parts: Sequence[np.ndarray], idx: np.ndarray) -> np.ndarray:
 
 
 def to_tensor_dataset(images: np.ndarray, labels: np.ndarray) -> TensorBatches:
-    x = (torch.from_numpy(images.astype(np.float32) / 255.0) - MEAN) / STD
+    # the same float32 operations as numpy's (x / 255 - MEAN) / STD, bit for bit, but in place on the worker's
+    # threads: 0.05 s instead of 0.5 s for study B's five hospitals in a fresh worker, on its way to round 1
+    x = torch.from_numpy(images).to(torch.float32).div_(255.0).sub_(MEAN).div_(STD)
     return TensorBatches(x.unsqueeze(1), torch.from_numpy(labels))
 
 

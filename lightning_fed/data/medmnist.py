@@ -81,7 +81,7 @@ def load_medmnist(name: str, data_dir: Optional[str] = None, download: bool = Tr
 
 def to_tensors(images: np.ndarray, labels: np.ndarray, task: str, image_size: int = 28) -> TensorBatches:
     """uint8 ``[N, H, W(, C)]`` → float ``[N, C, image_size, image_size]`` in [-1, 1]; labels as the task needs."""
-    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
+    x = torch.from_numpy(images).to(torch.float32).div_(127.5).sub_(1.0)  # numpy's float32 x / 127.5 - 1, in place
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
     if image_size != x.shape[-1]:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
