@@ -31,7 +31,7 @@ from lightning_fed.errors import FederationConfigError
 from lightning_fed.hosting import IdleCoordinator, kill_quietly
 from lightning_fed.placement import WorkerSpec, describe_layout, place_sites
 from lightning_fed.runtime import RayRuntime
-from lightning_fed.worker import SPARE_CONCURRENCY, RemoteWorker, computing_marker, worker_concurrency
+from lightning_fed.worker import SPARE_CONCURRENCY, RemoteWorker, remove_marker, worker_concurrency
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +74,12 @@ def kill(pg: Any, actors: Sequence[Any]) -> None:
     the workers among them on this node noted which site computes (:func:`~lightning_fed.worker.computing_marker`)."""
     for actor in actors:
         kill_quietly(actor)
-        _remove_marker(actor)
+        remove_marker(actor)
     if pg is not None:
         try:
             remove_placement_group(pg)
         except Exception:
             pass
-
-
-def _remove_marker(actor: Any) -> None:
-    """Remove the file in which ``actor``'s worker noted which site computes (a worker that was killed never does)."""
-    try:
-        os.remove(computing_marker(actor._actor_id.hex()))
-    except (OSError, AttributeError):
-        pass
 
 
 def resumed_placement(placement: Placement, server_state: Optional[dict[str, Any]]) -> Placement:
@@ -375,7 +367,7 @@ class Workers:
         notice starts the replacement, the others get it)."""
         index = self.index[site]
         if self.actors[index] is dead:
-            _remove_marker(dead)  # the run goes on with a new worker: nothing will read what the dead one noted
+            remove_marker(dead)  # the run goes on with a new worker: nothing will read what the dead one noted
             self.actors[index] = self._new(self.specs[index])
             self.rooms[index] = worker_concurrency(len(self.specs[index].sites)) - 3
         return self.actors[index]

@@ -107,9 +107,14 @@ class _LocalRay:
     def stop(self) -> None:
         self._ready.wait()
         self._paths.restore()
+        spare, self.spare = self.spare, None
         if self.error is None and ray.is_initialized():
             _end_monitor()
             ray.shutdown()
+        if spare is not None:  # never adopted (the command failed first): nobody else removes its worker's file
+            from lightning_fed.worker import remove_marker
+
+            remove_marker(spare)
         self._stop.set()
         self._thread.join(timeout=10)
 

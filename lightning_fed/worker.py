@@ -43,6 +43,14 @@ def computing_marker(worker_id: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"lightning-fed-worker-{worker_id}.computing")
 
 
+def remove_marker(actor: Any) -> None:
+    """Remove the file in which ``actor``'s worker noted which site computes (a worker that was killed never does)."""
+    try:
+        os.remove(computing_marker(actor._actor_id.hex()))
+    except (OSError, AttributeError):
+        pass
+
+
 def read_marker(path: str) -> Optional[str]:
     """The site a worker last noted as computing (``None``: no note here, or none was computing)."""
     try:

@@ -174,6 +174,35 @@ def test_the_command_imports_lightning_after_the_package_so_rays_early_start_is_
     assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "ok", proc.stderr[-2000:]
 
 
+@pytest.mark.integration  # starts processes
+def test_a_spare_worker_the_command_never_used_leaves_no_file_behind():
+    # the command starts Ray and a spare worker before it reads the recipe; a command that fails first (a recipe
+    # error, found after the spare came up) stops them, and the file the spare's worker notes sites in goes too
+    script = textwrap.dedent(
+        """
+        import os, sys
+        sys.argv = ["lightning-fed", "fit"]
+        import ray
+        import lightning_fed
+        from lightning_fed import runtime
+        from lightning_fed.worker import computing_marker
+
+        runtime._local.wait()
+        spare = runtime._local.spare
+        ray.get(spare.__ray_ready__.remote())
+        marker = computing_marker(spare._actor_id.hex())
+        assert os.path.exists(marker), marker
+        runtime._stop_local()
+        assert not ray.is_initialized()
+        assert not os.path.exists(marker), "the spare's file was left behind"
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "ok", proc.stderr[-2000:]
+
+
 def test_progress_view_prints_one_line_per_change():
     stream = io.StringIO()
     view = FederatedProgress(total_rounds=3, stream=stream)
