@@ -3,7 +3,8 @@
 aggregator's follow-up question to the round's sites if it has one, and the new global model.
 
 The :class:`~lightning_fed.coordinator.Coordinator` runs it and applies what comes back to its barriers, roster,
-commits and traffic ledger. numpy only, like the coordinator: its process never imports torch or Lightning.
+commits and traffic ledger. numpy only, like the coordinator: its process never imports Lightning (torch only with
+an aggregator that needs it).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ A site that fails, dies, or finishes while others wait for it aborts every barri
 site ever waits forever; with ``on_site_failure="continue"`` it is left out instead (:mod:`lightning_fed.roster`):
 the barriers it was expected at complete without it, and it rejoins at the start of a later round
 (:meth:`Coordinator.rejoin`). Rounds are committed to disk as the sites save their parts (:mod:`lightning_fed.commits`).
-Everything here is numpy: the coordinator's process never imports torch or Lightning (its aggregators are server
-halves only, checkpoints are committed without torch).
+Everything here is numpy: the coordinator's process never imports Lightning, nor torch unless an aggregator's server
+half does (DP-FedAvg's privacy accountant, opacus, brings it in); checkpoints are committed without torch.
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ class Federation:
         server_state: Optional[dict[str, Any]],
         resume: Optional[RoundCheckpoint],
     ) -> None:
-        """The coordinator, on the driver's node, in a process that never imports torch or Lightning."""
+        """The coordinator, on the driver's node, in a process that never imports Lightning."""
         layout = self.hosts.shared_layout()
         idle = self.pool.coordinators.take() if self.pool is not None else None
         self.calls.coordinator = start_coordinator(

@@ -35,9 +35,10 @@ def start_coordinator(
     resume: Optional[RoundCheckpoint],
     idle: Optional[Any] = None,
 ) -> CoordinatorLink:
-    """The run's coordinator, on the driver's node, in a process that never imports torch or Lightning: ``idle`` (a
-    :class:`~lightning_fed.coordinator_process.CoordinatorProcess` kept from an earlier run) or a new one. Round 0's
-    global model is ``module``'s weights, unless the run resumes (then the checkpoint's server state holds it)."""
+    """The run's coordinator, on the driver's node, in a process that never imports Lightning (torch only for an
+    aggregator that needs it): ``idle`` (a :class:`~lightning_fed.coordinator_process.CoordinatorProcess` kept from an
+    earlier run) or a new one. Round 0's global model is ``module``'s weights, unless the run resumes (then the
+    checkpoint's server state holds it)."""
     options = dict(
         sync_every=config.sync_every,
         reliability=config.reliability,
