@@ -404,8 +404,8 @@ class Workers:
 
     def _sound_after_failure(self) -> list[int]:
         """The workers (by index) whose sites' calls all ended within :data:`RELEASE_SECONDS` of a failed run's end
-        (its run ended in the coordinator) and which host nothing now: alive and idle, they can serve another run. One still
-        computing, or dead (the failure itself, often), is not."""
+        (its run ended in the coordinator) and which host nothing now: alive and idle, they can serve another run. One
+        still computing, or dead (the failure itself, often), is not."""
         return _true_within([w.release.remote(RELEASE_SECONDS) for w in self.actors], RELEASE_SECONDS + 2)
 
 

@@ -180,8 +180,8 @@ class Worker:
 
     def release(self, timeout: float) -> bool:
         """After a failed run: once every site's call has ended (within ``timeout`` seconds; the coordinator they
-        wait on has ended their run), finish their loggers and host nothing. Returns whether this worker can serve another run;
-        ``False``: a site is still computing (this worker must be ended)."""
+        wait on has ended their run), finish their loggers and host nothing. Returns whether this worker can serve
+        another run; ``False``: a site is still computing (this worker must be ended)."""
         if not self.scheduler.wait_idle(timeout):
             return False
         try:
